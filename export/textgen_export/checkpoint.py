@@ -1,0 +1,86 @@
+"""Finding a Hugging Face checkpoint and reading the architecture numbers the engine needs."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ExportError
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("mistral", "llama")
+# What a servable export needs from a hub repository; the rest (pytorch .bin duplicates,
+# consolidated Mistral-format weights) is gigabytes we never read.
+HUB_ALLOW_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
+                      "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    model_type: str
+    num_layers: int
+    num_attention_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    bos_token_id: int
+    eos_token_id: int
+
+
+def resolve_source(source: str) -> Path:
+    """A local folder as it is; anything else is a hub id, downloaded (where the network allows)."""
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ExportError(f"{source} is a file; expected a checkpoint folder or a hub id")
+        return path
+    if source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise ExportError(f"{source}: no such folder, and not a hub id of the form 'org/name'")
+    return download_from_hub(source)
+
+
+def download_from_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    log.info("downloading %s from the Hugging Face hub (about 15 GB for a 7B model in bf16)", repo_id)
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_ALLOW_PATTERNS))
+    except Exception as exc:  # the hub client raises many types: network, auth, missing repo
+        raise ExportError(f"cannot download {repo_id}: {type(exc).__name__}: {exc}".splitlines()[0]) from exc
+
+
+def read_architecture(checkpoint: Path) -> Architecture:
+    config_path = checkpoint / "config.json"
+    if not config_path.is_file():
+        raise ExportError(f"{checkpoint} is not a Hugging Face checkpoint: config.json is missing")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ExportError(f"{config_path}: not valid JSON ({exc})") from exc
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ExportError(f"{checkpoint}: model_type {model_type!r} is not supported "
+                          f"(expected one of {', '.join(SUPPORTED_MODEL_TYPES)})")
+    if not any(checkpoint.glob("*.safetensors")) and not any(checkpoint.glob("*.bin")):
+        raise ExportError(f"{checkpoint}: no weights (*.safetensors or *.bin) found")
+    heads = int(config["num_attention_heads"])
+    hidden = int(config["hidden_size"])
+    return Architecture(
+        model_type=model_type,
+        num_layers=int(config["num_hidden_layers"]),
+        num_attention_heads=heads,
+        num_kv_heads=int(config.get("num_key_value_heads") or heads),
+        head_dim=int(config.get("head_dim") or hidden // heads),
+        hidden_size=hidden,
+        vocab_size=int(config["vocab_size"]),
+        bos_token_id=int(config.get("bos_token_id", 1)),
+        eos_token_id=_first(config.get("eos_token_id", 2)),
+    )
+
+
+def _first(value: int | list[int]) -> int:
+    return int(value[0]) if isinstance(value, list) else int(value)

@@ -1,0 +1,54 @@
+"""`textgen-export`: make a servable model directory from a checkpoint, or a demo model."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .errors import ExportError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="textgen-export", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    model = commands.add_parser("model", help="export a Mistral/Llama checkpoint (hub id or local folder)")
+    model.add_argument("source", help="Hugging Face hub id (e.g. mistralai/Mistral-7B-Instruct-v0.2) or folder")
+    model.add_argument("--out", type=Path, required=True, help="model directory to create")
+    model.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
+    model.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    model.add_argument("--name", help="model name reported by the server (default: the source)")
+    model.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+
+    demo = commands.add_parser("demo", help="random-weight Mistral with the real tokenizer (fixed seed)")
+    demo.add_argument("--out", type=Path, required=True, help="model directory to create")
+    demo.add_argument("--size", choices=["tiny", "bench", "7b"], default="tiny")
+    demo.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        if args.command == "model":
+            from .checkpoint import resolve_source
+            from .onnx_export import export_checkpoint
+
+            checkpoint = resolve_source(args.source)
+            export_checkpoint(checkpoint, args.out, dtype=args.dtype, device=args.device,
+                              name=args.name or args.source, overwrite=args.overwrite)
+        else:
+            from .demo import build_demo
+
+            build_demo(args.out, size=args.size, overwrite=args.overwrite)
+    except ExportError as exc:
+        print(f"textgen-export: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("textgen-export: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    print(f"textgen-export: wrote {args.out}", file=sys.stderr)
+    return 0
