@@ -21,11 +21,13 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     model.add_argument("--name", help="model name reported by the server (default: the source)")
     model.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    model.add_argument("--debug", action="store_true", help="show the full traceback when the export fails")
 
     demo = commands.add_parser("demo", help="random-weight Mistral with the real tokenizer (fixed seed)")
     demo.add_argument("--out", type=Path, required=True, help="model directory to create")
     demo.add_argument("--size", choices=["tiny", "bench", "7b"], default="tiny")
     demo.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    demo.add_argument("--debug", action="store_true", help="show the full traceback when the export fails")
     return parser
 
 
@@ -47,6 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     except ExportError as exc:
         print(f"textgen-export: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # from torch, transformers or optimum: corrupt weights, out of memory, ...
+        if args.debug:
+            raise
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"textgen-export: error: export failed: {type(exc).__name__}: {reason} "
+              "(--debug shows the traceback)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("textgen-export: interrupted; nothing was written", file=sys.stderr)
         return 130

@@ -84,6 +84,9 @@ def _optimum_export(checkpoint: Path, optimum_dir: Path, *, dtype: str, device: 
     import warnings
 
     from optimum.exporters.onnx import main_export
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # optimum passes transformers a deprecated argument on every export
 
     # Validation would run the 7B model twice more; parity is proven by the test suite instead.
     # no_post_process: keep one graph that serves prefill (past length 0) and decode alike.
