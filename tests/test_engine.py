@@ -1,0 +1,114 @@
+"""The ONNX engine against transformers on the same weights, and its KV cache staying on the device."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from transformers import MistralForCausalLM
+
+from textgen_server.engine import Engine
+
+NEW_TOKENS = 64
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir: Path) -> Engine:
+    return Engine(tiny_model_dir, provider="cpu")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir: Path) -> MistralForCausalLM:
+    return MistralForCausalLM.from_pretrained(tiny_model_dir / "checkpoint", dtype=torch.float32).eval()
+
+
+def _prompt(length: int, seed: int) -> list[int]:
+    rng = np.random.default_rng(seed)
+    return [1, *rng.integers(3, 32000, length - 1).tolist()]
+
+
+def _transformers_greedy(model: MistralForCausalLM, prompt: list[int], new_tokens: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def _engine_greedy(engine: Engine, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    batch, logits = engine.prefill(prompts)  # logits [batch, vocab]
+    generated: list[list[int]] = [[] for _ in prompts]
+    for step in range(new_tokens):
+        tokens = logits.argmax(axis=-1).astype(np.int64)  # [batch]
+        for row, token in enumerate(tokens):
+            generated[row].append(int(token))
+        if step + 1 < new_tokens:
+            logits = engine.decode(batch, tokens)
+    return generated
+
+
+@pytest.mark.parametrize("length", [1, 2, 17, 300, 1100, 3000])
+def test_greedy_parity_with_transformers(engine: Engine, reference: MistralForCausalLM, length: int) -> None:
+    prompt = _prompt(length, seed=length)
+    assert _engine_greedy(engine, [prompt], NEW_TOKENS)[0] == _transformers_greedy(reference, prompt, NEW_TOKENS)
+
+
+def test_left_padded_batch_equals_each_prompt_alone(engine: Engine) -> None:
+    prompts = [_prompt(n, seed=n) for n in (3, 40, 11, 97)]
+    alone = [_engine_greedy(engine, [p], 24)[0] for p in prompts]
+    assert _engine_greedy(engine, prompts, 24) == alone
+
+
+def test_concatenate_and_filter_keep_each_row_exact(engine: Engine) -> None:
+    first, second = _prompt(30, seed=1), _prompt(5, seed=2)
+    expected = [_engine_greedy(engine, [p], 12)[0] for p in (first, second)]
+    a, la = engine.prefill([first])
+    b, lb = engine.prefill([second])
+    batch = engine.concatenate([a, b])
+    tokens = np.array([la[0].argmax(), lb[0].argmax()], dtype=np.int64)
+    got = [[int(tokens[0])], [int(tokens[1])]]
+    for _ in range(5):
+        logits = engine.decode(batch, tokens)
+        tokens = logits.argmax(axis=-1).astype(np.int64)
+        got[0].append(int(tokens[0]))
+        got[1].append(int(tokens[1]))
+    # The long row leaves; the short one goes on alone, with the all-padding columns trimmed.
+    batch = engine.filter(batch, [1])
+    assert batch.width == len(second) + 5
+    tokens = tokens[[1]]
+    for _ in range(6):
+        logits = engine.decode(batch, tokens)
+        tokens = logits.argmax(axis=-1).astype(np.int64)
+        got[1].append(int(tokens[0]))
+    assert got[0] == expected[0][:6]
+    assert got[1] == expected[1]
+
+
+def test_kv_cache_never_passes_through_numpy_between_steps(engine: Engine,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    batch, logits = engine.prefill([_prompt(8, seed=3)])
+    numpy_reads: list[tuple[int, ...]] = []
+    real_numpy = ort.OrtValue.numpy
+
+    def tracking_numpy(value: ort.OrtValue) -> np.ndarray:
+        numpy_reads.append(tuple(value.shape()))
+        return real_numpy(value)
+
+    monkeypatch.setattr(ort.OrtValue, "numpy", tracking_numpy)
+    tokens = logits.argmax(axis=-1).astype(np.int64)
+    for _ in range(3):
+        presents_before = [v.data_ptr() for v in batch.past]
+        logits = engine.decode(batch, tokens)
+        tokens = logits.argmax(axis=-1).astype(np.int64)
+        # The new past is the OrtValues ORT allocated for this step's presents.
+        assert all(isinstance(v, ort.OrtValue) for v in batch.past)
+        assert [v.data_ptr() for v in batch.past] != presents_before
+    # Only the logits ([batch, 1, vocab]) were read into numpy, never a KV tensor.
+    assert numpy_reads == [(1, 1, 32000)] * 3
+
+
+def test_prefill_rejects_empty_prompt(engine: Engine) -> None:
+    with pytest.raises(ValueError, match="non-empty"):
+        engine.prefill([[]])
