@@ -1,0 +1,256 @@
+"""Continuous batching: one loop admits, steps and retires sequences between forward passes.
+
+The loop runs in its own thread (ONNX Runtime releases the GIL while it computes) and talks to
+the asyncio server through thread-safe hand-offs: `submit` queues a request and returns a handle
+whose events arrive on the server's event loop.
+
+Each iteration:
+1. retire cancelled sequences (a client that left stops costing anything within one step);
+2. admit queued requests while the prefill budget, the batch size and the KV budget allow, and
+   prefill them together; their first tokens are sampled from the prefill logits;
+3. join them to the running batch (left padding, TGI's CausalLMBatch.concatenate);
+4. decode every running sequence in one forward pass, emit each new token, retire the finished.
+
+KV memory is bounded exactly: a left-padded batch is `rows x width` positions, its width is the
+longest row, and no row grows past its prompt + max_new_tokens; admission keeps
+rows x max(prompt + max_new_tokens) within `max_batch_total_tokens`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .engine import Engine, KVBatch
+from .generation import Generation, GenerationRequest, TokenEvent
+from .tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SchedulerLimits:
+    max_batch_size: int = 32
+    max_batch_prefill_tokens: int = 8192
+    max_batch_total_tokens: int = 65536
+    max_concurrent_requests: int = 128
+
+
+class QueueFullError(Exception):
+    """Too many requests running and queued; the client should back off (RESOURCE_EXHAUSTED)."""
+
+
+class ShuttingDownError(Exception):
+    """The server is draining; the request was not (or not completely) served (UNAVAILABLE)."""
+
+
+class GenerationFailedError(Exception):
+    """A forward pass failed: a bug, reported as INTERNAL with the request id."""
+
+
+@dataclass
+class StepStats:
+    """What the metrics exporter reads after each iteration."""
+
+    queue_size: int = 0
+    batch_size: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    steps: int = 0
+
+
+_END = object()
+
+
+class RequestHandle:
+    """The server's view of one submitted request: an async stream of TokenEvents."""
+
+    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> None:
+        self.request = request
+        self._loop = loop
+        self._events: asyncio.Queue[object] = asyncio.Queue()
+        self.cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        """Ask the scheduler to drop this request at its next step."""
+        self.cancelled.set()
+
+    async def events(self) -> AsyncIterator[TokenEvent]:
+        while True:
+            item = await self._events.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            assert isinstance(item, TokenEvent)
+            yield item
+
+    # Called from the scheduler thread.
+    def _push(self, item: object) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._events.put_nowait, item)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, limits: SchedulerLimits | None = None,
+                 on_step: Callable[[StepStats], None] | None = None) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.limits = limits or SchedulerLimits()
+        self.stats = StepStats()
+        self._on_step = on_step
+        self._lock = threading.Condition()
+        self._waiting: collections.deque[RequestHandle] = collections.deque()
+        self._running: list[tuple[RequestHandle, Generation]] = []
+        self._batch: KVBatch | None = None
+        self._accepting = True
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="textgen-scheduler", daemon=True)
+
+    # -- the server's side ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, request: GenerationRequest) -> RequestHandle:
+        handle = RequestHandle(request, asyncio.get_running_loop())
+        with self._lock:
+            if not self._accepting:
+                raise ShuttingDownError("the server is shutting down; retry on another replica")
+            in_flight = len(self._waiting) + len(self._running)
+            if in_flight >= self.limits.max_concurrent_requests:
+                raise QueueFullError(f"{in_flight} requests are running or queued, the limit is "
+                                     f"max_concurrent_requests={self.limits.max_concurrent_requests}; "
+                                     "retry later")
+            self._waiting.append(handle)
+            self._lock.notify()
+        return handle
+
+    @property
+    def running_count(self) -> int:
+        return len(self._running)
+
+    @property
+    def queued_count(self) -> int:
+        return len(self._waiting)
+
+    def stop_accepting(self) -> None:
+        with self._lock:
+            self._accepting = False
+
+    def stop(self, drain_timeout: float) -> None:
+        """Finish what runs within `drain_timeout` seconds; tell every other client why it ends."""
+        self.stop_accepting()
+        deadline = time.monotonic() + drain_timeout
+        while (self._waiting or self._running) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with self._lock:
+            self._stopped = True
+            self._lock.notify()
+        self._thread.join(timeout=10)
+        error = ShuttingDownError("the server shut down before this request finished")
+        for handle in list(self._waiting) + [h for h, _ in self._running]:
+            handle._push(error)
+        self._waiting.clear()
+        self._running.clear()
+
+    # -- the loop -----------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopped and not self._waiting and not self._running:
+                    self._lock.wait()
+                if self._stopped:
+                    return
+            try:
+                self._iteration()
+            except Exception as exc:  # a bug in a forward pass must not take the server down
+                ids = [h.request.request_id for h, _ in self._running]
+                log.exception("generation step failed for requests %s", ids)
+                for handle, _ in self._running:
+                    handle._push(GenerationFailedError(f"generation failed (request {handle.request.request_id})"))
+                self._running.clear()
+                self._batch = None
+                del exc
+
+    def _iteration(self) -> None:
+        self._retire(lambda handle, gen: handle.cancelled.is_set())
+        admitted = self._admit()
+        if admitted:
+            started = time.monotonic()
+            batch, logits = self.engine.prefill([g.request.prompt_ids for _, g in admitted])
+            self.stats.prefill_seconds = time.monotonic() - started
+            for row, (handle, generation) in enumerate(admitted):
+                self._emit(handle, generation, logits[row])  # logits [batch, vocab]
+            self._running.extend(admitted)
+            self._batch = batch if self._batch is None else self.engine.concatenate([self._batch, batch])
+            self._retire(lambda handle, gen: gen.finished)
+        if self._running and self._batch is not None:
+            started = time.monotonic()
+            tokens = np.array([g.last_token for _, g in self._running], dtype=np.int64)  # [batch]
+            logits = self.engine.decode(self._batch, tokens)
+            self.stats.decode_seconds = time.monotonic() - started
+            for row, (handle, generation) in enumerate(self._running):
+                self._emit(handle, generation, logits[row])
+            self._retire(lambda handle, gen: gen.finished or handle.cancelled.is_set())
+        self.stats.steps += 1
+        self.stats.batch_size = len(self._running)
+        self.stats.queue_size = len(self._waiting)
+        if self._on_step is not None:
+            self._on_step(self.stats)
+
+    def _admit(self) -> list[tuple[RequestHandle, Generation]]:
+        limits = self.limits
+        admitted: list[tuple[RequestHandle, Generation]] = []
+        prefill_tokens = 0
+        longest = max((g.request.max_total_tokens for _, g in self._running), default=0)
+        with self._lock:
+            while self._waiting:
+                handle = self._waiting[0]
+                if handle.cancelled.is_set():
+                    self._waiting.popleft()._push(_END)
+                    continue
+                request = handle.request
+                rows = len(self._running) + len(admitted) + 1
+                widest = max(longest, request.max_total_tokens)
+                if (rows > limits.max_batch_size
+                        or prefill_tokens + len(request.prompt_ids) > limits.max_batch_prefill_tokens
+                        or rows * widest > limits.max_batch_total_tokens):
+                    break
+                self._waiting.popleft()
+                prefill_tokens += len(request.prompt_ids)
+                longest = widest
+                generation = Generation(request, self.tokenizer, self.engine.config.vocab_size)
+                admitted.append((handle, generation))
+        return admitted
+
+    def _emit(self, handle: RequestHandle, generation: Generation, logits: np.ndarray) -> None:
+        if handle.cancelled.is_set():
+            return
+        event = generation.step(logits)
+        handle._push(event)
+        if generation.finished:
+            handle._push(_END)
+
+    def _retire(self, done: Callable[[RequestHandle, Generation], bool]) -> None:
+        keep = [row for row, (h, g) in enumerate(self._running) if not done(h, g)]
+        if len(keep) == len(self._running):
+            return
+        for handle, generation in (self._running[r] for r in range(len(self._running)) if r not in set(keep)):
+            if not generation.finished:
+                handle._push(_END)  # cancelled: the client is gone, close its stream quietly
+        self._running = [self._running[r] for r in keep]
+        if not keep:
+            self._batch = None
+        elif self._batch is not None:
+            self._batch = self.engine.filter(self._batch, keep)
