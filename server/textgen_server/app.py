@@ -46,18 +46,19 @@ class TextgenServer:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.service = TextGenerationService(settings.model_name)
-        self.health = health.aio.HealthServicer()
         self.metrics = Metrics()
         self.scheduler: Scheduler | None = None
         self.port = 0
+
+    async def start(self) -> int:
+        """Listen (health NOT_SERVING until `load_model`); returns the bound port."""
+        # grpc.aio objects belong to the event loop they are made on: make them here, not in __init__.
+        self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         textgen_pb2_grpc.add_TextGenerationServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
                                             self.server)
-
-    async def start(self) -> int:
-        """Listen, then load the model; returns the bound port."""
         address = f"{self.settings.host}:{self.settings.port}"
         self.port = self.server.add_insecure_port(address)
         if self.port == 0:

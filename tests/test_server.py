@@ -1,0 +1,212 @@
+"""The gRPC server end to end on the tiny demo model: results, errors, cancellation, load, shutdown."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+from transformers import MistralForCausalLM
+
+from server_harness import ServerThread
+from textgen.v1 import textgen_pb2 as pb
+from textgen.v1 import textgen_pb2_grpc as rpc
+from textgen_server.prompt import encode_prompt
+from textgen_server.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir: Path) -> Iterator[ServerThread]:
+    harness = ServerThread(tiny_model_dir)
+    yield harness
+    harness.stop(grace=1)
+
+
+@pytest.fixture(scope="module")
+def stub(server: ServerThread) -> Iterator[rpc.TextGenerationStub]:
+    with grpc.insecure_channel(server.target) as channel:
+        yield rpc.TextGenerationStub(channel)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir: Path) -> Tokenizer:
+    return Tokenizer.from_file(tiny_model_dir / "tokenizer.json")
+
+
+def _bad_request_fields(error: grpc.RpcError) -> dict[str, str]:
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None, "no rich status details"
+    fields: dict[str, str] = {}
+    for detail in status.details:
+        bad = error_details_pb2.BadRequest()
+        assert detail.Unpack(bad)
+        fields.update({v.field: v.description for v in bad.field_violations})
+    return fields
+
+
+def test_generate_equals_transformers_greedy(stub: rpc.TextGenerationStub, tokenizer: Tokenizer,
+                                             tiny_model_dir: Path) -> None:
+    prompt = "Write a haiku about the sea."
+    response = stub.Generate(pb.GenerateRequest(prompt=prompt, max_tokens=20, temperature=0))
+    ids = encode_prompt(tokenizer, prompt, raw=False)
+    model = MistralForCausalLM.from_pretrained(tiny_model_dir / "checkpoint").eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False, pad_token_id=0)
+    expected_ids = out[0, len(ids):].tolist()
+    expected = tokenizer.decode([t for t in expected_ids if t != tokenizer.eos_id])
+    assert response.response == expected
+    assert response.usage.prompt_tokens == len(ids)
+    assert response.usage.completion_tokens == len(expected_ids)
+    assert response.usage.total_tokens == len(ids) + len(expected_ids)
+    stop_reason = pb.FINISH_REASON_STOP if tokenizer.eos_id in expected_ids else pb.FINISH_REASON_LENGTH
+    assert response.finish_reason == stop_reason
+
+
+def test_stream_deltas_concatenate_to_the_unary_response(stub: rpc.TextGenerationStub) -> None:
+    request = pb.GenerateRequest(prompt="Tell me a story", max_tokens=40, seed=42, temperature=1.0, top_k=40)
+    unary = stub.Generate(request)
+    chunks = list(stub.GenerateStream(request))
+    assert "".join(c.response for c in chunks) == unary.response
+    assert [c.finish_reason for c in chunks[:-1]] == [pb.FINISH_REASON_UNSPECIFIED] * (len(chunks) - 1)
+    assert chunks[-1].finish_reason == unary.finish_reason
+    assert chunks[-1].usage == unary.usage
+    assert len(chunks) == unary.usage.completion_tokens
+
+
+def test_chat_is_accepted(stub: rpc.TextGenerationStub) -> None:
+    chat = pb.Chat(messages=[pb.Message(role="system", content="Be brief."), pb.Message(role="user", content="Hi")])
+    response = stub.Generate(pb.GenerateRequest(chat=chat, max_tokens=4, temperature=0))
+    assert response.usage.completion_tokens == 4
+
+
+@pytest.mark.parametrize(("request_fields", "field", "fragment"), [
+    ({"prompt": ""}, "prompt", "1 to 6144"),
+    ({"prompt": "x" * 6145}, "prompt", "got 6145"),
+    ({"prompt": "hi", "temperature": 5.5}, "temperature", "between 0 and 5"),
+    ({"prompt": "hi", "top_k": 51}, "top_k", "between 1 and 50"),
+    ({"prompt": "hi", "seed": 0}, "seed", "between 1 and 9999999999"),
+    ({"prompt": "hi", "max_tokens": 0}, "max_tokens", "at least 1"),
+    ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
+    ({}, "input", "one of prompt or chat"),
+    ({"chat": pb.Chat(messages=[pb.Message(role="assistant", content="x")])}, "chat.messages[0].role", "user"),
+    ({"chat": pb.Chat(messages=[pb.Message(role="user", content="x" * 6145)])}, "chat.messages[0].content",
+     "6144"),
+])
+def test_bad_input_names_the_field(stub: rpc.TextGenerationStub, request_fields: dict[str, object], field: str,
+                                   fragment: str) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Generate(pb.GenerateRequest(**request_fields))  # type: ignore[arg-type]
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    fields = _bad_request_fields(caught.value)
+    assert field in fields and fragment in fields[field], fields
+
+
+def test_token_limits_name_both_numbers(stub: rpc.TextGenerationStub) -> None:
+    digits = "7" * 6000  # the tokenizer splits digits: 6000+ tokens within the 6144 characters
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Generate(pb.GenerateRequest(prompt=digits, raw=True, max_tokens=1))
+    fields = _bad_request_fields(caught.value)
+    assert "max_input_length=3072" in fields["input"]
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Generate(pb.GenerateRequest(prompt="7" * 2000, raw=True, max_tokens=4000))
+    fields = _bad_request_fields(caught.value)
+    assert "max_total_tokens=4096" in fields["max_tokens"] and "max_tokens 4000" in fields["max_tokens"]
+
+
+def test_unknown_adapter_is_not_found(stub: rpc.TextGenerationStub) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Generate(pb.GenerateRequest(prompt="hi", lora="pirate"))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "pirate" in (caught.value.details() or "")
+
+
+def test_cancelled_stream_stops_within_a_step(server: ServerThread, stub: rpc.TextGenerationStub) -> None:
+    scheduler = server.server.scheduler
+    assert scheduler is not None
+    stream = stub.GenerateStream(pb.GenerateRequest(prompt="Count to a thousand", max_tokens=3000, temperature=0))
+    for _, _ in zip(range(3), stream, strict=False):
+        pass
+    assert scheduler.running_count == 1
+    steps_at_cancel = scheduler.stats.steps
+    stream.cancel()
+    deadline = time.monotonic() + 10
+    while scheduler.running_count and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert scheduler.running_count == 0
+    # One iteration may already be under way when the cancel lands; the next one retires it.
+    assert scheduler.stats.steps - steps_at_cancel <= 2
+    assert stub.Generate(pb.GenerateRequest(prompt="still there?", max_tokens=3)).usage.completion_tokens == 3
+
+
+def test_deadline_stops_generation(server: ServerThread, stub: rpc.TextGenerationStub) -> None:
+    scheduler = server.server.scheduler
+    assert scheduler is not None
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Generate(pb.GenerateRequest(prompt="Go on forever", max_tokens=3500, temperature=0), timeout=0.3)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 10
+    while scheduler.running_count and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert scheduler.running_count == 0
+
+
+def test_fifty_concurrent_streams_complete(stub: rpc.TextGenerationStub) -> None:
+    requests = [pb.GenerateRequest(prompt=f"Request number {i}", max_tokens=24, temperature=0) for i in range(50)]
+    expected = [stub.Generate(r) for r in requests[:5]]  # alone, one at a time
+
+    def run(request: pb.GenerateRequest) -> tuple[str, int, int]:
+        chunks = list(stub.GenerateStream(request))
+        return "".join(c.response for c in chunks), chunks[-1].usage.completion_tokens, chunks[-1].finish_reason
+
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        results = list(pool.map(run, requests))
+    assert all(r[1] == 24 or r[2] == pb.FINISH_REASON_STOP for r in results)
+    assert all(r[2] != pb.FINISH_REASON_UNSPECIFIED for r in results)
+    assert [r[0] for r in results[:5]] == [e.response for e in expected]
+
+
+def test_model_info(stub: rpc.TextGenerationStub) -> None:
+    info = stub.GetModelInfo(pb.GetModelInfoRequest())
+    assert (info.max_input_length, info.max_total_tokens, info.max_batch_prefill_tokens) == (3072, 4096, 8192)
+    assert info.execution_provider == "CPUExecutionProvider" and info.dtype == "fp32"
+
+
+def test_health_and_unavailable_while_loading(tiny_model_dir: Path) -> None:
+    harness = ServerThread(tiny_model_dir, load=False)
+    try:
+        with grpc.insecure_channel(harness.target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(grpc.RpcError) as caught:
+                rpc.TextGenerationStub(channel).Generate(pb.GenerateRequest(prompt="hi"))
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            harness.call(harness.server.load_model())
+            service = "textgen.v1.TextGeneration"
+            assert health.Check(health_pb2.HealthCheckRequest(service=service)).status == \
+                health_pb2.HealthCheckResponse.SERVING
+    finally:
+        harness.stop(grace=0)
+
+
+def test_shutdown_tells_clients_in_flight(tiny_model_dir: Path) -> None:
+    harness = ServerThread(tiny_model_dir)
+    with grpc.insecure_channel(harness.target) as channel:
+        stub = rpc.TextGenerationStub(channel)
+        stream = stub.GenerateStream(pb.GenerateRequest(prompt="long", max_tokens=3500, temperature=0))
+        next(stream)
+        stopper = threading.Thread(target=harness.stop, kwargs={"grace": 0.2})
+        stopper.start()
+        with pytest.raises(grpc.RpcError) as caught:
+            for _ in stream:
+                pass
+        stopper.join()
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "shut down" in (caught.value.details() or "")
