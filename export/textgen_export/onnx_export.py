@@ -47,7 +47,10 @@ def export_checkpoint(checkpoint: Path, out: Path, *, dtype: str = "fp32", devic
     progress = Progress(total_steps=4)
     try:
         with progress.step("writing tokenizer.json"):
-            checkpoint_tokenizer(checkpoint, staging / TOKENIZER_FILE)
+            try:
+                checkpoint_tokenizer(checkpoint, staging / TOKENIZER_FILE)
+            except ValueError as exc:  # no tokenizer, or one SentencePiece parity cannot be kept for
+                raise ExportError(str(exc)) from exc
         with progress.step(f"exporting {checkpoint} to ONNX ({dtype} on {device}; a 7B model takes many minutes)"):
             _optimum_export(checkpoint, staging / "optimum", dtype=dtype, device=device)
         with progress.step("keeping only the last position's logits"):

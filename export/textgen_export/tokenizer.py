@@ -1,9 +1,9 @@
 """SentencePiece model → `tokenizer.json` for the `tokenizers` library, tokenizing exactly as SentencePiece does.
 
 The server loads only `tokenizer.json`, so this file must reproduce SentencePiece's BPE: the same ids for
-every string and the same text back for every id sequence. A plain transformers `LlamaTokenizerFast`
-conversion (non-legacy) moves the dummy-prefix "▁" into a pre-tokenizer that the fast tokenizer then
-skips, so "Hello world" gets other ids; here the prefix is part of the normalizer and always applied.
+every string. A plain transformers `LlamaTokenizerFast(vocab_file=...)` conversion (4.57, legacy or not)
+leaves SentencePiece's dummy-prefix "▁" off unless `add_prefix_space=True`, so "Hello world" becomes
+[16230, 1526] instead of SentencePiece's [22557, 1526]; here the prefix is part of the normalizer.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def tokenizer_from_spm(spm_model_path: Path) -> Tokenizer:
     from sentencepiece import sentencepiece_model_pb2  # export-only dependency
 
     # The protobuf class is generated at import time, so there is nothing static to type it with.
-    proto: Any = getattr(sentencepiece_model_pb2, "ModelProto")()
+    proto: Any = sentencepiece_model_pb2.ModelProto()  # type: ignore[attr-defined, unused-ignore]
     try:
         proto.ParseFromString(spm_model_path.read_bytes())
     except Exception as exc:  # protobuf's DecodeError and friends
@@ -92,12 +92,13 @@ def spm_merges(pieces: list[tuple[str, float, int]]) -> list[tuple[str, str]]:
 
     SentencePiece merges the adjacent pair whose union has the highest score, leftmost first on ties. A
     `tokenizers` merge list ranks pairs instead, so every split of a piece into two vocabulary pieces
-    becomes a merge, ranked by the piece's score. Ties only occur among the whitespace-only pieces
-    ("▁▁"… all at -1e9); there SentencePiece grows a run of spaces from the left ("▁▁"+"▁", then
+    becomes a merge, ranked by the piece's score. In Mistral's model, ties only occur among the whitespace-only
+    pieces ("▁▁"… all at -1e9); there SentencePiece grows a run of spaces from the left ("▁▁"+"▁", then
     "▁▁▁"+"▁", …), which ranking the longer left half first reproduces (same order as transformers'
     `generate_merges`).
     """
-    vocab = {piece: index for index, (piece, _, kind) in enumerate(pieces) if kind in (_NORMAL, _USER_DEFINED)}
+    # Only normal pieces merge: byte pieces and control tokens never take part in BPE.
+    vocab = {piece: index for index, (piece, _, kind) in enumerate(pieces) if kind == _NORMAL}
     ranked: list[tuple[float, int, int, int, str, str]] = []
     for piece, score, kind in pieces:
         if kind != _NORMAL:
