@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
+
+from server_harness import ServerThread
+from textgen.v1 import textgen_pb2_grpc as rpc
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -16,3 +21,17 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("models") / "tiny"
     build_demo(out, size="tiny")
     return out
+
+
+@pytest.fixture(scope="session")
+def server(tiny_model_dir: Path) -> Iterator[ServerThread]:
+    """One in-process server on a free port for the whole session."""
+    harness = ServerThread(tiny_model_dir)
+    yield harness
+    harness.stop(grace=1)
+
+
+@pytest.fixture(scope="session")
+def stub(server: ServerThread) -> Iterator[rpc.TextGenerationStub]:
+    with grpc.insecure_channel(server.target) as channel:
+        yield rpc.TextGenerationStub(channel)

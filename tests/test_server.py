@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,19 +20,6 @@ from textgen.v1 import textgen_pb2 as pb
 from textgen.v1 import textgen_pb2_grpc as rpc
 from textgen_server.prompt import encode_prompt
 from textgen_server.tokenizer import Tokenizer
-
-
-@pytest.fixture(scope="module")
-def server(tiny_model_dir: Path) -> Iterator[ServerThread]:
-    harness = ServerThread(tiny_model_dir)
-    yield harness
-    harness.stop(grace=1)
-
-
-@pytest.fixture(scope="module")
-def stub(server: ServerThread) -> Iterator[rpc.TextGenerationStub]:
-    with grpc.insecure_channel(server.target) as channel:
-        yield rpc.TextGenerationStub(channel)
 
 
 @pytest.fixture(scope="module")
