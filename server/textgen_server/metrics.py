@@ -12,27 +12,38 @@ _STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
-        self.queue_size = Gauge("textgen_queue_size", "Requests waiting for admission", registry=self.registry)
-        self.batch_size = Gauge("textgen_batch_size", "Sequences in the running batch", registry=self.registry)
+        self.queue_size = Gauge(
+            "textgen_queue_size", "Requests waiting for admission", registry=self.registry
+        )
+        self.batch_size = Gauge(
+            "textgen_batch_size", "Sequences in the running batch", registry=self.registry
+        )
         self.steps = Counter("textgen_steps", "Scheduler iterations", registry=self.registry)
-        self.prefill_seconds = Histogram("textgen_prefill_seconds", "Prefill forward pass time",
-                                         buckets=_STEP_BUCKETS, registry=self.registry)
-        self.decode_seconds = Histogram("textgen_decode_seconds", "Decode forward pass time (whole batch)",
-                                        buckets=_STEP_BUCKETS, registry=self.registry)
+        self.prefill_seconds = Histogram(
+            "textgen_prefill_seconds",
+            "Prefill forward pass time",
+            buckets=_STEP_BUCKETS,
+            registry=self.registry,
+        )
+        self.decode_seconds = Histogram(
+            "textgen_decode_seconds",
+            "Decode forward pass time (whole batch)",
+            buckets=_STEP_BUCKETS,
+            registry=self.registry,
+        )
         self._seen_steps = 0
 
     def observe_step(self, stats: StepStats) -> None:
         """Called by the scheduler thread after each iteration."""
         self.queue_size.set(stats.queue_size)
         self.batch_size.set(stats.batch_size)
+        self.kv_positions.set(stats.kv_positions)
         self.steps.inc(stats.steps - self._seen_steps)
         self._seen_steps = stats.steps
         if stats.prefill_seconds:
             self.prefill_seconds.observe(stats.prefill_seconds)
-            stats.prefill_seconds = 0.0
         if stats.decode_seconds:
             self.decode_seconds.observe(stats.decode_seconds)
-            stats.decode_seconds = 0.0
 
     def serve(self, port: int, host: str = "0.0.0.0") -> None:
         start_http_server(port, addr=host, registry=self.registry)

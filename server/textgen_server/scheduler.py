@@ -61,6 +61,7 @@ class StepStats:
 
     queue_size: int = 0
     batch_size: int = 0
+    kv_positions: int = 0  # rows x width of the running batch: what its KV cache holds
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     steps: int = 0
@@ -101,8 +102,13 @@ class RequestHandle:
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, tokenizer: Tokenizer, limits: SchedulerLimits | None = None,
-                 on_step: Callable[[StepStats], None] | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        tokenizer: Tokenizer,
+        limits: SchedulerLimits | None = None,
+        on_step: Callable[[StepStats], None] | None = None,
+    ) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.limits = limits or SchedulerLimits()
@@ -128,9 +134,11 @@ class Scheduler:
                 raise ShuttingDownError("the server is shutting down; retry on another replica")
             in_flight = len(self._waiting) + len(self._running)
             if in_flight >= self.limits.max_concurrent_requests:
-                raise QueueFullError(f"{in_flight} requests are running or queued, the limit is "
-                                     f"max_concurrent_requests={self.limits.max_concurrent_requests}; "
-                                     "retry later")
+                raise QueueFullError(
+                    f"{in_flight} requests are running or queued, the limit is "
+                    f"max_concurrent_requests={self.limits.max_concurrent_requests}; "
+                    "retry later"
+                )
             self._waiting.append(handle)
             self._lock.notify()
         return handle
@@ -142,6 +150,11 @@ class Scheduler:
     @property
     def queued_count(self) -> int:
         return len(self._waiting)
+
+    @property
+    def kv_positions(self) -> int:
+        batch = self._batch
+        return 0 if batch is None else batch.size * batch.width
 
     def stop_accepting(self) -> None:
         with self._lock:
@@ -178,12 +191,16 @@ class Scheduler:
                 ids = [h.request.request_id for h, _ in self._running]
                 log.exception("generation step failed for requests %s", ids)
                 for handle, _ in self._running:
-                    handle._push(GenerationFailedError(f"generation failed (request {handle.request.request_id})"))
+                    handle._push(
+                        GenerationFailedError(f"generation failed (request {handle.request.request_id})")
+                    )
                 self._running.clear()
                 self._batch = None
                 del exc
 
     def _iteration(self) -> None:
+        kv_peak = 0  # the most KV positions held at any point of this iteration
+        self.stats.prefill_seconds = self.stats.decode_seconds = 0.0
         self._retire(lambda handle, gen: handle.cancelled.is_set())
         admitted = self._admit()
         if admitted:
@@ -194,16 +211,19 @@ class Scheduler:
                 self._emit(handle, generation, logits[row])  # logits [batch, vocab]
             self._running.extend(admitted)
             self._batch = batch if self._batch is None else self.engine.concatenate([self._batch, batch])
+            kv_peak = self.kv_positions
             self._retire(lambda handle, gen: gen.finished)
         if self._running and self._batch is not None:
             started = time.monotonic()
             tokens = np.array([g.last_token for _, g in self._running], dtype=np.int64)  # [batch]
             logits = self.engine.decode(self._batch, tokens)
             self.stats.decode_seconds = time.monotonic() - started
+            kv_peak = max(kv_peak, self.kv_positions)
             for row, (handle, generation) in enumerate(self._running):
                 self._emit(handle, generation, logits[row])
             self._retire(lambda handle, gen: gen.finished or handle.cancelled.is_set())
         self.stats.steps += 1
+        self.stats.kv_positions = kv_peak
         self.stats.batch_size = len(self._running)
         self.stats.queue_size = len(self._waiting)
         if self._on_step is not None:
@@ -223,9 +243,11 @@ class Scheduler:
                 request = handle.request
                 rows = len(self._running) + len(admitted) + 1
                 widest = max(longest, request.max_total_tokens)
-                if (rows > limits.max_batch_size
-                        or prefill_tokens + len(request.prompt_ids) > limits.max_batch_prefill_tokens
-                        or rows * widest > limits.max_batch_total_tokens):
+                if (
+                    rows > limits.max_batch_size
+                    or prefill_tokens + len(request.prompt_ids) > limits.max_batch_prefill_tokens
+                    or rows * widest > limits.max_batch_total_tokens
+                ):
                     break
                 self._waiting.popleft()
                 prefill_tokens += len(request.prompt_ids)
