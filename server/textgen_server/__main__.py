@@ -16,34 +16,70 @@ log = logging.getLogger("textgen_server")
 
 
 def parse_args(argv: list[str] | None) -> ServerSettings:
-    parser = argparse.ArgumentParser(prog="textgen-server", description="Serve a textgen model directory over gRPC")
+    parser = argparse.ArgumentParser(
+        prog="textgen-server", description="Serve a textgen model directory over gRPC"
+    )
     parser.add_argument("--model-dir", type=Path, required=True, help="directory written by textgen-export")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all)")
     parser.add_argument("--port", type=int, default=50051)
-    parser.add_argument("--provider", choices=["auto", "cuda", "cpu"], default="auto",
-                        help="execution provider; auto uses CUDA where onnxruntime-gpu finds a GPU")
+    parser.add_argument(
+        "--provider",
+        choices=["auto", "cuda", "cpu"],
+        default="auto",
+        help="execution provider; auto uses CUDA where onnxruntime-gpu finds a GPU",
+    )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads per forward pass")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-batch-prefill-tokens", type=int, default=8192)
-    parser.add_argument("--max-batch-total-tokens", type=int, default=65536,
-                        help="KV cache positions the running batch may hold (bounds its memory)")
-    parser.add_argument("--max-concurrent-requests", type=int, default=128,
-                        help="running plus queued requests; more get RESOURCE_EXHAUSTED")
+    parser.add_argument(
+        "--max-batch-total-tokens",
+        type=int,
+        default=65536,
+        help="KV cache positions the running batch may hold (bounds its memory)",
+    )
+    parser.add_argument(
+        "--max-concurrent-requests",
+        type=int,
+        default=128,
+        help="running plus queued requests; more get RESOURCE_EXHAUSTED",
+    )
     parser.add_argument("--model-name", default=None, help="name reported by GetModelInfo")
-    parser.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
-    parser.add_argument("--grace", type=float, default=30.0, help="seconds to drain in-flight requests on shutdown")
+    parser.add_argument(
+        "--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port"
+    )
+    parser.add_argument(
+        "--grace", type=float, default=30.0, help="seconds to drain in-flight requests on shutdown"
+    )
     args = parser.parse_args(argv)
     if not (args.model_dir / "textgen.json").is_file():
-        parser.error(f"--model-dir {args.model_dir}: not a model directory (no textgen.json); "
-                     "make one with `textgen-export demo --out DIR`")
-    for name in ("max_batch_size", "max_batch_prefill_tokens", "max_batch_total_tokens", "max_concurrent_requests"):
+        parser.error(
+            f"--model-dir {args.model_dir}: not a model directory (no textgen.json); "
+            "make one with `textgen-export demo --out DIR`"
+        )
+    for name in (
+        "max_batch_size",
+        "max_batch_prefill_tokens",
+        "max_batch_total_tokens",
+        "max_concurrent_requests",
+    ):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     return ServerSettings(
-        model_dir=args.model_dir, host=args.host, port=args.port, provider=args.provider, threads=args.threads,
-        limits=SchedulerLimits(args.max_batch_size, args.max_batch_prefill_tokens, args.max_batch_total_tokens,
-                               args.max_concurrent_requests),
-        model_name=args.model_name, metrics_port=args.metrics_port, grace_seconds=args.grace)
+        model_dir=args.model_dir,
+        host=args.host,
+        port=args.port,
+        provider=args.provider,
+        threads=args.threads,
+        limits=SchedulerLimits(
+            args.max_batch_size,
+            args.max_batch_prefill_tokens,
+            args.max_batch_total_tokens,
+            args.max_concurrent_requests,
+        ),
+        model_name=args.model_name,
+        metrics_port=args.metrics_port,
+        grace_seconds=args.grace,
+    )
 
 
 async def serve(settings: ServerSettings) -> None:
@@ -62,8 +98,9 @@ async def serve(settings: ServerSettings) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     settings = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
     asyncio.run(serve(settings))
     return 0
 

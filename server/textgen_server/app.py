@@ -57,8 +57,9 @@ class TextgenServer:
         self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         textgen_pb2_grpc.add_TextGenerationServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
-                                            self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
         address = f"{self.settings.host}:{self.settings.port}"
         self.port = self.server.add_insecure_port(address)
         if self.port == 0:
@@ -76,8 +77,12 @@ class TextgenServer:
         tokenizer = Tokenizer.from_file(s.model_dir / TOKENIZER_FILE)
         limits = s.limits
         if limits.max_batch_prefill_tokens > engine.config.max_batch_prefill_tokens:
-            limits = SchedulerLimits(limits.max_batch_size, engine.config.max_batch_prefill_tokens,
-                                     limits.max_batch_total_tokens, limits.max_concurrent_requests)
+            limits = SchedulerLimits(
+                limits.max_batch_size,
+                engine.config.max_batch_prefill_tokens,
+                limits.max_batch_total_tokens,
+                limits.max_concurrent_requests,
+            )
         self.scheduler = Scheduler(engine, tokenizer, limits, on_step=self.metrics.observe_step)
         self.scheduler.start()
         self.service.model = ModelState(self.scheduler, tokenizer, engine.config, engine.execution_provider)
@@ -95,7 +100,9 @@ class TextgenServer:
         await self.server.wait_for_termination()
 
     async def _set_serving(self, serving: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
 

@@ -54,8 +54,10 @@ def select_providers(provider: str) -> list[str]:
     if provider not in PROVIDERS:
         raise ValueError(f"provider {provider!r}: expected one of {', '.join(PROVIDERS)}")
     if provider == "cuda" and "CUDAExecutionProvider" not in available:
-        raise RuntimeError(f"CUDA was asked for but this onnxruntime offers only {available}; "
-                           "install onnxruntime-gpu (pip install 'textgen[gpu]')")
+        raise RuntimeError(
+            f"CUDA was asked for but this onnxruntime offers only {available}; "
+            "install onnxruntime-gpu (pip install 'textgen[gpu]')"
+        )
     if provider in ("auto", "cuda") and "CUDAExecutionProvider" in available:
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
@@ -75,18 +77,25 @@ class Engine:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         # Shapes change every step (the cache grows); pattern planning would only be redone each time.
         options.enable_mem_pattern = False
-        self.session = ort.InferenceSession(str(model_dir / MODEL_FILE), sess_options=options,
-                                            providers=select_providers(provider))
+        self.session = ort.InferenceSession(
+            str(model_dir / MODEL_FILE), sess_options=options, providers=select_providers(provider)
+        )
         self.execution_provider = self.session.get_providers()[0]
         self.device = "cuda" if self.execution_provider == "CUDAExecutionProvider" else "cpu"
         self.kv_dtype = _NUMPY_DTYPES[self.config.dtype]
         io = self.config.io
         layers = range(self.config.num_layers)
         self._past_names = [name for i in layers for name in (io.past_key.format(i), io.past_value.format(i))]
-        self._present_names = [name for i in layers
-                               for name in (io.present_key.format(i), io.present_value.format(i))]
-        log.info("loaded %s on %s (%s, %d layers)", self.config.name, self.execution_provider,
-                 self.config.dtype, self.config.num_layers)
+        self._present_names = [
+            name for i in layers for name in (io.present_key.format(i), io.present_value.format(i))
+        ]
+        log.info(
+            "loaded %s on %s (%s, %d layers)",
+            self.config.name,
+            self.execution_provider,
+            self.config.dtype,
+            self.config.num_layers,
+        )
 
     # -- forward passes -------------------------------------------------------------------------
 
@@ -98,8 +107,8 @@ class Engine:
         input_ids = np.zeros((len(prompts), width), dtype=np.int64)  # [batch, width]
         mask = np.zeros((len(prompts), width), dtype=np.int64)  # [batch, width]
         for row, prompt in enumerate(prompts):
-            input_ids[row, width - len(prompt):] = prompt
-            mask[row, width - len(prompt):] = 1
+            input_ids[row, width - len(prompt) :] = prompt
+            mask[row, width - len(prompt) :] = 1
         position_ids = np.maximum(np.cumsum(mask, axis=1) - 1, 0)  # [batch, width]
         c = self.config
         empty_past = np.zeros((len(prompts), c.num_kv_heads, 0, c.head_dim), dtype=self.kv_dtype)
@@ -110,8 +119,7 @@ class Engine:
         for name in self._past_names:
             binding.bind_cpu_input(name, empty_past)
         presents, logits = self._run(binding)
-        batch = KVBatch(past=presents, attention_mask=mask,
-                        positions=mask.sum(axis=1).astype(np.int64))
+        batch = KVBatch(past=presents, attention_mask=mask, positions=mask.sum(axis=1).astype(np.int64))
         return batch, logits
 
     def decode(self, batch: KVBatch, tokens: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
@@ -152,17 +160,25 @@ class Engine:
         for layer_values in zip(*(b.past for b in batches), strict=True):
             arrays = [_left_pad(v.numpy(), width) for v in layer_values]  # [batch_i, kv, width, head_dim]
             past.append(self._to_device(np.concatenate(arrays, axis=0)))
-        return KVBatch(past=past, attention_mask=np.concatenate(masks, axis=0),
-                       positions=np.concatenate([b.positions for b in batches]))
+        return KVBatch(
+            past=past,
+            attention_mask=np.concatenate(masks, axis=0),
+            positions=np.concatenate([b.positions for b in batches]),
+        )
 
     def filter(self, batch: KVBatch, keep: Sequence[int]) -> KVBatch:
         """Keep the rows `keep`, in that order, and drop left columns that are padding in all of them."""
         rows = np.asarray(keep, dtype=np.int64)
         mask = batch.attention_mask[rows]
         first_used = int(np.argmax(mask.any(axis=0))) if mask.any() else mask.shape[1]
-        past = [self._to_device(np.ascontiguousarray(v.numpy()[rows][:, :, first_used:, :])) for v in batch.past]
-        return KVBatch(past=past, attention_mask=np.ascontiguousarray(mask[:, first_used:]),
-                       positions=batch.positions[rows])
+        past = [
+            self._to_device(np.ascontiguousarray(v.numpy()[rows][:, :, first_used:, :])) for v in batch.past
+        ]
+        return KVBatch(
+            past=past,
+            attention_mask=np.ascontiguousarray(mask[:, first_used:]),
+            positions=batch.positions[rows],
+        )
 
     def _to_device(self, array: npt.NDArray[np.generic]) -> ort.OrtValue:
         return ort.OrtValue.ortvalue_from_numpy(array, self.device, 0)

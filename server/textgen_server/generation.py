@@ -76,8 +76,14 @@ class Generation:
             decision = self._stopping.step(token, delta)
             text = decision.text
         self.finish_reason = decision.finish_reason
-        return TokenEvent(token, text, self._tokenizer.is_special(token), self.finish_reason,
-                          len(self.request.prompt_ids), self.completion_tokens)
+        return TokenEvent(
+            token,
+            text,
+            self._tokenizer.is_special(token),
+            self.finish_reason,
+            len(self.request.prompt_ids),
+            self.completion_tokens,
+        )
 
     @property
     def finished(self) -> bool:

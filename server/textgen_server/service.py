@@ -15,12 +15,16 @@ from textgen.v1 import textgen_pb2_grpc
 
 from .generation import TokenEvent
 from .model_config import ModelConfig
-from .scheduler import (GenerationFailedError, QueueFullError, RequestHandle, Scheduler,
-                        ShuttingDownError)
+from .scheduler import GenerationFailedError, QueueFullError, RequestHandle, Scheduler, ShuttingDownError
 from .stopping import FinishReason
 from .tokenizer import Tokenizer
-from .validation import (FieldViolation, InvalidRequestError, UnknownAdapterError,
-                         UnsupportedFeatureError, build_request)
+from .validation import (
+    FieldViolation,
+    InvalidRequestError,
+    UnknownAdapterError,
+    UnsupportedFeatureError,
+    build_request,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +35,14 @@ _FINISH_REASONS = {FinishReason.STOP: pb.FINISH_REASON_STOP, FinishReason.LENGTH
 class ModelState:
     """What the servicer needs once the model is loaded; None until then (UNAVAILABLE)."""
 
-    def __init__(self, scheduler: Scheduler, tokenizer: Tokenizer, config: ModelConfig,
-                 execution_provider: str, adapters: frozenset[str] = frozenset()) -> None:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        tokenizer: Tokenizer,
+        config: ModelConfig,
+        execution_provider: str,
+        adapters: frozenset[str] = frozenset(),
+    ) -> None:
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.config = config
@@ -45,8 +55,9 @@ class TextGenerationService(textgen_pb2_grpc.TextGenerationServicer):
         self.model: ModelState | None = None
         self.model_name = model_name
 
-    async def Generate(self, request: pb.GenerateRequest,
-                       context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GenerateResponse:
         handle = await self._submit(request, context)
         text: list[str] = []
         last: TokenEvent | None = None
@@ -58,18 +69,25 @@ class TextGenerationService(textgen_pb2_grpc.TextGenerationServicer):
             handle.cancel()  # no-op when finished; stops the work when the client went away
         if last is None:
             await _abort(context, grpc.StatusCode.CANCELLED, "the request was cancelled")
-        return pb.GenerateResponse(response="".join(text), usage=_usage(last),
-                                   finish_reason=_FINISH_REASONS.get(last.finish_reason,  # type: ignore[arg-type]
-                                                                     pb.FINISH_REASON_UNSPECIFIED))
+        return pb.GenerateResponse(
+            response="".join(text),
+            usage=_usage(last),
+            finish_reason=_FINISH_REASONS.get(
+                last.finish_reason,  # type: ignore[arg-type]
+                pb.FINISH_REASON_UNSPECIFIED,
+            ),
+        )
 
-    async def GenerateStream(self, request: pb.GenerateRequest,
-                             context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateStreamResponse]:
+    async def GenerateStream(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateStreamResponse]:
         handle = await self._submit(request, context)
         try:
             async for event in self._events(handle, context):
                 message = pb.GenerateStreamResponse(
                     response=event.text,
-                    token=pb.Token(id=event.token_id, text=event.text, special=event.special))
+                    token=pb.Token(id=event.token_id, text=event.text, special=event.special),
+                )
                 if event.finish_reason is not None:
                     message.finish_reason = _FINISH_REASONS[event.finish_reason]
                     message.usage.CopyFrom(_usage(event))
@@ -77,15 +95,21 @@ class TextGenerationService(textgen_pb2_grpc.TextGenerationServicer):
         finally:
             handle.cancel()
 
-    async def GetModelInfo(self, request: pb.GetModelInfoRequest,
-                           context: grpc.aio.ServicerContext) -> pb.GetModelInfoResponse:
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetModelInfoResponse:
         model = await self._loaded(context)
         c = model.config
         return pb.GetModelInfoResponse(
-            model=self.model_name or c.name, dtype=c.dtype, execution_provider=model.execution_provider,
-            max_input_length=c.max_input_length, max_total_tokens=c.max_total_tokens,
-            max_batch_prefill_tokens=c.max_batch_prefill_tokens, vocab_size=c.vocab_size,
-            adapters=sorted(model.adapters))
+            model=self.model_name or c.name,
+            dtype=c.dtype,
+            execution_provider=model.execution_provider,
+            max_input_length=c.max_input_length,
+            max_total_tokens=c.max_total_tokens,
+            max_batch_prefill_tokens=c.max_batch_prefill_tokens,
+            vocab_size=c.vocab_size,
+            adapters=sorted(model.adapters),
+        )
 
     # -- helpers -------------------------------------------------------------------------------------
 
@@ -99,8 +123,13 @@ class TextGenerationService(textgen_pb2_grpc.TextGenerationServicer):
         request_id = _request_id(context)
         await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
         try:
-            typed = build_request(request, tokenizer=model.tokenizer, config=model.config,
-                                  adapters=model.adapters, request_id=request_id)
+            typed = build_request(
+                request,
+                tokenizer=model.tokenizer,
+                config=model.config,
+                adapters=model.adapters,
+                request_id=request_id,
+            )
             return model.scheduler.submit(typed)
         except InvalidRequestError as exc:
             await _abort_bad_request(context, exc.violations)
@@ -113,8 +142,9 @@ class TextGenerationService(textgen_pb2_grpc.TextGenerationServicer):
         except ShuttingDownError as exc:
             await _abort(context, grpc.StatusCode.UNAVAILABLE, str(exc))
 
-    async def _events(self, handle: RequestHandle,
-                      context: grpc.aio.ServicerContext) -> AsyncIterator[TokenEvent]:
+    async def _events(
+        self, handle: RequestHandle, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[TokenEvent]:
         try:
             async for event in handle.events():
                 yield event
@@ -133,8 +163,11 @@ def _request_id(context: grpc.aio.ServicerContext) -> str:
 
 
 def _usage(event: TokenEvent) -> pb.Usage:
-    return pb.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
-                    total_tokens=event.prompt_tokens + event.completion_tokens)
+    return pb.Usage(
+        prompt_tokens=event.prompt_tokens,
+        completion_tokens=event.completion_tokens,
+        total_tokens=event.prompt_tokens + event.completion_tokens,
+    )
 
 
 async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
@@ -143,11 +176,15 @@ async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, messa
 
 
 async def _abort_bad_request(context: grpc.aio.ServicerContext, violations: list[FieldViolation]) -> NoReturn:
-    details = error_details_pb2.BadRequest(field_violations=[
-        error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-        for v in violations])
-    status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT,
-                               message="; ".join(f"{v.field}: {v.description}" for v in violations))
+    details = error_details_pb2.BadRequest(
+        field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+            for v in violations
+        ]
+    )
+    status = status_pb2.Status(
+        code=code_pb2.INVALID_ARGUMENT, message="; ".join(f"{v.field}: {v.description}" for v in violations)
+    )
     status.details.add().Pack(details)
     await context.abort_with_status(rpc_status.to_status(status))
     raise AssertionError("unreachable: abort raises")

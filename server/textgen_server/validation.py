@@ -60,8 +60,14 @@ class UnsupportedFeatureError(Exception):
     """UNIMPLEMENTED: a card feature this model's prompt format cannot carry."""
 
 
-def build_request(message: pb.GenerateRequest, *, tokenizer: Tokenizer, config: ModelConfig,
-                  adapters: frozenset[str], request_id: str) -> GenerationRequest:
+def build_request(
+    message: pb.GenerateRequest,
+    *,
+    tokenizer: Tokenizer,
+    config: ModelConfig,
+    adapters: frozenset[str],
+    request_id: str,
+) -> GenerationRequest:
     violations: list[FieldViolation] = []
     sampling = _sampling(message, violations)
     stop = _stop(message, violations)
@@ -77,8 +83,14 @@ def build_request(message: pb.GenerateRequest, *, tokenizer: Tokenizer, config: 
     if message.lora and message.lora not in adapters:
         known = ", ".join(sorted(adapters)) or "none are loaded"
         raise UnknownAdapterError(f"lora: no adapter named {message.lora!r} ({known})")
-    return GenerationRequest(request_id=request_id, prompt_ids=tuple(prompt_ids), max_new_tokens=max_tokens,
-                             sampling=sampling, stop=stop, lora=message.lora or None)
+    return GenerationRequest(
+        request_id=request_id,
+        prompt_ids=tuple(prompt_ids),
+        max_new_tokens=max_tokens,
+        sampling=sampling,
+        stop=stop,
+        lora=message.lora or None,
+    )
 
 
 def _sampling(message: pb.GenerateRequest, violations: list[FieldViolation]) -> SamplingParams:
@@ -104,37 +116,50 @@ def _sampling(message: pb.GenerateRequest, violations: list[FieldViolation]) -> 
 
 def _stop(message: pb.GenerateRequest, violations: list[FieldViolation]) -> tuple[str, ...]:
     if len(message.stop) > MAX_STOP_SEQUENCES:
-        violations.append(FieldViolation("stop", f"at most {MAX_STOP_SEQUENCES} stop strings, got {len(message.stop)}"))
+        violations.append(
+            FieldViolation("stop", f"at most {MAX_STOP_SEQUENCES} stop strings, got {len(message.stop)}")
+        )
     for index, stop in enumerate(message.stop):
         if not stop or len(stop) > MAX_STOP_CHARS:
-            violations.append(FieldViolation(f"stop[{index}]", f"must be 1 to {MAX_STOP_CHARS} characters, "
-                                                               f"got {len(stop)}"))
+            violations.append(
+                FieldViolation(f"stop[{index}]", f"must be 1 to {MAX_STOP_CHARS} characters, got {len(stop)}")
+            )
     return tuple(message.stop)
 
 
-def _prompt_ids(message: pb.GenerateRequest, tokenizer: Tokenizer,
-                violations: list[FieldViolation]) -> list[int] | None:
+def _prompt_ids(
+    message: pb.GenerateRequest, tokenizer: Tokenizer, violations: list[FieldViolation]
+) -> list[int] | None:
     which = message.WhichOneof("input")
     if which is None:
         violations.append(FieldViolation("input", "one of prompt or chat is required"))
         return None
     if which == "prompt":
         if not 1 <= len(message.prompt) <= MAX_PROMPT_CHARS:
-            violations.append(FieldViolation("prompt", f"must be 1 to {MAX_PROMPT_CHARS} characters, "
-                                                       f"got {len(message.prompt)}"))
+            violations.append(
+                FieldViolation(
+                    "prompt", f"must be 1 to {MAX_PROMPT_CHARS} characters, got {len(message.prompt)}"
+                )
+            )
             return None
         return encode_prompt(tokenizer, message.prompt, message.raw)
     if message.raw:
         violations.append(FieldViolation("raw", "applies to prompt input only, not to chat"))
     chat = message.chat
     if chat.tools:
-        raise UnsupportedFeatureError("chat.tools: function calling is not available for "
-                                      "Mistral-7B-Instruct-v0.2 (its v1 chat format has no tool tokens)")
+        raise UnsupportedFeatureError(
+            "chat.tools: function calling is not available for "
+            "Mistral-7B-Instruct-v0.2 (its v1 chat format has no tool tokens)"
+        )
     before = len(violations)
     for index, m in enumerate(chat.messages):
         if len(m.content) > MAX_CONTENT_CHARS:
-            violations.append(FieldViolation(f"chat.messages[{index}].content",
-                                             f"must be at most {MAX_CONTENT_CHARS} characters, got {len(m.content)}"))
+            violations.append(
+                FieldViolation(
+                    f"chat.messages[{index}].content",
+                    f"must be at most {MAX_CONTENT_CHARS} characters, got {len(m.content)}",
+                )
+            )
     if len(violations) > before:
         return None
     try:
@@ -145,12 +170,21 @@ def _prompt_ids(message: pb.GenerateRequest, tokenizer: Tokenizer,
         return None
 
 
-def _check_token_limits(input_tokens: int, max_tokens: int, config: ModelConfig,
-                        violations: list[FieldViolation]) -> None:
+def _check_token_limits(
+    input_tokens: int, max_tokens: int, config: ModelConfig, violations: list[FieldViolation]
+) -> None:
     if input_tokens > config.max_input_length:
-        violations.append(FieldViolation("input", f"{input_tokens} input tokens exceed "
-                                                  f"max_input_length={config.max_input_length}"))
+        violations.append(
+            FieldViolation(
+                "input", f"{input_tokens} input tokens exceed max_input_length={config.max_input_length}"
+            )
+        )
     elif input_tokens + max_tokens > config.max_total_tokens:
-        violations.append(FieldViolation("max_tokens", f"{input_tokens} input tokens + max_tokens {max_tokens} = "
-                                                       f"{input_tokens + max_tokens} exceed "
-                                                       f"max_total_tokens={config.max_total_tokens}"))
+        violations.append(
+            FieldViolation(
+                "max_tokens",
+                f"{input_tokens} input tokens + max_tokens {max_tokens} = "
+                f"{input_tokens + max_tokens} exceed "
+                f"max_total_tokens={config.max_total_tokens}",
+            )
+        )
