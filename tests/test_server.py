@@ -196,3 +196,13 @@ def test_shutdown_tells_clients_in_flight(tiny_model_dir: Path) -> None:
         stopper.join()
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "shut down" in (caught.value.details() or "")
+
+
+def test_metrics_follow_the_scheduler(server: ServerThread, stub: rpc.TextGenerationStub) -> None:
+    from prometheus_client import generate_latest
+
+    stub.Generate(pb.GenerateRequest(prompt="metrics", max_tokens=5, temperature=0))
+    text = generate_latest(server.server.metrics.registry).decode()
+    steps = next(line for line in text.splitlines() if line.startswith("textgen_steps_total "))
+    assert float(steps.split()[1]) >= 5
+    assert "textgen_decode_seconds_count" in text and "textgen_kv_positions" in text

@@ -82,18 +82,29 @@ def parse_args(argv: list[str] | None) -> ServerSettings:
     )
 
 
-async def serve(settings: ServerSettings) -> None:
+async def serve(settings: ServerSettings) -> int:
+    """Serve until SIGINT/SIGTERM; returns the process exit code."""
     server = TextgenServer(settings)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
-    port = await server.start()
-    await server.load_model()
+    try:
+        port = await server.start()
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    try:
+        await server.load_model()
+    except Exception as exc:  # a broken model directory or provider: say so in one line and exit
+        log.error("cannot load %s: %s: %s", settings.model_dir, type(exc).__name__, exc)
+        await server.stop(grace=0)
+        return 1
     log.info("ready on %s:%d", settings.host, port)
     await stopping.wait()
     log.info("shutting down: draining for up to %.0f s", settings.grace_seconds)
     await server.stop()
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,8 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
-    asyncio.run(serve(settings))
-    return 0
+    return asyncio.run(serve(settings))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,11 @@ class Metrics:
         self.batch_size = Gauge(
             "textgen_batch_size", "Sequences in the running batch", registry=self.registry
         )
+        self.kv_positions = Gauge(
+            "textgen_kv_positions",
+            "KV cache positions the running batch held at the peak of the last step",
+            registry=self.registry,
+        )
         self.steps = Counter("textgen_steps", "Scheduler iterations", registry=self.registry)
         self.prefill_seconds = Histogram(
             "textgen_prefill_seconds",

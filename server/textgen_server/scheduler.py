@@ -227,7 +227,10 @@ class Scheduler:
         self.stats.batch_size = len(self._running)
         self.stats.queue_size = len(self._waiting)
         if self._on_step is not None:
-            self._on_step(self.stats)
+            try:
+                self._on_step(self.stats)
+            except Exception:  # an observer's bug must not fail the requests in the batch
+                log.exception("step observer failed")
 
     def _admit(self) -> list[tuple[RequestHandle, Generation]]:
         limits = self.limits

@@ -1,0 +1,255 @@
+"""Between Python values and the textgen.v1 messages: requests from keyword arguments or from a
+Workers AI request body, results from responses. No I/O here; both clients share it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Final
+
+from google.protobuf import json_format, struct_pb2
+
+from ._exceptions import InvalidRequestError, TextgenError
+from ._types import Chunk, Completion, FinishReason, Message, ModelInfo, Token, Tool, ToolCall, Usage
+from .v1 import textgen_pb2
+
+__all__ = [
+    "SAMPLING_FIELDS",
+    "build_request",
+    "chunk_from_proto",
+    "completion_from_proto",
+    "dict_to_struct",
+    "model_info_from_proto",
+    "request_from_body",
+    "struct_to_dict",
+]
+
+SAMPLING_FIELDS: Final = (
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "repetition_penalty",
+    "frequency_penalty",
+    "presence_penalty",
+)
+"""The card's sampling fields: proto3 `optional`, so a field left unset takes the server default."""
+
+# The keys of the card's two request forms (plus `stop`, an extension of this API).
+_COMMON_KEYS: Final = frozenset({"stream", "lora", "stop", *SAMPLING_FIELDS})
+_PROMPT_KEYS: Final = frozenset({"prompt", "raw"}) | _COMMON_KEYS
+_MESSAGES_KEYS: Final = frozenset({"messages", "tools"}) | _COMMON_KEYS
+
+_FINISH_REASONS: Final[dict[int, FinishReason]] = {
+    textgen_pb2.FINISH_REASON_STOP: "stop",
+    textgen_pb2.FINISH_REASON_LENGTH: "length",
+}
+
+
+def build_request(
+    *,
+    prompt: str | None = None,
+    messages: Iterable[Mapping[str, Any]] | None = None,
+    tools: Iterable[Mapping[str, Any]] | None = None,
+    raw: bool = False,
+    lora: str | None = None,
+    stop: str | Sequence[str] | None = None,
+    **sampling: float | None,
+) -> textgen_pb2.GenerateRequest:
+    """A GenerateRequest with exactly one of `prompt` or `messages`. Sampling values that are None
+    stay unset. Raises InvalidRequestError naming the field for a value it cannot hold."""
+    request = textgen_pb2.GenerateRequest()
+    if prompt is not None and messages is None:
+        _set(request, "prompt", prompt)
+        _set(request, "raw", raw)
+    elif messages is not None and prompt is None:
+        request.chat.SetInParent()  # an empty message list is still the chat form
+        request.chat.messages.extend(_message(m, f"messages[{i}]") for i, m in enumerate(messages))
+        request.chat.tools.extend(_tool(t, f"tools[{i}]") for i, t in enumerate(tools or ()))
+    else:
+        raise InvalidRequestError("give exactly one of prompt or messages")
+    if lora:
+        _set(request, "lora", lora)
+    if stop is not None:
+        stops = [stop] if isinstance(stop, str) else stop
+        if isinstance(stops, (bytes, Mapping)) or not isinstance(stops, Iterable):
+            raise InvalidRequestError("stop: expected a string or an array of strings")
+        for i, text in enumerate(stops):
+            if not isinstance(text, str):
+                raise InvalidRequestError(f"stop[{i}]: expected a string")
+            request.stop.append(text)
+    for name, value in sampling.items():
+        if name not in SAMPLING_FIELDS:
+            raise TypeError(f"unexpected sampling argument {name!r}")
+        if isinstance(value, bool):  # a bool is an int to Python, not a number to JSON
+            raise InvalidRequestError(f"{name}: expected a number, got {value!r}")
+        if value is not None:
+            _set(request, name, value)
+    return request
+
+
+def request_from_body(body: Mapping[str, Any]) -> tuple[textgen_pb2.GenerateRequest, bool]:
+    """The request for a Workers AI request body, verbatim: the prompt form
+    {"prompt", "raw", "lora", sampling...} or the messages form {"messages", "tools", sampling...},
+    either with "stream". Returns (request, stream). A null value counts as absent; an unknown
+    key raises InvalidRequestError (a misspelt option would otherwise be dropped without a word)."""
+    if not isinstance(body, Mapping):
+        raise InvalidRequestError(f"the body must be a JSON object, not {type(body).__name__}")
+    values = {key: value for key, value in body.items() if value is not None}
+    if "prompt" in values and "messages" in values:
+        raise InvalidRequestError("the body has both prompt and messages; give one")
+    if "prompt" in values:
+        allowed = _PROMPT_KEYS
+    elif "messages" in values:
+        allowed = _MESSAGES_KEYS
+    else:
+        raise InvalidRequestError("the body needs prompt or messages")
+    unknown = sorted(set(values) - allowed)
+    if unknown:
+        raise InvalidRequestError(f"unknown key(s) in the body: {', '.join(unknown)}")
+    stream = values.pop("stream", False)
+    if not isinstance(stream, bool):
+        raise InvalidRequestError(f"stream: expected a boolean, got {stream!r}")
+    messages = values.pop("messages", None)
+    tools = values.pop("tools", None)
+    for name, value in (("messages", messages), ("tools", tools)):
+        if value is not None and (
+            isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable)
+        ):
+            raise InvalidRequestError(f"{name}: expected an array")
+    raw = values.pop("raw", False)
+    if not isinstance(raw, bool):
+        raise InvalidRequestError(f"raw: expected a boolean, got {raw!r}")
+    request = build_request(
+        prompt=values.pop("prompt", None),
+        messages=messages,
+        tools=tools,
+        raw=raw,
+        lora=values.pop("lora", None),
+        stop=values.pop("stop", None),
+        **values,
+    )
+    return request, stream
+
+
+def completion_from_proto(response: textgen_pb2.GenerateResponse) -> Completion:
+    finish_reason = _FINISH_REASONS.get(response.finish_reason)
+    if finish_reason is None:
+        raise TextgenError(f"the server sent a response without a finish reason ({response.finish_reason})")
+    return Completion(
+        response=response.response,
+        tool_calls=[
+            ToolCall(name=call.name, arguments=struct_to_dict(call.arguments)) for call in response.tool_calls
+        ],
+        usage=_usage(response.usage),
+        finish_reason=finish_reason,
+    )
+
+
+def chunk_from_proto(message: textgen_pb2.GenerateStreamResponse) -> Chunk:
+    token = message.token
+    return Chunk(
+        response=message.response,
+        token=Token(id=token.id, text=token.text, special=token.special)
+        if message.HasField("token")
+        else None,
+        finish_reason=_FINISH_REASONS.get(message.finish_reason),
+        usage=_usage(message.usage) if message.HasField("usage") else None,
+    )
+
+
+def model_info_from_proto(response: textgen_pb2.GetModelInfoResponse) -> ModelInfo:
+    return ModelInfo(
+        model=response.model,
+        dtype=response.dtype,
+        execution_provider=response.execution_provider,
+        max_input_length=response.max_input_length,
+        max_total_tokens=response.max_total_tokens,
+        max_batch_prefill_tokens=response.max_batch_prefill_tokens,
+        vocab_size=response.vocab_size,
+        adapters=list(response.adapters),
+    )
+
+
+def dict_to_struct(value: Mapping[str, Any]) -> struct_pb2.Struct:
+    """A JSON object as a google.protobuf.Struct."""
+    struct = struct_pb2.Struct()
+    struct.update(value)
+    return struct
+
+
+def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
+    """A google.protobuf.Struct as the JSON object it holds. Struct keeps every number as a double;
+    whole numbers come back as int, as a JSON parser would give them (3, not 3.0)."""
+    return {key: _whole_numbers_as_int(value) for key, value in json_format.MessageToDict(struct).items()}
+
+
+def _whole_numbers_as_int(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {key: _whole_numbers_as_int(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_whole_numbers_as_int(item) for item in value]
+    return value
+
+
+def _usage(usage: textgen_pb2.Usage) -> Usage:
+    return Usage(
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        total_tokens=usage.total_tokens,
+    )
+
+
+def _set(message: Any, name: str, value: object) -> None:
+    try:
+        setattr(message, name, value)
+    except (TypeError, ValueError) as exc:
+        raise InvalidRequestError(f"{name}: {exc}") from exc
+
+
+def _object(value: object, where: str, required: Iterable[str], optional: Iterable[str]) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise InvalidRequestError(f"{where}: expected an object, got {type(value).__name__}")
+    unknown = sorted(set(value) - set(required) - set(optional))
+    if unknown:
+        raise InvalidRequestError(f"{where}: unknown key(s) {', '.join(unknown)}")
+    for key in required:
+        if key not in value:
+            raise InvalidRequestError(f"{where}.{key}: required")
+    return value
+
+
+def _message(value: Message | Mapping[str, Any], where: str) -> textgen_pb2.Message:
+    fields = _object(value, where, ("role", "content"), ())
+    message = textgen_pb2.Message()
+    for key in ("role", "content"):
+        if not isinstance(fields[key], str):
+            raise InvalidRequestError(f"{where}.{key}: expected a string")
+        setattr(message, key, fields[key])
+    return message
+
+
+def _tool(value: Tool | Mapping[str, Any], where: str) -> textgen_pb2.Tool:
+    fields = _object(value, where, ("function",), ("type",))
+    function = _object(fields["function"], f"{where}.function", ("name",), ("description", "parameters"))
+    tool = textgen_pb2.Tool()
+    if "type" in fields:
+        if not isinstance(fields["type"], str):
+            raise InvalidRequestError(f"{where}.type: expected a string")
+        tool.type = fields["type"]
+    for key in ("name", "description"):
+        if key in function:
+            if not isinstance(function[key], str):
+                raise InvalidRequestError(f"{where}.function.{key}: expected a string")
+            setattr(tool.function, key, function[key])
+    parameters = function.get("parameters")
+    if parameters is not None:
+        if not isinstance(parameters, Mapping):
+            raise InvalidRequestError(f"{where}.function.parameters: expected an object")
+        try:
+            tool.function.parameters.CopyFrom(dict_to_struct(parameters))
+        except (TypeError, ValueError) as exc:
+            raise InvalidRequestError(f"{where}.function.parameters: {exc}") from exc
+    return tool

@@ -1,0 +1,115 @@
+"""Plain Python types of the textgen API: what the SDK takes and what it returns.
+
+Results are frozen dataclasses built from the protobuf messages; inputs that mirror the Workers AI
+card (`Message`, `Tool`) are TypedDicts, so the card's JSON bodies type-check as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, TypedDict
+
+__all__ = [
+    "Chunk",
+    "Completion",
+    "FinishReason",
+    "Message",
+    "ModelInfo",
+    "Token",
+    "Tool",
+    "ToolCall",
+    "ToolFunction",
+    "Usage",
+]
+
+FinishReason = Literal["stop", "length"]
+"""Why generation ended: "stop" (end of sequence or a stop string) or "length" (max_tokens or the
+model's max_total_tokens)."""
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts of one request."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A function call the model asked for; `arguments` is the decoded JSON object."""
+
+    name: str
+    arguments: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Token:
+    """The token a stream chunk was produced for."""
+
+    id: int
+    text: str
+    special: bool
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A complete response: the card's `response` and `tool_calls`, plus usage and finish reason."""
+
+    response: str
+    tool_calls: list[ToolCall]
+    usage: Usage
+    finish_reason: FinishReason
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One message of a stream. The `response` deltas of a stream concatenate to the full text;
+    `finish_reason` and `usage` are set on the last chunk only."""
+
+    response: str
+    token: Token | None
+    finish_reason: FinishReason | None
+    usage: Usage | None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The served model: its name, limits, dtype, execution provider and LoRA adapters."""
+
+    model: str
+    dtype: str
+    execution_provider: str
+    max_input_length: int
+    max_total_tokens: int
+    max_batch_prefill_tokens: int
+    vocab_size: int
+    adapters: list[str]
+
+
+class Message(TypedDict):
+    """One chat turn, as in the card: role is "system", "user" or "assistant"."""
+
+    role: str
+    content: str
+
+
+class _ToolFunctionOptional(TypedDict, total=False):
+    description: str
+    parameters: Mapping[str, Any]
+    """A JSON Schema object: {"type": "object", "properties": {...}, "required": [...]}."""
+
+
+class ToolFunction(_ToolFunctionOptional):
+    """The function a tool offers: its name, and optionally a description and JSON Schema."""
+
+    name: str
+
+
+class Tool(TypedDict):
+    """A tool the model may call, as in the card: {"type": "function", "function": {...}}."""
+
+    type: str
+    function: ToolFunction

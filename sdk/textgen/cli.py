@@ -1,0 +1,295 @@
+"""The `textgen` command: talk to a textgen server from a shell.
+
+    textgen generate "Tell me a joke" --max-tokens 32 --stream
+    textgen chat --system "Answer briefly." --message user:"What is gRPC?"
+    textgen run '{"prompt": "Hi", "max_tokens": 16, "stream": true}'
+    textgen info
+
+Text goes to stdout (streamed text as it arrives), the finish reason and usage to stderr;
+--json prints one JSON object instead (one per chunk when streaming). An error prints one line,
+`error: CODE: field: description`, to stderr and exits 1 (2 for a bad command line or body).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any, Final
+
+from ._client import Client, Stream
+from ._exceptions import APIStatusError, InvalidRequestError
+from ._types import Chunk, Completion, Message, ModelInfo, Tool, Usage
+from ._version import __version__
+
+__all__ = ["main"]
+
+DEFAULT_TARGET: Final = "localhost:50051"
+ROLES: Final = ("system", "user", "assistant")
+EXIT_API_ERROR: Final = 1
+EXIT_USAGE: Final = 2
+EXIT_INTERRUPTED: Final = 130
+
+_Handler = Callable[[Client, argparse.Namespace], int]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI with `argv` (default: sys.argv[1:]); returns the exit status."""
+    args = _parser().parse_args(argv)
+    handler: _Handler = args.handler
+    try:
+        with Client(args.target, timeout=args.timeout, max_retries=args.max_retries) as client:
+            return handler(client, args)
+    except APIStatusError as exc:
+        print(f"error: {describe_error(exc)}", file=sys.stderr)
+        return EXIT_API_ERROR
+    except InvalidRequestError as exc:  # a bad --messages/--tools/run body, or a value out of range
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+def describe_error(exc: APIStatusError) -> str:
+    """One line: the status code, then the field violations (or the server's message)."""
+    if exc.field_violations:
+        detail = "; ".join(f"{v.field}: {v.description}" for v in exc.field_violations)
+    else:
+        detail = exc.message
+    return f"{exc.code.name}: {detail}"
+
+
+# -- commands -----------------------------------------------------------------------------------
+
+
+def _generate(client: Client, args: argparse.Namespace) -> int:
+    result = client.generate(args.prompt, raw=args.raw, lora=args.lora, stream=args.stream, **_sampling(args))
+    return _output(result, args.json)
+
+
+def _chat(client: Client, args: argparse.Namespace) -> int:
+    messages: list[Message] = []
+    if args.system is not None:
+        messages.append({"role": "system", "content": args.system})
+    if args.messages is not None:
+        messages.extend(_json_arg(args.messages, "--messages", list))
+    messages.extend(args.message)
+    if not messages:
+        raise InvalidRequestError("chat needs at least one message (--message ROLE:TEXT or --messages JSON)")
+    tools: list[Tool] | None = _json_arg(args.tools, "--tools", list) if args.tools is not None else None
+    result = client.chat(messages, tools=tools, lora=args.lora, stream=args.stream, **_sampling(args))
+    return _output(result, args.json)
+
+
+def _run(client: Client, args: argparse.Namespace) -> int:
+    text = sys.stdin.read() if args.body == "-" else args.body
+    body: dict[str, Any] = _json_arg(text, "body", dict)
+    return _output(client.run(body), args.json)
+
+
+def _info(client: Client, args: argparse.Namespace) -> int:
+    info = client.model_info()
+    if args.json:
+        _print_json(dataclasses.asdict(info))
+    else:
+        for field in dataclasses.fields(ModelInfo):
+            value = getattr(info, field.name)
+            if isinstance(value, list):
+                value = ", ".join(value) or "(none)"
+            print(f"{field.name}: {value}")
+    return 0
+
+
+# -- output -------------------------------------------------------------------------------------
+
+
+def _output(result: Completion | Stream, as_json: bool) -> int:
+    if isinstance(result, Stream):
+        with result:
+            _print_stream(result, as_json)
+    elif as_json:
+        _print_json(dataclasses.asdict(result))
+    else:
+        if result.response:
+            print(result.response)
+        for call in result.tool_calls:
+            print(f"tool_call: {call.name} {json.dumps(call.arguments, ensure_ascii=False)}")
+        _print_summary(result.finish_reason, result.usage)
+    return 0
+
+
+def _print_stream(chunks: Iterable[Chunk], as_json: bool) -> None:
+    last: Chunk | None = None
+    mid_line = False
+    try:
+        for chunk in chunks:
+            if as_json:
+                _print_json(dataclasses.asdict(chunk))
+            else:
+                sys.stdout.write(chunk.response)
+                sys.stdout.flush()
+                mid_line = mid_line or bool(chunk.response)
+            last = chunk
+    finally:
+        if mid_line:  # end the text's line, also when an error or ^C cuts the stream
+            print()
+    if not as_json and last is not None:
+        _print_summary(last.finish_reason, last.usage)
+
+
+def _print_summary(finish_reason: str | None, usage: Usage | None) -> None:
+    parts = [f"finish_reason={finish_reason or 'none'}"]
+    if usage is not None:
+        parts += [f"{f.name}={getattr(usage, f.name)}" for f in dataclasses.fields(usage)]
+    print(f"[{' '.join(parts)}]", file=sys.stderr)
+
+
+def _print_json(value: object) -> None:
+    print(json.dumps(value, ensure_ascii=False), flush=True)
+
+
+# -- arguments ----------------------------------------------------------------------------------
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "seed": args.seed,
+        "repetition_penalty": args.repetition_penalty,
+        "frequency_penalty": args.frequency_penalty,
+        "presence_penalty": args.presence_penalty,
+        "stop": args.stop,
+    }
+
+
+def _json_arg(text: str, name: str, kind: type[Any]) -> Any:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequestError(f"{name}: invalid JSON: {exc}") from exc
+    if not isinstance(value, kind):
+        expected = "an array" if kind is list else "an object"
+        raise InvalidRequestError(f"{name}: expected {expected}, got {type(value).__name__}")
+    return value
+
+
+def _role_message(text: str) -> Message:
+    role, sep, content = text.partition(":")
+    if not sep or role not in ROLES:
+        raise argparse.ArgumentTypeError(
+            f"expected ROLE:TEXT with ROLE one of {', '.join(ROLES)}; got {text!r}"
+        )
+    return {"role": role, "content": content}
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _connection_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    """--target, --timeout, --max-retries and --json: accepted before the command and after it."""
+
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if suppress else value
+
+    parser.add_argument(
+        "--target",
+        default=default(os.environ.get("TEXTGEN_TARGET", DEFAULT_TARGET)),
+        help=f"server address host:port (default: $TEXTGEN_TARGET or {DEFAULT_TARGET})",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_positive,
+        default=default(60.0),
+        metavar="S",
+        help="deadline of each call in seconds",
+    )
+    parser.add_argument(
+        "--max-retries",
+        type=_non_negative,
+        default=default(2),
+        metavar="N",
+        help="retries while the server is UNAVAILABLE",
+    )
+    parser.add_argument(
+        "--json", action="store_true", default=default(False), help="print JSON (one object per chunk)"
+    )
+
+
+def _sampling_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("generation (unset options take the server's defaults)")
+    group.add_argument("--stream", action="store_true", help="print the text as it is generated")
+    group.add_argument("--max-tokens", type=int, metavar="N", help="new tokens at most [256]")
+    group.add_argument("--temperature", type=float, metavar="T", help="0..5, 0 is greedy [0.6]")
+    group.add_argument("--top-p", type=float, metavar="P", help="0..2")
+    group.add_argument("--top-k", type=int, metavar="K", help="1..50")
+    group.add_argument("--seed", type=int, metavar="S", help="1..9999999999")
+    group.add_argument("--repetition-penalty", type=float, metavar="X", help="0..2")
+    group.add_argument("--frequency-penalty", type=float, metavar="X", help="0..2")
+    group.add_argument("--presence-penalty", type=float, metavar="X", help="0..2")
+    group.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
+    group.add_argument("--lora", metavar="NAME", help="LoRA adapter to apply")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="textgen", description="Client of a textgen gRPC server (Mistral-7B-Instruct-v0.2)."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _connection_options(parser, suppress=False)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, handler: _Handler, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        _connection_options(sub, suppress=True)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    generate = command("generate", _generate, "generate from a prompt")
+    generate.add_argument("prompt", help="the prompt (1..6144 characters)")
+    generate.add_argument(
+        "--raw", action="store_true", help="send the prompt as is, without the instruct format"
+    )
+    _sampling_options(generate)
+
+    chat = command("chat", _chat, "generate the next assistant turn of a conversation")
+    chat.add_argument(
+        "--message",
+        action="append",
+        type=_role_message,
+        default=[],
+        metavar="ROLE:TEXT",
+        help="a turn, e.g. user:'Hello' (repeatable, in order)",
+    )
+    chat.add_argument("--system", metavar="TEXT", help="a system message, placed first")
+    chat.add_argument(
+        "--messages", metavar="JSON", help='messages as JSON: [{"role": "user", "content": "Hi"}]'
+    )
+    chat.add_argument("--tools", metavar="JSON", help="tools as JSON, in the card's form")
+    _sampling_options(chat)
+
+    run = command("run", _run, 'run a Workers AI request body (its "stream" flag included)')
+    run.add_argument("body", help="the JSON body, or - to read it from stdin")
+
+    command("info", _info, "show the served model, its limits and adapters")
+    return parser
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,210 @@
+"""The `textgen` CLI, run as main([...]) against the fake in-process server."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from _fake_server import FakeTextGeneration, serve
+from textgen import _retry
+from textgen.cli import main
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeTextGeneration]:
+    monkeypatch.setattr(_retry, "backoff", lambda retries_done, **_: 0.0)
+    with serve() as server:
+        yield server
+
+
+def run(fake: FakeTextGeneration, *argv: str) -> int:
+    return main(["--target", fake.target, *argv])
+
+
+def test_generate_prints_the_text_and_the_summary_on_stderr(
+    fake: FakeTextGeneration, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert (
+        run(fake, "generate", "Hello big world", "--max-tokens", "2", "--temperature", "0", "--seed", "7")
+        == 0
+    )
+    out, err = capsys.readouterr()
+    assert out == "Hello big\n"
+    assert err == "[finish_reason=length prompt_tokens=3 completion_tokens=2 total_tokens=5]\n"
+    request = fake.requests[-1]
+    assert (request.max_tokens, request.temperature, request.seed) == (2, 0.0, 7)
+    assert request.HasField("temperature") and not request.HasField("top_p")
+
+
+def test_generate_passes_every_option(fake: FakeTextGeneration, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["generate", "Hi", "--raw", "--lora", "pirate", "--top-p", "0.5", "--top-k", "3"]
+    argv += ["--repetition-penalty", "1.5", "--frequency-penalty", "0.5", "--presence-penalty", "0.25"]
+    argv += ["--stop", "END", "--stop", "\n"]
+    assert run(fake, *argv) == 0
+    r = fake.requests[-1]
+    assert (r.raw, r.lora, r.top_p, r.top_k, list(r.stop)) == (True, "pirate", 0.5, 3, ["END", "\n"])
+    assert (r.repetition_penalty, r.frequency_penalty, r.presence_penalty) == (1.5, 0.5, 0.25)
+
+
+def test_generate_stream_prints_the_text_as_it_arrives(
+    fake: FakeTextGeneration, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(fake, "generate", "one two three", "--stream") == 0
+    out, err = capsys.readouterr()
+    assert out == "one two three\n"
+    assert "finish_reason=stop" in err and "completion_tokens=3" in err
+
+
+def test_json_prints_one_object(fake: FakeTextGeneration, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(fake, "generate", "Hi there", "--json") == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {
+        "response": "Hi there",
+        "tool_calls": [],
+        "usage": {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4},
+        "finish_reason": "stop",
+    }
+    assert err == ""
+
+
+def test_json_stream_prints_one_object_per_chunk(
+    fake: FakeTextGeneration, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Connection options and --json are accepted before the command too.
+    assert main(["--json", "--target", fake.target, "--timeout", "5", "generate", "a b", "--stream"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["response"] for line in lines] == ["a", " b", ""]
+    assert lines[0]["token"] == {"id": 100, "text": "a", "special": False}
+    assert lines[-1]["finish_reason"] == "stop" and lines[-1]["usage"]["total_tokens"] == 4
+
+
+def test_chat_builds_messages_from_options(
+    fake: FakeTextGeneration, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["chat", "--system", "Be brief.", "--message", "user:Hi: there", "--message", "assistant:Yes?"]
+    assert run(fake, *argv, "--message", "user:Go on") == 0
+    assert capsys.readouterr().out == "Go on\n"
+    messages = [(m.role, m.content) for m in fake.requests[-1].chat.messages]
+    assert messages == [
+        ("system", "Be brief."),
+        ("user", "Hi: there"),
+        ("assistant", "Yes?"),
+        ("user", "Go on"),
+    ]
+
+
+def test_chat_reads_messages_and_tools_as_json(
+    fake: FakeTextGeneration, capsys: pytest.CaptureFixture[str]
+) -> None:
+    messages = json.dumps([{"role": "user", "content": "Weather in Oslo?"}])
+    tools = json.dumps(
+        [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    )
+    assert run(fake, "chat", "--messages", messages, "--tools", tools) == 0
+    out, _ = capsys.readouterr()
+    prefix, _, arguments = out.partition(" {")
+    assert prefix == "tool_call: get_weather" and out.endswith("}\n")
+    assert json.loads("{" + arguments) == {"text": "Weather in Oslo?", "n": 3}
+    assert fake.requests[-1].chat.tools[0].function.name == "get_weather"
+
+
+def test_chat_stream(fake: FakeTextGeneration, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(fake, "chat", "--message", "user:x y", "--stream", "--max-tokens", "1") == 0
+    out, err = capsys.readouterr()
+    assert out == "x\n" and "finish_reason=length" in err
+
+
+def test_chat_refuses_a_message_without_a_role(
+    fake: FakeTextGeneration, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        run(fake, "chat", "--message", "hello")
+    assert exit_info.value.code == 2
+    assert "expected ROLE:TEXT" in capsys.readouterr().err
+
+
+def test_chat_needs_a_message(fake: FakeTextGeneration, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(fake, "chat") == 2
+    assert capsys.readouterr().err.startswith("error: chat needs at least one message")
+    assert fake.calls == 0
+
+
+def test_run_takes_a_workers_ai_body(fake: FakeTextGeneration, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(fake, "run", '{"prompt": "Hello world", "max_tokens": 1}') == 0
+    assert capsys.readouterr().out == "Hello\n"
+    body = {"messages": [{"role": "user", "content": "p q"}], "stream": True}
+    assert run(fake, "run", json.dumps(body), "--json") == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert "".join(line["response"] for line in lines) == "p q"
+
+
+def test_run_reads_the_body_from_stdin(
+    fake: FakeTextGeneration, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO('{"prompt": "from stdin", "stream": true}'))
+    assert run(fake, "run", "-") == 0
+    assert capsys.readouterr().out == "from stdin\n"
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        ("{not json", "error: body: invalid JSON: "),
+        ("[1]", "error: body: expected an object, got list"),
+        ('{"prompt": "x", "stream": 1}', "error: stream: expected a boolean, got 1"),
+        ('{"promt": "x"}', "error: the body needs prompt or messages"),
+    ],
+)
+def test_run_refuses_a_bad_body(
+    fake: FakeTextGeneration, capsys: pytest.CaptureFixture[str], body: str, error: str
+) -> None:
+    assert run(fake, "run", body) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(error) and err.count("\n") == 1
+    assert fake.calls == 0
+
+
+def test_info(fake: FakeTextGeneration, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(fake, "info") == 0
+    out = capsys.readouterr().out
+    assert "model: @hf/mistral/mistral-7b-instruct-v0.2\n" in out
+    assert "max_total_tokens: 4096\n" in out and "adapters: pirate\n" in out
+    assert run(fake, "info", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["vocab_size"] == 32000
+
+
+def test_an_invalid_argument_prints_one_line_naming_the_field(
+    fake: FakeTextGeneration, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(fake, "generate", "Hi", "--max-tokens", "0") == 1
+    out, err = capsys.readouterr()
+    assert (out, err) == ("", "error: INVALID_ARGUMENT: max_tokens: must be >= 1, got 0\n")
+
+
+def test_other_errors_print_the_code_and_message(
+    fake: FakeTextGeneration, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(fake, "generate", "Hi", "--lora", "missing", "--stream") == 1
+    assert capsys.readouterr().err == "error: NOT_FOUND: unknown adapter 'missing'\n"
+    fake.fail(grpc.StatusCode.UNAVAILABLE, times=2)
+    assert run(fake, "--max-retries", "1", "info") == 1
+    assert capsys.readouterr().err == "error: UNAVAILABLE: planned UNAVAILABLE\n"
+    assert fake.calls == 3
+
+
+def test_an_error_mid_stream_ends_the_text_line_first(
+    fake: FakeTextGeneration, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake.fail_stream_after = 1
+    assert run(fake, "generate", "a b c", "--stream") == 1
+    out, err = capsys.readouterr()
+    assert (out, err) == ("a\n", "error: UNAVAILABLE: draining\n")
+
+
+def test_a_bad_timeout_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--timeout", "0", "info"])
+    assert exit_info.value.code == 2
