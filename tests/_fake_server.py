@@ -76,7 +76,9 @@ class FakeTextGeneration(textgen_pb2_grpc.TextGenerationServicer):
             for i in range(500):
                 if not context.is_active():
                     return
-                yield textgen_pb2.GenerateStreamResponse(response=" x", token=textgen_pb2.Token(id=i, text="x"))
+                yield textgen_pb2.GenerateStreamResponse(
+                    response=" x", token=textgen_pb2.Token(id=i, text="x")
+                )
                 time.sleep(0.01)
             return
         deltas, finish_reason = self._deltas(request)

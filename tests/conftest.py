@@ -7,7 +7,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-
 from server_harness import ServerThread
 from textgen.v1 import textgen_pb2_grpc as rpc
 

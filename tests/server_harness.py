@@ -16,13 +16,24 @@ T = TypeVar("T")
 
 
 class ServerThread:
-    def __init__(self, model_dir: Path, *, load: bool = True, limits: SchedulerLimits | None = None,
-                 grace_seconds: float = 5.0) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        load: bool = True,
+        limits: SchedulerLimits | None = None,
+        grace_seconds: float = 5.0,
+    ) -> None:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
-        settings = ServerSettings(model_dir=model_dir, port=0, provider="cpu",
-                                  limits=limits or SchedulerLimits(), grace_seconds=grace_seconds)
+        settings = ServerSettings(
+            model_dir=model_dir,
+            port=0,
+            provider="cpu",
+            limits=limits or SchedulerLimits(),
+            grace_seconds=grace_seconds,
+        )
         self.server = TextgenServer(settings)
         self.port = self.call(self.server.start())
         if load:

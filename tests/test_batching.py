@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from textgen_server.engine import Engine
 from textgen_server.generation import GenerationRequest
 from textgen_server.sampling import SamplingParams
@@ -41,12 +40,23 @@ def _requests(count: int, seed: int = 0) -> list[GenerationRequest]:
     requests = []
     for i in range(count):
         prompt = (1, *(rng.randrange(3, 32000) for _ in range(rng.randrange(1, 200))))
-        sampling = SamplingParams(temperature=0.0) if i % 2 else SamplingParams(
-            temperature=rng.choice([0.6, 1.0, 1.5]), top_k=rng.choice([None, 5, 50]),
-            top_p=rng.choice([None, 0.9]), repetition_penalty=rng.choice([1.0, 1.3]),
-            frequency_penalty=rng.choice([0.0, 0.5]), seed=rng.randrange(1, 10**9))
-        requests.append(GenerationRequest(request_id=f"r{i}", prompt_ids=prompt,
-                                          max_new_tokens=rng.randrange(1, 40), sampling=sampling))
+        sampling = (
+            SamplingParams(temperature=0.0)
+            if i % 2
+            else SamplingParams(
+                temperature=rng.choice([0.6, 1.0, 1.5]),
+                top_k=rng.choice([None, 5, 50]),
+                top_p=rng.choice([None, 0.9]),
+                repetition_penalty=rng.choice([1.0, 1.3]),
+                frequency_penalty=rng.choice([0.0, 0.5]),
+                seed=rng.randrange(1, 10**9),
+            )
+        )
+        requests.append(
+            GenerationRequest(
+                request_id=f"r{i}", prompt_ids=prompt, max_new_tokens=rng.randrange(1, 40), sampling=sampling
+            )
+        )
     return requests
 
 
@@ -67,7 +77,7 @@ def test_batched_logits_differ_from_alone_by_rounding_only(engine: Engine) -> No
     larger batch in other blocks, which changes the summation order. The difference stays at float32
     rounding level; greedy can only flip on a near-tie within it."""
     requests = _requests(32, seed=1)
-    batch, logits = engine.prefill([r.prompt_ids for r in requests])  # [32, vocab]
+    _, logits = engine.prefill([r.prompt_ids for r in requests])  # [32, vocab]
     worst = 0.0
     for row, request in enumerate(requests):
         _, alone = engine.prefill([request.prompt_ids])
@@ -76,8 +86,15 @@ def test_batched_logits_differ_from_alone_by_rounding_only(engine: Engine) -> No
 
 
 async def test_short_request_is_answered_within_a_few_steps(scheduler: Scheduler) -> None:
-    long_requests = [GenerationRequest(request_id=f"long{i}", prompt_ids=(1, 100 + i), max_new_tokens=300,
-                                       sampling=SamplingParams(temperature=0.0)) for i in range(16)]
+    long_requests = [
+        GenerationRequest(
+            request_id=f"long{i}",
+            prompt_ids=(1, 100 + i),
+            max_new_tokens=300,
+            sampling=SamplingParams(temperature=0.0),
+        )
+        for i in range(16)
+    ]
     handles = [scheduler.submit(r) for r in long_requests]
     streams = [h.events().__aiter__() for h in handles]
     for stream in streams:  # every long request is decoding
@@ -105,8 +122,12 @@ async def test_random_cancellations_free_every_slot(scheduler: Scheduler) -> Non
                 break
 
     async def round_of(count: int) -> None:
-        requests = [GenerationRequest(request_id=f"c{i}", prompt_ids=(1, *range(5, 5 + rng.randrange(1, 100))),
-                                      max_new_tokens=200) for i in range(count)]
+        requests = [
+            GenerationRequest(
+                request_id=f"c{i}", prompt_ids=(1, *range(5, 5 + rng.randrange(1, 100))), max_new_tokens=200
+            )
+            for i in range(count)
+        ]
         await asyncio.gather(*(cancel_after(r, rng.randrange(1, 30)) for r in requests))
         for _ in range(200):
             if scheduler.running_count == 0 and scheduler.queued_count == 0:
@@ -125,8 +146,12 @@ async def test_random_cancellations_free_every_slot(scheduler: Scheduler) -> Non
 async def test_kv_budget_is_never_exceeded(engine: Engine, tokenizer: Tokenizer) -> None:
     budget = 4 * 300
     peaks: list[int] = []
-    sched = Scheduler(engine, tokenizer, SchedulerLimits(max_batch_size=32, max_batch_total_tokens=budget),
-                      on_step=lambda stats: peaks.append(stats.kv_positions))
+    sched = Scheduler(
+        engine,
+        tokenizer,
+        SchedulerLimits(max_batch_size=32, max_batch_total_tokens=budget),
+        on_step=lambda stats: peaks.append(stats.kv_positions),
+    )
     sched.start()
     try:
         requests = _requests(24, seed=3)
@@ -141,8 +166,10 @@ async def test_backpressure_past_max_concurrent_requests(engine: Engine, tokeniz
     sched = Scheduler(engine, tokenizer, SchedulerLimits(max_concurrent_requests=3))
     sched.start()
     try:
-        handles = [sched.submit(GenerationRequest(request_id=f"b{i}", prompt_ids=(1, 5), max_new_tokens=100))
-                   for i in range(3)]
+        handles = [
+            sched.submit(GenerationRequest(request_id=f"b{i}", prompt_ids=(1, 5), max_new_tokens=100))
+            for i in range(3)
+        ]
         with pytest.raises(QueueFullError, match="max_concurrent_requests=3"):
             sched.submit(GenerationRequest(request_id="b3", prompt_ids=(1, 5), max_new_tokens=1))
         for handle in handles:
@@ -153,8 +180,9 @@ async def test_backpressure_past_max_concurrent_requests(engine: Engine, tokeniz
 
 async def test_step_stats_reach_the_observer(engine: Engine, tokenizer: Tokenizer) -> None:
     seen: list[tuple[int, int, float]] = []
-    sched = Scheduler(engine, tokenizer, on_step=lambda st: seen.append((st.batch_size, st.steps,
-                                                                          st.decode_seconds)))
+    sched = Scheduler(
+        engine, tokenizer, on_step=lambda st: seen.append((st.batch_size, st.steps, st.decode_seconds))
+    )
     sched.start()
     try:
         await asyncio.gather(*(_tokens(sched, r) for r in _requests(4, seed=5)))

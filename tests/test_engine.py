@@ -8,9 +8,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from transformers import MistralForCausalLM
-
 from textgen_server.engine import Engine
+from transformers import MistralForCausalLM
 
 NEW_TOKENS = 64
 
@@ -32,9 +31,14 @@ def _prompt(length: int, seed: int) -> list[int]:
 
 def _transformers_greedy(model: MistralForCausalLM, prompt: list[int], new_tokens: int) -> list[int]:
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             do_sample=False, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+        out = model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return out[0, len(prompt) :].tolist()
 
 
 def _engine_greedy(engine: Engine, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
@@ -52,7 +56,9 @@ def _engine_greedy(engine: Engine, prompts: list[list[int]], new_tokens: int) ->
 @pytest.mark.parametrize("length", [1, 2, 17, 300, 1100, 3000])
 def test_greedy_parity_with_transformers(engine: Engine, reference: MistralForCausalLM, length: int) -> None:
     prompt = _prompt(length, seed=length)
-    assert _engine_greedy(engine, [prompt], NEW_TOKENS)[0] == _transformers_greedy(reference, prompt, NEW_TOKENS)
+    assert _engine_greedy(engine, [prompt], NEW_TOKENS)[0] == _transformers_greedy(
+        reference, prompt, NEW_TOKENS
+    )
 
 
 def test_left_padded_batch_equals_each_prompt_alone(engine: Engine) -> None:
@@ -86,8 +92,9 @@ def test_concatenate_and_filter_keep_each_row_exact(engine: Engine) -> None:
     assert got[1] == expected[1]
 
 
-def test_kv_cache_never_passes_through_numpy_between_steps(engine: Engine,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_kv_cache_never_passes_through_numpy_between_steps(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
     batch, logits = engine.prefill([_prompt(8, seed=3)])
     numpy_reads: list[tuple[int, ...]] = []
     real_numpy = ort.OrtValue.numpy

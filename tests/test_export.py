@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from textgen_export import checkpoint as checkpoint_module
 from textgen_export.cli import main as export_main
 from textgen_server.model_config import ModelConfig
@@ -21,8 +20,12 @@ def _digest(path: Path) -> str:
 
 
 def test_demo_directory_loads_in_onnxruntime_without_torch(tiny_model_dir: Path) -> None:
-    assert sorted(p.name for p in tiny_model_dir.iterdir()) == ["checkpoint", "model.onnx", "textgen.json",
-                                                                 "tokenizer.json"]
+    assert sorted(p.name for p in tiny_model_dir.iterdir()) == [
+        "checkpoint",
+        "model.onnx",
+        "textgen.json",
+        "tokenizer.json",
+    ]
     script = f"""
 import sys
 import numpy as np
@@ -48,7 +51,11 @@ def test_demo_config_matches_the_mistral_architecture(tiny_model_dir: Path) -> N
     assert (config.vocab_size, config.num_layers, config.num_kv_heads, config.head_dim) == (32000, 2, 2, 16)
     assert hf["rope_theta"] == 1e6 and hf["sliding_window"] is None
     assert hf["num_key_value_heads"] < hf["num_attention_heads"]  # grouped-query attention
-    assert (config.max_input_length, config.max_total_tokens, config.max_batch_prefill_tokens) == (3072, 4096, 8192)
+    assert (config.max_input_length, config.max_total_tokens, config.max_batch_prefill_tokens) == (
+        3072,
+        4096,
+        8192,
+    )
     assert (config.bos_token_id, config.eos_token_id) == (1, 2)
 
 
@@ -58,8 +65,9 @@ def test_demo_is_reproducible(tiny_model_dir: Path, tmp_path: Path) -> None:
         assert _digest(tmp_path / "again" / name) == _digest(tiny_model_dir / name), name
 
 
-def test_local_folder_export_takes_the_hub_code_path(tiny_model_dir: Path, tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_local_folder_export_takes_the_hub_code_path(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A hub id is downloaded to a folder and exported from there; the local path is the same path."""
     requested: list[str] = []
 
@@ -72,13 +80,22 @@ def test_local_folder_export_takes_the_hub_code_path(tiny_model_dir: Path, tmp_p
     assert requested == ["mistralai/Mistral-7B-Instruct-v0.2"]
     assert export_main(["model", str(tiny_model_dir / "checkpoint"), "--out", str(tmp_path / "local")]) == 0
     for name in ("model.onnx", "tokenizer.json"):
-        assert _digest(tmp_path / "hub" / name) == _digest(tmp_path / "local" / name) == _digest(tiny_model_dir / name)
+        assert (
+            _digest(tmp_path / "hub" / name)
+            == _digest(tmp_path / "local" / name)
+            == _digest(tiny_model_dir / name)
+        )
     assert ModelConfig.load(tmp_path / "hub").name == "mistralai/Mistral-7B-Instruct-v0.2"
 
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "textgen_export", *args], capture_output=True, text=True,
-                          check=False, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return subprocess.run(
+        [sys.executable, "-m", "textgen_export", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
 
 
 def _assert_one_line_error(result: subprocess.CompletedProcess[str], expected: str) -> None:
@@ -94,18 +111,22 @@ def _no_model_left(parent: Path) -> None:
 
 
 def test_missing_folder(tmp_path: Path) -> None:
-    _assert_one_line_error(_run_cli("model", str(tmp_path / "nope"), "--out", str(tmp_path / "out")),
-                           "no such folder")
+    _assert_one_line_error(
+        _run_cli("model", str(tmp_path / "nope"), "--out", str(tmp_path / "out")), "no such folder"
+    )
     _no_model_left(tmp_path)
 
 
 def test_folder_that_is_not_a_checkpoint(tmp_path: Path) -> None:
     (tmp_path / "ckpt").mkdir()
-    _assert_one_line_error(_run_cli("model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out")),
-                           "config.json is missing")
+    _assert_one_line_error(
+        _run_cli("model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out")), "config.json is missing"
+    )
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    _assert_one_line_error(_run_cli("model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out")),
-                           "model_type 'bert' is not supported")
+    _assert_one_line_error(
+        _run_cli("model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out")),
+        "model_type 'bert' is not supported",
+    )
     _no_model_left(tmp_path)
 
 
@@ -113,16 +134,20 @@ def test_folder_that_is_not_a_checkpoint(tmp_path: Path) -> None:
 def test_unwritable_out_as_user(tiny_model_dir: Path, tmp_path: Path) -> None:
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
-    _assert_one_line_error(_run_cli("model", str(tiny_model_dir / "checkpoint"), "--out", str(locked / "m")),
-                           "cannot write there")
+    _assert_one_line_error(
+        _run_cli("model", str(tiny_model_dir / "checkpoint"), "--out", str(locked / "m")),
+        "cannot write there",
+    )
 
 
 def test_unwritable_out(tiny_model_dir: Path, tmp_path: Path) -> None:
     # A path under a regular file cannot be created, even by root.
     blocker = tmp_path / "file"
     blocker.write_text("")
-    _assert_one_line_error(_run_cli("model", str(tiny_model_dir / "checkpoint"), "--out", str(blocker / "m")),
-                           "cannot write there")
+    _assert_one_line_error(
+        _run_cli("model", str(tiny_model_dir / "checkpoint"), "--out", str(blocker / "m")),
+        "cannot write there",
+    )
     _no_model_left(tmp_path)
 
 
@@ -130,8 +155,9 @@ def test_non_empty_out_is_not_overwritten(tiny_model_dir: Path, tmp_path: Path) 
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    _assert_one_line_error(_run_cli("model", str(tiny_model_dir / "checkpoint"), "--out", str(out)),
-                           "not empty")
+    _assert_one_line_error(
+        _run_cli("model", str(tiny_model_dir / "checkpoint"), "--out", str(out)), "not empty"
+    )
     assert (out / "keep.txt").read_text() == "mine"
 
 
@@ -150,5 +176,9 @@ def test_failed_export_leaves_nothing(tiny_model_dir: Path, tmp_path: Path) -> N
 
 
 def test_fp16_on_cpu_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
-    _assert_one_line_error(_run_cli("model", str(tiny_model_dir / "checkpoint"), "--out", str(tmp_path / "o"),
-                                    "--dtype", "fp16"), "--dtype fp16 needs --device cuda")
+    _assert_one_line_error(
+        _run_cli(
+            "model", str(tiny_model_dir / "checkpoint"), "--out", str(tmp_path / "o"), "--dtype", "fp16"
+        ),
+        "--dtype fp16 needs --device cuda",
+    )

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from server_harness import ServerThread
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -27,7 +26,7 @@ def _grpcurl() -> str:
 
 def readme_commands() -> list[str]:
     text = README.read_text(encoding="utf-8")
-    block = text[text.index(MARKER):].split("```sh\n", 1)[1].split("```", 1)[0]
+    block = text[text.index(MARKER) :].split("```sh\n", 1)[1].split("```", 1)[0]
     return [line for line in block.splitlines() if line.startswith("grpcurl ")]
 
 
@@ -63,7 +62,9 @@ def test_readme_command(server: ServerThread, command: str) -> None:
     if verb == "list":
         assert {"textgen.v1.TextGeneration", "grpc.health.v1.Health"} <= set(output.split())
     elif verb == "textgen.v1.TextGeneration":
-        assert "rpc Generate ( .textgen.v1.GenerateRequest ) returns ( .textgen.v1.GenerateResponse )" in output
+        assert (
+            "rpc Generate ( .textgen.v1.GenerateRequest ) returns ( .textgen.v1.GenerateResponse )" in output
+        )
         assert "rpc GenerateStream ( .textgen.v1.GenerateRequest ) returns ( stream" in output
     elif verb.endswith("/Generate"):
         (message,) = _json_objects(output)
@@ -85,9 +86,20 @@ def test_readme_command(server: ServerThread, command: str) -> None:
 
 
 def test_bad_request_shows_field_violations(server: ServerThread) -> None:
-    result = subprocess.run([_grpcurl(), "-plaintext", "-d", '{"prompt": "Hi", "temperature": 7}', server.target,
-                             "textgen.v1.TextGeneration/Generate"], capture_output=True, text=True, timeout=60,
-                            check=False)
+    result = subprocess.run(
+        [
+            _grpcurl(),
+            "-plaintext",
+            "-d",
+            '{"prompt": "Hi", "temperature": 7}',
+            server.target,
+            "textgen.v1.TextGeneration/Generate",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode != 0
     assert "Code: InvalidArgument" in result.stderr
     assert '"field_violations":[{"field":"temperature"' in result.stderr

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from server_harness import ServerThread
 
 REPO = Path(__file__).resolve().parent.parent
@@ -18,14 +17,18 @@ BIN = Path(sys.executable).parent
 
 def _blocks(marker: str, language: str) -> list[str]:
     """The fenced blocks of `language` from the marker up to the next second-level heading."""
-    section = README[README.index(marker):]
+    section = README[README.index(marker) :]
     section = section.split("\n## ", 1)[0]
     return [part.split("```", 1)[0] for part in section.split(f"```{language}\n")[1:]]
 
 
 PYTHON_EXAMPLES = _blocks("<!-- sdk-examples", "python")
-CLI_LINES = [line for block in _blocks("<!-- cli-examples", "sh") for line in block.splitlines()
-             if line and not line.startswith("#")]
+CLI_LINES = [
+    line
+    for block in _blocks("<!-- cli-examples", "sh")
+    for line in block.splitlines()
+    if line and not line.startswith("#")
+]
 
 
 def test_readme_has_examples() -> None:
@@ -40,17 +43,22 @@ def test_python_examples_pass_mypy_strict(tmp_path: Path) -> None:
         path = tmp_path / f"readme_example_{index}.py"
         path.write_text(block, encoding="utf-8")
         files.append(str(path))
-    result = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--config-file",
-                             str(REPO / "pyproject.toml"), *files], capture_output=True, text=True,
-                            cwd=REPO, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--config-file", str(REPO / "pyproject.toml"), *files],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("index", range(len(PYTHON_EXAMPLES)))
 def test_python_example_runs(server: ServerThread, index: int) -> None:
     code = PYTHON_EXAMPLES[index].replace("localhost:50051", server.target)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                            check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
     assert result.returncode == 0, result.stderr
     if "field_violations" in code:
         assert "max_tokens: must be at least 1" in result.stdout
@@ -59,8 +67,9 @@ def test_python_example_runs(server: ServerThread, index: int) -> None:
 @pytest.mark.parametrize("line", CLI_LINES)
 def test_cli_example_runs(server: ServerThread, line: str) -> None:
     env = {**os.environ, "TEXTGEN_TARGET": server.target, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    result = subprocess.run(["bash", "-c", line], capture_output=True, text=True, timeout=120, env=env,
-                            check=False)
+    result = subprocess.run(
+        ["bash", "-c", line], capture_output=True, text=True, timeout=120, env=env, check=False
+    )
     if "--max-tokens 0" in line:
         assert result.returncode == 1
         assert result.stderr.strip() == "error: INVALID_ARGUMENT: max_tokens: must be at least 1, got 0"

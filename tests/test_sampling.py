@@ -541,5 +541,3 @@ def test_params_defaults_and_bounds() -> None:
     )
     assert SamplingParams(top_p=2.0).effective_top_p is None
     assert SamplingParams(top_p=0.0).effective_top_p == 0.0
-
-

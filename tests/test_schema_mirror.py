@@ -17,7 +17,6 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-
 from textgen.v1 import textgen_pb2 as pb
 from textgen.v1 import textgen_pb2_grpc as rpc
 
@@ -35,8 +34,14 @@ RPC_CHOICE = {("GenerateRequest", "stream")}
 SCALAR_TYPES = {
     "string": {FieldDescriptor.TYPE_STRING},
     "boolean": {FieldDescriptor.TYPE_BOOL},
-    "integer": {FieldDescriptor.TYPE_INT32, FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT32,
-                FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT32, FieldDescriptor.TYPE_SINT64},
+    "integer": {
+        FieldDescriptor.TYPE_INT32,
+        FieldDescriptor.TYPE_INT64,
+        FieldDescriptor.TYPE_UINT32,
+        FieldDescriptor.TYPE_UINT64,
+        FieldDescriptor.TYPE_SINT32,
+        FieldDescriptor.TYPE_SINT64,
+    },
     "number": {FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT},
 }
 INT32_MAX = 2**31 - 1
@@ -75,7 +80,9 @@ def _check_value(schema: dict[str, Any], field: FieldDescriptor, where: str) -> 
         return 1 + _check_object(schema, message, where)
     assert field.type in SCALAR_TYPES[kind], f"{where}: {kind} cannot be {field.type}"
     if kind == "integer" and schema.get("maximum", 0) > INT32_MAX:
-        assert field.type in (FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64), f"{where}: needs 64 bits"
+        assert field.type in (FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64), (
+            f"{where}: needs 64 bits"
+        )
     if "default" in schema or "minimum" in schema:
         # Unset must differ from zero wherever the card has a default or zero is out of range.
         assert field.has_presence or kind == "boolean", f"{where}: should be proto3 optional"
@@ -85,7 +92,7 @@ def _check_value(schema: dict[str, Any], field: FieldDescriptor, where: str) -> 
 def _check_object(schema: dict[str, Any], message: Descriptor, where: str) -> int:
     checked = 0
     for name, prop in schema.get("properties", {}).items():
-        owner, field = _field(message, name)
+        _, field = _field(message, name)
         checked += _check(prop, field, f"{where}.{name}")
     return checked
 
@@ -116,16 +123,34 @@ def test_every_output_property_has_a_compatible_field() -> None:
 
 def test_card_bodies_are_valid_request_json() -> None:
     """A card prompt body parses as it is; a chat body needs only the `chat` wrapper."""
-    body = {"prompt": "Hi", "max_tokens": 16, "temperature": 0.6, "seed": 9999999999, "raw": False, "lora": ""}
+    body = {
+        "prompt": "Hi",
+        "max_tokens": 16,
+        "temperature": 0.6,
+        "seed": 9999999999,
+        "raw": False,
+        "lora": "",
+    }
     request = json_format.ParseDict(body, pb.GenerateRequest())
     assert request.seed == 9999999999 and request.temperature == 0.6
-    chat = {"messages": [{"role": "user", "content": "Hi"}],
-            "tools": [{"type": "function", "function": {"name": "f", "description": "d",
-                                                         "parameters": {"type": "object", "properties": {}}}}]}
+    chat = {
+        "messages": [{"role": "user", "content": "Hi"}],
+        "tools": [
+            {
+                "type": "function",
+                "function": {
+                    "name": "f",
+                    "description": "d",
+                    "parameters": {"type": "object", "properties": {}},
+                },
+            }
+        ],
+    }
     json_format.ParseDict({"chat": chat, "max_tokens": 3}, pb.GenerateRequest())
 
 
 # -- the bounds, enforced by the running server -------------------------------------------------
+
 
 def _text(length: int) -> str:
     """`length` characters that tokenize compactly (one token per word), to stay within 3072 tokens."""
@@ -146,11 +171,19 @@ def _bounded_properties() -> list[tuple[str, str, Any, Any]]:
             if "maximum" in spec:
                 cases[(field, "maximum")] = (field, "maximum", spec["maximum"], spec["maximum"] + step)
             if "minLength" in spec:
-                cases[(field, "minLength")] = (field, "minLength", _text(spec["minLength"]),
-                                               _text(spec["minLength"] - 1))
+                cases[(field, "minLength")] = (
+                    field,
+                    "minLength",
+                    _text(spec["minLength"]),
+                    _text(spec["minLength"] - 1),
+                )
             if "maxLength" in spec:
-                cases[(field, "maxLength")] = (field, "maxLength", _text(spec["maxLength"]),
-                                               _text(spec["maxLength"] + 1))
+                cases[(field, "maxLength")] = (
+                    field,
+                    "maxLength",
+                    _text(spec["maxLength"]),
+                    _text(spec["maxLength"] + 1),
+                )
     return sorted(cases.values(), key=str)
 
 
@@ -159,7 +192,9 @@ BOUNDS = _bounded_properties()
 
 def _request(field: str, value: Any) -> pb.GenerateRequest:
     if field == "chat.messages[0].content":
-        return pb.GenerateRequest(chat=pb.Chat(messages=[pb.Message(role="user", content=value)]), max_tokens=1)
+        return pb.GenerateRequest(
+            chat=pb.Chat(messages=[pb.Message(role="user", content=value)]), max_tokens=1
+        )
     if field == "prompt":
         return pb.GenerateRequest(prompt=value, raw=True, max_tokens=1)
     return json_format.ParseDict({"prompt": "Hi", "max_tokens": 1, field: value}, pb.GenerateRequest())
@@ -167,15 +202,26 @@ def _request(field: str, value: Any) -> pb.GenerateRequest:
 
 def test_bounds_cover_the_card() -> None:
     fields = {field for field, *_ in BOUNDS}
-    assert fields == {"prompt", "chat.messages[0].content", "temperature", "top_p", "top_k", "seed",
-                      "repetition_penalty", "frequency_penalty", "presence_penalty"}
+    assert fields == {
+        "prompt",
+        "chat.messages[0].content",
+        "temperature",
+        "top_p",
+        "top_k",
+        "seed",
+        "repetition_penalty",
+        "frequency_penalty",
+        "presence_penalty",
+    }
     assert len(BOUNDS) == 2 + 1 + 7 * 2
 
 
-@pytest.mark.parametrize(("field", "keyword", "inside", "outside"), BOUNDS,
-                         ids=[f"{f}-{k}" for f, k, *_ in BOUNDS])
-def test_server_enforces_bound(stub: rpc.TextGenerationStub, field: str, keyword: str, inside: Any,
-                               outside: Any) -> None:
+@pytest.mark.parametrize(
+    ("field", "keyword", "inside", "outside"), BOUNDS, ids=[f"{f}-{k}" for f, k, *_ in BOUNDS]
+)
+def test_server_enforces_bound(
+    stub: rpc.TextGenerationStub, field: str, keyword: str, inside: Any, outside: Any
+) -> None:
     stub.Generate(_request(field, inside))  # at the bound: served
     with pytest.raises(grpc.RpcError) as caught:
         stub.Generate(_request(field, outside))

@@ -13,13 +13,12 @@ import torch
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
-from transformers import MistralForCausalLM
-
 from server_harness import ServerThread
 from textgen.v1 import textgen_pb2 as pb
 from textgen.v1 import textgen_pb2_grpc as rpc
 from textgen_server.prompt import encode_prompt
 from textgen_server.tokenizer import Tokenizer
+from transformers import MistralForCausalLM
 
 
 @pytest.fixture(scope="module")
@@ -38,15 +37,16 @@ def _bad_request_fields(error: grpc.RpcError) -> dict[str, str]:
     return fields
 
 
-def test_generate_equals_transformers_greedy(stub: rpc.TextGenerationStub, tokenizer: Tokenizer,
-                                             tiny_model_dir: Path) -> None:
+def test_generate_equals_transformers_greedy(
+    stub: rpc.TextGenerationStub, tokenizer: Tokenizer, tiny_model_dir: Path
+) -> None:
     prompt = "Write a haiku about the sea."
     response = stub.Generate(pb.GenerateRequest(prompt=prompt, max_tokens=20, temperature=0))
     ids = encode_prompt(tokenizer, prompt, raw=False)
     model = MistralForCausalLM.from_pretrained(tiny_model_dir / "checkpoint").eval()
     with torch.no_grad():
         out = model.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False, pad_token_id=0)
-    expected_ids = out[0, len(ids):].tolist()
+    expected_ids = out[0, len(ids) :].tolist()
     expected = tokenizer.decode([t for t in expected_ids if t != tokenizer.eos_id])
     assert response.response == expected
     assert response.usage.prompt_tokens == len(ids)
@@ -68,26 +68,39 @@ def test_stream_deltas_concatenate_to_the_unary_response(stub: rpc.TextGeneratio
 
 
 def test_chat_is_accepted(stub: rpc.TextGenerationStub) -> None:
-    chat = pb.Chat(messages=[pb.Message(role="system", content="Be brief."), pb.Message(role="user", content="Hi")])
+    chat = pb.Chat(
+        messages=[pb.Message(role="system", content="Be brief."), pb.Message(role="user", content="Hi")]
+    )
     response = stub.Generate(pb.GenerateRequest(chat=chat, max_tokens=4, temperature=0))
     assert response.usage.completion_tokens == 4
 
 
-@pytest.mark.parametrize(("request_fields", "field", "fragment"), [
-    ({"prompt": ""}, "prompt", "1 to 6144"),
-    ({"prompt": "x" * 6145}, "prompt", "got 6145"),
-    ({"prompt": "hi", "temperature": 5.5}, "temperature", "between 0 and 5"),
-    ({"prompt": "hi", "top_k": 51}, "top_k", "between 1 and 50"),
-    ({"prompt": "hi", "seed": 0}, "seed", "between 1 and 9999999999"),
-    ({"prompt": "hi", "max_tokens": 0}, "max_tokens", "at least 1"),
-    ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
-    ({}, "input", "one of prompt or chat"),
-    ({"chat": pb.Chat(messages=[pb.Message(role="assistant", content="x")])}, "chat.messages[0].role", "user"),
-    ({"chat": pb.Chat(messages=[pb.Message(role="user", content="x" * 6145)])}, "chat.messages[0].content",
-     "6144"),
-])
-def test_bad_input_names_the_field(stub: rpc.TextGenerationStub, request_fields: dict[str, object], field: str,
-                                   fragment: str) -> None:
+@pytest.mark.parametrize(
+    ("request_fields", "field", "fragment"),
+    [
+        ({"prompt": ""}, "prompt", "1 to 6144"),
+        ({"prompt": "x" * 6145}, "prompt", "got 6145"),
+        ({"prompt": "hi", "temperature": 5.5}, "temperature", "between 0 and 5"),
+        ({"prompt": "hi", "top_k": 51}, "top_k", "between 1 and 50"),
+        ({"prompt": "hi", "seed": 0}, "seed", "between 1 and 9999999999"),
+        ({"prompt": "hi", "max_tokens": 0}, "max_tokens", "at least 1"),
+        ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
+        ({}, "input", "one of prompt or chat"),
+        (
+            {"chat": pb.Chat(messages=[pb.Message(role="assistant", content="x")])},
+            "chat.messages[0].role",
+            "user",
+        ),
+        (
+            {"chat": pb.Chat(messages=[pb.Message(role="user", content="x" * 6145)])},
+            "chat.messages[0].content",
+            "6144",
+        ),
+    ],
+)
+def test_bad_input_names_the_field(
+    stub: rpc.TextGenerationStub, request_fields: dict[str, object], field: str, fragment: str
+) -> None:
     with pytest.raises(grpc.RpcError) as caught:
         stub.Generate(pb.GenerateRequest(**request_fields))  # type: ignore[arg-type]
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -117,7 +130,9 @@ def test_unknown_adapter_is_not_found(stub: rpc.TextGenerationStub) -> None:
 def test_cancelled_stream_stops_within_a_step(server: ServerThread, stub: rpc.TextGenerationStub) -> None:
     scheduler = server.server.scheduler
     assert scheduler is not None
-    stream = stub.GenerateStream(pb.GenerateRequest(prompt="Count to a thousand", max_tokens=3000, temperature=0))
+    stream = stub.GenerateStream(
+        pb.GenerateRequest(prompt="Count to a thousand", max_tokens=3000, temperature=0)
+    )
     for _, _ in zip(range(3), stream, strict=False):
         pass
     assert scheduler.running_count == 1
@@ -145,12 +160,18 @@ def test_deadline_stops_generation(server: ServerThread, stub: rpc.TextGeneratio
 
 
 def test_fifty_concurrent_streams_complete(stub: rpc.TextGenerationStub) -> None:
-    requests = [pb.GenerateRequest(prompt=f"Request number {i}", max_tokens=24, temperature=0) for i in range(50)]
+    requests = [
+        pb.GenerateRequest(prompt=f"Request number {i}", max_tokens=24, temperature=0) for i in range(50)
+    ]
     expected = [stub.Generate(r) for r in requests[:5]]  # alone, one at a time
 
     def run(request: pb.GenerateRequest) -> tuple[str, int, int]:
         chunks = list(stub.GenerateStream(request))
-        return "".join(c.response for c in chunks), chunks[-1].usage.completion_tokens, chunks[-1].finish_reason
+        return (
+            "".join(c.response for c in chunks),
+            chunks[-1].usage.completion_tokens,
+            chunks[-1].finish_reason,
+        )
 
     with ThreadPoolExecutor(max_workers=50) as pool:
         results = list(pool.map(run, requests))
@@ -170,14 +191,19 @@ def test_health_and_unavailable_while_loading(tiny_model_dir: Path) -> None:
     try:
         with grpc.insecure_channel(harness.target) as channel:
             health = health_pb2_grpc.HealthStub(channel)
-            assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert (
+                health.Check(health_pb2.HealthCheckRequest()).status
+                == health_pb2.HealthCheckResponse.NOT_SERVING
+            )
             with pytest.raises(grpc.RpcError) as caught:
                 rpc.TextGenerationStub(channel).Generate(pb.GenerateRequest(prompt="hi"))
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
             harness.call(harness.server.load_model())
             service = "textgen.v1.TextGeneration"
-            assert health.Check(health_pb2.HealthCheckRequest(service=service)).status == \
-                health_pb2.HealthCheckResponse.SERVING
+            assert (
+                health.Check(health_pb2.HealthCheckRequest(service=service)).status
+                == health_pb2.HealthCheckResponse.SERVING
+            )
     finally:
         harness.stop(grace=0)
 

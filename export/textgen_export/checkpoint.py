@@ -14,8 +14,16 @@ log = logging.getLogger(__name__)
 SUPPORTED_MODEL_TYPES = ("mistral", "llama")
 # What a servable export needs from a hub repository; the rest (pytorch .bin duplicates,
 # consolidated Mistral-format weights) is gigabytes we never read.
-HUB_ALLOW_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
-                      "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"]
+HUB_ALLOW_PATTERNS = [
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+]
 
 
 @dataclass(frozen=True)
@@ -63,8 +71,10 @@ def read_architecture(checkpoint: Path) -> Architecture:
         raise ExportError(f"{config_path}: not valid JSON ({exc})") from exc
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ExportError(f"{checkpoint}: model_type {model_type!r} is not supported "
-                          f"(expected one of {', '.join(SUPPORTED_MODEL_TYPES)})")
+        raise ExportError(
+            f"{checkpoint}: model_type {model_type!r} is not supported "
+            f"(expected one of {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
     if not any(checkpoint.glob("*.safetensors")) and not any(checkpoint.glob("*.bin")):
         raise ExportError(f"{checkpoint}: no weights (*.safetensors or *.bin) found")
     heads = int(config["num_attention_heads"])

@@ -15,7 +15,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     model = commands.add_parser("model", help="export a Mistral/Llama checkpoint (hub id or local folder)")
-    model.add_argument("source", help="Hugging Face hub id (e.g. mistralai/Mistral-7B-Instruct-v0.2) or folder")
+    model.add_argument(
+        "source", help="Hugging Face hub id (e.g. mistralai/Mistral-7B-Instruct-v0.2) or folder"
+    )
     model.add_argument("--out", type=Path, required=True, help="model directory to create")
     model.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
     model.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -40,8 +42,14 @@ def main(argv: list[str] | None = None) -> int:
             from .onnx_export import export_checkpoint
 
             checkpoint = resolve_source(args.source)
-            export_checkpoint(checkpoint, args.out, dtype=args.dtype, device=args.device,
-                              name=args.name or args.source, overwrite=args.overwrite)
+            export_checkpoint(
+                checkpoint,
+                args.out,
+                dtype=args.dtype,
+                device=args.device,
+                name=args.name or args.source,
+                overwrite=args.overwrite,
+            )
         else:
             from .demo import build_demo
 
@@ -53,8 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"textgen-export: error: export failed: {type(exc).__name__}: {reason} "
-              "(--debug shows the traceback)", file=sys.stderr)
+        print(
+            f"textgen-export: error: export failed: {type(exc).__name__}: {reason} "
+            "(--debug shows the traceback)",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         print("textgen-export: interrupted; nothing was written", file=sys.stderr)

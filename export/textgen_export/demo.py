@@ -29,11 +29,17 @@ class DemoSize:
 
 
 SIZES = {
-    "tiny": DemoSize(hidden_size=64, num_layers=2, num_attention_heads=4, num_kv_heads=2, intermediate_size=192),
+    "tiny": DemoSize(
+        hidden_size=64, num_layers=2, num_attention_heads=4, num_kv_heads=2, intermediate_size=192
+    ),
     # 57 M parameters: the reference size of ARCHITECTURE.md's figures.
-    "bench": DemoSize(hidden_size=512, num_layers=8, num_attention_heads=8, num_kv_heads=2, intermediate_size=1536),
+    "bench": DemoSize(
+        hidden_size=512, num_layers=8, num_attention_heads=8, num_kv_heads=2, intermediate_size=1536
+    ),
     # Mistral-7B's exact shape, for GPU benchmarks (fp16 on cuda: about 14.5 GB).
-    "7b": DemoSize(hidden_size=4096, num_layers=32, num_attention_heads=32, num_kv_heads=8, intermediate_size=14336),
+    "7b": DemoSize(
+        hidden_size=4096, num_layers=32, num_attention_heads=32, num_kv_heads=8, intermediate_size=14336
+    ),
 }
 
 
@@ -76,6 +82,11 @@ def build_demo(out: Path, *, size: str = "tiny", overwrite: bool = False) -> Mod
     with tempfile.TemporaryDirectory(prefix="textgen-demo-") as tmp:
         checkpoint = Path(tmp) / "checkpoint"
         write_demo_checkpoint(size, checkpoint)
-        return export_checkpoint(checkpoint, out, name=f"textgen-demo-{size}",
-                                 source=f"random weights, seed {SEED}, size {size}", overwrite=overwrite,
-                                 bundle_checkpoint=True)
+        return export_checkpoint(
+            checkpoint,
+            out,
+            name=f"textgen-demo-{size}",
+            source=f"random weights, seed {SEED}, size {size}",
+            overwrite=overwrite,
+            bundle_checkpoint=True,
+        )

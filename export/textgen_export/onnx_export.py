@@ -28,9 +28,17 @@ DEVICES = ("cpu", "cuda")
 CHECKPOINT_DIR = "checkpoint"
 
 
-def export_checkpoint(checkpoint: Path, out: Path, *, dtype: str = "fp32", device: str = "cpu",
-                      name: str | None = None, source: str | None = None, overwrite: bool = False,
-                      bundle_checkpoint: bool = False) -> ModelConfig:
+def export_checkpoint(
+    checkpoint: Path,
+    out: Path,
+    *,
+    dtype: str = "fp32",
+    device: str = "cpu",
+    name: str | None = None,
+    source: str | None = None,
+    overwrite: bool = False,
+    bundle_checkpoint: bool = False,
+) -> ModelConfig:
     """Export a local Mistral/Llama checkpoint folder into the model directory `out`.
 
     With `bundle_checkpoint`, a copy of the checkpoint goes to `out/checkpoint/` (demo models keep
@@ -51,13 +59,16 @@ def export_checkpoint(checkpoint: Path, out: Path, *, dtype: str = "fp32", devic
                 checkpoint_tokenizer(checkpoint, staging / TOKENIZER_FILE)
             except ValueError as exc:  # no tokenizer, or one SentencePiece parity cannot be kept for
                 raise ExportError(str(exc)) from exc
-        with progress.step(f"exporting {checkpoint} to ONNX ({dtype} on {device}; a 7B model takes many minutes)"):
+        with progress.step(
+            f"exporting {checkpoint} to ONNX ({dtype} on {device}; a 7B model takes many minutes)"
+        ):
             _optimum_export(checkpoint, staging / "optimum", dtype=dtype, device=device)
         with progress.step("keeping only the last position's logits"):
             _finish_graph(staging / "optimum", staging)
         with progress.step("writing textgen.json"):
-            config = _model_config(arch, dtype=dtype, name=name or checkpoint.name,
-                                   source=source or str(checkpoint))
+            config = _model_config(
+                arch, dtype=dtype, name=name or checkpoint.name, source=source or str(checkpoint)
+            )
             config.save(staging)
         if bundle_checkpoint:
             shutil.copytree(checkpoint, staging / CHECKPOINT_DIR)
@@ -97,8 +108,16 @@ def _optimum_export(checkpoint: Path, optimum_dir: Path, *, dtype: str, device: 
         # torch.jit tracer notes about shape-dependent Python branches: optimum's model patcher
         # handles them, and the parity tests prove the graph; they only bury the progress lines.
         warnings.simplefilter("ignore")
-        main_export(str(checkpoint), optimum_dir, task=TASK, device=device, dtype=dtype,
-                    do_validation=False, no_post_process=True, local_files_only=True)
+        main_export(
+            str(checkpoint),
+            optimum_dir,
+            task=TASK,
+            device=device,
+            dtype=dtype,
+            do_validation=False,
+            no_post_process=True,
+            local_files_only=True,
+        )
 
 
 def _finish_graph(optimum_dir: Path, staging: Path) -> None:

@@ -76,12 +76,14 @@ def tokenizer_from_spm(spm_model_path: Path) -> Tokenizer:
     # Prepend leaves the empty string empty, as SentencePiece does.
     tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE), normalizers.Replace(" ", SPACE)])
     # No pre-tokenizer: SentencePiece's BPE encoder merges across the whole string.
-    tokenizer.decoder = decoders.Sequence([
-        decoders.Replace(SPACE, " "),
-        decoders.ByteFallback(),
-        decoders.Fuse(),
-        decoders.Strip(" ", 1, 0),  # undo the dummy prefix, once, at the start of the text
-    ])
+    tokenizer.decoder = decoders.Sequence(
+        [
+            decoders.Replace(SPACE, " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),  # undo the dummy prefix, once, at the start of the text
+        ]
+    )
     specials = [piece for piece, _, kind in pieces if kind in (_UNKNOWN, _CONTROL)]
     tokenizer.add_special_tokens([AddedToken(p, special=True, normalized=False) for p in specials])
     return tokenizer

@@ -96,7 +96,7 @@ async def serve(settings: ServerSettings) -> int:
         return 1
     try:
         await server.load_model()
-    except Exception as exc:  # a broken model directory or provider: say so in one line and exit
+    except Exception as exc:  # noqa: BLE001 -- a broken model directory or provider: one line, then exit
         log.error("cannot load %s: %s: %s", settings.model_dir, type(exc).__name__, exc)
         await server.stop(grace=0)
         return 1
