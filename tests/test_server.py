@@ -161,23 +161,22 @@ def test_deadline_stops_generation(server: ServerThread, stub: rpc.TextGeneratio
 
 def test_fifty_concurrent_streams_complete(stub: rpc.TextGenerationStub) -> None:
     requests = [
-        pb.GenerateRequest(prompt=f"Request number {i}", max_tokens=24, temperature=0) for i in range(50)
-    ]
-    expected = [stub.Generate(r) for r in requests[:5]]  # alone, one at a time
-
-    def run(request: pb.GenerateRequest) -> tuple[str, int, int]:
-        chunks = list(stub.GenerateStream(request))
-        return (
-            "".join(c.response for c in chunks),
-            chunks[-1].usage.completion_tokens,
-            chunks[-1].finish_reason,
+        pb.GenerateRequest(
+            prompt=f"Request number {i}", max_tokens=24, temperature=0.0 if i % 2 else 0.8, seed=1000 + i
         )
+        for i in range(50)
+    ]
+    alone = [stub.Generate(r) for r in requests]  # one at a time: the reference
+
+    def run(request: pb.GenerateRequest) -> tuple[str, pb.Usage, int]:
+        chunks = list(stub.GenerateStream(request))
+        return "".join(c.response for c in chunks), chunks[-1].usage, chunks[-1].finish_reason
 
     with ThreadPoolExecutor(max_workers=50) as pool:
         results = list(pool.map(run, requests))
-    assert all(r[1] == 24 or r[2] == pb.FINISH_REASON_STOP for r in results)
-    assert all(r[2] != pb.FINISH_REASON_UNSPECIFIED for r in results)
-    assert [r[0] for r in results[:5]] == [e.response for e in expected]
+    for (text, usage, finish), expected in zip(results, alone, strict=True):
+        assert (text, usage, finish) == (expected.response, expected.usage, expected.finish_reason)
+        assert finish != pb.FINISH_REASON_UNSPECIFIED
 
 
 def test_model_info(stub: rpc.TextGenerationStub) -> None:

@@ -1,0 +1,312 @@
+"""The servicer alone, on grpcio-testing's in-memory server, with a fake scheduler and no model.
+
+grpcio-testing runs synchronous handlers only (grpc/grpc#24942: no grpc.aio support), so a thin
+adapter drives the async servicer on an event loop thread and forwards the context calls; what is
+tested, codes, details, metadata and messages, is the servicer's own behaviour.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import grpc_testing
+import pytest
+from google.rpc import error_details_pb2, status_pb2
+from textgen.v1 import textgen_pb2 as pb
+from textgen_server.generation import GenerationRequest, TokenEvent
+from textgen_server.model_config import ModelConfig
+from textgen_server.scheduler import GenerationFailedError, QueueFullError, ShuttingDownError
+from textgen_server.service import ModelState, TextGenerationService
+from textgen_server.stopping import FinishReason
+from textgen_server.tokenizer import Tokenizer
+
+T = TypeVar("T")
+SERVICE = pb.DESCRIPTOR.services_by_name["TextGeneration"]
+
+
+class FakeHandle:
+    def __init__(self, request: GenerationRequest, script: Sequence[TokenEvent | Exception]) -> None:
+        self.request = request
+        self._script = script
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    async def events(self) -> AsyncIterator[TokenEvent]:
+        for item in self._script:
+            if isinstance(item, Exception):
+                raise item
+            yield item
+
+
+class FakeScheduler:
+    """Answers every request with the same script of events, or refuses it."""
+
+    def __init__(self) -> None:
+        self.script: Sequence[TokenEvent | Exception] = ()
+        self.refuse: Exception | None = None
+        self.handles: list[FakeHandle] = []
+
+    def submit(self, request: GenerationRequest) -> FakeHandle:
+        if self.refuse is not None:
+            raise self.refuse
+        handle = FakeHandle(request, self.script)
+        self.handles.append(handle)
+        return handle
+
+
+class Aborted(Exception):
+    """grpc.aio's abort raises to end the handler; the adapter ends the call with the code it set."""
+
+
+class AioContext:
+    """grpc.aio's ServicerContext calls, forwarded to grpcio-testing's synchronous context.
+
+    grpcio-testing's own `abort` drops trailing metadata and `abort_with_status` is unimplemented,
+    so both set code, details and trailers and end the handler, as grpc's servers do.
+    """
+
+    def __init__(self, context: grpc.ServicerContext) -> None:
+        self._context = context
+
+    async def abort(self, code: grpc.StatusCode, details: str = "") -> None:
+        self._context.set_code(code)
+        self._context.set_details(details)
+        raise Aborted
+
+    async def abort_with_status(self, status: grpc.Status) -> None:
+        self._context.set_trailing_metadata(status.trailing_metadata)
+        await self.abort(status.code, status.details)
+
+    async def send_initial_metadata(self, metadata: Sequence[tuple[str, str]]) -> None:
+        self._context.send_initial_metadata(metadata)
+
+    def invocation_metadata(self) -> Any:
+        return self._context.invocation_metadata()
+
+
+class SyncServicer:
+    def __init__(self, servicer: TextGenerationService, loop: asyncio.AbstractEventLoop) -> None:
+        self._servicer = servicer
+        self._loop = loop
+
+    def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=10)
+
+    def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Any:
+        try:
+            return self._run(self._servicer.Generate(request, AioContext(context)))  # type: ignore[arg-type]
+        except Aborted:
+            return None
+
+    def GenerateStream(
+        self, request: pb.GenerateRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.GenerateStreamResponse]:
+        stream = self._servicer.GenerateStream(request, AioContext(context))  # type: ignore[arg-type]
+        while True:
+            try:
+                yield self._run(stream.__anext__())  # type: ignore[arg-type]
+            except (StopAsyncIteration, Aborted):
+                return
+
+    def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.ServicerContext) -> Any:
+        try:
+            return self._run(self._servicer.GetModelInfo(request, AioContext(context)))  # type: ignore[arg-type]
+        except Aborted:
+            return None
+
+
+@pytest.fixture(scope="module")
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    event_loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=event_loop.run_forever, daemon=True)
+    thread.start()
+    yield event_loop
+    event_loop.call_soon_threadsafe(event_loop.stop)
+    thread.join()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir: Path) -> Tokenizer:
+    return Tokenizer.from_file(tiny_model_dir / "tokenizer.json")
+
+
+@pytest.fixture
+def scheduler() -> FakeScheduler:
+    return FakeScheduler()
+
+
+@pytest.fixture
+def servicer(scheduler: FakeScheduler, tokenizer: Tokenizer, tiny_model_dir: Path) -> TextGenerationService:
+    service = TextGenerationService(model_name="@hf/mistral/mistral-7b-instruct-v0.2")
+    config = ModelConfig.load(tiny_model_dir)
+    service.model = ModelState(scheduler, tokenizer, config, "CPUExecutionProvider", frozenset({"pirate"}))  # type: ignore[arg-type]
+    return service
+
+
+@pytest.fixture
+def server(servicer: TextGenerationService, loop: asyncio.AbstractEventLoop) -> grpc_testing.Server:
+    return grpc_testing.server_from_dictionary(
+        {SERVICE: SyncServicer(servicer, loop)}, grpc_testing.strict_real_time()
+    )
+
+
+def _event(text: str, n: int, finish: FinishReason | None = None) -> TokenEvent:
+    return TokenEvent(
+        token_id=100 + n, text=text, special=False, finish_reason=finish, prompt_tokens=7, completion_tokens=n
+    )
+
+
+SCRIPT = [_event("Hel", 1), _event("lo", 2), _event("!", 3, FinishReason.STOP)]
+
+
+def _unary(
+    server: grpc_testing.Server,
+    request: Any,
+    method: str = "Generate",
+    metadata: Sequence[tuple[str, str]] = (),
+) -> tuple[Any, Any, grpc.StatusCode, str]:
+    rpc = server.invoke_unary_unary(SERVICE.methods_by_name[method], metadata, request, None)
+    return rpc.termination()  # type: ignore[no-any-return]
+
+
+def _stream(
+    server: grpc_testing.Server, request: pb.GenerateRequest
+) -> tuple[list[Any], grpc.StatusCode, str]:
+    rpc = server.invoke_unary_stream(SERVICE.methods_by_name["GenerateStream"], (), request, None)
+    messages = []
+    while True:
+        try:
+            messages.append(rpc.take_response())
+        except ValueError:  # grpcio-testing: no more responses, the RPC has terminated
+            break
+    _, code, details = rpc.termination()
+    return messages, code, details
+
+
+def _violations(trailing_metadata: Sequence[tuple[str, Any]]) -> dict[str, str]:
+    raw = dict(trailing_metadata)["grpc-status-details-bin"]
+    status = status_pb2.Status.FromString(raw)
+    bad = error_details_pb2.BadRequest()
+    assert status.details[0].Unpack(bad)
+    return {v.field: v.description for v in bad.field_violations}
+
+
+def test_generate_joins_the_events(
+    server: grpc_testing.Server, scheduler: FakeScheduler, tokenizer: Tokenizer
+) -> None:
+    scheduler.script = SCRIPT
+    response, _, code, _ = _unary(
+        server, pb.GenerateRequest(prompt="Hi", max_tokens=3, seed=5, temperature=1)
+    )
+    assert code == grpc.StatusCode.OK
+    assert response.response == "Hello!"
+    assert response.finish_reason == pb.FINISH_REASON_STOP
+    assert (response.usage.prompt_tokens, response.usage.completion_tokens, response.usage.total_tokens) == (
+        7,
+        3,
+        10,
+    )
+    (handle,) = scheduler.handles
+    typed = handle.request
+    assert typed.max_new_tokens == 3 and typed.sampling.seed == 5 and typed.sampling.temperature == 1.0
+    assert list(typed.prompt_ids[:1]) == [tokenizer.bos_id]
+    assert handle.cancelled  # always released, also on success
+
+
+def test_stream_relays_each_event(server: grpc_testing.Server, scheduler: FakeScheduler) -> None:
+    scheduler.script = SCRIPT
+    messages, code, _ = _stream(server, pb.GenerateRequest(prompt="Hi"))
+    assert code == grpc.StatusCode.OK
+    assert [m.response for m in messages] == ["Hel", "lo", "!"]
+    assert [m.token.id for m in messages] == [101, 102, 103]
+    assert [m.finish_reason for m in messages] == [0, 0, pb.FINISH_REASON_STOP]
+    assert not messages[0].HasField("usage") and messages[-1].usage.total_tokens == 10
+
+
+def test_request_id_is_taken_from_metadata(server: grpc_testing.Server, scheduler: FakeScheduler) -> None:
+    scheduler.script = SCRIPT
+    _unary(server, pb.GenerateRequest(prompt="Hi"), metadata=(("x-request-id", "abc-123"),))
+    assert scheduler.handles[0].request.request_id == "abc-123"
+
+
+def test_invalid_argument_carries_bad_request(server: grpc_testing.Server, scheduler: FakeScheduler) -> None:
+    _, trailing, code, details = _unary(server, pb.GenerateRequest(prompt="Hi", top_k=99, top_p=3))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert _violations(trailing) == {
+        "top_k": "must be between 1 and 50, got 99",
+        "top_p": "must be between 0 and 2, got 3",
+    }
+    assert "top_k" in details and scheduler.handles == []
+
+
+@pytest.mark.parametrize(
+    ("refusal", "code"),
+    [
+        (QueueFullError("full"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (ShuttingDownError("draining"), grpc.StatusCode.UNAVAILABLE),
+    ],
+)
+def test_scheduler_refusals(
+    server: grpc_testing.Server, scheduler: FakeScheduler, refusal: Exception, code: grpc.StatusCode
+) -> None:
+    scheduler.refuse = refusal
+    _, _, got, details = _unary(server, pb.GenerateRequest(prompt="Hi"))
+    assert (got, details) == (code, str(refusal))
+
+
+def test_failure_mid_stream_is_internal(server: grpc_testing.Server, scheduler: FakeScheduler) -> None:
+    scheduler.script = [_event("a", 1), GenerationFailedError("generation failed (request r1)")]
+    messages, code, details = _stream(server, pb.GenerateRequest(prompt="Hi"))
+    assert [m.response for m in messages] == ["a"]
+    assert code == grpc.StatusCode.INTERNAL and "r1" in details
+
+
+def test_shutdown_mid_stream_is_unavailable(server: grpc_testing.Server, scheduler: FakeScheduler) -> None:
+    scheduler.script = [
+        _event("a", 1),
+        ShuttingDownError("the server shut down before this request finished"),
+    ]
+    _, code, details = _stream(server, pb.GenerateRequest(prompt="Hi"))
+    assert code == grpc.StatusCode.UNAVAILABLE and "shut down" in details
+
+
+def test_unknown_adapter_and_tools(server: grpc_testing.Server) -> None:
+    _, _, code, details = _unary(server, pb.GenerateRequest(prompt="Hi", lora="ninja"))
+    assert code == grpc.StatusCode.NOT_FOUND and "'ninja'" in details and "pirate" in details
+    tool = pb.Tool(type="function", function=pb.Function(name="weather"))
+    chat = pb.Chat(messages=[pb.Message(role="user", content="Hi")], tools=[tool])
+    _, _, code, details = _unary(server, pb.GenerateRequest(chat=chat))
+    assert code == grpc.StatusCode.UNIMPLEMENTED and details.startswith("chat.tools")
+
+
+def test_known_adapter_reaches_the_scheduler(server: grpc_testing.Server, scheduler: FakeScheduler) -> None:
+    scheduler.script = SCRIPT
+    _unary(server, pb.GenerateRequest(prompt="Hi", lora="pirate"))
+    assert scheduler.handles[0].request.lora == "pirate"
+
+
+def test_unavailable_until_loaded(servicer: TextGenerationService, loop: asyncio.AbstractEventLoop) -> None:
+    servicer.model = None
+    server = grpc_testing.server_from_dictionary(
+        {SERVICE: SyncServicer(servicer, loop)}, grpc_testing.strict_real_time()
+    )
+    for method, request in (
+        ("Generate", pb.GenerateRequest(prompt="Hi")),
+        ("GetModelInfo", pb.GetModelInfoRequest()),
+    ):
+        _, _, code, details = _unary(server, request, method)
+        assert code == grpc.StatusCode.UNAVAILABLE and "loading" in details
+
+
+def test_model_info(server: grpc_testing.Server) -> None:
+    info, _, code, _ = _unary(server, pb.GetModelInfoRequest(), "GetModelInfo")
+    assert code == grpc.StatusCode.OK
+    assert info.model == "@hf/mistral/mistral-7b-instruct-v0.2" and list(info.adapters) == ["pirate"]
+    assert info.max_input_length == 3072 and info.vocab_size == 32000
