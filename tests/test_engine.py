@@ -119,3 +119,28 @@ def test_kv_cache_never_passes_through_numpy_between_steps(
 def test_prefill_rejects_empty_prompt(engine: Engine) -> None:
     with pytest.raises(ValueError, match="non-empty"):
         engine.prefill([[]])
+
+
+def test_joining_and_filtering_batches_stay_on_the_device(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, _ = engine.prefill([_prompt(9, seed=4)])
+    second, _ = engine.prefill([_prompt(4, seed=5), _prompt(6, seed=6)])
+    reads: list[tuple[int, ...]] = []
+    real_numpy = ort.OrtValue.numpy
+
+    def tracking_numpy(value: ort.OrtValue) -> np.ndarray:
+        reads.append(tuple(value.shape()))
+        return real_numpy(value)
+
+    monkeypatch.setattr(ort.OrtValue, "numpy", tracking_numpy)
+    joined = engine.concatenate([first, second])
+    assert [v.shape() for v in joined.past[:1]] == [[3, 2, 9, 16]]  # [batch, kv_heads, width, head_dim]
+    kept = engine.filter(joined, [2, 1])
+    assert [v.shape() for v in kept.past[:1]] == [[2, 2, 6, 16]]  # the 3 all-padding columns are gone
+    assert reads == []
+    monkeypatch.undo()
+    # Row 1 of the join is row 0 of `second` (width 6) behind 3 columns of zeros; filtering keeps it.
+    joined_row = joined.past[0].numpy()[1]  # [kv_heads, width, head_dim]
+    assert np.all(joined_row[:, :3] == 0) and np.array_equal(joined_row[:, 3:], second.past[0].numpy()[0])
+    assert np.array_equal(kept.past[0].numpy()[1], second.past[0].numpy()[0])

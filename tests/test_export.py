@@ -22,6 +22,8 @@ def _digest(path: Path) -> str:
 def test_demo_directory_loads_in_onnxruntime_without_torch(tiny_model_dir: Path) -> None:
     assert sorted(p.name for p in tiny_model_dir.iterdir()) == [
         "checkpoint",
+        "kv_join.onnx",
+        "kv_select.onnx",
         "model.onnx",
         "textgen.json",
         "tokenizer.json",

@@ -13,10 +13,18 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from textgen_server.model_config import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, ModelConfig
+from textgen_server.model_config import (
+    CONFIG_FILE,
+    KV_JOIN_FILE,
+    KV_SELECT_FILE,
+    MODEL_FILE,
+    TOKENIZER_FILE,
+    ModelConfig,
+)
 
 from .checkpoint import Architecture, read_architecture
 from .errors import ExportError
+from .kv_graphs import write_kv_graphs
 from .progress import Progress
 from .tokenizer import checkpoint_tokenizer
 
@@ -65,6 +73,7 @@ def export_checkpoint(
             _optimum_export(checkpoint, staging / "optimum", dtype=dtype, device=device)
         with progress.step("keeping only the last position's logits"):
             _finish_graph(staging / "optimum", staging)
+            write_kv_graphs(staging, num_layers=arch.num_layers, dtype=dtype)
         with progress.step("writing textgen.json"):
             config = _model_config(
                 arch, dtype=dtype, name=name or checkpoint.name, source=source or str(checkpoint)
@@ -176,7 +185,11 @@ def _model_config(arch: Architecture, *, dtype: str, name: str, source: str) -> 
 
 
 def _publish(staging: Path, out: Path) -> None:
-    missing = [f for f in (MODEL_FILE, TOKENIZER_FILE, CONFIG_FILE) if not (staging / f).is_file()]
+    missing = [
+        f
+        for f in (MODEL_FILE, TOKENIZER_FILE, CONFIG_FILE, KV_JOIN_FILE, KV_SELECT_FILE)
+        if not (staging / f).is_file()
+    ]
     if missing:
         raise ExportError(f"export incomplete: {', '.join(missing)} not written")
     # mkdtemp and atomic writes create owner-only files; a model directory is for everyone to read.

@@ -24,6 +24,7 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
+from .kv_ops import KVOps
 from .model_config import MODEL_FILE, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,7 @@ class Engine:
         self.execution_provider = self.session.get_providers()[0]
         self.device = "cuda" if self.execution_provider == "CUDAExecutionProvider" else "cpu"
         self.kv_dtype = _NUMPY_DTYPES[self.config.dtype]
+        self._kv_ops = KVOps(model_dir, 2 * self.config.num_layers, self.session.get_providers(), self.device)
         io = self.config.io
         layers = range(self.config.num_layers)
         self._past_names = [name for i in layers for name in (io.past_key.format(i), io.past_value.format(i))]
@@ -152,42 +154,28 @@ class Engine:
 
     def concatenate(self, batches: Sequence[KVBatch]) -> KVBatch:
         """One batch from several: rows in order, the narrower ones padded on the left."""
-        if len(batches) == 1:
-            return batches[0]
-        width = max(b.width for b in batches)
-        masks = [np.pad(b.attention_mask, ((0, 0), (width - b.width, 0))) for b in batches]
-        past = []
-        for layer_values in zip(*(b.past for b in batches), strict=True):
-            arrays = [_left_pad(v.numpy(), width) for v in layer_values]  # [batch_i, kv, width, head_dim]
-            past.append(self._to_device(np.concatenate(arrays, axis=0)))
-        return KVBatch(
-            past=past,
-            attention_mask=np.concatenate(masks, axis=0),
-            positions=np.concatenate([b.positions for b in batches]),
-        )
+        joined = batches[0]
+        for batch in batches[1:]:
+            width = max(joined.width, batch.width)
+            masks = [np.pad(b.attention_mask, ((0, 0), (width - b.width, 0))) for b in (joined, batch)]
+            joined = KVBatch(
+                past=self._kv_ops.join(joined.past, batch.past, width),
+                attention_mask=np.concatenate(masks, axis=0),
+                positions=np.concatenate([joined.positions, batch.positions]),
+            )
+        return joined
 
     def filter(self, batch: KVBatch, keep: Sequence[int]) -> KVBatch:
         """Keep the rows `keep`, in that order, and drop left columns that are padding in all of them."""
         rows = np.asarray(keep, dtype=np.int64)
         mask = batch.attention_mask[rows]
         first_used = int(np.argmax(mask.any(axis=0))) if mask.any() else mask.shape[1]
-        past = [
-            self._to_device(np.ascontiguousarray(v.numpy()[rows][:, :, first_used:, :])) for v in batch.past
-        ]
         return KVBatch(
-            past=past,
+            past=self._kv_ops.select(batch.past, rows.tolist(), first_used),
             attention_mask=np.ascontiguousarray(mask[:, first_used:]),
             positions=batch.positions[rows],
         )
 
-    def _to_device(self, array: npt.NDArray[np.generic]) -> ort.OrtValue:
-        return ort.OrtValue.ortvalue_from_numpy(array, self.device, 0)
-
     @property
     def threads(self) -> int:
         return self.session.get_session_options().intra_op_num_threads or (os.cpu_count() or 1)
-
-
-def _left_pad(array: npt.NDArray[np.generic], width: int) -> npt.NDArray[np.generic]:
-    pad = width - array.shape[2]
-    return np.pad(array, ((0, 0), (0, 0), (pad, 0), (0, 0))) if pad else array

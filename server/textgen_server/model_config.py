@@ -15,6 +15,9 @@ from typing import Any
 CONFIG_FILE = "textgen.json"
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
+# Small graphs that join and slice KV caches on the model's device (continuous batching).
+KV_JOIN_FILE = "kv_join.onnx"
+KV_SELECT_FILE = "kv_select.onnx"
 
 # The limits of the Workers AI card for @hf/mistral/mistral-7b-instruct-v0.2.
 CARD_MODEL_NAME = "@hf/mistral/mistral-7b-instruct-v0.2"
