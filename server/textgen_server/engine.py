@@ -9,7 +9,17 @@ the logits are copied to the host.
 Batches are left-padded (text-generation-inference's CausalLMBatch): every row ends at the same
 column, so one decode step appends one column for all rows. Padding columns are masked out by
 `attention_mask`, and positions count real tokens only, so a row computes the same values as it
-would alone.
+would alone (up to float rounding: ORT's GEMM blocks rows of a larger batch differently). Joining
+and slicing batches runs on the device too (kv_ops).
+
+Why this layout here: with optimum's graph the cache grows by concatenation each step, so a static
+preallocated cache would need another graph; the concat costs one pass over the cache per step,
+small beside reading every weight once per step at batch 1 and shared by all rows at batch 16.
+
+Where per-request LoRA adapters will go: ONNX Runtime activates a `LoraAdapter` for a whole run
+through `RunOptions`, so the scheduler will group rows by adapter and `prefill`/`decode` will pass
+each group's run options to `run_with_iobinding`. Grammar masks need nothing here: they act on the logits rows
+(sampling's `allowed_mask`).
 """
 
 from __future__ import annotations
