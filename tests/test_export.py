@@ -39,7 +39,7 @@ tok = Tokenizer.from_file(Path({str(tiny_model_dir)!r}) / "tokenizer.json")
 batch, logits = engine.prefill([[tok.bos_id, *tok.encode("Hello world")]])
 assert logits.shape == (1, 32000), logits.shape
 engine.decode(batch, np.array([int(logits[0].argmax())]))
-assert not {"torch", "transformers", "onnx", "optimum"} & set(sys.modules), "the server imported an exporter dependency"
+assert not {{"torch", "transformers", "onnx", "optimum"}} & set(sys.modules), "the server imported an exporter dependency"
 print("ok")
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
