@@ -13,7 +13,13 @@ import pytest
 from textgen_server.engine import Engine
 from textgen_server.generation import GenerationRequest
 from textgen_server.sampling import SamplingParams
-from textgen_server.scheduler import QueueFullError, Scheduler, SchedulerLimits
+from textgen_server.scheduler import (
+    GenerationFailedError,
+    QueueFullError,
+    RequestTooLargeError,
+    Scheduler,
+    SchedulerLimits,
+)
 from textgen_server.tokenizer import Tokenizer
 
 
@@ -191,3 +197,42 @@ async def test_step_stats_reach_the_observer(engine: Engine, tokenizer: Tokenize
     assert [steps for _, steps, _ in seen] == list(range(1, len(seen) + 1))
     assert max(size for size, _, _ in seen) >= 2
     assert all(seconds >= 0 for _, _, seconds in seen) and any(seconds > 0 for _, _, seconds in seen)
+
+
+async def test_request_that_can_never_fit_is_refused_at_once(engine: Engine, tokenizer: Tokenizer) -> None:
+    sched = Scheduler(engine, tokenizer, SchedulerLimits(max_batch_total_tokens=64))
+    sched.start()
+    try:
+        with pytest.raises(RequestTooLargeError, match="max_batch_total_tokens=64") as caught:
+            sched.submit(GenerationRequest(request_id="big", prompt_ids=(1, 5, 6), max_new_tokens=62))
+        assert caught.value.field == "max_tokens"
+        small = GenerationRequest(request_id="ok", prompt_ids=(1, 5, 6), max_new_tokens=61)
+        assert len(await _tokens(sched, small)) >= 1
+    finally:
+        await asyncio.to_thread(sched.stop, 0)
+
+
+async def test_failed_step_fails_its_requests_and_the_server_goes_on(
+    engine: Engine, tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sched = Scheduler(engine, tokenizer)
+    sched.start()
+    real_prefill = engine.prefill
+    calls = 0
+
+    def failing_once(prompts: object) -> object:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("simulated ORT failure")
+        return real_prefill(prompts)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine, "prefill", failing_once)
+    try:
+        request = GenerationRequest(request_id="victim", prompt_ids=(1, 5), max_new_tokens=3)
+        with pytest.raises(GenerationFailedError, match="victim"):
+            await asyncio.wait_for(_tokens(sched, request), timeout=30)
+        again = GenerationRequest(request_id="next", prompt_ids=(1, 5), max_new_tokens=3)
+        assert len(await asyncio.wait_for(_tokens(sched, again), timeout=30)) == 3
+    finally:
+        await asyncio.to_thread(sched.stop, 0)

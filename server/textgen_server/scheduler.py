@@ -51,6 +51,15 @@ class ShuttingDownError(Exception):
     """The server is draining; the request was not (or not completely) served (UNAVAILABLE)."""
 
 
+class RequestTooLargeError(Exception):
+    """The request could never fit this server's batch limits: INVALID_ARGUMENT naming `field`."""
+
+    def __init__(self, field: str, description: str) -> None:
+        super().__init__(f"{field}: {description}")
+        self.field = field
+        self.description = description
+
+
 class GenerationFailedError(Exception):
     """A forward pass failed: a bug, reported as INTERNAL with the request id."""
 
@@ -73,8 +82,11 @@ _END = object()
 class RequestHandle:
     """The server's view of one submitted request: an async stream of TokenEvents."""
 
-    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, request: GenerationRequest, generation: Generation, loop: asyncio.AbstractEventLoop
+    ) -> None:
         self.request = request
+        self.generation = generation
         self._loop = loop
         self._events: asyncio.Queue[object] = asyncio.Queue()
         self.cancelled = threading.Event()
@@ -116,7 +128,8 @@ class Scheduler:
         self._on_step = on_step
         self._lock = threading.Condition()
         self._waiting: collections.deque[RequestHandle] = collections.deque()
-        self._running: list[tuple[RequestHandle, Generation]] = []
+        self._running: list[RequestHandle] = []
+        self._admitting: list[RequestHandle] = []  # taken from the queue, not yet in the batch
         self._batch: KVBatch | None = None
         self._accepting = True
         self._stopped = False
@@ -128,16 +141,31 @@ class Scheduler:
         self._thread.start()
 
     def submit(self, request: GenerationRequest) -> RequestHandle:
-        handle = RequestHandle(request, asyncio.get_running_loop())
+        """Queue a request; raises QueueFullError, ShuttingDownError, or RequestTooLargeError."""
+        limits = self.limits
+        if request.max_total_tokens > limits.max_batch_total_tokens:
+            raise RequestTooLargeError(
+                "max_tokens",
+                f"{len(request.prompt_ids)} input tokens + max_tokens {request.max_new_tokens} exceed this "
+                f"server's max_batch_total_tokens={limits.max_batch_total_tokens}",
+            )
+        if len(request.prompt_ids) > limits.max_batch_prefill_tokens:
+            raise RequestTooLargeError(
+                "input",
+                f"{len(request.prompt_ids)} input tokens exceed this server's "
+                f"max_batch_prefill_tokens={limits.max_batch_prefill_tokens}",
+            )
+        # Built here, on the caller's thread: a bad request fails alone, never inside a batch step.
+        generation = Generation(request, self.tokenizer, self.engine.config.vocab_size)
+        handle = RequestHandle(request, generation, asyncio.get_running_loop())
         with self._lock:
             if not self._accepting:
                 raise ShuttingDownError("the server is shutting down; retry on another replica")
-            in_flight = len(self._waiting) + len(self._running)
-            if in_flight >= self.limits.max_concurrent_requests:
+            in_flight = len(self._waiting) + len(self._admitting) + len(self._running)
+            if in_flight >= limits.max_concurrent_requests:
                 raise QueueFullError(
                     f"{in_flight} requests are running or queued, the limit is "
-                    f"max_concurrent_requests={self.limits.max_concurrent_requests}; "
-                    "retry later"
+                    f"max_concurrent_requests={limits.max_concurrent_requests}; retry later"
                 )
             self._waiting.append(handle)
             self._lock.notify()
@@ -171,7 +199,7 @@ class Scheduler:
             self._lock.notify()
         self._thread.join(timeout=10)
         error = ShuttingDownError("the server shut down before this request finished")
-        for handle in list(self._waiting) + [h for h, _ in self._running]:
+        for handle in [*self._waiting, *self._admitting, *self._running]:
             handle._push(error)
         self._waiting.clear()
         self._running.clear()
@@ -187,41 +215,42 @@ class Scheduler:
                     return
             try:
                 self._iteration()
-            except Exception as exc:  # a bug in a forward pass must not take the server down
-                ids = [h.request.request_id for h, _ in self._running]
-                log.exception("generation step failed for requests %s", ids)
-                for handle, _ in self._running:
+            except Exception:  # a bug in a forward pass must not take the server down
+                failed = [*self._admitting, *self._running]
+                log.exception(
+                    "generation step failed for requests %s", [h.request.request_id for h in failed]
+                )
+                for handle in failed:
                     handle._push(
                         GenerationFailedError(f"generation failed (request {handle.request.request_id})")
                     )
-                self._running.clear()
-                self._batch = None
-                del exc
+                self._admitting, self._running, self._batch = [], [], None
 
     def _iteration(self) -> None:
         kv_peak = 0  # the most KV positions held at any point of this iteration
         self.stats.prefill_seconds = self.stats.decode_seconds = 0.0
-        self._retire(lambda handle, gen: handle.cancelled.is_set())
-        admitted = self._admit()
-        if admitted:
+        self._retire(lambda handle: handle.cancelled.is_set())
+        self._admitting = self._admit()
+        if self._admitting:
             started = time.monotonic()
-            batch, logits = self.engine.prefill([g.request.prompt_ids for _, g in admitted])
+            batch, logits = self.engine.prefill([h.request.prompt_ids for h in self._admitting])
             self.stats.prefill_seconds = time.monotonic() - started
-            for row, (handle, generation) in enumerate(admitted):
-                self._emit(handle, generation, logits[row])  # logits [batch, vocab]
-            self._running.extend(admitted)
+            for row, handle in enumerate(self._admitting):
+                self._emit(handle, logits[row])  # logits [batch, vocab]
             self._batch = batch if self._batch is None else self.engine.concatenate([self._batch, batch])
+            self._running.extend(self._admitting)
+            self._admitting = []
             kv_peak = self.kv_positions
-            self._retire(lambda handle, gen: gen.finished)
+            self._retire(lambda handle: handle.generation.finished)
         if self._running and self._batch is not None:
             started = time.monotonic()
-            tokens = np.array([g.last_token for _, g in self._running], dtype=np.int64)  # [batch]
+            tokens = np.array([h.generation.last_token for h in self._running], dtype=np.int64)  # [batch]
             logits = self.engine.decode(self._batch, tokens)
             self.stats.decode_seconds = time.monotonic() - started
             kv_peak = max(kv_peak, self.kv_positions)
-            for row, (handle, generation) in enumerate(self._running):
-                self._emit(handle, generation, logits[row])
-            self._retire(lambda handle, gen: gen.finished or handle.cancelled.is_set())
+            for row, handle in enumerate(self._running):
+                self._emit(handle, logits[row])
+            self._retire(lambda handle: handle.generation.finished or handle.cancelled.is_set())
         self.stats.steps += 1
         self.stats.kv_positions = kv_peak
         self.stats.batch_size = len(self._running)
@@ -232,11 +261,11 @@ class Scheduler:
             except Exception:  # an observer's bug must not fail the requests in the batch
                 log.exception("step observer failed")
 
-    def _admit(self) -> list[tuple[RequestHandle, Generation]]:
+    def _admit(self) -> list[RequestHandle]:
         limits = self.limits
-        admitted: list[tuple[RequestHandle, Generation]] = []
+        admitted: list[RequestHandle] = []
         prefill_tokens = 0
-        longest = max((g.request.max_total_tokens for _, g in self._running), default=0)
+        longest = max((h.request.max_total_tokens for h in self._running), default=0)
         with self._lock:
             while self._waiting:
                 handle = self._waiting[0]
@@ -255,26 +284,26 @@ class Scheduler:
                 self._waiting.popleft()
                 prefill_tokens += len(request.prompt_ids)
                 longest = widest
-                generation = Generation(request, self.tokenizer, self.engine.config.vocab_size)
-                admitted.append((handle, generation))
+                admitted.append(handle)
         return admitted
 
-    def _emit(self, handle: RequestHandle, generation: Generation, logits: np.ndarray) -> None:
+    def _emit(self, handle: RequestHandle, logits: np.ndarray) -> None:
         if handle.cancelled.is_set():
             return
-        event = generation.step(logits)
+        event = handle.generation.step(logits)
         handle._push(event)
-        if generation.finished:
+        if handle.generation.finished:
             handle._push(_END)
 
-    def _retire(self, done: Callable[[RequestHandle, Generation], bool]) -> None:
-        keep = [row for row, (h, g) in enumerate(self._running) if not done(h, g)]
+    def _retire(self, done: Callable[[RequestHandle], bool]) -> None:
+        keep = [row for row, handle in enumerate(self._running) if not done(handle)]
         if len(keep) == len(self._running):
             return
-        for handle, generation in (self._running[r] for r in range(len(self._running)) if r not in set(keep)):
-            if not generation.finished:
+        kept = set(keep)
+        for row, handle in enumerate(self._running):
+            if row not in kept and not handle.generation.finished:
                 handle._push(_END)  # cancelled: the client is gone, close its stream quietly
-        self._running = [self._running[r] for r in keep]
+        self._running = [self._running[row] for row in keep]
         if not keep:
             self._batch = None
         elif self._batch is not None:

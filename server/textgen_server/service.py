@@ -15,7 +15,14 @@ from textgen.v1 import textgen_pb2_grpc
 
 from .generation import TokenEvent
 from .model_config import ModelConfig
-from .scheduler import GenerationFailedError, QueueFullError, RequestHandle, Scheduler, ShuttingDownError
+from .scheduler import (
+    GenerationFailedError,
+    QueueFullError,
+    RequestHandle,
+    RequestTooLargeError,
+    Scheduler,
+    ShuttingDownError,
+)
 from .stopping import FinishReason
 from .tokenizer import Tokenizer
 from .validation import (
@@ -137,6 +144,8 @@ class TextGenerationService(textgen_pb2_grpc.TextGenerationServicer):
             await _abort(context, grpc.StatusCode.NOT_FOUND, str(exc))
         except UnsupportedFeatureError as exc:
             await _abort(context, grpc.StatusCode.UNIMPLEMENTED, str(exc))
+        except RequestTooLargeError as exc:
+            await _abort_bad_request(context, [FieldViolation(exc.field, exc.description)])
         except QueueFullError as exc:
             await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except ShuttingDownError as exc:
