@@ -15,7 +15,7 @@ from textgen.v1 import textgen_pb2 as pb
 from .generation import GenerationRequest
 from .model_config import ModelConfig
 from .prompt import ChatMessage, PromptError, encode_chat, encode_prompt
-from .sampling import SamplingParams
+from .sampling import PENALTY_MAX, SEED_MAX, SEED_MIN, TEMPERATURE_MAX, TOP_K_MAX, TOP_P_MAX, SamplingParams
 from .tokenizer import Tokenizer
 
 MAX_PROMPT_CHARS = 6144
@@ -24,17 +24,17 @@ MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 256
 DEFAULT_MAX_TOKENS = 256
 
-# field: (minimum, maximum), both inclusive, as the card's schema states them.
+# field: (minimum, maximum), both inclusive: the card's schema bounds, as sampling defines them.
 NUMBER_BOUNDS: dict[str, tuple[float, float]] = {
-    "temperature": (0.0, 5.0),
-    "top_p": (0.0, 2.0),
-    "repetition_penalty": (0.0, 2.0),
-    "frequency_penalty": (0.0, 2.0),
-    "presence_penalty": (0.0, 2.0),
+    "temperature": (0.0, TEMPERATURE_MAX),
+    "top_p": (0.0, TOP_P_MAX),
+    "repetition_penalty": (0.0, PENALTY_MAX),
+    "frequency_penalty": (0.0, PENALTY_MAX),
+    "presence_penalty": (0.0, PENALTY_MAX),
 }
 INTEGER_BOUNDS: dict[str, tuple[int, int]] = {
-    "top_k": (1, 50),
-    "seed": (1, 9_999_999_999),
+    "top_k": (1, TOP_K_MAX),
+    "seed": (SEED_MIN, SEED_MAX),
 }
 
 
