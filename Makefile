@@ -35,7 +35,7 @@ lint: $(INSTALLED)
 	$(VENV)/bin/ruff check sdk server export tests bench
 
 typecheck: $(INSTALLED)
-	$(PY) -m mypy --strict sdk/textgen
+	$(PY) -m mypy --strict sdk/textgen server/textgen_server export/textgen_export
 
 bench: $(INSTALLED)
 	$(PY) -m bench

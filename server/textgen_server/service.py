@@ -35,6 +35,11 @@ from .validation import (
 
 log = logging.getLogger(__name__)
 
+GenerateContext = grpc.aio.ServicerContext[pb.GenerateRequest, pb.GenerateResponse]
+StreamContext = grpc.aio.ServicerContext[pb.GenerateRequest, pb.GenerateStreamResponse]
+InfoContext = grpc.aio.ServicerContext[pb.GetModelInfoRequest, pb.GetModelInfoResponse]
+AnyContext = GenerateContext | StreamContext | InfoContext
+
 REQUEST_ID_HEADER = "x-request-id"
 _FINISH_REASONS = {FinishReason.STOP: pb.FINISH_REASON_STOP, FinishReason.LENGTH: pb.FINISH_REASON_LENGTH}
 
@@ -63,7 +68,7 @@ class TextGenerationService(textgen_pb2_grpc.TextGenerationServicer):
         self.model_name = model_name
 
     async def Generate(
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GenerateRequest, context: GenerateContext
     ) -> pb.GenerateResponse:
         handle = await self._submit(request, context)
         text: list[str] = []
@@ -86,7 +91,7 @@ class TextGenerationService(textgen_pb2_grpc.TextGenerationServicer):
         )
 
     async def GenerateStream(
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GenerateRequest, context: StreamContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
         handle = await self._submit(request, context)
         try:
@@ -103,7 +108,7 @@ class TextGenerationService(textgen_pb2_grpc.TextGenerationServicer):
             handle.cancel()
 
     async def GetModelInfo(
-        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GetModelInfoRequest, context: InfoContext
     ) -> pb.GetModelInfoResponse:
         model = await self._loaded(context)
         c = model.config
@@ -120,12 +125,12 @@ class TextGenerationService(textgen_pb2_grpc.TextGenerationServicer):
 
     # -- helpers -------------------------------------------------------------------------------------
 
-    async def _loaded(self, context: grpc.aio.ServicerContext) -> ModelState:
+    async def _loaded(self, context: AnyContext) -> ModelState:
         if self.model is None:
             await _abort(context, grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly")
         return self.model
 
-    async def _submit(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> RequestHandle:
+    async def _submit(self, request: pb.GenerateRequest, context: AnyContext) -> RequestHandle:
         model = await self._loaded(context)
         request_id = _request_id(context)
         await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
@@ -152,7 +157,7 @@ class TextGenerationService(textgen_pb2_grpc.TextGenerationServicer):
             await _abort(context, grpc.StatusCode.UNAVAILABLE, str(exc))
 
     async def _events(
-        self, handle: RequestHandle, context: grpc.aio.ServicerContext
+        self, handle: RequestHandle, context: AnyContext
     ) -> AsyncIterator[TokenEvent]:
         try:
             async for event in handle.events():
@@ -164,7 +169,7 @@ class TextGenerationService(textgen_pb2_grpc.TextGenerationServicer):
             await _abort(context, grpc.StatusCode.INTERNAL, str(exc))
 
 
-def _request_id(context: grpc.aio.ServicerContext) -> str:
+def _request_id(context: AnyContext) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == REQUEST_ID_HEADER and isinstance(value, str) and 0 < len(value) <= 128:
             return value
@@ -179,12 +184,12 @@ def _usage(event: TokenEvent) -> pb.Usage:
     )
 
 
-async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+async def _abort(context: AnyContext, code: grpc.StatusCode, message: str) -> NoReturn:
     await context.abort(code, message)
     raise AssertionError("unreachable: abort raises")
 
 
-async def _abort_bad_request(context: grpc.aio.ServicerContext, violations: list[FieldViolation]) -> NoReturn:
+async def _abort_bad_request(context: AnyContext, violations: list[FieldViolation]) -> NoReturn:
     details = error_details_pb2.BadRequest(
         field_violations=[
             error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
