@@ -67,9 +67,7 @@ class TextGenerationService(textgen_pb2_grpc.TextGenerationServicer):
         self.model: ModelState | None = None
         self.model_name = model_name
 
-    async def Generate(
-        self, request: pb.GenerateRequest, context: GenerateContext
-    ) -> pb.GenerateResponse:
+    async def Generate(self, request: pb.GenerateRequest, context: GenerateContext) -> pb.GenerateResponse:
         handle = await self._submit(request, context)
         text: list[str] = []
         last: TokenEvent | None = None
@@ -156,9 +154,7 @@ class TextGenerationService(textgen_pb2_grpc.TextGenerationServicer):
         except ShuttingDownError as exc:
             await _abort(context, grpc.StatusCode.UNAVAILABLE, str(exc))
 
-    async def _events(
-        self, handle: RequestHandle, context: AnyContext
-    ) -> AsyncIterator[TokenEvent]:
+    async def _events(self, handle: RequestHandle, context: AnyContext) -> AsyncIterator[TokenEvent]:
         try:
             async for event in handle.events():
                 yield event
