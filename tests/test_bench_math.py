@@ -193,7 +193,9 @@ def test_sweep_level_pools_streams_and_counts_short_ones() -> None:
     ]
     level = sweep_level([rep], new_tokens=3)
     assert level["aggregate_tok_s"]["median"] == pytest.approx(5 / 3.0)
-    assert level["aggregate_decode_tok_s"]["median"] == pytest.approx(3 / 2.0)  # (2 + 1) tokens from 1 s to 3 s
+    assert level["aggregate_decode_tok_s"]["median"] == pytest.approx(
+        3 / 2.0
+    )  # (2 + 1) tokens from 1 s to 3 s
     assert level["ttft_s"]["p50"] == pytest.approx(1.5)  # TTFTs 1.0 and 2.0
     assert level["ttft_s"]["p99"] == pytest.approx(1.99)
     assert level["inter_token_s"]["p50"] == pytest.approx(0.5)  # gaps 0.5, 0.5, 1.0

@@ -14,9 +14,11 @@ from transformers import MistralForCausalLM
 NEW_TOKENS = 64
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir: Path) -> Engine:
-    return Engine(tiny_model_dir, provider="cpu")
+@pytest.fixture(scope="module", params=["native", "optimum"])
+def engine(request: pytest.FixtureRequest, tiny_model_dir: Path) -> Engine:
+    """Both graphs the exporter writes, on the same weights (the demo's fixed seed)."""
+    model_dir = tiny_model_dir if request.param == "native" else request.getfixturevalue("tiny_optimum_dir")
+    return Engine(model_dir, provider="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -177,10 +177,35 @@ def test_failed_export_leaves_nothing(tiny_model_dir: Path, tmp_path: Path) -> N
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.partial")] == []
 
 
-def test_fp16_on_cpu_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_optimum_fp16_on_cpu_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
     _assert_one_line_error(
         _run_cli(
-            "model", str(tiny_model_dir / "checkpoint"), "--out", str(tmp_path / "o"), "--dtype", "fp16"
+            "model",
+            str(tiny_model_dir / "checkpoint"),
+            "--out",
+            str(tmp_path / "o"),
+            "--dtype",
+            "fp16",
+            "--graph",
+            "optimum",
         ),
         "--dtype fp16 needs --device cuda",
     )
+
+
+def test_native_fp16_export_tracks_fp32(tiny_model_dir: Path, tmp_path: Path) -> None:
+    import numpy as np
+    from textgen_server.engine import Engine
+
+    assert (
+        export_main(
+            ["model", str(tiny_model_dir / "checkpoint"), "--out", str(tmp_path / "fp16"), "--dtype", "fp16"]
+        )
+        == 0
+    )
+    assert ModelConfig.load(tmp_path / "fp16").dtype == "fp16"
+    prompt = [1, *range(100, 400)]
+    _, half = Engine(tmp_path / "fp16", provider="cpu").prefill([prompt])
+    _, full = Engine(tiny_model_dir, provider="cpu").prefill([prompt])
+    assert half.dtype == np.float32  # logits leave the graph as float32 whatever the dtype
+    assert float(np.abs(half - full).max()) < 2e-2

@@ -20,7 +20,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model.add_argument("--out", type=Path, required=True, help="model directory to create")
     model.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
-    model.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    model.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cpu", help="where optimum traces the model"
+    )
+    model.add_argument(
+        "--graph",
+        choices=["native", "optimum"],
+        default="native",
+        help="native: textgen's compact decoder graph (default, faster); optimum: optimum's traced export",
+    )
     model.add_argument("--name", help="model name reported by the server (default: the source)")
     model.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     model.add_argument("--debug", action="store_true", help="show the full traceback when the export fails")
@@ -28,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="random-weight Mistral with the real tokenizer (fixed seed)")
     demo.add_argument("--out", type=Path, required=True, help="model directory to create")
     demo.add_argument("--size", choices=["tiny", "bench", "7b"], default="tiny")
+    demo.add_argument("--graph", choices=["native", "optimum"], default="native", help="as for `model`")
     demo.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     demo.add_argument("--debug", action="store_true", help="show the full traceback when the export fails")
     return parser
@@ -45,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             export_checkpoint(
                 checkpoint,
                 args.out,
+                graph=args.graph,
                 dtype=args.dtype,
                 device=args.device,
                 name=args.name or args.source,
@@ -53,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from .demo import build_demo
 
-            build_demo(args.out, size=args.size, overwrite=args.overwrite)
+            build_demo(args.out, size=args.size, overwrite=args.overwrite, graph=args.graph)
     except ExportError as exc:
         print(f"textgen-export: error: {exc}", file=sys.stderr)
         return 2

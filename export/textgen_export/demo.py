@@ -76,7 +76,9 @@ def write_demo_checkpoint(size: str, checkpoint: Path) -> None:
     shutil.copyfile(mistral_spm_model_path(), checkpoint / "tokenizer.model")
 
 
-def build_demo(out: Path, *, size: str = "tiny", overwrite: bool = False) -> ModelConfig:
+def build_demo(
+    out: Path, *, size: str = "tiny", overwrite: bool = False, graph: str = "native"
+) -> ModelConfig:
     if size not in SIZES:
         raise ValueError(f"unknown demo size {size!r}; expected one of {', '.join(SIZES)}")
     with tempfile.TemporaryDirectory(prefix="textgen-demo-") as tmp:
@@ -89,4 +91,5 @@ def build_demo(out: Path, *, size: str = "tiny", overwrite: bool = False) -> Mod
             source=f"random weights, seed {SEED}, size {size}",
             overwrite=overwrite,
             bundle_checkpoint=True,
+            graph=graph,
         )

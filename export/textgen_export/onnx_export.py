@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from textgen_server.model_config import (
     CONFIG_FILE,
@@ -25,6 +26,7 @@ from textgen_server.model_config import (
 from .checkpoint import Architecture, read_architecture
 from .errors import ExportError
 from .kv_graphs import write_kv_graphs
+from .native_graph import DecoderShape, build_decoder_graph, save_decoder
 from .progress import Progress
 from .tokenizer import checkpoint_tokenizer
 
@@ -34,6 +36,7 @@ TASK = "text-generation-with-past"
 DTYPES = ("fp32", "fp16")
 DEVICES = ("cpu", "cuda")
 CHECKPOINT_DIR = "checkpoint"
+GRAPHS = ("native", "optimum")
 
 
 def export_checkpoint(
@@ -46,9 +49,13 @@ def export_checkpoint(
     source: str | None = None,
     overwrite: bool = False,
     bundle_checkpoint: bool = False,
+    graph: str = "native",
 ) -> ModelConfig:
     """Export a local Mistral/Llama checkpoint folder into the model directory `out`.
 
+    `graph` picks how: "native" writes textgen's compact decoder graph from the weights
+    (native_graph.py; faster to serve), "optimum" traces the model with optimum's exporter. Both
+    have the same inputs and outputs and pass the same parity tests.
     With `bundle_checkpoint`, a copy of the checkpoint goes to `out/checkpoint/` (demo models keep
     theirs so that tests can compare with transformers on the same weights).
     """
@@ -56,8 +63,12 @@ def export_checkpoint(
         raise ExportError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
     if device not in DEVICES:
         raise ExportError(f"--device {device}: expected one of {', '.join(DEVICES)}")
-    if dtype == "fp16" and device != "cuda":
-        raise ExportError("--dtype fp16 needs --device cuda (optimum exports fp16 on a GPU only)")
+    if graph not in GRAPHS:
+        raise ExportError(f"--graph {graph}: expected one of {', '.join(GRAPHS)}")
+    if graph == "optimum" and dtype == "fp16" and device != "cuda":
+        raise ExportError(
+            "--graph optimum --dtype fp16 needs --device cuda (optimum traces fp16 on a GPU only)"
+        )
     arch = read_architecture(checkpoint)
     staging = _make_staging_dir(out, overwrite)
     progress = Progress(total_steps=4)
@@ -67,13 +78,20 @@ def export_checkpoint(
                 checkpoint_tokenizer(checkpoint, staging / TOKENIZER_FILE)
             except ValueError as exc:  # no tokenizer, or one SentencePiece parity cannot be kept for
                 raise ExportError(str(exc)) from exc
-        with progress.step(
-            f"exporting {checkpoint} to ONNX ({dtype} on {device}; a 7B model takes many minutes)"
-        ):
-            _optimum_export(checkpoint, staging / "optimum", dtype=dtype, device=device)
-        with progress.step("keeping only the last position's logits"):
-            _finish_graph(staging / "optimum", staging)
-            write_kv_graphs(staging, num_layers=arch.num_layers, dtype=dtype)
+        if graph == "optimum":
+            with progress.step(
+                f"exporting {checkpoint} to ONNX with optimum ({dtype} on {device}; a 7B model takes many minutes)"
+            ):
+                _optimum_export(checkpoint, staging / "optimum", dtype=dtype, device=device)
+            with progress.step("keeping only the last position's logits"):
+                _finish_graph(staging / "optimum", staging)
+        else:
+            with progress.step(f"loading {checkpoint} ({dtype}; a 7B model takes a few minutes)"):
+                shape, weights = _load_weights(checkpoint, dtype)
+            with progress.step(f"writing the decoder graph ({shape.num_layers} layers)"):
+                save_decoder(build_decoder_graph(shape, weights, dtype), staging / MODEL_FILE)
+                del weights
+        write_kv_graphs(staging, num_layers=arch.num_layers, dtype=dtype)
         with progress.step("writing textgen.json"):
             config = _model_config(
                 arch, dtype=dtype, name=name or checkpoint.name, source=source or str(checkpoint)
@@ -127,6 +145,24 @@ def _optimum_export(checkpoint: Path, optimum_dir: Path, *, dtype: str, device: 
             no_post_process=True,
             local_files_only=True,
         )
+
+
+def _load_weights(checkpoint: Path, dtype: str) -> tuple[DecoderShape, dict[str, Any]]:
+    """The checkpoint's tensors as numpy arrays in `dtype` (bf16 checkpoints are converted)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    torch_dtype = torch.float16 if dtype == "fp16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch_dtype, local_files_only=True)
+    # Positions the server can reach: max_total_tokens, bounded by what the model was trained for.
+    positions = min(int(getattr(model.config, "max_position_embeddings", 32768)), 32768)
+    shape = DecoderShape.from_hf_config(model.config, max_positions=positions)
+    weights = {name: tensor.detach().numpy() for name, tensor in model.state_dict().items()}
+    if "lm_head.weight" not in weights:  # tied embeddings
+        weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+    return shape, weights
 
 
 def _finish_graph(optimum_dir: Path, staging: Path) -> None:
