@@ -82,7 +82,7 @@ class _Builder:
         return outs
 
     def weight(self, name: str, array: npt.NDArray[Any], cast: bool = True) -> str:
-        values = array.astype(self.np_dtype) if cast else array
+        values = array.astype(self.np_dtype, copy=False) if cast else array
         self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(values), name))
         return name
 
