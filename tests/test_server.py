@@ -231,3 +231,16 @@ def test_metrics_follow_the_scheduler(server: ServerThread, stub: rpc.TextGenera
     steps = next(line for line in text.splitlines() if line.startswith("textgen_steps_total "))
     assert float(steps.split()[1]) >= 5
     assert "textgen_decode_seconds_count" in text and "textgen_kv_positions" in text
+
+
+def test_stop_string_ends_generation_and_is_never_emitted(stub: rpc.TextGenerationStub) -> None:
+    request = pb.GenerateRequest(prompt="Say something long", max_tokens=40, temperature=0)
+    full = stub.Generate(request).response
+    assert len(full) > 20
+    stop = full[len(full) // 2 : len(full) // 2 + 5]  # likely spans a token boundary
+    request.stop.append(stop)
+    stopped = stub.Generate(request)
+    assert stopped.response == full[: full.find(stop)]
+    assert stopped.finish_reason == pb.FINISH_REASON_STOP
+    chunks = list(stub.GenerateStream(request))
+    assert "".join(c.response for c in chunks) == stopped.response
