@@ -186,9 +186,10 @@ def build_decoder_graph(
             "Concat", [io.past_value.format(layer), v], name=io.present_value.format(layer), axis=2
         )
         grouped_q = g.op("Reshape", [q, "grouped_shape"])  # [b, kv, group, seq, d]
-        keys_t = g.op(
-            "Unsqueeze", [g.op("Transpose", [present_k], perm=[0, 1, 3, 2]), "axes_2"]
-        )  # [b,kv,1,d,t]
+        # Transpose right before the MatMul, so that ORT fuses it into FusedMatMul(transB) and the
+        # cache is not copied out transposed every step.
+        keys = g.op("Unsqueeze", [present_k, "axes_2"])  # [b, kv, 1, total, d]
+        keys_t = g.op("Transpose", [keys], perm=[0, 1, 2, 4, 3])  # [b, kv, 1, d, total]
         scores = g.op("Add", [g.op("MatMul", [grouped_q, keys_t]), bias])  # [b, kv, group, seq, total]
         probs = g.op("Softmax", [scores], axis=-1)
         values = g.op("Unsqueeze", [present_v, "axes_2"])  # [b, kv, 1, total, d]
