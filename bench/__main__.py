@@ -1,0 +1,92 @@
+"""`python -m bench` (what `make bench` runs): measure everything, write bench/results/, print the table.
+
+python -m bench              the full run: bench/results/latest.json, latest.md and the PNGs
+python -m bench --quick      a smoke run with few, short repetitions, written to bench/results/quick/
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from .config import FULL, QUICK
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="few, short repetitions (a smoke run, ~3 min)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="threads for every peer: ORT intra-op, torch, genai, the server (default 2)",
+    )
+    parser.add_argument(
+        "--reps", type=int, default=None, help="repetitions of every batch-1 case and of the sweep"
+    )
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=14 * 60,
+        help="wall-time budget from start, setup included: repetitions past it are skipped "
+        "(the first of each is always run; default 840)",
+    )
+    parser.add_argument("--no-genai", action="store_true", help="skip onnxruntime-genai (no virtualenv made)")
+    parser.add_argument("--no-transformers", action="store_true", help="skip transformers")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results folder (default bench/results, or bench/results/quick with --quick)",
+    )
+    args = parser.parse_args(argv)
+    if args.threads < 1 or (args.reps is not None and args.reps < 1):
+        parser.error("--threads and --reps must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    config = QUICK if args.quick else FULL
+    peers = tuple(
+        p
+        for p in config.peers
+        if not (p == "genai" and args.no_genai) and not (p == "transformers" and args.no_transformers)
+    )
+    cases = (
+        config.cases
+        if args.reps is None
+        else tuple(dataclasses.replace(c, reps=args.reps) for c in config.cases)
+    )
+    config = dataclasses.replace(
+        config, threads=args.threads, peers=peers, cases=cases, sweep_reps=args.reps or config.sweep_reps
+    )
+    out = args.out or (REPO / "bench/results" / ("quick" if args.quick else ""))
+    out.mkdir(parents=True, exist_ok=True)
+
+    from .plots import plot_all
+    from .report import markdown, summarize
+    from .run import Runner
+
+    raw = Runner(config, REPO, REPO / "bench/logs", args.budget_s).run()
+    summary = summarize(raw)
+    table = markdown(summary)
+    (out / "latest.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    (out / "latest.md").write_text(table, encoding="utf-8")
+    plots = plot_all(summary, out)
+    print()
+    print(table)
+    print(f"wrote {out / 'latest.json'}, {out / 'latest.md'}" + "".join(f", {p}" for p in plots))
+    print(f"wall time {raw.wall_s:.0f} s (setup {raw.setup_s:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""What one run measures: the full `make bench` set, or a quick smoke run with few, short repetitions."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class Case:
+    """Batch-1 generations of one prompt length, repeated with the peers interleaved."""
+
+    prompt_tokens: int
+    new_tokens: int
+    reps: int
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    threads: int = 2
+    cases: tuple[Case, ...] = (Case(128, 128, 7), Case(2048, 128, 3))
+    concurrency: tuple[int, ...] = (1, 4, 16, 32)
+    sweep_prompt_tokens: int = 128
+    sweep_new_tokens: int = 128
+    sweep_reps: int = 5
+    bandwidth_bytes: int = GIB
+    bandwidth_reps: int = 5
+    seed: int = 20240216
+    peers: tuple[str, ...] = field(default=("engine", "transformers", "genai"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+FULL = BenchConfig()
+QUICK = BenchConfig(
+    cases=(Case(128, 16, 2), Case(2048, 4, 1)),
+    sweep_new_tokens=16,
+    sweep_reps=1,
+    bandwidth_bytes=GIB // 4,
+    bandwidth_reps=2,
+)

@@ -1,0 +1,79 @@
+"""Streams through the real server: an in-process gRPC server and its clients on one event loop.
+
+The server binds 127.0.0.1 port 0; clients share one channel (HTTP/2 streams), as an SDK client
+would. Each stream records when its request was sent and when each token message arrived.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+from textgen.v1 import textgen_pb2 as pb
+from textgen.v1 import textgen_pb2_grpc as rpc
+from textgen_server.app import ServerSettings, TextgenServer, create_server
+
+
+class GrpcPeer:
+    def __init__(self, model_dir: str, threads: int) -> None:
+        self.threads = threads
+        self.loop = asyncio.new_event_loop()
+        self.server: TextgenServer
+        self.server, port = self.loop.run_until_complete(
+            create_server(
+                ServerSettings(
+                    model_dir=Path(model_dir), host="127.0.0.1", port=0, provider="cpu", threads=threads
+                )
+            )
+        )
+        self.target = f"127.0.0.1:{port}"
+        self.channel = self.loop.run_until_complete(self._open_channel())
+
+    async def _open_channel(self) -> grpc.aio.Channel:
+        channel = grpc.aio.insecure_channel(self.target)
+        await channel.channel_ready()
+        return channel
+
+    def info(self) -> dict[str, Any]:
+        return {"grpc": grpc.__version__, "threads": self.threads, "target": self.target}
+
+    def streams(self, prompts: list[str], new_tokens: int) -> list[dict[str, Any]]:
+        """One concurrent stream per prompt; per stream: sent time, token arrival times, usage."""
+        return self.loop.run_until_complete(self._streams(prompts, new_tokens))
+
+    def generate_text(self, prompt: str, new_tokens: int) -> list[float]:
+        """One stream as `[sent, token_1, ..., token_n]`, comparable with the in-process peers."""
+        stream = self.loop.run_until_complete(self._streams([prompt], new_tokens))[0]
+        return [stream["sent"], *stream["token_times"]]
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.channel.close())
+        self.loop.run_until_complete(self.server.stop(1.0))
+
+    async def _streams(self, prompts: list[str], new_tokens: int) -> list[dict[str, Any]]:
+        stub = rpc.TextGenerationStub(self.channel)
+        return list(await asyncio.gather(*(self._one(stub, p, new_tokens) for p in prompts)))
+
+    async def _one(self, stub: rpc.TextGenerationStub, prompt: str, new_tokens: int) -> dict[str, Any]:
+        request = pb.GenerateRequest(prompt=prompt, raw=True, max_tokens=new_tokens, temperature=0)
+        sent = time.perf_counter()
+        times: list[float] = []
+        usage = None
+        # The generated stubs are typed for the sync API; on an aio channel the call is async-iterable.
+        async for message in stub.GenerateStream(request):  # type: ignore[attr-defined]
+            now = time.perf_counter()
+            if message.HasField("token"):  # a closing message may carry no token
+                times.append(now)
+            if message.HasField("usage"):
+                usage = message.usage
+        if usage is None:
+            raise RuntimeError("the stream ended without usage")
+        return {
+            "sent": sent,
+            "token_times": times,
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+        }

@@ -1,0 +1,35 @@
+"""This project's engine: one prefill, then one-token decode steps, greedy, in process."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from textgen_server.engine import Engine
+
+
+class EnginePeer:
+    def __init__(self, model_dir: str, threads: int, provider: str = "cpu") -> None:
+        self.engine = Engine(Path(model_dir), provider=provider, threads=threads)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "onnxruntime": ort.__version__,
+            "provider": self.engine.execution_provider,
+            "threads": self.engine.threads,
+        }
+
+    def generate(self, prompt_ids: list[int], new_tokens: int) -> list[float]:
+        """Timestamps `[start, token_1, ..., token_n]`; exactly n tokens (EOS is not a stop here)."""
+        start = time.perf_counter()
+        batch, logits = self.engine.prefill([prompt_ids])  # logits [1, vocab]
+        token = int(logits[0].argmax())
+        times = [start, time.perf_counter()]
+        for _ in range(new_tokens - 1):
+            logits = self.engine.decode(batch, np.array([token], dtype=np.int64))
+            token = int(logits[0].argmax())
+            times.append(time.perf_counter())
+        return times

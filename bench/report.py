@@ -1,0 +1,420 @@
+"""From raw timings to the results JSON and the Markdown table the README carries.
+
+Ratios are speed-ups of this engine over a peer, so above 1 means this engine is faster: tokens/s
+ratios are engine / peer, time-to-first-token ratios are peer TTFT / engine TTFT.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .roofline import roofline_share, roofline_tok_s
+from .run import RawResults
+from .stats import (
+    aggregate_decode_tok_s,
+    aggregate_tok_s,
+    inter_token_gaps,
+    median,
+    paired_ratios,
+    percentile,
+    ratio,
+    run_timing,
+    spread,
+)
+
+PEER_NAMES = {
+    "engine": "this engine",
+    "transformers": "transformers",
+    "genai": "onnxruntime-genai",
+    "grpc": "this engine via gRPC",
+}
+# Two more estimates of the decode speed-up that resist other load on a shared machine.
+ROBUST_SPEEDUPS = {
+    "decode_paired": "Decode speed-up, median of the ratios within each repetition (peers run back to back "
+    "there, so slow load drift cancels)",
+    "decode_best": "Decode speed-up of the best repetition of each (the least disturbed by other load)",
+}
+TARGETS = {
+    "engine/genai decode": 1.15,
+    "engine/transformers decode": 2.5,
+    "roofline share": 0.85,
+    "grpc/in-process decode": 0.95,
+    "16 vs 1 streams aggregate": 4.0,
+}
+
+
+def summarize(raw: RawResults) -> dict[str, Any]:
+    c = raw.config
+    bandwidth = {str(t): _bandwidth(samples) for t, samples in sorted(raw.bandwidth.items())}
+    bw = max(raw.bandwidth[c.threads]) if raw.bandwidth.get(c.threads) else None
+    per_token = int(raw.weights["bytes_per_token"])
+    batch1: dict[str, Any] = {}
+    for key, peers in raw.batch1.items():
+        case: dict[str, Any] = {"peers": {}}
+        for peer, runs in peers.items():
+            # A gRPC stream may stop at EOS; a run needs two tokens for a decode rate.
+            usable = [t for t in runs if len(t) >= 3]
+            if usable:
+                case["peers"][peer] = _peer_runs(usable, per_token, bw)
+                case["peers"][peer]["runs_too_short"] = len(runs) - len(usable)
+        for peer, why in raw.unavailable.items():
+            if peer not in case["peers"] and peer != "grpc":
+                case["peers"][peer] = {"unavailable": why}
+        case["speedup"] = _speedups(case["peers"])
+        batch1[key] = case
+    summary: dict[str, Any] = {
+        "schema": 1,
+        "machine": raw.machine,
+        "config": c.to_dict(),
+        "peers": raw.peer_info,
+        "unavailable": raw.unavailable,
+        "cut_short": raw.cut_short,
+        "load_average_by_phase": raw.load,
+        "wall_s": raw.wall_s,
+        "setup_s": raw.setup_s,
+        "weights": raw.weights,
+        "bandwidth": {
+            "threads": bandwidth,
+            "roofline_uses_threads": c.threads,
+            "roofline_bytes_s": bw,
+            "roofline_tok_s": roofline_tok_s(per_token, bw) if bw else None,
+            "note": "max of all samples (start and end of the run) at the peers' thread count",
+        },
+        "batch1": batch1,
+        "grpc": _grpc(batch1),
+        "concurrency": _sweep(raw),
+        "gpu": raw.gpu,
+    }
+    summary["targets"] = _targets(summary)
+    return summary
+
+
+def _bandwidth(samples: list[float]) -> dict[str, Any]:
+    s = spread(samples)
+    return {"max_bytes_s": s.max, "median_bytes_s": s.median, "min_bytes_s": s.min, "samples": samples}
+
+
+def _peer_runs(runs: list[list[float]], per_token: int, bw: float | None) -> dict[str, Any]:
+    timings = [run_timing(t) for t in runs]
+    decode = spread([t.decode_tok_s for t in timings])
+    return {
+        "new_tokens": timings[0].tokens,
+        "decode_tok_s": _dist([t.decode_tok_s for t in timings]),
+        "ttft_s": _dist([t.ttft_s for t in timings]),
+        "end_to_end_tok_s": _dist([t.end_to_end_tok_s for t in timings]),
+        "roofline_share": roofline_share(per_token, decode.median, bw) if bw else None,
+    }
+
+
+def _speedups(peers: dict[str, Any]) -> dict[str, Any]:
+    engine = peers.get("engine", {})
+    out: dict[str, Any] = {}
+    for peer in ("transformers", "genai"):
+        other = peers.get(peer, {})
+        out[peer] = {
+            "decode": ratio(_med(engine, "decode_tok_s"), _med(other, "decode_tok_s")),
+            # Within each repetition the peers run back to back: the ratio there cancels slow load drift.
+            "decode_paired": _paired_median(engine, other, "decode_tok_s"),
+            # Best repetition against best: what each does when the shared machine leaves it alone.
+            "decode_best": ratio(_best(engine, "decode_tok_s"), _best(other, "decode_tok_s")),
+            "ttft": ratio(_med(other, "ttft_s"), _med(engine, "ttft_s")),
+            "end_to_end": ratio(_med(engine, "end_to_end_tok_s"), _med(other, "end_to_end_tok_s")),
+        }
+    return out
+
+
+def _grpc(batch1: dict[str, Any]) -> dict[str, Any]:
+    for key, case in batch1.items():
+        peers = case["peers"]
+        if "grpc" in peers and "engine" in peers:
+            return {
+                "case": key,
+                "stream_decode_tok_s": peers["grpc"]["decode_tok_s"],
+                "in_process_decode_tok_s": peers["engine"]["decode_tok_s"],
+                "ratio": ratio(_med(peers["grpc"], "decode_tok_s"), _med(peers["engine"], "decode_tok_s")),
+                "ttft_ratio": ratio(_med(peers["engine"], "ttft_s"), _med(peers["grpc"], "ttft_s")),
+            }
+    return {"unavailable": "no gRPC runs"}
+
+
+def sweep_level(reps: list[list[dict[str, Any]]], new_tokens: int) -> dict[str, Any]:
+    """Aggregate tokens/s per repetition; TTFT and inter-token gaps pooled over all streams of all reps."""
+    aggregates, decodes, ttfts, gaps, short = [], [], [], [], 0
+    for streams in reps:
+        starts = [s["sent"] for s in streams]
+        firsts = [s["token_times"][0] for s in streams]
+        ends = [s["token_times"][-1] for s in streams]
+        tokens = [len(s["token_times"]) for s in streams]
+        aggregates.append(aggregate_tok_s(starts, ends, tokens))
+        if max(ends) > min(firsts):  # not when every stream stopped at its first token
+            decodes.append(aggregate_decode_tok_s(firsts, ends, tokens))
+        for s in streams:
+            ttfts.append(s["token_times"][0] - s["sent"])
+            gaps += inter_token_gaps(s["token_times"])
+            short += s["completion_tokens"] < new_tokens
+    return {
+        "aggregate_tok_s": _dist(aggregates),  # prefill included: all tokens / whole wall time
+        "aggregate_decode_tok_s": _dist(decodes or [0.0]),  # prefill excluded (issue 5's "decode throughput")
+        "ttft_s": {"p50": percentile(ttfts, 50), "p99": percentile(ttfts, 99), "n": len(ttfts)},
+        "inter_token_s": {"p50": percentile(gaps, 50), "p99": percentile(gaps, 99), "n": len(gaps)},
+        "streams_ended_early": short,
+    }
+
+
+def _sweep(raw: RawResults) -> dict[str, Any]:
+    if not raw.sweep:
+        return {"unavailable": raw.unavailable.get("grpc", "not measured")}
+    levels = {
+        str(level): sweep_level(reps, raw.config.sweep_new_tokens)
+        for level, reps in sorted(raw.sweep.items())
+    }
+    one, sixteen = levels.get("1"), levels.get("16")
+    return {
+        "prompt_tokens": raw.config.sweep_prompt_tokens,
+        "new_tokens": raw.config.sweep_new_tokens,
+        "levels": levels,
+        "ratio_16_vs_1": _level_ratio(sixteen, one, "aggregate_decode_tok_s"),
+        "ratio_16_vs_1_per_repetition": paired_ratios(
+            sixteen["aggregate_decode_tok_s"]["samples"], one["aggregate_decode_tok_s"]["samples"]
+        )
+        if sixteen
+        and one
+        and len(sixteen["aggregate_decode_tok_s"]["samples"]) == len(one["aggregate_decode_tok_s"]["samples"])
+        else None,
+        "ratio_16_vs_1_end_to_end": _level_ratio(sixteen, one, "aggregate_tok_s"),
+    }
+
+
+def _level_ratio(high: dict[str, Any] | None, low: dict[str, Any] | None, measure: str) -> float | None:
+    return ratio(high[measure]["median"] if high else None, low[measure]["median"] if low else None)
+
+
+def _targets(summary: dict[str, Any]) -> dict[str, Any]:
+    first: dict[str, Any] = next(iter(summary["batch1"].values()), {"speedup": {}, "peers": {}})
+    values = {
+        "engine/genai decode": first["speedup"].get("genai", {}).get("decode"),
+        "engine/transformers decode": first["speedup"].get("transformers", {}).get("decode"),
+        "roofline share": first["peers"].get("engine", {}).get("roofline_share"),
+        "grpc/in-process decode": summary["grpc"].get("ratio"),
+        "16 vs 1 streams aggregate": summary["concurrency"].get("ratio_16_vs_1"),
+    }
+    return {
+        name: {
+            "target": TARGETS[name],
+            "value": value,
+            "met": None if value is None else value >= TARGETS[name],
+        }
+        for name, value in values.items()
+    }
+
+
+def _dist(values: list[float]) -> dict[str, Any]:
+    """Median and spread, with the repetitions themselves for anyone who wants to look closer."""
+    return {**spread(values).to_dict(), "samples": values}
+
+
+def _paired_median(engine: dict[str, Any], other: dict[str, Any], measure: str) -> float | None:
+    a, b = engine.get(measure, {}).get("samples"), other.get(measure, {}).get("samples")
+    if not a or not b or len(a) != len(b):
+        return None
+    ratios = paired_ratios(a, b)
+    return median(ratios) if ratios else None
+
+
+def _best(peer: dict[str, Any], measure: str) -> float | None:
+    value = peer.get(measure)
+    return None if value is None else float(value["max"])
+
+
+def _med(peer: dict[str, Any], measure: str) -> float | None:
+    value = peer.get(measure)
+    return None if value is None else float(value["median"])
+
+
+# -- Markdown -------------------------------------------------------------------------------------------
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    m = summary["machine"]
+    threads = summary["config"]["threads"]
+    header = (
+        f"Measured {m['date']} on {m['cpu']}, {m['cores']} cores, {threads} threads per peer "
+        f"(onnxruntime {m['versions'].get('onnxruntime')}, torch {m['versions'].get('torch')}, "
+        f"transformers {m['versions'].get('transformers')}, onnxruntime-genai "
+        f"{summary['peers'].get('genai', {}).get('onnxruntime_genai', 'n/a')}); bench model fp32, greedy, batch 1; "
+        f"median (min–max) of the repetitions; load average {_load(m)} during the run."
+    )
+    lines = [
+        header,
+        "",
+        "| measure | this engine | transformers | onnxruntime-genai | engine ÷ transformers | engine ÷ genai |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, case in summary["batch1"].items():
+        prompt, new = key.split("/")
+        peers, speed = case["peers"], case["speedup"]
+        lines.append(
+            _row(
+                f"decode tok/s, prompt {prompt}, {new} new",
+                peers,
+                "decode_tok_s",
+                1,
+                "{:.0f}",
+                speed,
+                "decode",
+            )
+        )
+        lines.append(
+            _row(f"time to first token ms, prompt {prompt}", peers, "ttft_s", 1000, "{:.0f}", speed, "ttft")
+        )
+    first = next(iter(summary["batch1"].values()), None)
+    bw = summary["bandwidth"]
+    if first is not None and bw["roofline_bytes_s"]:
+        cells = [
+            _pct(first["peers"].get(p, {}).get("roofline_share")) for p in ("engine", "transformers", "genai")
+        ]
+        lines.append(f"| memory roofline share (decode, first case) | {' | '.join(cells)} | | |")
+    lines.append("")
+    for measure, label in ROBUST_SPEEDUPS.items():
+        cells = [
+            f"prompt {key.split('/')[0]} ÷ {peer} {_times(case['speedup'][peer][measure])}"
+            for key, case in summary["batch1"].items()
+            for peer in ("transformers", "genai")
+            if case["speedup"][peer].get(measure) is not None
+        ]
+        if cells:
+            lines.append(f"{label}: {', '.join(cells)}.  ")
+    lines.append(_bandwidth_line(summary))
+    g = summary["grpc"]
+    if "ratio" in g and g["ratio"] is not None:
+        lines.append(
+            f"gRPC streaming, one client, prompt {g['case'].split('/')[0]}: "
+            f"{_spread(g['stream_decode_tok_s'], 1, '{:.0f}')} tok/s vs in-process "
+            f"{_spread(g['in_process_decode_tok_s'], 1, '{:.0f}')} tok/s = **{g['ratio']:.2f}×**."
+        )
+    lines += _sweep_lines(summary["concurrency"])
+    gpu = summary["gpu"]
+    lines += ["", f"GPU: {gpu['skipped']}." if "skipped" in gpu else "GPU: see `gpu` in latest.json."]
+    lines += [
+        "",
+        "Targets (issue 6 and 5): "
+        + "; ".join(f"{name} {_fmt_target(t)}" for name, t in summary["targets"].items())
+        + ".",
+    ]
+    if summary["cut_short"]:
+        lines += [
+            "",
+            "Fewer repetitions than planned: "
+            + "; ".join(f"{what}: {why}" for what, why in summary["cut_short"].items())
+            + ".",
+        ]
+    if summary["unavailable"]:
+        lines += [
+            "",
+            "Not measured: "
+            + "; ".join(f"{PEER_NAMES.get(p, p)}: {why}" for p, why in summary["unavailable"].items())
+            + ".",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _row(
+    label: str,
+    peers: dict[str, Any],
+    measure: str,
+    scale: float,
+    fmt: str,
+    speed: dict[str, Any],
+    speed_key: str,
+) -> str:
+    cells = []
+    for peer in ("engine", "transformers", "genai"):
+        p = peers.get(peer, {})
+        cells.append("n/a" if measure not in p else _spread(p[measure], scale, fmt))
+    ratios = [_times(speed.get(peer, {}).get(speed_key)) for peer in ("transformers", "genai")]
+    return f"| {label} | {' | '.join(cells)} | {' | '.join(ratios)} |"
+
+
+def _sweep_lines(sweep: dict[str, Any]) -> list[str]:
+    if "levels" not in sweep:
+        return ["", f"Concurrency sweep: not measured ({sweep.get('unavailable')})."]
+    title = (
+        f"Concurrency through gRPC (prompt {sweep['prompt_tokens']}, {sweep['new_tokens']} new tokens, "
+        "one in-process server):"
+    )
+    lines = [
+        "",
+        title,
+        "",
+        (
+            "| streams | aggregate decode tok/s | aggregate tok/s incl. prefill | TTFT p50 ms | TTFT p99 ms "
+            "| inter-token p50 ms | inter-token p99 ms |"
+        ),
+        "|---|---|---|---|---|---|---|",
+    ]
+    for level, s in sweep["levels"].items():
+        lines.append(
+            f"| {level} | {_spread(s['aggregate_decode_tok_s'], 1, '{:.0f}')} | "
+            f"{_spread(s['aggregate_tok_s'], 1, '{:.0f}')} | {s['ttft_s']['p50'] * 1000:.0f} | "
+            f"{s['ttft_s']['p99'] * 1000:.0f} | {s['inter_token_s']['p50'] * 1000:.1f} | "
+            f"{s['inter_token_s']['p99'] * 1000:.1f} |"
+        )
+    r, e2e = sweep.get("ratio_16_vs_1"), sweep.get("ratio_16_vs_1_end_to_end")
+    if r is not None and e2e is not None:
+        sixteen = sweep["levels"]["16"]["ttft_s"]
+        per_rep = sweep.get("ratio_16_vs_1_per_repetition") or []
+        within = f"; within each repetition {', '.join(f'{x:.2f}×' for x in per_rep)}" if per_rep else ""
+        lines += [
+            "",
+            (
+                f"16 streams vs 1: **{r:.2f}×** aggregate decode tokens/s (medians; {e2e:.2f}× with prefill "
+                f"included{within}; issue 5 target: at least 4×), TTFT at 16 streams "
+                f"p50 {sixteen['p50'] * 1000:.0f} ms, p99 {sixteen['p99'] * 1000:.0f} ms."
+            ),
+        ]
+    return lines
+
+
+def _bandwidth_line(summary: dict[str, Any]) -> str:
+    bw = summary["bandwidth"]
+    parts = [
+        f"{t} thread(s) {b['max_bytes_s'] / 1e9:.1f} GB/s (median {b['median_bytes_s'] / 1e9:.1f})"
+        for t, b in bw["threads"].items()
+    ]
+    w = summary["weights"]
+    roof = f"; roofline {bw['roofline_tok_s']:.0f} tok/s" if bw["roofline_tok_s"] else ""
+    return (
+        f"Memory read bandwidth (numpy sum of {summary['config']['bandwidth_bytes'] >> 20} MiB): "
+        f"{', '.join(parts)}. Weights read per token: {w['bytes_per_token'] / 1e6:.1f} MB "
+        f"(all parameters incl. lm_head, embedding table as one row){roof}."
+    )
+
+
+def _spread(s: dict[str, float], scale: float, fmt: str) -> str:
+    if s["n"] == 1:
+        return fmt.format(s["median"] * scale)
+    return (
+        f"{fmt.format(s['median'] * scale)} ({fmt.format(s['min'] * scale)}–{fmt.format(s['max'] * scale)})"
+    )
+
+
+def _times(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}×"
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value * 100:.0f}%"
+
+
+def _load(m: dict[str, Any]) -> str:
+    start = m.get("load_average_at_start", [None])[0]
+    end = m.get("load_average_at_end", [None])[0]
+    return f"{start:.1f} at start, {end:.1f} at end" if start is not None and end is not None else "unknown"
+
+
+def _fmt_target(t: dict[str, Any]) -> str:
+    if t["value"] is None:
+        return f"n/a (target {t['target']})"
+    shown = f"{t['value'] * 100:.0f}%" if t["target"] < 1 else f"{t['value']:.2f}×"
+    target = f"{t['target'] * 100:.0f}%" if t["target"] < 1 else f"{t['target']}×"
+    return f"{shown} vs {target} {'met' if t['met'] else 'not met'}"

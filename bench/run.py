@@ -1,0 +1,284 @@
+"""One benchmark run: set up, measure every peer interleaved, and collect the raw timings.
+
+Order of work: build what is missing (bench model, genai virtualenv and model), read bandwidth, start
+one worker per peer, warm each up, then the batch-1 cases (peers rotated every repetition, so no peer
+always runs right after the same neighbour), the concurrency sweep (levels rotated the same way), and
+bandwidth once more: the machine is shared, and two readings show how much it drifted.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .config import BenchConfig, Case
+from .genai_env import GenaiSetup, ensure_genai
+from .membw import read_bandwidth
+from .peers.client import Worker, WorkerError
+from .prompts import BOS_ID, prompt_ids, text_of_length
+
+BENCH_MODEL = Path("models/bench")
+SETTLE_S = 0.1  # between runs: lets the previous peer's spinning thread pool go idle
+# Time kept back while batch-1 repetitions run: one sweep repetition (~40 s quiet, twice that under load)
+# and the closing bandwidth reading. Repetitions past the budget are skipped, never the first.
+SWEEP_RESERVE_S = 100.0
+T = TypeVar("T")
+
+
+@dataclass
+class RawResults:
+    """Timings as measured; `report` turns them into medians, percentiles and ratios."""
+
+    config: BenchConfig
+    machine: dict[str, Any]
+    weights: dict[str, Any]
+    bandwidth: dict[int, list[float]] = field(default_factory=dict)  # threads -> bytes/s samples
+    peer_info: dict[str, dict[str, Any]] = field(default_factory=dict)
+    unavailable: dict[str, str] = field(default_factory=dict)  # peer -> why it was not measured
+    # "prompt/new" -> peer -> one [start, token_1..token_n] list per repetition
+    batch1: dict[str, dict[str, list[list[float]]]] = field(default_factory=dict)
+    # concurrency -> one list of stream records per repetition
+    sweep: dict[int, list[list[dict[str, Any]]]] = field(default_factory=dict)
+    gpu: dict[str, Any] = field(default_factory=dict)
+    cut_short: dict[str, str] = field(default_factory=dict)  # what ran fewer repetitions, and why
+    load: dict[str, float] = field(default_factory=dict)  # 1-minute load average as each phase began
+    setup_s: float = 0.0
+    wall_s: float = 0.0
+
+
+def case_key(case: Case) -> str:
+    return f"{case.prompt_tokens}/{case.new_tokens}"
+
+
+def rotated(items: Sequence[T], by: int) -> list[T]:
+    """`items` starting at position `by` (mod length): repetition r runs peer r first."""
+    if not items:
+        return []
+    k = by % len(items)
+    return [*items[k:], *items[:k]]
+
+
+def ensure_bench_model(repo: Path) -> Path:
+    """Build models/bench when it is missing, or when this engine cannot load it (an older export)."""
+    model_dir = repo / BENCH_MODEL
+    why = "missing"
+    if (model_dir / "textgen.json").is_file() and (model_dir / "checkpoint").is_dir():
+        from textgen_server.engine import Engine
+
+        try:
+            Engine(model_dir, provider="cpu", threads=1)
+            return model_dir
+        except Exception as exc:  # noqa: BLE001 - any load failure: ORT's own error types, a stale config
+            why = f"not loadable by this engine ({type(exc).__name__})"
+    log(f"building the bench model in {BENCH_MODEL}: {why} (about 40 s)")
+    from textgen_export.demo import build_demo
+
+    build_demo(model_dir, size="bench", overwrite=True)
+    return model_dir
+
+
+_T0 = time.perf_counter()
+
+
+def log(message: str) -> None:
+    print(f"bench: [{time.perf_counter() - _T0:4.0f} s] {message}", flush=True)
+
+
+class Runner:
+    def __init__(self, config: BenchConfig, repo: Path, logs: Path, budget_s: float) -> None:
+        self.config = config
+        self.repo = repo
+        self.logs = logs
+        self.workers: dict[str, Worker] = {}
+        self.deadline = time.perf_counter() + budget_s
+
+    def _out_of_time(self, raw: RawResults, what: str, rep: int, reps: int, reserve_s: float) -> bool:
+        """True once the budget minus `reserve_s` is spent; records the cut. The first repetition always runs."""
+        if rep == 0 or time.perf_counter() + reserve_s < self.deadline:
+            return False
+        raw.cut_short[what] = f"{rep} of {reps} repetitions: the time budget ran out"
+        log(f"{what}: stopping after {rep} of {reps} repetitions (time budget)")
+        return True
+
+    def run(self) -> RawResults:
+        from .machine import machine_info
+        from .roofline import read_checkpoint_tensors, weight_traffic
+
+        started = time.perf_counter()
+        c = self.config
+        model_dir = ensure_bench_model(self.repo)
+        genai = (
+            ensure_genai(self.repo, model_dir / "checkpoint", self.logs / "genai-setup.log")
+            if "genai" in c.peers
+            else GenaiSetup(None, None, "left out (--no-genai)")
+        )
+        raw = RawResults(
+            config=c,
+            machine=machine_info(c.threads),
+            weights=weight_traffic(read_checkpoint_tensors(model_dir / "checkpoint")).to_dict(),
+        )
+        if genai.unavailable:
+            raw.unavailable["genai"] = genai.unavailable
+        raw.setup_s = time.perf_counter() - started
+        try:
+            self._read_bandwidth(raw)
+            self._start_workers(raw, model_dir, genai)
+            self._warm_up(raw)
+            for case in c.cases:
+                self._batch1(raw, case, model_dir)
+            self._sweep(raw, model_dir)
+            self._read_bandwidth(raw)
+        finally:
+            for worker in self.workers.values():
+                worker.close()
+        from .gpu import gpu_section
+
+        raw.gpu = gpu_section(self.repo, c.threads)
+        raw.machine["load_average_at_end"] = list(os.getloadavg())
+        raw.wall_s = time.perf_counter() - started
+        return raw
+
+    # -- steps ---------------------------------------------------------------------------------------
+
+    def _read_bandwidth(self, raw: RawResults) -> None:
+        c = self.config
+        for threads in sorted({1, c.threads}):
+            log(f"memory read bandwidth, {threads} thread(s)")
+            raw.bandwidth.setdefault(threads, []).extend(
+                read_bandwidth(threads, c.bandwidth_bytes, c.bandwidth_reps)
+            )
+
+    def _start_workers(self, raw: RawResults, model_dir: Path, genai: GenaiSetup) -> None:
+        c = self.config
+        wanted: list[tuple[str, Path, Path]] = [("engine", Path(sys.executable), model_dir)]
+        if "transformers" in c.peers:
+            wanted.append(("transformers", Path(sys.executable), model_dir))
+        if genai.python is not None and genai.model_dir is not None:
+            wanted.append(("genai", genai.python, genai.model_dir))
+        wanted.append(("grpc", Path(sys.executable), model_dir))
+        for name, python, directory in wanted:
+            log(f"starting the {name} worker")
+            try:
+                worker = Worker(name, python, directory, c.threads, self.repo, self.logs / f"{name}.log")
+            except WorkerError as exc:
+                if name == "engine":
+                    raise
+                raw.unavailable[name] = _first_lines(str(exc))
+                log(f"{name} unavailable: {raw.unavailable[name]}")
+                continue
+            self.workers[name] = worker
+            raw.peer_info[name] = worker.info
+        if "genai" in raw.peer_info:
+            raw.machine["versions"]["onnxruntime_genai"] = raw.peer_info["genai"].get("onnxruntime_genai")
+
+    def _warm_up(self, raw: RawResults) -> None:
+        """First runs pay for allocation and graph caches; each shape once, not counted."""
+        c = self.config
+        rng = random.Random(c.seed - 1)
+        longest = max(case.prompt_tokens for case in c.cases)
+        for name in list(self.workers):
+            log(f"warming up {name}")
+            try:
+                if name == "grpc":
+                    texts = self._texts(rng, c.sweep_prompt_tokens, max(c.concurrency))
+                    self.workers[name].call("streams", prompts=texts[:1], new_tokens=8)
+                    self.workers[name].call("streams", prompts=texts, new_tokens=2)
+                else:
+                    self.workers[name].call("generate", prompt_ids=prompt_ids(128, rng), new_tokens=8)
+                    self.workers[name].call("generate", prompt_ids=prompt_ids(longest, rng), new_tokens=2)
+            except WorkerError as exc:
+                self._drop(raw, name, exc)
+
+    def _batch1(self, raw: RawResults, case: Case, model_dir: Path) -> None:
+        """One prompt per repetition, the same for all peers; gRPC joins where the prompt is short enough."""
+        c = self.config
+        key = case_key(case)
+        raw.load[f"batch-1 {key}"] = os.getloadavg()[0]
+        rng = random.Random(f"{c.seed}-{key}")
+        with_grpc = case.prompt_tokens == c.sweep_prompt_tokens
+        peers = [
+            p
+            for p in ("engine", "transformers", "genai", "grpc")
+            if p in self.workers and (p != "grpc" or with_grpc)
+        ]
+        results = raw.batch1.setdefault(key, {p: [] for p in peers})
+        for rep in range(case.reps):
+            if self._out_of_time(raw, f"batch-1 {key}", rep, case.reps, SWEEP_RESERVE_S):
+                break
+            if with_grpc:  # text for the server; its exact ids for the in-process peers
+                text = self._texts(rng, case.prompt_tokens, 1)[0]
+                ids = [BOS_ID, *self._tokenizer(model_dir).encode(text)]
+            else:
+                text, ids = "", prompt_ids(case.prompt_tokens, rng)
+            for name in rotated(peers, rep):
+                if name not in self.workers:
+                    continue
+                log(f"prompt {case.prompt_tokens}, {case.new_tokens} new: rep {rep + 1}/{case.reps} {name}")
+                try:
+                    if name == "grpc":
+                        times = self.workers[name].call(
+                            "generate_text", prompt=text, new_tokens=case.new_tokens
+                        )
+                    else:
+                        times = self.workers[name].call(
+                            "generate", prompt_ids=ids, new_tokens=case.new_tokens
+                        )
+                except WorkerError as exc:
+                    self._drop(raw, name, exc)
+                    continue
+                results[name].append(times)
+                time.sleep(SETTLE_S)
+
+    def _sweep(self, raw: RawResults, model_dir: Path) -> None:
+        c = self.config
+        if "grpc" not in self.workers:
+            return
+        raw.load["concurrency sweep"] = os.getloadavg()[0]
+        rng = random.Random(f"{c.seed}-sweep")
+        for rep in range(c.sweep_reps):
+            if self._out_of_time(raw, "concurrency sweep", rep, c.sweep_reps, 15.0):
+                break
+            texts = self._texts(rng, c.sweep_prompt_tokens, max(c.concurrency))
+            for level in rotated(list(c.concurrency), rep):
+                log(f"sweep rep {rep + 1}/{c.sweep_reps}: {level} concurrent streams")
+                try:
+                    streams = self.workers["grpc"].call(
+                        "streams", prompts=texts[:level], new_tokens=c.sweep_new_tokens
+                    )
+                except WorkerError as exc:
+                    self._drop(raw, "grpc", exc)
+                    return
+                raw.sweep.setdefault(level, []).append(streams)
+                time.sleep(SETTLE_S)
+
+    # -- helpers -------------------------------------------------------------------------------------
+
+    def _texts(self, rng: random.Random, prompt_tokens: int, count: int) -> list[str]:
+        """Raw prompts of `prompt_tokens` tokens once the server puts BOS in front."""
+        tok = self._tokenizer(self.repo / BENCH_MODEL)
+        return [text_of_length(prompt_tokens - 1, tok.encode, tok.decode, rng) for _ in range(count)]
+
+    def _tokenizer(self, model_dir: Path) -> Any:
+        if not hasattr(self, "_tok"):
+            from textgen_server.tokenizer import Tokenizer
+
+            self._tok = Tokenizer.from_file(model_dir / "tokenizer.json")
+        return self._tok
+
+    def _drop(self, raw: RawResults, name: str, exc: Exception) -> None:
+        if name == "engine":
+            raise exc
+        raw.unavailable[name] = _first_lines(str(exc))
+        log(f"{name} failed and is left out of the rest of the run: {raw.unavailable[name]}")
+        self.workers.pop(name).close()
+
+
+def _first_lines(text: str, lines: int = 3) -> str:
+    kept = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return " | ".join(kept[:1] + kept[-(lines - 1) :]) if len(kept) > lines else " | ".join(kept)
