@@ -236,3 +236,26 @@ async def test_failed_step_fails_its_requests_and_the_server_goes_on(
         assert len(await asyncio.wait_for(_tokens(sched, again), timeout=30)) == 3
     finally:
         await asyncio.to_thread(sched.stop, 0)
+
+
+async def test_padded_prefill_stays_within_the_prefill_budget(engine: Engine, tokenizer: Tokenizer) -> None:
+    """One long prompt among short ones: the left-padded prefill must count rows x longest prompt."""
+    prefills: list[int] = []
+    sched = Scheduler(
+        engine,
+        tokenizer,
+        SchedulerLimits(max_batch_prefill_tokens=1000),
+        on_step=lambda stats: prefills.append(stats.prefill_positions),
+    )
+    sched.start()
+    try:
+        long = GenerationRequest(request_id="long", prompt_ids=(1, *range(10, 509)), max_new_tokens=2)
+        shorts = [
+            GenerationRequest(request_id=f"s{i}", prompt_ids=(1, 7, 8 + i), max_new_tokens=2)
+            for i in range(20)
+        ]
+        await asyncio.gather(*(_tokens(sched, r) for r in [long, *shorts]))
+    finally:
+        await asyncio.to_thread(sched.stop, 0)
+    assert max(prefills) <= 1000
+    assert sum(1 for p in prefills if p) >= 2  # the short prompts could not all ride with the long one

@@ -113,7 +113,10 @@ def test_aggregate_decode_leaves_each_streams_first_token_out() -> None:
 
 
 def test_paired_ratios_divide_within_each_repetition() -> None:
-    assert paired_ratios([200.0, 150.0, 90.0], [50.0, 30.0, 0.0]) == [4.0, 5.0]  # a zero denominator is skipped
+    assert paired_ratios([200.0, 150.0, 90.0], [50.0, 30.0, 0.0]) == [
+        4.0,
+        5.0,
+    ]  # a zero denominator is skipped
     with pytest.raises(ValueError):
         paired_ratios([1.0], [])
 
@@ -211,18 +214,31 @@ def test_sweep_level_pools_streams_and_counts_short_ones() -> None:
 
 
 def test_speedups_from_medians_pairs_and_best_repetitions() -> None:
-    engine = {"decode_tok_s": {"median": 75.0, "max": 100.0, "samples": [100.0, 50.0]},
-              "ttft_s": {"median": 0.1}, "end_to_end_tok_s": {"median": 60.0}}
-    genai = {"decode_tok_s": {"median": 65.0, "max": 80.0, "samples": [80.0, 50.0]},
-             "ttft_s": {"median": 0.15}, "end_to_end_tok_s": {"median": 30.0}}
+    engine = {
+        "decode_tok_s": {"median": 75.0, "max": 100.0, "samples": [100.0, 50.0]},
+        "ttft_s": {"median": 0.1},
+        "end_to_end_tok_s": {"median": 60.0},
+    }
+    genai = {
+        "decode_tok_s": {"median": 65.0, "max": 80.0, "samples": [80.0, 50.0]},
+        "ttft_s": {"median": 0.15},
+        "end_to_end_tok_s": {"median": 30.0},
+    }
     s = _speedups({"engine": engine, "genai": genai, "transformers": {"unavailable": "not installed"}})
     assert s["genai"]["decode"] == pytest.approx(75 / 65)  # ratio of medians
     assert s["genai"]["decode_paired"] == pytest.approx(1.125)  # median of 100/80 = 1.25 and 50/50 = 1.0
     assert s["genai"]["decode_best"] == pytest.approx(1.25)  # 100 / 80
-    assert s["genai"]["ttft"] == pytest.approx(1.5)  # peer TTFT / engine TTFT: above 1, this engine answers first
+    assert s["genai"]["ttft"] == pytest.approx(
+        1.5
+    )  # peer TTFT / engine TTFT: above 1, this engine answers first
     assert s["genai"]["end_to_end"] == pytest.approx(2.0)
-    assert s["transformers"] == {"decode": None, "decode_paired": None, "decode_best": None, "ttft": None,
-                                 "end_to_end": None}
+    assert s["transformers"] == {
+        "decode": None,
+        "decode_paired": None,
+        "decode_best": None,
+        "ttft": None,
+        "end_to_end": None,
+    }
 
 
 def test_rotation_puts_each_peer_first_in_turn() -> None:

@@ -6,8 +6,9 @@ whose events arrive on the server's event loop.
 
 Each iteration:
 1. retire cancelled sequences (a client that left stops costing anything within one step);
-2. admit queued requests while the prefill budget, the batch size and the KV budget allow, and
-   prefill them together; their first tokens are sampled from the prefill logits;
+2. admit queued requests while the prefill budget (rows x longest prompt, since the prefill batch
+   is left-padded too), the batch size and the KV budget allow, and prefill them together; their
+   first tokens are sampled from the prefill logits;
 3. join them to the running batch (left padding, TGI's CausalLMBatch.concatenate);
 4. decode every running sequence in one forward pass, emit each new token, retire the finished.
 
@@ -71,6 +72,7 @@ class StepStats:
     queue_size: int = 0
     batch_size: int = 0
     kv_positions: int = 0  # rows x width of the running batch: what its KV cache holds
+    prefill_positions: int = 0  # rows x width of this step's prefill (0 when nothing was admitted)
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     steps: int = 0
@@ -251,12 +253,14 @@ class Scheduler:
     def _iteration(self) -> None:
         kv_peak = 0  # the most KV positions held at any point of this iteration
         self.stats.prefill_seconds = self.stats.decode_seconds = 0.0
+        self.stats.prefill_positions = 0
         self._retire(lambda handle: handle.cancelled.is_set())
         self._admitting = self._admit()
         if self._admitting:
             started = time.monotonic()
             batch, logits = self.engine.prefill([h.request.prompt_ids for h in self._admitting])
             self.stats.prefill_seconds = time.monotonic() - started
+            self.stats.prefill_positions = batch.size * batch.width
             for row, handle in enumerate(self._admitting):
                 self._emit(handle, logits[row])  # logits [batch, vocab]
             self._batch = batch if self._batch is None else self.engine.concatenate([self._batch, batch])
@@ -288,7 +292,7 @@ class Scheduler:
     def _admit(self) -> list[RequestHandle]:
         limits = self.limits
         admitted: list[RequestHandle] = []
-        prefill_tokens = 0
+        longest_prompt = 0  # a prefill batch is left-padded: it computes rows x longest prompt positions
         longest = max((h.request.max_total_tokens for h in self._running), default=0)
         with self._lock:
             while self._waiting:
@@ -301,12 +305,13 @@ class Scheduler:
                 widest = max(longest, request.max_total_tokens)
                 if (
                     rows > limits.max_batch_size
-                    or prefill_tokens + len(request.prompt_ids) > limits.max_batch_prefill_tokens
+                    or (len(admitted) + 1) * max(longest_prompt, len(request.prompt_ids))
+                    > limits.max_batch_prefill_tokens
                     or rows * widest > limits.max_batch_total_tokens
                 ):
                     break
                 self._waiting.popleft()
-                prefill_tokens += len(request.prompt_ids)
+                longest_prompt = max(longest_prompt, len(request.prompt_ids))
                 longest = widest
                 admitted.append(handle)
         return admitted
