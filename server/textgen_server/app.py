@@ -45,8 +45,8 @@ class ServerSettings:
 class TextgenServer:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
-        self.service = TextGenerationService(settings.model_name)
         self.metrics = Metrics()
+        self.service = TextGenerationService(settings.model_name, on_reject=self.metrics.observe_rejection)
         self.scheduler: Scheduler | None = None
         self.port = 0
 

@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -73,6 +73,9 @@ class StepStats:
     batch_size: int = 0
     kv_positions: int = 0  # rows x width of the running batch: what its KV cache holds
     prefill_positions: int = 0  # rows x width of this step's prefill (0 when nothing was admitted)
+    tokens: int = 0  # tokens generated this step
+    first_token_seconds: list[float] = field(default_factory=list)  # submit → first token, this step
+    finished: list[str] = field(default_factory=list)  # finish reasons ("stop", "length") this step
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     steps: int = 0
@@ -89,6 +92,7 @@ class RequestHandle:
     ) -> None:
         self.request = request
         self.generation = generation
+        self.submitted = time.monotonic()
         self._loop = loop
         self._events: asyncio.Queue[object] = asyncio.Queue()
         self.cancelled = threading.Event()
@@ -253,7 +257,8 @@ class Scheduler:
     def _iteration(self) -> None:
         kv_peak = 0  # the most KV positions held at any point of this iteration
         self.stats.prefill_seconds = self.stats.decode_seconds = 0.0
-        self.stats.prefill_positions = 0
+        self.stats.prefill_positions = self.stats.tokens = 0
+        self.stats.first_token_seconds, self.stats.finished = [], []
         self._retire(lambda handle: handle.cancelled.is_set())
         self._admitting = self._admit()
         if self._admitting:
@@ -319,8 +324,13 @@ class Scheduler:
     def _emit(self, handle: RequestHandle, logits: np.ndarray) -> None:
         if handle.cancelled.is_set():
             return
-        self._outbox.put(handle, handle.generation.step(logits))
-        if handle.generation.finished:
+        event = handle.generation.step(logits)
+        self._outbox.put(handle, event)
+        self.stats.tokens += 1
+        if event.completion_tokens == 1:
+            self.stats.first_token_seconds.append(time.monotonic() - handle.submitted)
+        if event.finish_reason is not None:
+            self.stats.finished.append(event.finish_reason.value)
             self._outbox.put(handle, _END)
 
     def _retire(self, done: Callable[[RequestHandle], bool]) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import NoReturn
 
 import grpc
@@ -41,6 +41,12 @@ InfoContext = grpc.aio.ServicerContext[pb.GetModelInfoRequest, pb.GetModelInfoRe
 AnyContext = GenerateContext | StreamContext | InfoContext
 
 REQUEST_ID_HEADER = "x-request-id"
+_REFUSAL_CODES: dict[type[Exception], grpc.StatusCode] = {
+    UnknownAdapterError: grpc.StatusCode.NOT_FOUND,
+    UnsupportedFeatureError: grpc.StatusCode.UNIMPLEMENTED,
+    QueueFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ShuttingDownError: grpc.StatusCode.UNAVAILABLE,
+}
 _FINISH_REASONS = {FinishReason.STOP: pb.FINISH_REASON_STOP, FinishReason.LENGTH: pb.FINISH_REASON_LENGTH}
 
 
@@ -63,9 +69,12 @@ class ModelState:
 
 
 class TextGenerationService(textgen_pb2_grpc.TextGenerationServicer):
-    def __init__(self, model_name: str | None = None) -> None:
+    def __init__(
+        self, model_name: str | None = None, on_reject: Callable[[grpc.StatusCode], None] | None = None
+    ) -> None:
         self.model: ModelState | None = None
         self.model_name = model_name
+        self._on_reject = on_reject  # metrics: requests refused before generating, by code
 
     async def Generate(self, request: pb.GenerateRequest, context: GenerateContext) -> pb.GenerateResponse:
         handle = await self._submit(request, context)
@@ -141,18 +150,22 @@ class TextGenerationService(textgen_pb2_grpc.TextGenerationServicer):
                 request_id=request_id,
             )
             return model.scheduler.submit(typed)
-        except InvalidRequestError as exc:
-            await _abort_bad_request(context, exc.violations)
-        except UnknownAdapterError as exc:
-            await _abort(context, grpc.StatusCode.NOT_FOUND, str(exc))
-        except UnsupportedFeatureError as exc:
-            await _abort(context, grpc.StatusCode.UNIMPLEMENTED, str(exc))
-        except RequestTooLargeError as exc:
-            await _abort_bad_request(context, [FieldViolation(exc.field, exc.description)])
-        except QueueFullError as exc:
-            await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except ShuttingDownError as exc:
-            await _abort(context, grpc.StatusCode.UNAVAILABLE, str(exc))
+        except (InvalidRequestError, RequestTooLargeError) as exc:
+            self._rejected(grpc.StatusCode.INVALID_ARGUMENT)
+            violations = (
+                exc.violations
+                if isinstance(exc, InvalidRequestError)
+                else [FieldViolation(exc.field, exc.description)]
+            )
+            await _abort_bad_request(context, violations)
+        except (UnknownAdapterError, UnsupportedFeatureError, QueueFullError, ShuttingDownError) as exc:
+            code = _REFUSAL_CODES[type(exc)]
+            self._rejected(code)
+            await _abort(context, code, str(exc))
+
+    def _rejected(self, code: grpc.StatusCode) -> None:
+        if self._on_reject is not None:
+            self._on_reject(code)
 
     async def _events(self, handle: RequestHandle, context: AnyContext) -> AsyncIterator[TokenEvent]:
         try:
