@@ -88,13 +88,10 @@ class TextGenerationService(textgen_pb2_grpc.TextGenerationServicer):
             handle.cancel()  # no-op when finished; stops the work when the client went away
         if last is None:
             await _abort(context, grpc.StatusCode.CANCELLED, "the request was cancelled")
+        # The events of a request always end with its finish reason; only a cancel cuts them short.
+        assert last.finish_reason is not None, "generation ended without a finish reason"
         return pb.GenerateResponse(
-            response="".join(text),
-            usage=_usage(last),
-            finish_reason=_FINISH_REASONS.get(
-                last.finish_reason,  # type: ignore[arg-type]
-                pb.FINISH_REASON_UNSPECIFIED,
-            ),
+            response="".join(text), usage=_usage(last), finish_reason=_FINISH_REASONS[last.finish_reason]
         )
 
     async def GenerateStream(
