@@ -146,3 +146,10 @@ def test_joining_and_filtering_batches_stay_on_the_device(
     joined_row = joined.past[0].numpy()[1]  # [kv_heads, width, head_dim]
     assert np.all(joined_row[:, :3] == 0) and np.array_equal(joined_row[:, 3:], second.past[0].numpy()[0])
     assert np.array_equal(kept.past[0].numpy()[1], second.past[0].numpy()[0])
+
+
+def test_incomplete_model_directory_says_what_is_missing(tiny_model_dir: Path, tmp_path: Path) -> None:
+    for name in ("textgen.json", "model.onnx", "tokenizer.json"):
+        (tmp_path / name).write_bytes((tiny_model_dir / name).read_bytes())
+    with pytest.raises(FileNotFoundError, match="kv_join.onnx, kv_select.onnx missing.*export it again"):
+        Engine(tmp_path, provider="cpu")

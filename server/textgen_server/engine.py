@@ -35,7 +35,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from .kv_ops import KVOps
-from .model_config import MODEL_FILE, ModelConfig
+from .model_config import KV_JOIN_FILE, KV_SELECT_FILE, MODEL_FILE, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,14 @@ class Engine:
 
     def __init__(self, model_dir: Path, *, provider: str = "auto", threads: int | None = None) -> None:
         self.config = ModelConfig.load(model_dir)
+        missing = [
+            name for name in (MODEL_FILE, KV_JOIN_FILE, KV_SELECT_FILE) if not (model_dir / name).is_file()
+        ]
+        if missing:
+            raise FileNotFoundError(
+                f"{model_dir}: {', '.join(missing)} missing; the directory is incomplete or from an older "
+                "exporter: export it again (textgen-export ... --overwrite)"
+            )
         if not self.config.logits_last_position_only:
             raise ValueError(f"{model_dir}: re-export the model: this engine expects last-position logits")
         options = ort.SessionOptions()
