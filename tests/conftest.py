@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
+from hypothesis import settings
 from server_harness import ServerThread
 from textgen.v1 import textgen_pb2_grpc as rpc
 
 REPO = Path(__file__).resolve().parent.parent
+
+# CI (CI=true) replays the same examples every run, so that a landing never depends on luck;
+# local runs keep exploring new ones.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.load_profile("ci" if os.environ.get("CI") else "default")
 
 
 @pytest.fixture(scope="session")
