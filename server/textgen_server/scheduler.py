@@ -283,7 +283,6 @@ class Scheduler:
             for row, handle in enumerate(self._running):
                 self._emit(handle, logits[row])
             self._retire(lambda handle: handle.generation.finished or handle.cancelled.is_set())
-        self._outbox.flush()
         self.stats.steps += 1
         self.stats.kv_positions = kv_peak
         self.stats.batch_size = len(self._running)
@@ -293,6 +292,8 @@ class Scheduler:
                 self._on_step(self.stats)
             except Exception:  # an observer's bug must not fail the requests in the batch
                 log.exception("step observer failed")
+        # After the observer: by the time a client sees its last token, the step is in the metrics.
+        self._outbox.flush()
 
     def _admit(self) -> list[RequestHandle]:
         limits = self.limits
