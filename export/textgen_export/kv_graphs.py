@@ -14,8 +14,7 @@ from pathlib import Path
 from onnx import ModelProto, TensorProto, ValueInfoProto, helper, save_model
 from textgen_server.model_config import KV_JOIN_FILE, KV_SELECT_FILE
 
-_OPSET = 18
-_ELEM_TYPES = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16}
+from .native_graph import ONNX_DTYPES, OPSET
 
 
 def _cache_input(name: str, elem_type: int) -> ValueInfoProto:
@@ -36,7 +35,7 @@ def _join_graph(count: int, elem_type: int) -> ModelProto:
         ]
         outputs.append(_cache_input(f"out{i}", elem_type))
     graph = helper.make_graph(nodes, "textgen_kv_join", inputs, outputs)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", _OPSET)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
 
 
 def _select_graph(count: int, elem_type: int) -> ModelProto:
@@ -58,10 +57,10 @@ def _select_graph(count: int, elem_type: int) -> ModelProto:
         ]
         outputs.append(_cache_input(f"out{i}", elem_type))
     graph = helper.make_graph(nodes, "textgen_kv_select", inputs, outputs, initializer=initializers)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", _OPSET)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
 
 
 def write_kv_graphs(model_dir: Path, *, num_layers: int, dtype: str) -> None:
     count = 2 * num_layers  # a key and a value tensor per layer
-    save_model(_join_graph(count, _ELEM_TYPES[dtype]), str(model_dir / KV_JOIN_FILE))
-    save_model(_select_graph(count, _ELEM_TYPES[dtype]), str(model_dir / KV_SELECT_FILE))
+    save_model(_join_graph(count, ONNX_DTYPES[dtype]), str(model_dir / KV_JOIN_FILE))
+    save_model(_select_graph(count, ONNX_DTYPES[dtype]), str(model_dir / KV_SELECT_FILE))

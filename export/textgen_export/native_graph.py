@@ -26,7 +26,7 @@ from onnx import ModelProto, NodeProto, TensorProto, ValueInfoProto, helper, num
 from textgen_server.model_config import ModelIO
 
 OPSET = 18
-_ONNX_DTYPES = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16}
+ONNX_DTYPES = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16}
 _NUMPY_DTYPES: dict[str, type[np.floating[Any]]] = {"fp32": np.float32, "fp16": np.float16}
 
 
@@ -63,7 +63,7 @@ class DecoderShape:
 class _Builder:
     def __init__(self, dtype: str) -> None:
         self.dtype = dtype
-        self.elem = _ONNX_DTYPES[dtype]
+        self.elem = ONNX_DTYPES[dtype]
         self.np_dtype = _NUMPY_DTYPES[dtype]
         self.nodes: list[NodeProto] = []
         self.initializers: list[TensorProto] = []

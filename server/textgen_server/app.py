@@ -8,6 +8,7 @@ drains in-flight generations within the grace period and tells the rest why they
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,14 +76,9 @@ class TextgenServer:
         s = self.settings
         engine = await asyncio.to_thread(Engine, s.model_dir, provider=s.provider, threads=s.threads)
         tokenizer = Tokenizer.from_file(s.model_dir / TOKENIZER_FILE)
-        limits = s.limits
-        if limits.max_batch_prefill_tokens > engine.config.max_batch_prefill_tokens:
-            limits = SchedulerLimits(
-                limits.max_batch_size,
-                engine.config.max_batch_prefill_tokens,
-                limits.max_batch_total_tokens,
-                limits.max_concurrent_requests,
-            )
+        # The model's own prefill limit (the card's 8192) caps whatever was configured.
+        prefill = min(s.limits.max_batch_prefill_tokens, engine.config.max_batch_prefill_tokens)
+        limits = dataclasses.replace(s.limits, max_batch_prefill_tokens=prefill)
         self.scheduler = Scheduler(engine, tokenizer, limits, on_step=self.metrics.observe_step)
         self.scheduler.start()
         self.service.model = ModelState(self.scheduler, tokenizer, engine.config, engine.execution_provider)
@@ -95,9 +91,6 @@ class TextgenServer:
         if self.scheduler is not None:
             await asyncio.to_thread(self.scheduler.stop, grace)
         await self.server.stop(grace=1.0)
-
-    async def wait(self) -> None:
-        await self.server.wait_for_termination()
 
     async def _set_serving(self, serving: bool) -> None:
         status = (

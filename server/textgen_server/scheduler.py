@@ -87,15 +87,16 @@ _END = object()
 class RequestHandle:
     """The server's view of one submitted request: an async stream of TokenEvents."""
 
-    def __init__(
-        self, request: GenerationRequest, generation: Generation, loop: asyncio.AbstractEventLoop
-    ) -> None:
-        self.request = request
+    def __init__(self, generation: Generation, loop: asyncio.AbstractEventLoop) -> None:
         self.generation = generation
         self.submitted = time.monotonic()
         self._loop = loop
         self._events: asyncio.Queue[object] = asyncio.Queue()
         self.cancelled = threading.Event()
+
+    @property
+    def request(self) -> GenerationRequest:
+        return self.generation.request
 
     def cancel(self) -> None:
         """Ask the scheduler to drop this request at its next step."""
@@ -184,7 +185,7 @@ class Scheduler:
             )
         # Built here, on the caller's thread: a bad request fails alone, never inside a batch step.
         generation = Generation(request, self.tokenizer, self.engine.config.vocab_size)
-        handle = RequestHandle(request, generation, asyncio.get_running_loop())
+        handle = RequestHandle(generation, asyncio.get_running_loop())
         with self._lock:
             if not self._accepting:
                 raise ShuttingDownError("the server is shutting down; retry on another replica")
