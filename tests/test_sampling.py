@@ -470,11 +470,11 @@ def _hostile_logits(rng: np.random.Generator, vocab: int) -> list[F32]:
     return cases
 
 
-@pytest.mark.parametrize("penalty", [0.0, 1e-38, 1e-6, 1.0, 2.0])
+@pytest.mark.parametrize("penalty", [0.0, 5e-324, 1e-46, 1e-38, 1e-6, 1.0, 2.0])
 def test_card_bounds_never_yield_nan_or_inf(penalty: float) -> None:
     rng = np.random.default_rng(14)
     vocab = 200
-    for temperature in (0.0, 1e-30, 0.6, 5.0):
+    for temperature in (0.0, 5e-324, 1e-40, 1e-30, 0.6, 5.0):
         for top_k, top_p in ((None, None), (1, 0.0), (50, 2.0), (50, 0.5), (None, 1e-9)):
             for extra in (0.0, 2.0):
                 params = SamplingParams(
@@ -541,3 +541,26 @@ def test_params_defaults_and_bounds() -> None:
     )
     assert SamplingParams(top_p=2.0).effective_top_p is None
     assert SamplingParams(top_p=0.0).effective_top_p == 0.0
+
+
+@pytest.mark.parametrize("temperature", [5e-324, 1e-45, 1e-40, 1e-30])
+def test_tiny_temperature_behaves_like_its_limit_greedy(temperature: float) -> None:
+    # Issue 14, cause 2: 5e-324 rounds to 0 in float32; dividing by it made NaN and top-k kept nothing.
+    rng = np.random.default_rng(16)
+    vocab = 300
+    for _ in range(20):
+        x = (rng.standard_normal(vocab) * 5).astype(np.float32)
+        params = SamplingParams(temperature=temperature, top_k=1, repetition_penalty=1.3, seed=1)
+        greedy = SamplingParams(temperature=0.0, repetition_penalty=1.3)
+        prompt = rng.choice(vocab, size=10, replace=False).tolist()
+        tiny_pick = TokenChooser.from_params(params, prompt, vocab).choose(x)
+        assert tiny_pick == TokenChooser.from_params(greedy, prompt, vocab).choose(x)
+
+
+def test_tiny_repetition_penalty_favours_seen_positive_logits_like_its_limit() -> None:
+    vocab = 50
+    x = np.linspace(-2.0, 2.0, vocab).astype(np.float32)  # the argmax is the last token
+    seen = [10, 30]  # x[10] < 0, x[30] > 0: the penalty's limit makes token 30 infinitely likely
+    for penalty in (5e-324, 1e-46, 1e-30):
+        params = SamplingParams(temperature=0.0, repetition_penalty=penalty)
+        assert TokenChooser.from_params(params, seen, vocab).choose(x) == 30

@@ -19,18 +19,21 @@ that top-k/top-p only ever keep allowed tokens):
 
 What the boundary values mean (the card allows 0 for all but top_k):
 
-- ``temperature == 0``: greedy; ties go to the lowest token id (as ``torch.argmax``).
+- ``temperature == 0``: greedy; ties go to the lowest token id (as ``torch.argmax``). A positive
+  temperature that rounds to 0 in float32 (say 5e-324) is greedy too: that is its limit.
 - ``top_k is None``: off. The card's range is 1..50; 1 keeps the argmax and its ties.
 - ``top_p is None`` or ``top_p >= 1``: off. ``top_p == 0`` keeps exactly one token, the most probable
   (the nucleus rule with transformers' ``min_tokens_to_keep=1``), so sampling becomes greedy-like.
 - ``repetition_penalty`` 1 or 0: off. The penalty divides positive logits, so 0 has no value of its
   own, and its limit would make any seen token with a positive logit infinitely likely; 0 is also
-  what an unset proto3 field reads as. Any other value in (0, 2] is transformers' penalty exactly.
+  what an unset proto3 field reads as. Any other value in (0, 2] is transformers' penalty exactly;
+  one below float32's smallest positive value is taken as that value (its limit, without NaN).
 - ``frequency_penalty`` / ``presence_penalty`` 0: off.
 
 Whatever the parameters or logits, the distribution sampled from is finite and sums to 1: NaN logits
-count as -inf, logits that overflow to +inf (a tiny penalty or temperature) are clamped to the largest
-float32, and a step with no finite logit left falls back to the first allowed token.
+count as -inf, logits that a tiny repetition penalty overflows to +inf are clamped to the largest
+float32, a temperature so small that the top logit overflows takes the argmax (its limit), and a step
+with no finite logit left falls back to the first allowed token.
 """
 
 from __future__ import annotations
@@ -78,6 +81,7 @@ SEED_MAX = 9_999_999_999
 DEFAULT_TEMPERATURE = 0.6  # what the card's publisher uses for Mistral-7B-Instruct-v0.2
 
 _F32_MAX = np.float32(np.finfo(np.float32).max)
+_F32_SMALLEST = np.finfo(np.float32).smallest_subnormal
 _NEG_INF = np.float32(-np.inf)
 _BLOCK = 256  # cumulative sums over more than 4 blocks go block-wise (_search_cumsum)
 
@@ -133,7 +137,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Temperature 0, or one so small it rounds to 0 in float32: its limit is the argmax."""
+        return bool(np.float32(self.temperature) == 0)
 
     @property
     def effective_top_p(self) -> float | None:
@@ -144,7 +149,11 @@ class SamplingParams:
     def effective_repetition_penalty(self) -> float | None:
         """The penalty when it changes anything, else None (1 or 0, see the module docstring)."""
         p = self.repetition_penalty
-        return None if p in (0.0, 1.0) else p
+        if p in (0.0, 1.0):
+            return None
+        # A penalty that rounds to 0 in float32 would divide by zero: its limit, the smallest float32,
+        # makes seen positive logits overflow to +inf (clamped later), never NaN.
+        return max(p, float(_F32_SMALLEST))
 
 
 # --- pure steps ---------------------------------------------------------------------------------
@@ -464,9 +473,13 @@ class TokenChooser:
         if p.greedy:
             return np.array([top], dtype=np.intp), np.ones(1)
 
+        overflowed_before = x[top] == np.inf  # a tiny repetition penalty did it
         x /= np.float32(p.temperature)
-        if x[top] == np.inf:  # a tiny temperature or penalty overflowed: keep the order, stay finite
-            np.minimum(x, _F32_MAX, out=x)
+        if x[top] == np.inf:
+            if not overflowed_before:
+                # A temperature so small that the top logit overflows: the limit T -> 0, greedy.
+                return np.array([top], dtype=np.intp), np.ones(1)
+            np.minimum(x, _F32_MAX, out=x)  # keep the order of the rest, stay finite
         top_val = x[top]
 
         if self._top_k is not None:

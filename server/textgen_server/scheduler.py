@@ -93,6 +93,7 @@ class RequestHandle:
         self._loop = loop
         self._events: asyncio.Queue[object] = asyncio.Queue()
         self.cancelled = threading.Event()
+        self.failed = False  # its own per-row work raised: it leaves the batch, the others go on
 
     @property
     def request(self) -> GenerationRequest:
@@ -133,6 +134,11 @@ class _Outbox:
                 loop.call_soon_threadsafe(_deliver, items)
             except RuntimeError:  # the event loop is closed: nobody is listening any more
                 pass
+
+
+def _leaves(handle: RequestHandle) -> bool:
+    """Whether a running sequence leaves the batch now: finished, cancelled, or failed on its own."""
+    return handle.generation.finished or handle.cancelled.is_set() or handle.failed
 
 
 def _deliver(items: list[tuple[asyncio.Queue[object], object]]) -> None:
@@ -250,10 +256,10 @@ class Scheduler:
                     "generation step failed for requests %s", [h.request.request_id for h in failed]
                 )
                 for handle in failed:
-                    error = GenerationFailedError(f"generation failed (request {handle.request.request_id})")
-                    self._outbox.put(handle, error)
-                self._outbox.flush()
+                    self._fail(handle)
                 self._admitting, self._running, self._batch = [], [], None
+                self._publish_stats(kv_peak=0)
+                self._outbox.flush()
 
     def _iteration(self) -> None:
         kv_peak = 0  # the most KV positions held at any point of this iteration
@@ -274,7 +280,8 @@ class Scheduler:
             self._admitting = []
             self._outbox.flush()  # first tokens go out now, not after this step's decode
             kv_peak = self.kv_positions
-            self._retire(lambda handle: handle.generation.finished)
+            # Cancelled during the prefill: no first token was chosen, so it must not be decoded.
+            self._retire(_leaves)
         if self._running and self._batch is not None:
             started = time.monotonic()
             tokens = np.array([h.generation.last_token for h in self._running], dtype=np.int64)  # [batch]
@@ -283,8 +290,13 @@ class Scheduler:
             kv_peak = max(kv_peak, self.kv_positions)
             for row, handle in enumerate(self._running):
                 self._emit(handle, logits[row])
-            self._retire(lambda handle: handle.generation.finished or handle.cancelled.is_set())
+            self._retire(_leaves)
         self.stats.steps += 1
+        self._publish_stats(kv_peak)
+        # After the observer: by the time a client sees its last token, the step is in the metrics.
+        self._outbox.flush()
+
+    def _publish_stats(self, kv_peak: int) -> None:
         self.stats.kv_positions = kv_peak
         self.stats.batch_size = len(self._running)
         self.stats.queue_size = len(self._waiting)
@@ -293,8 +305,6 @@ class Scheduler:
                 self._on_step(self.stats)
             except Exception:  # an observer's bug must not fail the requests in the batch
                 log.exception("step observer failed")
-        # After the observer: by the time a client sees its last token, the step is in the metrics.
-        self._outbox.flush()
 
     def _admit(self) -> list[RequestHandle]:
         limits = self.limits
@@ -324,9 +334,14 @@ class Scheduler:
         return admitted
 
     def _emit(self, handle: RequestHandle, logits: np.ndarray) -> None:
-        if handle.cancelled.is_set():
+        if handle.cancelled.is_set() or handle.failed:
             return
-        event = handle.generation.step(logits)
+        try:
+            event = handle.generation.step(logits)
+        except Exception:  # this row's own work (sampling, detokenizing, stop strings) failed
+            log.exception("request %s failed in its own step", handle.request.request_id)
+            self._fail(handle)
+            return
         self._outbox.put(handle, event)
         self.stats.tokens += 1
         if event.completion_tokens == 1:
@@ -335,13 +350,19 @@ class Scheduler:
             self.stats.finished.append(event.finish_reason.value)
             self._outbox.put(handle, _END)
 
+    def _fail(self, handle: RequestHandle) -> None:
+        handle.failed = True
+        self._outbox.put(
+            handle, GenerationFailedError(f"generation failed (request {handle.request.request_id})")
+        )
+
     def _retire(self, done: Callable[[RequestHandle], bool]) -> None:
         keep = [row for row, handle in enumerate(self._running) if not done(handle)]
         if len(keep) == len(self._running):
             return
         kept = set(keep)
         for row, handle in enumerate(self._running):
-            if row not in kept and not handle.generation.finished:
+            if row not in kept and not handle.generation.finished and not handle.failed:
                 self._outbox.put(handle, _END)  # cancelled: the client is gone, close its stream quietly
         self._running = [self._running[row] for row in keep]
         if not keep:

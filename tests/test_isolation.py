@@ -1,0 +1,133 @@
+"""A request's trouble stays its own: cancels mid-prefill, a row whose own step raises, failed steps.
+
+Regressions for issue 14's causes 1 and 5 and its per-row isolation, at the scheduler (the gRPC
+reproductions are in tests/test_server.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from textgen_server.engine import Engine
+from textgen_server.generation import GenerationRequest
+from textgen_server.sampling import SamplingParams
+from textgen_server.scheduler import GenerationFailedError, RequestHandle, Scheduler, StepStats
+from textgen_server.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir: Path) -> Engine:
+    return Engine(tiny_model_dir, provider="cpu")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir: Path) -> Tokenizer:
+    return Tokenizer.from_file(tiny_model_dir / "tokenizer.json")
+
+
+@pytest.fixture
+async def scheduler(engine: Engine, tokenizer: Tokenizer) -> AsyncIterator[Scheduler]:
+    sched = Scheduler(engine, tokenizer)
+    sched.start()
+    yield sched
+    await asyncio.to_thread(sched.stop, 0)
+
+
+def _request(request_id: str, prompt: tuple[int, ...], max_new_tokens: int) -> GenerationRequest:
+    return GenerationRequest(
+        request_id=request_id,
+        prompt_ids=prompt,
+        max_new_tokens=max_new_tokens,
+        sampling=SamplingParams(temperature=0.0),
+    )
+
+
+async def _tokens(handle: RequestHandle) -> list[int]:
+    return [event.token_id async for event in handle.events()]
+
+
+async def test_cancel_during_prefill_leaves_the_running_batch_untouched(
+    scheduler: Scheduler, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cause 1: the cancelled row got no first token but was decoded anyway, failing every row."""
+    steady = _request("steady", (1, 5, 6, 7), 40)
+    expected = await _tokens(scheduler.submit(steady))
+    leaver = _request("leaver", (1, *range(100, 400)), 4)
+    leaver_handle: list[RequestHandle] = []
+    real_prefill = engine.prefill
+
+    def cancel_while_prefilling(*args: Any, **kwargs: Any) -> Any:
+        result = real_prefill(*args, **kwargs)
+        if leaver_handle:
+            leaver_handle[0].cancel()  # lands after the forward pass, before its first token is chosen
+        return result
+
+    monkeypatch.setattr(engine, "prefill", cancel_while_prefilling)
+    running = scheduler.submit(steady)
+    stream = running.events().__aiter__()
+    first = [(await stream.__anext__()).token_id]  # steady is in the running batch now
+    leaver_handle.append(scheduler.submit(leaver))
+    rest = [event.token_id async for event in stream]
+    assert first + rest == expected
+    assert await _tokens(leaver_handle[0]) == []  # closed quietly: its client is gone
+    assert scheduler.running_count == 0 and scheduler.queued_count == 0
+
+
+async def test_a_row_whose_own_step_raises_fails_alone(scheduler: Scheduler) -> None:
+    requests = [_request(f"r{i}", (1, 9, 10 + i), 30) for i in range(4)]
+    alone = [await _tokens(scheduler.submit(r)) for r in requests]
+    handles = [scheduler.submit(r) for r in requests]
+    victim = handles[2].generation
+    real_step = victim.step
+
+    def step_that_breaks(logits: Any) -> Any:
+        if victim.completion_tokens == 5:
+            raise IndexError("simulated bug in this row's sampling")
+        return real_step(logits)
+
+    victim.step = step_that_breaks  # type: ignore[method-assign]
+    results = await asyncio.gather(*(_tokens(h) for h in handles), return_exceptions=True)
+    assert isinstance(results[2], GenerationFailedError) and "r2" in str(results[2])
+    assert [results[i] for i in (0, 1, 3)] == [alone[i] for i in (0, 1, 3)]
+    assert scheduler.running_count == 0
+
+
+async def test_gauges_are_published_after_a_failed_step(
+    engine: Engine, tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cause 5: after a failed step the observer kept the last batch and queue sizes."""
+    seen: list[StepStats] = []
+
+    def observe(stats: StepStats) -> None:
+        seen.append(
+            StepStats(
+                queue_size=stats.queue_size, batch_size=stats.batch_size, kv_positions=stats.kv_positions
+            )
+        )
+
+    sched = Scheduler(engine, tokenizer, on_step=observe)
+    sched.start()
+    real_decode = engine.decode
+    decodes = 0
+
+    def decode_failing_later(*args: Any, **kwargs: Any) -> Any:
+        nonlocal decodes
+        decodes += 1
+        if decodes == 3:
+            raise RuntimeError("simulated ORT failure")
+        return real_decode(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "decode", decode_failing_later)
+    try:
+        handles = [sched.submit(_request(f"g{i}", (1, 5, 6 + i), 50)) for i in range(3)]
+        results = await asyncio.gather(*(_tokens(h) for h in handles), return_exceptions=True)
+    finally:
+        await asyncio.to_thread(sched.stop, 0)
+    assert all(isinstance(r, GenerationFailedError) for r in results)
+    assert any(s.batch_size == 3 for s in seen)
+    last = seen[-1]
+    assert (last.batch_size, last.queue_size, last.kv_positions) == (0, 0, 0)
