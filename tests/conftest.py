@@ -30,16 +30,6 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_optimum_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The same weights exported through optimum's traced graph (`--graph optimum`)."""
-    from textgen_export.demo import build_demo
-
-    out = tmp_path_factory.mktemp("models") / "tiny-optimum"
-    build_demo(out, size="tiny", graph="optimum")
-    return out
-
-
-@pytest.fixture(scope="session")
 def server(tiny_model_dir: Path) -> Iterator[ServerThread]:
     """One in-process server on a free port for the whole session."""
     harness = ServerThread(tiny_model_dir)

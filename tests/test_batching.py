@@ -7,6 +7,7 @@ import random
 import resource
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,13 +20,14 @@ from textgen_server.scheduler import (
     RequestTooLargeError,
     Scheduler,
     SchedulerLimits,
+    StepStats,
 )
 from textgen_server.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir: Path) -> Engine:
-    return Engine(tiny_model_dir, provider="cpu")
+    return Engine(tiny_model_dir, provider="cpu", slots=32, max_len=512)
 
 
 @pytest.fixture(scope="module")
@@ -83,11 +85,16 @@ def test_batched_logits_differ_from_alone_by_rounding_only(engine: Engine) -> No
     larger batch in other blocks, which changes the summation order. The difference stays at float32
     rounding level; greedy can only flip on a near-tie within it."""
     requests = _requests(32, seed=1)
-    _, logits = engine.prefill([r.prompt_ids for r in requests])  # [32, vocab]
+    for slot, request in enumerate(requests):
+        engine.prefill(slot, request.prompt_ids)
+    tokens = np.full(32, 5, dtype=np.int64)  # [32]
+    lengths = np.array([len(r.prompt_ids) for r in requests], dtype=np.int64)  # [32]
+    together = engine.decode(tokens, lengths)  # [32, vocab]
     worst = 0.0
-    for row, request in enumerate(requests):
-        _, alone = engine.prefill([request.prompt_ids])
-        worst = max(worst, float(np.abs(alone[0] - logits[row]).max()))
+    for slot, request in enumerate(requests):
+        engine.prefill(0, request.prompt_ids)
+        alone = engine.decode(tokens[:1], lengths[slot : slot + 1])  # [1, vocab]
+        worst = max(worst, float(np.abs(alone[0] - together[slot]).max()))
     assert worst < 1e-5
 
 
@@ -149,23 +156,27 @@ async def test_random_cancellations_free_every_slot(scheduler: Scheduler) -> Non
     assert grown_kib < 64 * 1024, f"peak memory grew by {grown_kib} KiB over the second round"
 
 
-async def test_kv_budget_is_never_exceeded(engine: Engine, tokenizer: Tokenizer) -> None:
-    budget = 4 * 300
+async def test_the_batch_never_outgrows_the_kv_slots(tiny_model_dir: Path, tokenizer: Tokenizer) -> None:
+    small = Engine(tiny_model_dir, provider="cpu", slots=4, max_len=300)
+    sizes: list[int] = []
     peaks: list[int] = []
-    sched = Scheduler(
-        engine,
-        tokenizer,
-        SchedulerLimits(max_batch_size=32, max_batch_total_tokens=budget),
-        on_step=lambda stats: peaks.append(stats.kv_positions),
-    )
+
+    def observe(stats: StepStats) -> None:
+        sizes.append(stats.batch_size)
+        peaks.append(stats.kv_positions)
+
+    sched = Scheduler(small, tokenizer, SchedulerLimits(max_batch_size=32), on_step=observe)
     sched.start()
     try:
         requests = _requests(24, seed=3)
+        alone = [await _tokens(sched, r) for r in requests[:4]]
         results = await asyncio.gather(*(_tokens(sched, r) for r in requests))
     finally:
         await asyncio.to_thread(sched.stop, 0)
+    assert results[:4] == alone
     assert all(len(tokens) >= 1 for tokens in results)
-    assert 0 < max(peaks) <= budget
+    assert max(sizes) == 4
+    assert 0 < max(peaks) <= 4 * 300
 
 
 async def test_backpressure_past_max_concurrent_requests(engine: Engine, tokenizer: Tokenizer) -> None:
@@ -199,14 +210,20 @@ async def test_step_stats_reach_the_observer(engine: Engine, tokenizer: Tokenize
     assert all(seconds >= 0 for _, _, seconds in seen) and any(seconds > 0 for _, _, seconds in seen)
 
 
-async def test_request_that_can_never_fit_is_refused_at_once(engine: Engine, tokenizer: Tokenizer) -> None:
-    sched = Scheduler(engine, tokenizer, SchedulerLimits(max_batch_total_tokens=64))
+async def test_request_that_can_never_fit_is_refused_at_once(
+    tiny_model_dir: Path, tokenizer: Tokenizer
+) -> None:
+    short_slots = Engine(tiny_model_dir, provider="cpu", slots=2, max_len=64)
+    sched = Scheduler(short_slots, tokenizer)
     sched.start()
     try:
-        with pytest.raises(RequestTooLargeError, match="max_batch_total_tokens=64") as caught:
-            sched.submit(GenerationRequest(request_id="big", prompt_ids=(1, 5, 6), max_new_tokens=62))
+        with pytest.raises(RequestTooLargeError, match="64 positions") as caught:
+            sched.submit(GenerationRequest(request_id="big", prompt_ids=(1, 5, 6), max_new_tokens=63))
         assert caught.value.field == "max_tokens"
-        small = GenerationRequest(request_id="ok", prompt_ids=(1, 5, 6), max_new_tokens=61)
+        # The last token is never fed back, so prompt + max_new_tokens - 1 positions fit exactly.
+        small = GenerationRequest(
+            request_id="ok", prompt_ids=(1, 5, 6), max_new_tokens=62, sampling=SamplingParams(temperature=0)
+        )
         assert len(await _tokens(sched, small)) >= 1
     finally:
         await asyncio.to_thread(sched.stop, 0)
@@ -220,12 +237,12 @@ async def test_failed_step_fails_its_requests_and_the_server_goes_on(
     real_prefill = engine.prefill
     calls = 0
 
-    def failing_once(prompts: object) -> object:
+    def failing_once(*args: Any, **kwargs: Any) -> Any:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise RuntimeError("simulated ORT failure")
-        return real_prefill(prompts)  # type: ignore[arg-type]
+        return real_prefill(*args, **kwargs)
 
     monkeypatch.setattr(engine, "prefill", failing_once)
     try:
@@ -238,32 +255,51 @@ async def test_failed_step_fails_its_requests_and_the_server_goes_on(
         await asyncio.to_thread(sched.stop, 0)
 
 
-async def test_padded_prefill_stays_within_the_prefill_budget(engine: Engine, tokenizer: Tokenizer) -> None:
-    """One long prompt among short ones: the left-padded prefill must count rows x longest prompt."""
-    prefills: list[int] = []
+async def test_long_prompt_is_prefilled_in_chunks_while_streams_decode(
+    tiny_model_dir: Path, tokenizer: Tokenizer
+) -> None:
+    engine = Engine(tiny_model_dir, provider="cpu", slots=8, max_len=2100)
+    steps: list[tuple[int, int, int]] = []  # (prefill tokens, batch size, tokens generated)
+    limits = SchedulerLimits(max_batch_prefill_tokens=1000, prefill_chunk_tokens=256)
     sched = Scheduler(
         engine,
         tokenizer,
-        SchedulerLimits(max_batch_prefill_tokens=1000),
-        on_step=lambda stats: prefills.append(stats.prefill_positions),
+        limits,
+        on_step=lambda st: steps.append((st.prefill_positions, st.batch_size, st.tokens)),
     )
     sched.start()
+    greedy = SamplingParams(temperature=0.0)
+    long = GenerationRequest(
+        request_id="long", prompt_ids=(1, *range(10, 2017)), max_new_tokens=4, sampling=greedy
+    )
+    streams = [
+        GenerationRequest(request_id=f"s{i}", prompt_ids=(1, 7, 8 + i), max_new_tokens=60, sampling=greedy)
+        for i in range(4)
+    ]
     try:
-        long = GenerationRequest(request_id="long", prompt_ids=(1, *range(10, 509)), max_new_tokens=2)
-        shorts = [
-            GenerationRequest(request_id=f"s{i}", prompt_ids=(1, 7, 8 + i), max_new_tokens=2)
-            for i in range(20)
-        ]
-        await asyncio.gather(*(_tokens(sched, r) for r in [long, *shorts]))
+        long_alone = await _tokens(sched, long)
+        prefills_alone = [p for p, _, _ in steps if p]
+        steps.clear()
+        handles = [sched.submit(r) for r in streams]
+        firsts = [await h.events().__aiter__().__anext__() for h in handles]  # all four are decoding
+        long_together = await _tokens(sched, long)
+        for handle in handles:
+            handle.cancel()
     finally:
         await asyncio.to_thread(sched.stop, 0)
-    assert max(prefills) <= 1000
-    assert sum(1 for p in prefills if p) >= 2  # the short prompts could not all ride with the long one
+    assert all(f.completion_tokens == 1 for f in firsts)
+    assert long_together == long_alone
+    # Alone, nothing decodes: the prompt goes in chunks of max_batch_prefill_tokens.
+    assert prefills_alone == [1000, 1000, 8]
+    # With streams decoding: chunks of at most 256, and every such step also decoded the streams.
+    chunked = [(p, size, tokens) for p, size, tokens in steps if p > 8]
+    assert len(chunked) >= 2000 // 256
+    assert all(p <= 256 and size >= 4 and tokens >= 4 for p, size, tokens in chunked)
 
 
 async def test_cancelled_request_leaves_within_one_step(scheduler: Scheduler) -> None:
     handle = scheduler.submit(
-        GenerationRequest(request_id="leaver", prompt_ids=(1, 5, 6), max_new_tokens=3000)
+        GenerationRequest(request_id="leaver", prompt_ids=(1, 5, 6), max_new_tokens=500)
     )
     stream = handle.events().__aiter__()
     for _ in range(3):

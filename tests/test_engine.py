@@ -1,7 +1,8 @@
-"""The ONNX engine against transformers on the same weights, and its KV cache staying on the device."""
+"""The ONNX engine against transformers on the same weights, and its KV cache allocated once."""
 
 from __future__ import annotations
 
+import resource
 from pathlib import Path
 
 import numpy as np
@@ -9,16 +10,16 @@ import onnxruntime as ort
 import pytest
 import torch
 from textgen_server.engine import Engine
+from textgen_server.model_config import ModelConfig
 from transformers import MistralForCausalLM
 
 NEW_TOKENS = 64
 
 
-@pytest.fixture(scope="module", params=["native", "optimum"])
+@pytest.fixture(scope="module", params=["numpy-cache", "ortvalue-cache"])
 def engine(request: pytest.FixtureRequest, tiny_model_dir: Path) -> Engine:
-    """Both graphs the exporter writes, on the same weights (the demo's fixed seed)."""
-    model_dir = tiny_model_dir if request.param == "native" else request.getfixturevalue("tiny_optimum_dir")
-    return Engine(model_dir, provider="cpu")
+    """Both KV stores: numpy arrays (the CPU default) and OrtValues moved by kv_copy.onnx (the GPU's)."""
+    return Engine(tiny_model_dir, provider="cpu", slots=4, host_arrays=request.param == "numpy-cache")
 
 
 @pytest.fixture(scope="module")
@@ -43,61 +44,76 @@ def _transformers_greedy(model: MistralForCausalLM, prompt: list[int], new_token
     return out[0, len(prompt) :].tolist()
 
 
-def _engine_greedy(engine: Engine, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
-    batch, logits = engine.prefill(prompts)  # logits [batch, vocab]
-    generated: list[list[int]] = [[] for _ in prompts]
-    for step in range(new_tokens):
-        tokens = logits.argmax(axis=-1).astype(np.int64)  # [batch]
-        for row, token in enumerate(tokens):
-            generated[row].append(int(token))
-        if step + 1 < new_tokens:
-            logits = engine.decode(batch, tokens)
+def _prefill(engine: Engine, slot: int, prompt: list[int], chunk: int) -> np.ndarray:
+    """The prompt into `slot` in chunks of `chunk` tokens; the last chunk's logits [vocab]."""
+    for start in range(0, len(prompt), chunk):
+        logits = engine.prefill(slot, prompt[start : start + chunk], start=start)
+    return logits
+
+
+def _engine_greedy(engine: Engine, prompt: list[int], new_tokens: int, chunk: int = 10_000) -> list[int]:
+    generated = [int(_prefill(engine, 0, prompt, chunk).argmax())]
+    length = len(prompt)
+    while len(generated) < new_tokens:
+        logits = engine.decode(np.array([generated[-1]]), np.array([length]))  # [1, vocab]
+        generated.append(int(logits[0].argmax()))
+        length += 1
     return generated
 
 
 @pytest.mark.parametrize("length", [1, 2, 17, 300, 1100, 3000])
 def test_greedy_parity_with_transformers(engine: Engine, reference: MistralForCausalLM, length: int) -> None:
     prompt = _prompt(length, seed=length)
-    assert _engine_greedy(engine, [prompt], NEW_TOKENS)[0] == _transformers_greedy(
-        reference, prompt, NEW_TOKENS
-    )
+    expected = _transformers_greedy(reference, prompt, NEW_TOKENS)
+    assert _engine_greedy(engine, prompt, NEW_TOKENS) == expected
+    if length > 256:  # the same prompt prefilled in chunks, as the scheduler does for long prompts
+        assert _engine_greedy(engine, prompt, NEW_TOKENS, chunk=256) == expected
 
 
-def test_left_padded_batch_equals_each_prompt_alone(engine: Engine) -> None:
-    prompts = [_prompt(n, seed=n) for n in (3, 40, 11, 97)]
-    alone = [_engine_greedy(engine, [p], 24)[0] for p in prompts]
-    assert _engine_greedy(engine, prompts, 24) == alone
-
-
-def test_concatenate_and_filter_keep_each_row_exact(engine: Engine) -> None:
-    first, second = _prompt(30, seed=1), _prompt(5, seed=2)
-    expected = [_engine_greedy(engine, [p], 12)[0] for p in (first, second)]
-    a, la = engine.prefill([first])
-    b, lb = engine.prefill([second])
-    batch = engine.concatenate([a, b])
-    tokens = np.array([la[0].argmax(), lb[0].argmax()], dtype=np.int64)
-    got = [[int(tokens[0])], [int(tokens[1])]]
-    for _ in range(5):
-        logits = engine.decode(batch, tokens)
-        tokens = logits.argmax(axis=-1).astype(np.int64)
-        got[0].append(int(tokens[0]))
-        got[1].append(int(tokens[1]))
-    # The long row leaves; the short one goes on alone, with the all-padding columns trimmed.
-    batch = engine.filter(batch, [1])
-    assert batch.width == len(second) + 5
-    tokens = tokens[[1]]
-    for _ in range(6):
-        logits = engine.decode(batch, tokens)
-        tokens = logits.argmax(axis=-1).astype(np.int64)
-        got[1].append(int(tokens[0]))
-    assert got[0] == expected[0][:6]
-    assert got[1] == expected[1]
-
-
-def test_kv_cache_never_passes_through_numpy_between_steps(
-    engine: Engine, monkeypatch: pytest.MonkeyPatch
+def test_rows_joining_and_leaving_at_different_positions_stay_exact(
+    engine: Engine, reference: MistralForCausalLM
 ) -> None:
-    batch, logits = engine.prefill([_prompt(8, seed=3)])
+    """Slots as the scheduler uses them: A runs alone, B joins (prefilled in chunks), C joins, A leaves
+    and C's cache moves into A's slot, then B and C go on together; each equals transformers alone."""
+    prompts = {"A": _prompt(30, seed=1), "B": _prompt(70, seed=2), "C": _prompt(5, seed=3)}
+    expected = {name: _transformers_greedy(reference, p, 24) for name, p in prompts.items()}
+    got: dict[str, list[int]] = {}
+    length: dict[str, int] = {}
+    rows: list[str] = []  # rows[i] owns slot i
+
+    def join(name: str, chunk: int) -> None:
+        got[name] = [int(_prefill(engine, len(rows), prompts[name], chunk).argmax())]
+        length[name] = len(prompts[name])
+        rows.append(name)
+
+    def decode(steps: int) -> None:
+        for _ in range(steps):
+            tokens = np.array([got[n][-1] for n in rows])
+            logits = engine.decode(tokens, np.array([length[n] for n in rows]))  # [rows, vocab]
+            for row, name in enumerate(rows):
+                got[name].append(int(logits[row].argmax()))
+                length[name] += 1
+
+    join("A", chunk=1000)
+    decode(5)
+    join("B", chunk=16)
+    decode(4)
+    join("C", chunk=1000)
+    decode(9)  # A has 19 tokens now
+    engine.move_slot(2, 0, length["C"])  # A leaves: the last row (C) takes its slot
+    rows = ["C", "B"]
+    decode(24 - len(got["B"]))
+    assert (len(got["A"]), len(got["B"]), len(got["C"])) == (19, 24, 20)
+    assert got["A"] == expected["A"][:19]
+    assert got["B"] == expected["B"]
+    assert got["C"] == expected["C"][:20]
+
+
+def test_kv_cache_stays_put_and_never_passes_through_numpy(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = Engine(tiny_model_dir, provider="cpu", slots=2, host_arrays=False)
+    pointers = list(engine.cache._pointers)
     numpy_reads: list[tuple[int, ...]] = []
     real_numpy = ort.OrtValue.numpy
 
@@ -106,50 +122,50 @@ def test_kv_cache_never_passes_through_numpy_between_steps(
         return real_numpy(value)
 
     monkeypatch.setattr(ort.OrtValue, "numpy", tracking_numpy)
-    tokens = logits.argmax(axis=-1).astype(np.int64)
-    for _ in range(3):
-        presents_before = [v.data_ptr() for v in batch.past]
-        logits = engine.decode(batch, tokens)
-        tokens = logits.argmax(axis=-1).astype(np.int64)
-        # The new past is the OrtValues ORT allocated for this step's presents.
-        assert all(isinstance(v, ort.OrtValue) for v in batch.past)
-        assert [v.data_ptr() for v in batch.past] != presents_before
-    # Only the logits ([batch, 1, vocab]) were read into numpy, never a KV tensor.
-    assert numpy_reads == [(1, 1, 32000)] * 3
+    token = int(engine.prefill(1, _prompt(8, seed=3)).argmax())
+    engine.move_slot(1, 0, 8)
+    for step in range(3):
+        token = int(engine.decode(np.array([token]), np.array([8 + step]))[0].argmax())
+    # Only the logits ([rows, 1, vocab]) were read into numpy, never a KV buffer, and the buffers are
+    # the ones allocated at start-up.
+    assert numpy_reads == [(1, 1, 32000)] * 4
+    assert engine.cache._pointers == pointers
 
 
-def test_prefill_rejects_empty_prompt(engine: Engine) -> None:
-    with pytest.raises(ValueError, match="non-empty"):
-        engine.prefill([[]])
+def test_memory_does_not_grow_over_a_thousand_joins_and_leaves(tiny_model_dir: Path) -> None:
+    engine = Engine(tiny_model_dir, provider="cpu", slots=4, host_arrays=False)
+    prompts = [_prompt(n, seed=n) for n in (3, 9, 40)]
+
+    def churn(rounds: int) -> None:
+        for i in range(rounds):
+            slot = i % 3
+            engine.prefill(slot + 1, prompts[slot])  # a request joins in a free slot
+            engine.decode(np.array([5, 6]), np.array([7, 8]))
+            engine.move_slot(slot + 1, 0, len(prompts[slot]))  # another leaves; the joiner takes its slot
+
+    churn(200)  # warm-up: ORT's arenas reach their working size
+    rss_warm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    churn(1000)
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_warm
+    assert grown_kib < 8 * 1024, f"peak RSS grew by {grown_kib} KiB over 1000 joins and leaves"
+    assert engine.cache.nbytes == 4 * 2 * 2 * 2 * engine.max_len * 16 * 4  # slots x layers x (k, v) x ...
 
 
-def test_joining_and_filtering_batches_stay_on_the_device(
-    engine: Engine, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    first, _ = engine.prefill([_prompt(9, seed=4)])
-    second, _ = engine.prefill([_prompt(4, seed=5), _prompt(6, seed=6)])
-    reads: list[tuple[int, ...]] = []
-    real_numpy = ort.OrtValue.numpy
-
-    def tracking_numpy(value: ort.OrtValue) -> np.ndarray:
-        reads.append(tuple(value.shape()))
-        return real_numpy(value)
-
-    monkeypatch.setattr(ort.OrtValue, "numpy", tracking_numpy)
-    joined = engine.concatenate([first, second])
-    assert [v.shape() for v in joined.past[:1]] == [[3, 2, 9, 16]]  # [batch, kv_heads, width, head_dim]
-    kept = engine.filter(joined, [2, 1])
-    assert [v.shape() for v in kept.past[:1]] == [[2, 2, 6, 16]]  # the 3 all-padding columns are gone
-    assert reads == []
-    monkeypatch.undo()
-    # Row 1 of the join is row 0 of `second` (width 6) behind 3 columns of zeros; filtering keeps it.
-    joined_row = joined.past[0].numpy()[1]  # [kv_heads, width, head_dim]
-    assert np.all(joined_row[:, :3] == 0) and np.array_equal(joined_row[:, 3:], second.past[0].numpy()[0])
-    assert np.array_equal(kept.past[0].numpy()[1], second.past[0].numpy()[0])
+def test_prefill_rejects_empty_prompt_and_positions_past_the_slot(engine: Engine) -> None:
+    with pytest.raises(ValueError, match="at least one token"):
+        engine.prefill(0, [])
+    with pytest.raises(ValueError, match="outside this cache"):
+        engine.prefill(0, [1, 2], start=engine.max_len - 1)
 
 
-def test_incomplete_model_directory_says_what_is_missing(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_incomplete_or_older_model_directory_says_how_to_fix_it(tiny_model_dir: Path, tmp_path: Path) -> None:
     for name in ("textgen.json", "model.onnx", "tokenizer.json"):
         (tmp_path / name).write_bytes((tiny_model_dir / name).read_bytes())
-    with pytest.raises(FileNotFoundError, match="kv_join.onnx, kv_select.onnx missing.*export it again"):
+    with pytest.raises(FileNotFoundError, match="kv_copy.onnx missing.*export it again"):
+        Engine(tmp_path, provider="cpu")
+    (tmp_path / "kv_copy.onnx").write_bytes((tiny_model_dir / "kv_copy.onnx").read_bytes())
+    config = ModelConfig.load(tmp_path)
+    older = config.to_json().replace('"format_version": 2', '"format_version": 1')
+    (tmp_path / "textgen.json").write_text(older, encoding="utf-8")
+    with pytest.raises(FileNotFoundError, match="format 1.*export it again"):
         Engine(tmp_path, provider="cpu")

@@ -22,8 +22,7 @@ def _digest(path: Path) -> str:
 def test_demo_directory_loads_in_onnxruntime_without_torch(tiny_model_dir: Path) -> None:
     assert sorted(p.name for p in tiny_model_dir.iterdir()) == [
         "checkpoint",
-        "kv_join.onnx",
-        "kv_select.onnx",
+        "kv_copy.onnx",
         "model.onnx",
         "textgen.json",
         "tokenizer.json",
@@ -34,11 +33,13 @@ import numpy as np
 from pathlib import Path
 from textgen_server.engine import Engine
 from textgen_server.tokenizer import Tokenizer
-engine = Engine(Path({str(tiny_model_dir)!r}))
+engine = Engine(Path({str(tiny_model_dir)!r}), slots=2)
 tok = Tokenizer.from_file(Path({str(tiny_model_dir)!r}) / "tokenizer.json")
-batch, logits = engine.prefill([[tok.bos_id, *tok.encode("Hello world")]])
-assert logits.shape == (1, 32000), logits.shape
-engine.decode(batch, np.array([int(logits[0].argmax())]))
+prompt = [tok.bos_id, *tok.encode("Hello world")]
+logits = engine.prefill(1, prompt)
+assert logits.shape == (32000,), logits.shape
+engine.move_slot(1, 0, len(prompt))
+engine.decode(np.array([int(logits.argmax())]), np.array([len(prompt)]))
 assert not {{"torch", "transformers", "onnx", "optimum"}} & set(sys.modules), "the server imported an exporter dependency"
 print("ok")
 """
@@ -164,7 +165,7 @@ def test_non_empty_out_is_not_overwritten(tiny_model_dir: Path, tmp_path: Path) 
 
 
 def test_failed_export_leaves_nothing(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """A checkpoint whose weights are corrupt fails inside optimum; no directory appears."""
+    """A checkpoint whose weights are corrupt fails inside transformers; no directory appears."""
     broken = tmp_path / "broken"
     broken.mkdir()
     for name in ("config.json", "tokenizer.model"):
@@ -175,22 +176,6 @@ def test_failed_export_leaves_nothing(tiny_model_dir: Path, tmp_path: Path) -> N
     assert result.stderr.strip().splitlines()[-1].startswith("textgen-export: error: export failed: ")
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.partial")] == []
-
-
-def test_optimum_fp16_on_cpu_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
-    _assert_one_line_error(
-        _run_cli(
-            "model",
-            str(tiny_model_dir / "checkpoint"),
-            "--out",
-            str(tmp_path / "o"),
-            "--dtype",
-            "fp16",
-            "--graph",
-            "optimum",
-        ),
-        "--dtype fp16 needs --device cuda",
-    )
 
 
 def test_native_fp16_export_tracks_fp32(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -205,7 +190,7 @@ def test_native_fp16_export_tracks_fp32(tiny_model_dir: Path, tmp_path: Path) ->
     )
     assert ModelConfig.load(tmp_path / "fp16").dtype == "fp16"
     prompt = [1, *range(100, 400)]
-    _, half = Engine(tmp_path / "fp16", provider="cpu").prefill([prompt])
-    _, full = Engine(tiny_model_dir, provider="cpu").prefill([prompt])
+    half = Engine(tmp_path / "fp16", provider="cpu", slots=1).prefill(0, prompt)
+    full = Engine(tiny_model_dir, provider="cpu", slots=1).prefill(0, prompt)
     assert half.dtype == np.float32  # logits leave the graph as float32 whatever the dtype
     assert float(np.abs(half - full).max()) < 2e-2

@@ -184,6 +184,10 @@ def test_model_info(stub: rpc.TextGenerationStub) -> None:
     info = stub.GetModelInfo(pb.GetModelInfoRequest())
     assert (info.max_input_length, info.max_total_tokens, info.max_batch_prefill_tokens) == (3072, 4096, 8192)
     assert info.execution_provider == "CPUExecutionProvider" and info.dtype == "fp32"
+    # The default KV budget, 65536 positions, in slots of 4096: 16 slots of the tiny model's
+    # 2 layers x (keys, values) x 2 KV heads x 16 dims x 4 bytes per position.
+    assert info.kv_slots == 16
+    assert info.kv_cache_bytes == 16 * 4096 * 2 * 2 * 2 * 16 * 4
 
 
 def test_health_and_unavailable_while_loading(tiny_model_dir: Path) -> None:

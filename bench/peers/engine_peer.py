@@ -13,7 +13,7 @@ from textgen_server.engine import Engine
 
 class EnginePeer:
     def __init__(self, model_dir: str, threads: int, provider: str = "cpu") -> None:
-        self.engine = Engine(Path(model_dir), provider=provider, threads=threads)
+        self.engine = Engine(Path(model_dir), provider=provider, threads=threads, slots=1)
 
     def info(self) -> dict[str, Any]:
         return {
@@ -25,11 +25,12 @@ class EnginePeer:
     def generate(self, prompt_ids: list[int], new_tokens: int) -> list[float]:
         """Timestamps `[start, token_1, ..., token_n]`; exactly n tokens (EOS is not a stop here)."""
         start = time.perf_counter()
-        batch, logits = self.engine.prefill([prompt_ids])  # logits [1, vocab]
-        token = int(logits[0].argmax())
+        token = int(self.engine.prefill(0, prompt_ids).argmax())  # logits [vocab]
         times = [start, time.perf_counter()]
+        length = len(prompt_ids)
         for _ in range(new_tokens - 1):
-            logits = self.engine.decode(batch, np.array([token], dtype=np.int64))
+            logits = self.engine.decode(np.array([token], dtype=np.int64), np.array([length]))  # [1, vocab]
             token = int(logits[0].argmax())
+            length += 1
             times.append(time.perf_counter())
         return times

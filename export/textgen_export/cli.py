@@ -20,15 +20,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model.add_argument("--out", type=Path, required=True, help="model directory to create")
     model.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
-    model.add_argument(
-        "--device", choices=["cpu", "cuda"], default="cpu", help="where optimum traces the model"
-    )
-    model.add_argument(
-        "--graph",
-        choices=["native", "optimum"],
-        default="native",
-        help="native: textgen's compact decoder graph (default, faster); optimum: optimum's traced export",
-    )
     model.add_argument("--name", help="model name reported by the server (default: the source)")
     model.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     model.add_argument("--debug", action="store_true", help="show the full traceback when the export fails")
@@ -36,7 +27,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="random-weight Mistral with the real tokenizer (fixed seed)")
     demo.add_argument("--out", type=Path, required=True, help="model directory to create")
     demo.add_argument("--size", choices=["tiny", "bench", "7b"], default="tiny")
-    demo.add_argument("--graph", choices=["native", "optimum"], default="native", help="as for `model`")
     demo.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     demo.add_argument("--debug", action="store_true", help="show the full traceback when the export fails")
     return parser
@@ -54,20 +44,18 @@ def main(argv: list[str] | None = None) -> int:
             export_checkpoint(
                 checkpoint,
                 args.out,
-                graph=args.graph,
                 dtype=args.dtype,
-                device=args.device,
                 name=args.name or args.source,
                 overwrite=args.overwrite,
             )
         else:
             from .demo import build_demo
 
-            build_demo(args.out, size=args.size, overwrite=args.overwrite, graph=args.graph)
+            build_demo(args.out, size=args.size, overwrite=args.overwrite)
     except ExportError as exc:
         print(f"textgen-export: error: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:  # from torch, transformers or optimum: corrupt weights, out of memory, ...
+    except Exception as exc:  # from torch or transformers: corrupt weights, out of memory, ...
         if args.debug:
             raise
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""

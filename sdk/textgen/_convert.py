@@ -168,6 +168,8 @@ def model_info_from_proto(response: textgen_pb2.GetModelInfoResponse) -> ModelIn
         max_batch_prefill_tokens=response.max_batch_prefill_tokens,
         vocab_size=response.vocab_size,
         adapters=list(response.adapters),
+        kv_slots=response.kv_slots,
+        kv_cache_bytes=response.kv_cache_bytes,
     )
 
 

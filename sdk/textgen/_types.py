@@ -77,7 +77,7 @@ class Chunk:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """The served model: its name, limits, dtype, execution provider and LoRA adapters."""
+    """The served model: its name, limits, dtype, execution provider, LoRA adapters and KV cache."""
 
     model: str
     dtype: str
@@ -87,6 +87,8 @@ class ModelInfo:
     max_batch_prefill_tokens: int
     vocab_size: int
     adapters: list[str]
+    kv_slots: int = 0  # sequences decoded together
+    kv_cache_bytes: int = 0  # the KV cache, allocated once at start-up
 
 
 class Message(TypedDict):

@@ -29,19 +29,31 @@ def parse_args(argv: list[str] | None) -> ServerSettings:
         help="execution provider; auto uses CUDA where onnxruntime-gpu finds a GPU",
     )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads per forward pass")
-    parser.add_argument("--max-batch-size", type=int, default=32)
-    parser.add_argument("--max-batch-prefill-tokens", type=int, default=8192)
+    parser.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together (KV slots)")
+    parser.add_argument(
+        "--max-batch-prefill-tokens",
+        type=int,
+        default=8192,
+        help="prompt tokens prefilled per step when nothing is decoding",
+    )
     parser.add_argument(
         "--max-batch-total-tokens",
         type=int,
         default=65536,
-        help="KV cache positions the running batch may hold (bounds its memory)",
+        help="KV cache positions allocated at start-up: slots = this / the model's max_total_tokens, "
+        "up to --max-batch-size",
     )
     parser.add_argument(
         "--max-concurrent-requests",
         type=int,
         default=128,
         help="running plus queued requests; more get RESOURCE_EXHAUSTED",
+    )
+    parser.add_argument(
+        "--prefill-chunk-tokens",
+        type=int,
+        default=512,
+        help="prompt tokens prefilled per step while streams decode (a long prompt goes in chunks)",
     )
     parser.add_argument("--model-name", default=None, help="name reported by GetModelInfo")
     parser.add_argument(
@@ -61,6 +73,7 @@ def parse_args(argv: list[str] | None) -> ServerSettings:
         "max_batch_prefill_tokens",
         "max_batch_total_tokens",
         "max_concurrent_requests",
+        "prefill_chunk_tokens",
     ):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -75,6 +88,7 @@ def parse_args(argv: list[str] | None) -> ServerSettings:
             args.max_batch_prefill_tokens,
             args.max_batch_total_tokens,
             args.max_concurrent_requests,
+            args.prefill_chunk_tokens,
         ),
         model_name=args.model_name,
         metrics_port=args.metrics_port,

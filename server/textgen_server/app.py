@@ -20,7 +20,7 @@ from textgen.v1 import textgen_pb2, textgen_pb2_grpc
 
 from .engine import Engine
 from .metrics import Metrics
-from .model_config import TOKENIZER_FILE
+from .model_config import TOKENIZER_FILE, ModelConfig
 from .scheduler import Scheduler, SchedulerLimits
 from .service import ModelState, TextGenerationService
 from .tokenizer import Tokenizer
@@ -74,16 +74,40 @@ class TextgenServer:
 
     async def load_model(self) -> None:
         s = self.settings
-        engine = await asyncio.to_thread(Engine, s.model_dir, provider=s.provider, threads=s.threads)
+        max_len = ModelConfig.load(s.model_dir).max_total_tokens  # a slot holds the longest request
+        slots = s.limits.kv_slots(max_len)
+        if slots < 1:
+            raise ValueError(
+                f"--max-batch-total-tokens {s.limits.max_batch_total_tokens} cannot hold one sequence of "
+                f"{max_len} positions (the model's max_total_tokens)"
+            )
+        engine = await asyncio.to_thread(
+            Engine, s.model_dir, provider=s.provider, threads=s.threads, slots=slots, max_len=max_len
+        )
         tokenizer = Tokenizer.from_file(s.model_dir / TOKENIZER_FILE)
         # The model's own prefill limit (the card's 8192) caps whatever was configured.
         prefill = min(s.limits.max_batch_prefill_tokens, engine.config.max_batch_prefill_tokens)
         limits = dataclasses.replace(s.limits, max_batch_prefill_tokens=prefill)
         self.scheduler = Scheduler(engine, tokenizer, limits, on_step=self.metrics.observe_step)
         self.scheduler.start()
-        self.service.model = ModelState(self.scheduler, tokenizer, engine.config, engine.execution_provider)
+        self.service.model = ModelState(
+            self.scheduler,
+            tokenizer,
+            engine.config,
+            engine.execution_provider,
+            kv_slots=self.scheduler.slots,
+            kv_cache_bytes=engine.cache.nbytes,
+        )
         await self._set_serving(True)
-        log.info("serving %s on %s", engine.config.name, engine.execution_provider)
+        log.info(
+            "serving %s on %s (%s): %d KV slots x %d positions, %.1f MiB",
+            engine.config.name,
+            engine.execution_provider,
+            engine.config.dtype,
+            engine.slots,
+            engine.max_len,
+            engine.cache.nbytes / 2**20,
+        )
 
     async def stop(self, grace: float | None = None) -> None:
         grace = self.settings.grace_seconds if grace is None else grace

@@ -1,25 +1,22 @@
-"""ONNX Runtime forward passes with the KV cache kept on the device between steps.
+"""ONNX Runtime forward passes over a KV cache allocated once, a slot per running sequence.
 
-The graph is optimum's `text-generation-with-past` export: inputs `input_ids`, `attention_mask`,
-`position_ids` and `past_key_values.{i}.key/value`; outputs `logits` (last position only, see the
-exporter) and `present.{i}.key/value`. Each step's presents are bound, as the OrtValues ORT
-allocated, as the next step's past: the cache never passes through numpy while decoding, and only
-the logits are copied to the host.
+The graph (textgen_export.native_graph) attends with GroupQueryAttention: each layer's past key and
+value are a run of slots of the cache's buffers (kv_cache.py), bound as the presents too, so the op
+writes new columns in place. A row's position is its own: `seqlens_k` says how long each row is, so
+rows of any lengths decode together with no padding, and joining or leaving the batch moves no other
+row's cache.
 
-Batches are left-padded (text-generation-inference's CausalLMBatch): every row ends at the same
-column, so one decode step appends one column for all rows. Padding columns are masked out by
-`attention_mask`, and positions count real tokens only, so a row computes the same values as it
-would alone (up to float rounding: ORT's GEMM blocks rows of a larger batch differently). Joining
-and slicing batches runs on the device too (kv_ops).
+Two passes, as in gpt-fast:
+- `prefill(slot, tokens, start)`: one sequence, `tokens` appended at positions start.. of its slot
+  (a whole prompt, or one chunk of a long one). One row per call: onnxruntime-gpu 1.31.1's
+  GroupQueryAttention has no per-row query lengths, so several new tokens over an existing cache
+  are only well defined for batch 1.
+- `decode(tokens, lengths)`: one new token for each of rows 0..n-1, which sit in slots 0..n-1 (the
+  scheduler keeps running rows in the first slots; `move_slot` fills the gap a leaving row leaves).
 
-Why this layout here: with optimum's graph the cache grows by concatenation each step, so a static
-preallocated cache would need another graph; the concat costs one pass over the cache per step,
-small beside reading every weight once per step at batch 1 and shared by all rows at batch 16.
-
-Where per-request LoRA adapters will go: ONNX Runtime activates a `LoraAdapter` for a whole run
-through `RunOptions`, so the scheduler will group rows by adapter and `prefill`/`decode` will pass
-each group's run options to `run_with_iobinding`. Grammar masks need nothing here: they act on the logits rows
-(sampling's `allowed_mask`).
+Only the logits come to the host. Where per-request LoRA adapters will go: stacked adapter weights as
+graph inputs bound once, and an adapter index per row (ARCHITECTURE.md). Grammar masks need nothing
+here: they act on the logits rows (sampling's `allowed_mask`).
 """
 
 from __future__ import annotations
@@ -27,82 +24,91 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from .kv_ops import KVOps
-from .model_config import KV_JOIN_FILE, KV_SELECT_FILE, MODEL_FILE, ModelConfig
+from .kv_cache import KVCache
+from .model_config import FORMAT_VERSION, KV_COPY_FILE, MODEL_FILE, ModelConfig
 
 log = logging.getLogger(__name__)
 
 PROVIDERS = ("auto", "cuda", "cpu")
-_NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+_CUDA = "CUDAExecutionProvider"
 
 
-@dataclass
-class KVBatch:
-    """The state of a left-padded batch between steps; row order is the caller's."""
-
-    past: list[ort.OrtValue]  # 2 * layers values, each [batch, kv_heads, width, head_dim]
-    attention_mask: npt.NDArray[np.int64]  # [batch, width]; 0 on left padding
-    positions: npt.NDArray[np.int64]  # [batch] position of each row's next token
-
-    @property
-    def size(self) -> int:
-        return int(self.attention_mask.shape[0])
-
-    @property
-    def width(self) -> int:
-        return int(self.attention_mask.shape[1])
+class ProviderError(RuntimeError):
+    """The execution provider asked for cannot run this model here."""
 
 
 def select_providers(provider: str) -> list[str]:
     available = ort.get_available_providers()
     if provider not in PROVIDERS:
         raise ValueError(f"provider {provider!r}: expected one of {', '.join(PROVIDERS)}")
-    if provider == "cuda" and "CUDAExecutionProvider" not in available:
-        raise RuntimeError(
-            f"CUDA was asked for but this onnxruntime offers only {available}; "
+    if provider == "cuda" and _CUDA not in available:
+        raise ProviderError(
+            f"--provider cuda: this onnxruntime offers only {', '.join(available)}; "
             "install onnxruntime-gpu (pip install 'textgen[gpu]')"
         )
-    if provider in ("auto", "cuda") and "CUDAExecutionProvider" in available:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if provider in ("auto", "cuda") and _CUDA in available:
+        return [_CUDA, "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
 
 class Engine:
-    """Prefill and one-token decode over left-padded batches of token sequences."""
+    """Prefill and one-token decode for rows that each own a slot of the KV cache."""
 
-    def __init__(self, model_dir: Path, *, provider: str = "auto", threads: int | None = None) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        provider: str = "auto",
+        threads: int | None = None,
+        slots: int = 32,
+        max_len: int | None = None,
+        host_arrays: bool | None = None,
+    ) -> None:
+        """`slots` rows of `max_len` positions each (default: the model's max_total_tokens);
+        `host_arrays` picks the KV store (kv_cache.KVCache; by default numpy on the CPU)."""
         self.config = ModelConfig.load(model_dir)
-        missing = [
-            name for name in (MODEL_FILE, KV_JOIN_FILE, KV_SELECT_FILE) if not (model_dir / name).is_file()
-        ]
-        if missing:
+        missing = [name for name in (MODEL_FILE, KV_COPY_FILE) if not (model_dir / name).is_file()]
+        if missing or self.config.format_version != FORMAT_VERSION:
+            what = f"{', '.join(missing)} missing" if missing else f"format {self.config.format_version}"
             raise FileNotFoundError(
-                f"{model_dir}: {', '.join(missing)} missing; the directory is incomplete or from an older "
-                "exporter: export it again (textgen-export ... --overwrite)"
+                f"{model_dir}: {what}; this server reads format {FORMAT_VERSION} (a KV cache allocated "
+                "once): export it again (textgen-export ... --overwrite)"
             )
-        if not self.config.logits_last_position_only:
-            raise ValueError(f"{model_dir}: re-export the model: this engine expects last-position logits")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads or 0  # 0: ORT picks one per physical core
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        # Shapes change every step (the cache grows); pattern planning would only be redone each time.
+        # Batch and chunk sizes change between steps; pattern planning would only be redone each time.
         options.enable_mem_pattern = False
+        providers = select_providers(provider)
         self.session = ort.InferenceSession(
-            str(model_dir / MODEL_FILE), sess_options=options, providers=select_providers(provider)
+            str(model_dir / MODEL_FILE), sess_options=options, providers=providers
         )
         self.execution_provider = self.session.get_providers()[0]
-        self.device = "cuda" if self.execution_provider == "CUDAExecutionProvider" else "cpu"
-        self.kv_dtype = _NUMPY_DTYPES[self.config.dtype]
-        self._kv_ops = KVOps(model_dir, 2 * self.config.num_layers, self.session.get_providers(), self.device)
+        if provider == "cuda" and self.execution_provider != _CUDA:
+            # onnxruntime falls back to the CPU when CUDA cannot start (driver, libraries): say so.
+            raise ProviderError(
+                f"--provider cuda: the session started on {self.execution_provider} instead; "
+                "check the CUDA 13 / cuDNN 9 libraries and the driver (onnxruntime's log says why)"
+            )
+        self.device = "cuda" if self.execution_provider == _CUDA else "cpu"
+        self.max_len = max_len or self.config.max_total_tokens
+        self.cache = KVCache(
+            model_dir,
+            self.config,
+            slots=slots,
+            max_len=self.max_len,
+            device=self.device,
+            providers=self.session.get_providers(),
+            host_arrays=host_arrays,
+        )
         io = self.config.io
         layers = range(self.config.num_layers)
         self._past_names = [name for i in layers for name in (io.past_key.format(i), io.past_value.format(i))]
@@ -110,89 +116,65 @@ class Engine:
             name for i in layers for name in (io.present_key.format(i), io.present_value.format(i))
         ]
         log.info(
-            "loaded %s on %s (%s, %d layers)",
+            "loaded %s on %s (%s, %d layers); KV cache %d slots x %d positions = %.1f MiB",
             self.config.name,
             self.execution_provider,
             self.config.dtype,
             self.config.num_layers,
+            slots,
+            self.max_len,
+            self.cache.nbytes / 2**20,
         )
+
+    @property
+    def slots(self) -> int:
+        return self.cache.slots
 
     # -- forward passes -------------------------------------------------------------------------
 
-    def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[KVBatch, npt.NDArray[np.float32]]:
-        """Run whole prompts in one left-padded pass; returns the batch and next-token logits [batch, vocab]."""
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("prefill needs at least one non-empty prompt")
-        width = max(len(p) for p in prompts)
-        input_ids = np.zeros((len(prompts), width), dtype=np.int64)  # [batch, width]
-        mask = np.zeros((len(prompts), width), dtype=np.int64)  # [batch, width]
-        for row, prompt in enumerate(prompts):
-            input_ids[row, width - len(prompt) :] = prompt
-            mask[row, width - len(prompt) :] = 1
-        position_ids = np.maximum(np.cumsum(mask, axis=1) - 1, 0)  # [batch, width]
-        c = self.config
-        empty_past = np.zeros((len(prompts), c.num_kv_heads, 0, c.head_dim), dtype=self.kv_dtype)
-        binding = self.session.io_binding()
-        binding.bind_cpu_input(c.io.input_ids, input_ids)
-        binding.bind_cpu_input(c.io.attention_mask, mask)
-        binding.bind_cpu_input(c.io.position_ids, position_ids)
-        for name in self._past_names:
-            binding.bind_cpu_input(name, empty_past)
-        presents, logits = self._run(binding)
-        batch = KVBatch(past=presents, attention_mask=mask, positions=mask.sum(axis=1).astype(np.int64))
-        return batch, logits
-
-    def decode(self, batch: KVBatch, tokens: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
-        """Append one token per row (`tokens` [batch]); updates `batch` in place; logits [batch, vocab]."""
-        c = self.config
-        mask = np.concatenate([batch.attention_mask, np.ones((batch.size, 1), dtype=np.int64)], axis=1)
-        binding = self.session.io_binding()
-        binding.bind_cpu_input(c.io.input_ids, tokens.reshape(batch.size, 1).astype(np.int64))
-        binding.bind_cpu_input(c.io.attention_mask, mask)
-        binding.bind_cpu_input(c.io.position_ids, batch.positions.reshape(batch.size, 1))
-        for name, value in zip(self._past_names, batch.past, strict=True):
-            binding.bind_ortvalue_input(name, value)
-        presents, logits = self._run(binding)
-        batch.past = presents
-        batch.attention_mask = mask
-        batch.positions = batch.positions + 1
+    def prefill(self, slot: int, tokens: Sequence[int], start: int = 0) -> npt.NDArray[np.float32]:
+        """Append `tokens` to the sequence in `slot`, which holds `start` positions; logits [vocab]."""
+        if not tokens:
+            raise ValueError("prefill needs at least one token")
+        end = start + len(tokens)
+        if start < 0 or end > self.max_len:
+            raise ValueError(f"positions {start}..{end - 1} outside this cache's {self.max_len}")
+        input_ids = np.asarray(tokens, dtype=np.int64).reshape(1, -1)  # [1, seq]
+        seqlens = np.array([end - 1], dtype=np.int32)  # [1]
+        logits: npt.NDArray[np.float32] = self._run(input_ids, seqlens, first_slot=slot)[0]
         return logits
 
-    def _run(self, binding: ort.IOBinding) -> tuple[list[ort.OrtValue], npt.NDArray[np.float32]]:
-        # Presents stay where ORT put them (device memory on CUDA); logits come to the host.
-        for name in self._present_names:
-            binding.bind_output(name, self.device)
-        binding.bind_output(self.config.io.logits, "cpu")
+    def decode(
+        self, tokens: npt.NDArray[np.int64], lengths: npt.NDArray[np.int64]
+    ) -> npt.NDArray[np.float32]:
+        """One token per row for rows 0..n-1 (`tokens` [n]); `lengths` [n] are the positions each row
+        already holds (its new token's position). Logits [n, vocab]."""
+        n = int(tokens.shape[0])
+        if lengths.shape != (n,) or int(lengths.max()) >= self.max_len:
+            raise ValueError(f"lengths must be [{n}] and below {self.max_len}, got {lengths}")
+        input_ids = tokens.astype(np.int64, copy=False).reshape(n, 1)  # [n, 1]
+        return self._run(input_ids, lengths.astype(np.int32), first_slot=0)
+
+    def move_slot(self, src: int, dst: int, length: int) -> None:
+        """Move a sequence of `length` positions from slot `src` to slot `dst`."""
+        self.cache.move(src, dst, length)
+
+    def _run(
+        self, input_ids: npt.NDArray[np.int64], seqlens: npt.NDArray[np.int32], first_slot: int
+    ) -> npt.NDArray[np.float32]:
+        io = self.config.io
+        rows = int(input_ids.shape[0])
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(io.input_ids, input_ids)
+        binding.bind_cpu_input(io.seqlens_k, seqlens)
+        # Host memory on every provider: CUDA's kernel reads it on the host.
+        binding.bind_cpu_input(io.total_sequence_length, np.array(int(seqlens.max()) + 1, dtype=np.int32))
+        self.cache.bind(binding, self._past_names, self._present_names, first_slot, rows)
+        binding.bind_output(io.logits, "cpu")
         self.session.run_with_iobinding(binding)
-        outputs = binding.get_outputs()
-        logits = outputs[-1].numpy()[:, -1, :].astype(np.float32, copy=False)  # [batch, vocab]
-        return list(outputs[:-1]), logits
-
-    # -- joining and leaving batches -------------------------------------------------------------
-
-    def concatenate(self, batches: Sequence[KVBatch]) -> KVBatch:
-        """One batch from several: rows in order, the narrower ones padded on the left."""
-        joined = batches[0]
-        for batch in batches[1:]:
-            width = max(joined.width, batch.width)
-            masks = [np.pad(b.attention_mask, ((0, 0), (width - b.width, 0))) for b in (joined, batch)]
-            joined = KVBatch(
-                past=self._kv_ops.join(joined.past, batch.past, width),
-                attention_mask=np.concatenate(masks, axis=0),
-                positions=np.concatenate([joined.positions, batch.positions]),
-            )
-        return joined
-
-    def filter(self, batch: KVBatch, keep: Sequence[int]) -> KVBatch:
-        """Keep the rows `keep`, in that order, and drop left columns that are padding in all of them."""
-        rows = np.asarray(keep, dtype=np.int64)
-        mask = batch.attention_mask[rows]
-        first_used = int(np.argmax(mask.any(axis=0))) if mask.any() else mask.shape[1]
-        return KVBatch(
-            past=self._kv_ops.select(batch.past, rows.tolist(), first_used),
-            attention_mask=np.ascontiguousarray(mask[:, first_used:]),
-            positions=batch.positions[rows],
-        )
+        logits = np.asarray(binding.get_outputs()[-1].numpy())  # [rows, 1, vocab]; presents come first
+        last: npt.NDArray[np.float32] = logits[:, -1, :].astype(np.float32, copy=False)  # [rows, vocab]
+        return last
 
     @property
     def threads(self) -> int:

@@ -15,9 +15,10 @@ from typing import Any
 CONFIG_FILE = "textgen.json"
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
-# Small graphs that join and slice KV caches on the model's device (continuous batching).
-KV_JOIN_FILE = "kv_join.onnx"
-KV_SELECT_FILE = "kv_select.onnx"
+# A small graph that copies one KV slot to another on the model's device (a row leaving the batch).
+KV_COPY_FILE = "kv_copy.onnx"
+# What the engine reads: 2 = GroupQueryAttention over a cache allocated once (1: concatenated caches).
+FORMAT_VERSION = 2
 
 # The limits of the Workers AI card for @hf/mistral/mistral-7b-instruct-v0.2.
 CARD_MODEL_NAME = "@hf/mistral/mistral-7b-instruct-v0.2"
@@ -28,13 +29,13 @@ CARD_MAX_BATCH_PREFILL_TOKENS = 8192
 
 @dataclass(frozen=True)
 class ModelIO:
-    """Names of the ONNX graph's inputs and outputs (optimum's text-generation-with-past layout)."""
+    """Names of the decoder graph's inputs and outputs (textgen_export.native_graph writes them)."""
 
-    input_ids: str = "input_ids"
-    attention_mask: str = "attention_mask"
-    position_ids: str = "position_ids"
-    logits: str = "logits"
-    # Formatted with the layer index.
+    input_ids: str = "input_ids"  # [batch, seq] int64
+    seqlens_k: str = "seqlens_k"  # [batch] int32: each row's total length (past + seq) - 1
+    total_sequence_length: str = "total_sequence_length"  # [] int32: the longest row's total length
+    logits: str = "logits"  # [batch, 1, vocab] float32
+    # Formatted with the layer index; [batch, kv_heads, max_len, head_dim], past and present alike.
     past_key: str = "past_key_values.{}.key"
     past_value: str = "past_key_values.{}.value"
     present_key: str = "present.{}.key"
@@ -57,6 +58,8 @@ class ModelConfig:
     max_batch_prefill_tokens: int = CARD_MAX_BATCH_PREFILL_TOKENS
     # True when the graph computes logits for the last position only: [batch, 1, vocab].
     logits_last_position_only: bool = True
+    # Directories written before this field existed read as 1; the exporter writes FORMAT_VERSION.
+    format_version: int = 1
     io: ModelIO = field(default_factory=ModelIO)
     source: str = ""
 

@@ -1,20 +1,25 @@
-"""Continuous batching: one loop admits, steps and retires sequences between forward passes.
+"""Continuous batching: one loop admits, prefills, decodes and retires sequences between passes.
 
 The loop runs in its own thread (ONNX Runtime releases the GIL while it computes) and talks to
 the asyncio server through thread-safe hand-offs: `submit` queues a request and returns a handle
 whose events arrive on the server's event loop.
 
-Each iteration:
+Every sequence owns a slot of the engine's KV cache (kv_cache.py). Running sequences sit in slots
+0..n-1, so that one decode pass binds the first n slots; a sequence whose prompt is being prefilled
+sits just above them. Each iteration:
 1. retire cancelled sequences (a client that left stops costing anything within one step);
-2. admit queued requests while the prefill budget (rows x longest prompt, since the prefill batch
-   is left-padded too), the batch size and the KV budget allow, and prefill them together; their
-   first tokens are sampled from the prefill logits;
-3. join them to the running batch (left padding, TGI's CausalLMBatch.concatenate);
+2. prefill, within this step's prefill budget: first the rest of a prompt left over from the last
+   step, then new requests in arrival order while slots are free. A prompt longer than the budget
+   is prefilled in chunks over several steps, so running streams keep getting tokens meanwhile;
+   a prompt whose prefill completes gets its first token from the prefill logits and joins the
+   running sequences;
+3. retire the finished, cancelled and failed: the last running sequence's cache moves into each gap
+   (one slot copy per leaver; no other row's cache is touched);
 4. decode every running sequence in one forward pass, emit each new token, retire the finished.
 
-KV memory is bounded exactly: a left-padded batch is `rows x width` positions, its width is the
-longest row, and no row grows past its prompt + max_new_tokens; admission keeps
-rows x max(prompt + max_new_tokens) within `max_batch_total_tokens`.
+The prefill budget is `prefill_chunk_tokens` while sequences are decoding (it bounds the stall
+every stream sees) and `max_batch_prefill_tokens` when none is. At most one prompt is ever part-way
+through its prefill: later requests wait for it (first come, first served).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .engine import Engine, KVBatch
+from .engine import Engine
 from .generation import Generation, GenerationRequest, TokenEvent
 from .tokenizer import Tokenizer
 
@@ -38,10 +43,15 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SchedulerLimits:
-    max_batch_size: int = 32
-    max_batch_prefill_tokens: int = 8192
-    max_batch_total_tokens: int = 65536
-    max_concurrent_requests: int = 128
+    max_batch_size: int = 32  # sequences in the batch: KV slots
+    max_batch_prefill_tokens: int = 8192  # prompt tokens per step when nothing is decoding
+    max_batch_total_tokens: int = 65536  # KV positions in all (slots x positions per slot)
+    max_concurrent_requests: int = 128  # running + queued
+    prefill_chunk_tokens: int = 512  # prompt tokens per step while sequences are decoding
+
+    def kv_slots(self, max_len: int) -> int:
+        """How many sequences of up to `max_len` positions the KV budget holds, up to the batch size."""
+        return min(self.max_batch_size, self.max_batch_total_tokens // max_len)
 
 
 class QueueFullError(Exception):
@@ -71,8 +81,8 @@ class StepStats:
 
     queue_size: int = 0
     batch_size: int = 0
-    kv_positions: int = 0  # rows x width of the running batch: what its KV cache holds
-    prefill_positions: int = 0  # rows x width of this step's prefill (0 when nothing was admitted)
+    kv_positions: int = 0  # the most KV positions in use during this step (its slots' lengths)
+    prefill_positions: int = 0  # prompt tokens prefilled this step
     tokens: int = 0  # tokens generated this step
     first_token_seconds: list[float] = field(default_factory=list)  # submit → first token, this step
     finished: list[str] = field(default_factory=list)  # finish reasons ("stop", "length") this step
@@ -94,6 +104,9 @@ class RequestHandle:
         self._events: asyncio.Queue[object] = asyncio.Queue()
         self.cancelled = threading.Event()
         self.failed = False  # its own per-row work raised: it leaves the batch, the others go on
+        # The scheduler's bookkeeping: the KV slot it owns and how many positions it holds there.
+        self.slot = -1
+        self.cached = 0
 
     @property
     def request(self) -> GenerationRequest:
@@ -157,14 +170,14 @@ class Scheduler:
         self.engine = engine
         self.tokenizer = tokenizer
         self.limits = limits or SchedulerLimits()
+        self.slots = min(self.limits.max_batch_size, engine.slots)
         self.stats = StepStats()
         self._on_step = on_step
         self._lock = threading.Condition()
         self._waiting: collections.deque[RequestHandle] = collections.deque()
-        self._running: list[RequestHandle] = []
-        self._admitting: list[RequestHandle] = []  # taken from the queue, not yet in the batch
+        self._running: list[RequestHandle] = []  # running[i] owns slot i
+        self._prefilling: RequestHandle | None = None  # part-way through its prompt, above the running
         self._outbox = _Outbox()
-        self._batch: KVBatch | None = None
         self._accepting = True
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="textgen-scheduler", daemon=True)
@@ -176,26 +189,22 @@ class Scheduler:
 
     def submit(self, request: GenerationRequest) -> RequestHandle:
         """Queue a request; raises QueueFullError, ShuttingDownError, or RequestTooLargeError."""
-        limits = self.limits
-        if request.max_total_tokens > limits.max_batch_total_tokens:
+        max_len = self.engine.max_len
+        # The last token generated is never fed back: it needs no position of its own.
+        if request.max_total_tokens - 1 > max_len:
             raise RequestTooLargeError(
                 "max_tokens",
-                f"{len(request.prompt_ids)} input tokens + max_tokens {request.max_new_tokens} exceed this "
-                f"server's max_batch_total_tokens={limits.max_batch_total_tokens}",
-            )
-        if len(request.prompt_ids) > limits.max_batch_prefill_tokens:
-            raise RequestTooLargeError(
-                "input",
-                f"{len(request.prompt_ids)} input tokens exceed this server's "
-                f"max_batch_prefill_tokens={limits.max_batch_prefill_tokens}",
+                f"{len(request.prompt_ids)} input tokens + max_tokens {request.max_new_tokens} exceed the "
+                f"{max_len} positions of this server's KV slots",
             )
         # Built here, on the caller's thread: a bad request fails alone, never inside a batch step.
         generation = Generation(request, self.tokenizer, self.engine.config.vocab_size)
         handle = RequestHandle(generation, asyncio.get_running_loop())
+        limits = self.limits
         with self._lock:
             if not self._accepting:
                 raise ShuttingDownError("the server is shutting down; retry on another replica")
-            in_flight = len(self._waiting) + len(self._admitting) + len(self._running)
+            in_flight = len(self._waiting) + len(self._running) + (self._prefilling is not None)
             if in_flight >= limits.max_concurrent_requests:
                 raise QueueFullError(
                     f"{in_flight} requests are running or queued, the limit is "
@@ -207,7 +216,7 @@ class Scheduler:
 
     @property
     def running_count(self) -> int:
-        return len(self._running)
+        return len(self._running) + (self._prefilling is not None)
 
     @property
     def queued_count(self) -> int:
@@ -215,8 +224,9 @@ class Scheduler:
 
     @property
     def kv_positions(self) -> int:
-        batch = self._batch
-        return 0 if batch is None else batch.size * batch.width
+        """KV positions in use now: the lengths of every occupied slot."""
+        prefilling = self._prefilling.cached if self._prefilling is not None else 0
+        return sum(h.cached for h in self._running) + prefilling
 
     def stop_accepting(self) -> None:
         with self._lock:
@@ -226,75 +236,115 @@ class Scheduler:
         """Finish what runs within `drain_timeout` seconds; tell every other client why it ends."""
         self.stop_accepting()
         deadline = time.monotonic() + drain_timeout
-        while (self._waiting or self._running) and time.monotonic() < deadline:
+        while (self._waiting or self._running or self._prefilling) and time.monotonic() < deadline:
             time.sleep(0.01)
         with self._lock:
             self._stopped = True
             self._lock.notify()
         self._thread.join(timeout=10)
         error = ShuttingDownError("the server shut down before this request finished")
-        for handle in [*self._waiting, *self._admitting, *self._running]:
+        for handle in [*self._waiting, *self._running, *([self._prefilling] if self._prefilling else [])]:
             self._outbox.put(handle, error)
         self._outbox.flush()
         self._waiting.clear()
         self._running.clear()
+        self._prefilling = None
 
     # -- the loop -----------------------------------------------------------------------------------
 
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not self._stopped and not self._waiting and not self._running:
+                while not self._stopped and not self._waiting and not self._running and not self._prefilling:
                     self._lock.wait()
                 if self._stopped:
                     return
             try:
                 self._iteration()
             except Exception:  # a bug in a forward pass must not take the server down
-                failed = [*self._admitting, *self._running]
+                failed = [*self._running, *([self._prefilling] if self._prefilling else [])]
                 log.exception(
                     "generation step failed for requests %s", [h.request.request_id for h in failed]
                 )
                 for handle in failed:
                     self._fail(handle)
-                self._admitting, self._running, self._batch = [], [], None
+                self._running, self._prefilling = [], None
                 self._publish_stats(kv_peak=0)
                 self._outbox.flush()
 
     def _iteration(self) -> None:
-        kv_peak = 0  # the most KV positions held at any point of this iteration
         self.stats.prefill_seconds = self.stats.decode_seconds = 0.0
         self.stats.prefill_positions = self.stats.tokens = 0
         self.stats.first_token_seconds, self.stats.finished = [], []
         self._retire(lambda handle: handle.cancelled.is_set())
-        self._admitting = self._admit()
-        if self._admitting:
-            started = time.monotonic()
-            batch, logits = self.engine.prefill([h.request.prompt_ids for h in self._admitting])
-            self.stats.prefill_seconds = time.monotonic() - started
-            self.stats.prefill_positions = batch.size * batch.width
-            for row, handle in enumerate(self._admitting):
-                self._emit(handle, logits[row])  # logits [batch, vocab]
-            self._batch = batch if self._batch is None else self.engine.concatenate([self._batch, batch])
-            self._running.extend(self._admitting)
-            self._admitting = []
+        started = time.monotonic()
+        self._prefill()
+        self.stats.prefill_seconds = time.monotonic() - started
+        kv_peak = self.kv_positions
+        if self.stats.prefill_positions:
             self._outbox.flush()  # first tokens go out now, not after this step's decode
-            kv_peak = self.kv_positions
-            # Cancelled during the prefill: no first token was chosen, so it must not be decoded.
-            self._retire(_leaves)
-        if self._running and self._batch is not None:
+        # Finished on their first token, or cancelled during the prefill (no first token was chosen):
+        # either way they must not be decoded.
+        self._retire(_leaves)
+        if self._running:
             started = time.monotonic()
-            tokens = np.array([h.generation.last_token for h in self._running], dtype=np.int64)  # [batch]
-            logits = self.engine.decode(self._batch, tokens)
+            rows = self._running
+            tokens = np.array([h.generation.last_token for h in rows], dtype=np.int64)  # [n]
+            lengths = np.array([h.cached for h in rows], dtype=np.int64)  # [n] positions held
+            logits = self.engine.decode(tokens, lengths)  # [n, vocab]
             self.stats.decode_seconds = time.monotonic() - started
-            kv_peak = max(kv_peak, self.kv_positions)
-            for row, handle in enumerate(self._running):
+            for row, handle in enumerate(rows):
+                handle.cached += 1
                 self._emit(handle, logits[row])
+            kv_peak = max(kv_peak, self.kv_positions)
             self._retire(_leaves)
         self.stats.steps += 1
         self._publish_stats(kv_peak)
         # After the observer: by the time a client sees its last token, the step is in the metrics.
         self._outbox.flush()
+
+    def _prefill(self) -> None:
+        """Spend this step's prefill budget: the prompt part-way through first, then new requests."""
+        limits = self.limits
+        budget = limits.prefill_chunk_tokens if self._running else limits.max_batch_prefill_tokens
+        while budget > 0:
+            handle = self._prefilling or self._admit()
+            if handle is None:
+                return
+            self._prefilling = handle
+            prompt = handle.request.prompt_ids
+            chunk = prompt[handle.cached : handle.cached + budget]
+            logits = self.engine.prefill(handle.slot, chunk, start=handle.cached)  # [vocab]
+            handle.cached += len(chunk)
+            budget -= len(chunk)
+            self.stats.prefill_positions += len(chunk)
+            if handle.cached < len(prompt):
+                return  # the budget is spent; the rest of this prompt comes first next step
+            self._prefilling = None
+            self._join(handle)
+            self._emit(handle, logits)
+
+    def _admit(self) -> RequestHandle | None:
+        """The next queued request, given the free slot just above the running ones; None if none."""
+        if len(self._running) >= self.slots:
+            return None
+        with self._lock:
+            while self._waiting:
+                handle = self._waiting.popleft()
+                if handle.cancelled.is_set():
+                    self._outbox.put(handle, _END)
+                    continue
+                handle.slot, handle.cached = len(self._running), 0
+                return handle
+        return None
+
+    def _join(self, handle: RequestHandle) -> None:
+        """A sequence whose prompt is in its slot joins the running ones, in the next slot."""
+        slot = len(self._running)
+        if handle.slot != slot:  # running sequences left while it was prefilling
+            self.engine.move_slot(handle.slot, slot, handle.cached)
+            handle.slot = slot
+        self._running.append(handle)
 
     def _publish_stats(self, kv_peak: int) -> None:
         self.stats.kv_positions = kv_peak
@@ -305,33 +355,6 @@ class Scheduler:
                 self._on_step(self.stats)
             except Exception:  # an observer's bug must not fail the requests in the batch
                 log.exception("step observer failed")
-
-    def _admit(self) -> list[RequestHandle]:
-        limits = self.limits
-        admitted: list[RequestHandle] = []
-        longest_prompt = 0  # a prefill batch is left-padded: it computes rows x longest prompt positions
-        longest = max((h.request.max_total_tokens for h in self._running), default=0)
-        with self._lock:
-            while self._waiting:
-                handle = self._waiting[0]
-                if handle.cancelled.is_set():
-                    self._outbox.put(self._waiting.popleft(), _END)
-                    continue
-                request = handle.request
-                rows = len(self._running) + len(admitted) + 1
-                widest = max(longest, request.max_total_tokens)
-                if (
-                    rows > limits.max_batch_size
-                    or (len(admitted) + 1) * max(longest_prompt, len(request.prompt_ids))
-                    > limits.max_batch_prefill_tokens
-                    or rows * widest > limits.max_batch_total_tokens
-                ):
-                    break
-                self._waiting.popleft()
-                longest_prompt = max(longest_prompt, len(request.prompt_ids))
-                longest = widest
-                admitted.append(handle)
-        return admitted
 
     def _emit(self, handle: RequestHandle, logits: np.ndarray) -> None:
         if handle.cancelled.is_set() or handle.failed:
@@ -357,15 +380,26 @@ class Scheduler:
         )
 
     def _retire(self, done: Callable[[RequestHandle], bool]) -> None:
-        keep = [row for row, handle in enumerate(self._running) if not done(handle)]
-        if len(keep) == len(self._running):
+        """Drop the sequences `done` says; fill each gap in the slots with the last running sequence."""
+        prefilling = self._prefilling
+        if prefilling is not None and done(prefilling):
+            self._prefilling = None
+            self._close(prefilling)
+        leaving = [h for h in self._running if done(h)]
+        if not leaving:
             return
-        kept = set(keep)
-        for row, handle in enumerate(self._running):
-            if row not in kept and not handle.generation.finished and not handle.failed:
-                self._outbox.put(handle, _END)  # cancelled: the client is gone, close its stream quietly
-        self._running = [self._running[row] for row in keep]
-        if not keep:
-            self._batch = None
-        elif self._batch is not None:
-            self._batch = self.engine.filter(self._batch, keep)
+        for handle in leaving:
+            self._close(handle)
+        kept = [h for h in self._running if not done(h)]
+        n = len(kept)
+        gaps = iter(sorted(h.slot for h in leaving if h.slot < n))
+        for handle in kept:
+            if handle.slot >= n:  # above the new end: into a slot a leaver freed
+                slot = next(gaps)
+                self.engine.move_slot(handle.slot, slot, handle.cached)
+                handle.slot = slot
+        self._running = sorted(kept, key=lambda h: h.slot)
+
+    def _close(self, handle: RequestHandle) -> None:
+        if not handle.generation.finished and not handle.failed:
+            self._outbox.put(handle, _END)  # cancelled: the client is gone, close its stream quietly

@@ -60,12 +60,17 @@ class ModelState:
         config: ModelConfig,
         execution_provider: str,
         adapters: frozenset[str] = frozenset(),
+        *,
+        kv_slots: int = 0,
+        kv_cache_bytes: int = 0,
     ) -> None:
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.config = config
         self.execution_provider = execution_provider
         self.adapters = adapters
+        self.kv_slots = kv_slots
+        self.kv_cache_bytes = kv_cache_bytes
 
 
 class TextGenerationService(textgen_pb2_grpc.TextGenerationServicer):
@@ -125,6 +130,8 @@ class TextGenerationService(textgen_pb2_grpc.TextGenerationServicer):
             max_batch_prefill_tokens=c.max_batch_prefill_tokens,
             vocab_size=c.vocab_size,
             adapters=sorted(model.adapters),
+            kv_slots=model.kv_slots,
+            kv_cache_bytes=model.kv_cache_bytes,
         )
 
     # -- helpers -------------------------------------------------------------------------------------

@@ -420,6 +420,8 @@ class GetModelInfoResponse(_message.Message):
     MAX_BATCH_PREFILL_TOKENS_FIELD_NUMBER: _builtins.int
     VOCAB_SIZE_FIELD_NUMBER: _builtins.int
     ADAPTERS_FIELD_NUMBER: _builtins.int
+    KV_SLOTS_FIELD_NUMBER: _builtins.int
+    KV_CACHE_BYTES_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """e.g. "@hf/mistral/mistral-7b-instruct-v0.2" """
     dtype: _builtins.str
@@ -429,6 +431,9 @@ class GetModelInfoResponse(_message.Message):
     max_total_tokens: _builtins.int
     max_batch_prefill_tokens: _builtins.int
     vocab_size: _builtins.int
+    kv_slots: _builtins.int
+    """The KV cache, allocated once at start-up: slots (sequences decoded together) and bytes in all."""
+    kv_cache_bytes: _builtins.int
     @_builtins.property
     def adapters(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -442,10 +447,12 @@ class GetModelInfoResponse(_message.Message):
         max_batch_prefill_tokens: _builtins.int = ...,
         vocab_size: _builtins.int = ...,
         adapters: _abc.Iterable[_builtins.str] | None = ...,
+        kv_slots: _builtins.int = ...,
+        kv_cache_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "dtype", b"dtype", "execution_provider", b"execution_provider", "max_batch_prefill_tokens", b"max_batch_prefill_tokens", "max_input_length", b"max_input_length", "max_total_tokens", b"max_total_tokens", "model", b"model", "vocab_size", b"vocab_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "dtype", b"dtype", "execution_provider", b"execution_provider", "kv_cache_bytes", b"kv_cache_bytes", "kv_slots", b"kv_slots", "max_batch_prefill_tokens", b"max_batch_prefill_tokens", "max_input_length", b"max_input_length", "max_total_tokens", b"max_total_tokens", "model", b"model", "vocab_size", b"vocab_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

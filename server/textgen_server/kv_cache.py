@@ -1,0 +1,108 @@
+"""The KV cache: one buffer per layer for keys and one for values, allocated once, a slot per row.
+
+Each buffer is [slots, kv_heads, max_len, head_dim]. A forward pass binds a run of consecutive
+slots of every buffer, by pointer, as both the layer's past input and its present output, so that
+GroupQueryAttention writes the new columns in place: nothing is concatenated, copied or reallocated
+between steps, and peak memory is what `KVCache.nbytes` says from start-up on (gpt-fast's KVCache,
+onnxruntime-genai's DefaultKeyValueCache).
+
+Where the buffers live: on the CPU they are numpy arrays (a slot move copies only the positions in
+use); on a GPU they are OrtValues in device memory and a slot move runs the exporter's kv_copy.onnx
+on the model's execution provider, so the cache never crosses to the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+
+from .model_config import KV_COPY_FILE, ModelConfig
+
+NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+
+
+class KVCache:
+    """Slots of KV cache for every layer; slot `i` of every buffer belongs to the same row."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        config: ModelConfig,
+        *,
+        slots: int,
+        max_len: int,
+        device: str,
+        providers: Sequence[str],
+        host_arrays: bool | None = None,
+    ) -> None:
+        """`host_arrays`: numpy buffers (default on the CPU) or OrtValues moved by the copy graph."""
+        if slots < 1 or max_len < 1:
+            raise ValueError(f"a KV cache needs at least one slot and one position, got {slots} x {max_len}")
+        self.slots = slots
+        self.max_len = max_len
+        self.device = device
+        self.dtype = NUMPY_DTYPES[config.dtype]
+        self.shape = (slots, config.num_kv_heads, max_len, config.head_dim)  # per buffer
+        self.count = 2 * config.num_layers  # layer i: buffers 2i (keys) and 2i + 1 (values)
+        self._slot_elems = config.num_kv_heads * max_len * config.head_dim
+        self._slot_bytes = self._slot_elems * np.dtype(self.dtype).itemsize
+        self._host = (device == "cpu") if host_arrays is None else host_arrays
+        if self._host:
+            self._arrays = [np.zeros(self.shape, dtype=self.dtype) for _ in range(self.count)]
+            self._pointers = [int(a.ctypes.data) for a in self._arrays]
+            self._values: list[ort.OrtValue] = []
+        else:
+            self._values = [
+                ort.OrtValue.ortvalue_from_shape_and_type(list(self.shape), self.dtype, device, 0)
+                for _ in range(self.count)
+            ]
+            self._pointers = [int(v.data_ptr()) for v in self._values]
+            options = ort.SessionOptions()
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep the copies
+            self._copy = ort.InferenceSession(
+                str(model_dir / KV_COPY_FILE), options, providers=list(providers)
+            )
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by all the buffers: the whole cache, allocated once."""
+        return self.count * self.slots * self._slot_bytes
+
+    def bind(
+        self, binding: ort.IOBinding, inputs: Sequence[str], outputs: Sequence[str], first: int, rows: int
+    ) -> None:
+        """Bind slots first..first + rows - 1 of buffer i as inputs[i] and outputs[i] (the same memory)."""
+        if first < 0 or rows < 1 or first + rows > self.slots:
+            raise ValueError(f"slots {first}..{first + rows - 1} outside 0..{self.slots - 1}")
+        shape = [rows, *self.shape[1:]]  # [rows, kv_heads, max_len, head_dim]
+        offset = first * self._slot_bytes
+        for pointer, name_in, name_out in zip(self._pointers, inputs, outputs, strict=True):
+            binding.bind_input(name_in, self.device, 0, self.dtype, shape, pointer + offset)
+            binding.bind_output(name_out, self.device, 0, self.dtype, shape, pointer + offset)
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy slot `src`'s first `length` positions into slot `dst` (in every buffer)."""
+        if src == dst:
+            return
+        if self._host:
+            for array in self._arrays:
+                array[dst, :, :length] = array[src, :, :length]
+            return
+        binding = self._copy.io_binding()
+        shape = [1, *self.shape[1:]]  # whole slots: a slot's first positions are not contiguous
+        for i, pointer in enumerate(self._pointers):
+            binding.bind_input(f"src{i}", self.device, 0, self.dtype, shape, pointer + src * self._slot_bytes)
+            binding.bind_output(
+                f"dst{i}", self.device, 0, self.dtype, shape, pointer + dst * self._slot_bytes
+            )
+        self._copy.run_with_iobinding(binding)
+
+    def read(self, buffer: int, slot: int, length: int) -> npt.NDArray[np.floating[Any]]:
+        """A host copy of one buffer's slot, first `length` positions: [kv_heads, length, head_dim]."""
+        whole = self._arrays[buffer] if self._host else np.asarray(self._values[buffer].numpy())
+        return np.array(whole[slot, :, :length], copy=True)
