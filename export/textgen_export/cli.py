@@ -19,7 +19,19 @@ def build_parser() -> argparse.ArgumentParser:
         "source", help="Hugging Face hub id (e.g. mistralai/Mistral-7B-Instruct-v0.2) or folder"
     )
     model.add_argument("--out", type=Path, required=True, help="model directory to create")
-    model.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
+    model.add_argument(
+        "--dtype",
+        choices=["fp32", "fp16", "int4", "int8"],
+        default="fp32",
+        help="weights; int4/int8 are MatMulNBits (CPU: int4 or int8; GPU: fp16 or int4)",
+    )
+    model.add_argument(
+        "--activations",
+        choices=["fp32", "fp16"],
+        default=None,
+        help="activations and KV cache (default: fp16 with fp16 weights, else fp32; "
+        "use fp16 with int4/int8 for a GPU)",
+    )
     model.add_argument("--name", help="model name reported by the server (default: the source)")
     model.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     model.add_argument("--debug", action="store_true", help="show the full traceback when the export fails")
@@ -27,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="random-weight Mistral with the real tokenizer (fixed seed)")
     demo.add_argument("--out", type=Path, required=True, help="model directory to create")
     demo.add_argument("--size", choices=["tiny", "bench", "7b"], default="tiny")
+    demo.add_argument(
+        "--dtype", choices=["fp32", "fp16", "int4", "int8"], default="fp32", help="as for `model`"
+    )
+    demo.add_argument("--activations", choices=["fp32", "fp16"], default=None, help="as for `model`")
     demo.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     demo.add_argument("--debug", action="store_true", help="show the full traceback when the export fails")
     return parser
@@ -45,13 +61,20 @@ def main(argv: list[str] | None = None) -> int:
                 checkpoint,
                 args.out,
                 dtype=args.dtype,
+                activations=args.activations,
                 name=args.name or args.source,
                 overwrite=args.overwrite,
             )
         else:
             from .demo import build_demo
 
-            build_demo(args.out, size=args.size, overwrite=args.overwrite)
+            build_demo(
+                args.out,
+                size=args.size,
+                dtype=args.dtype,
+                activations=args.activations,
+                overwrite=args.overwrite,
+            )
     except ExportError as exc:
         print(f"textgen-export: error: {exc}", file=sys.stderr)
         return 2

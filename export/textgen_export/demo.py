@@ -77,7 +77,12 @@ def write_demo_checkpoint(size: str, checkpoint: Path) -> None:
 
 
 def build_demo(
-    out: Path, *, size: str = "tiny", overwrite: bool = False
+    out: Path,
+    *,
+    size: str = "tiny",
+    dtype: str = "fp32",
+    activations: str | None = None,
+    overwrite: bool = False,
 ) -> ModelConfig:
     if size not in SIZES:
         raise ValueError(f"unknown demo size {size!r}; expected one of {', '.join(SIZES)}")
@@ -91,4 +96,6 @@ def build_demo(
             source=f"random weights, seed {SEED}, size {size}",
             overwrite=overwrite,
             bundle_checkpoint=True,
+            dtype=dtype,
+            activations=activations,
         )

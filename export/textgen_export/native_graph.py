@@ -30,6 +30,7 @@ from textgen_server.model_config import ModelIO
 
 OPSET = 18
 IR_VERSION = 8
+LM_HEAD_NODE = "lm_head"  # the quantizer leaves it alone for int4 (quantize.py)
 ONNX_DTYPES = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16}
 _NUMPY_DTYPES: dict[str, type[np.floating[Any]]] = {"fp32": np.float32, "fp16": np.float16}
 
@@ -73,10 +74,12 @@ class _Builder:
         self.initializers: list[TensorProto] = []
         self._count = 0
 
-    def op(self, op_type: str, inputs: list[str], name: str = "", **attrs: Any) -> str:
+    def op(self, op_type: str, inputs: list[str], name: str = "", node: str = "", **attrs: Any) -> str:
+        """A node with one output, named `name` (else generated); `node` names the node itself."""
         self._count += 1
         out = name or f"{op_type.lower()}_{self._count}"
-        self.nodes.append(helper.make_node(op_type, inputs, [out], name=f"n{self._count}_{op_type}", **attrs))
+        node_name = node or f"n{self._count}_{op_type}"
+        self.nodes.append(helper.make_node(op_type, inputs, [out], name=node_name, **attrs))
         return out
 
     def op_n(
@@ -181,7 +184,7 @@ def build_decoder_graph(
     last = g.op("Slice", [hidden, "c_m1", "c_end", "axes_1"])  # [b, 1, hidden]
     normed = rms_norm(last, "model.norm.weight")
     lm_w = g.weight("lm_head.weight", weights["lm_head.weight"].T)
-    logits = g.op("MatMul", [normed, lm_w])  # [b, 1, vocab]
+    logits = g.op("MatMul", [normed, lm_w], node=LM_HEAD_NODE)  # [b, 1, vocab]
     g.op("Cast", [logits], name=io.logits, to=TensorProto.FLOAT)
 
     kv_dims: list[str | int] = ["batch", s.num_kv_heads, "max_len", s.head_dim]

@@ -7,6 +7,7 @@ looks like a model.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -14,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import onnx
 from textgen_server.model_config import (
     CONFIG_FILE,
     FORMAT_VERSION,
@@ -26,13 +28,15 @@ from textgen_server.model_config import (
 from .checkpoint import Architecture, read_architecture
 from .errors import ExportError
 from .kv_graphs import write_kv_copy_graph
-from .native_graph import DecoderShape, build_decoder_graph, save_decoder
+from .native_graph import LM_HEAD_NODE, DecoderShape, build_decoder_graph, save_decoder
 from .progress import Progress
+from .quantize import BITS, measure_quality, quantize_decoder
 from .tokenizer import checkpoint_tokenizer
 
 log = logging.getLogger(__name__)
 
-DTYPES = ("fp32", "fp16")
+DTYPES = ("fp32", "fp16", "int4", "int8")
+ACTIVATION_DTYPES = ("fp32", "fp16")
 CHECKPOINT_DIR = "checkpoint"
 
 
@@ -41,6 +45,7 @@ def export_checkpoint(
     out: Path,
     *,
     dtype: str = "fp32",
+    activations: str | None = None,
     name: str | None = None,
     source: str | None = None,
     overwrite: bool = False,
@@ -49,31 +54,72 @@ def export_checkpoint(
     """Export a local Mistral/Llama checkpoint folder into the model directory `out`.
 
     The decoder graph is written op by op from the weights (native_graph.py), with the KV-slot copy
-    graph beside it (kv_graphs.py).
+    graph beside it (kv_graphs.py). `dtype` is the weights' dtype; `activations` the activations' and
+    the KV cache's (default: fp16 for fp16 weights, else fp32). int4/int8 weights are quantized to
+    MatMulNBits and the export reports their agreement with the unquantized model (quantize.py).
     With `bundle_checkpoint`, a copy of the checkpoint goes to `out/checkpoint/` (demo models keep
     theirs so that tests can compare with transformers on the same weights).
     """
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+    activations = activations or ("fp16" if dtype == "fp16" else "fp32")
+    if activations not in ACTIVATION_DTYPES or (dtype in ACTIVATION_DTYPES and activations != dtype):
+        raise ExportError(
+            f"--activations {activations}: expected {' or '.join(ACTIVATION_DTYPES)}, and the same as "
+            f"--dtype for fp32/fp16 weights (got --dtype {dtype})"
+        )
+    quantized = dtype in BITS
     arch = read_architecture(checkpoint)
     staging = _make_staging_dir(out, overwrite)
-    progress = Progress(total_steps=4)
+    progress = Progress(total_steps=6 if quantized else 4)
     try:
         with progress.step("writing tokenizer.json"):
             try:
                 checkpoint_tokenizer(checkpoint, staging / TOKENIZER_FILE)
             except ValueError as exc:  # no tokenizer, or one SentencePiece parity cannot be kept for
                 raise ExportError(str(exc)) from exc
-        with progress.step(f"loading {checkpoint} ({dtype}; a 7B model takes a few minutes)"):
-            shape, weights = _load_weights(checkpoint, dtype)
+        with progress.step(f"loading {checkpoint} ({activations}; a 7B model takes a few minutes)"):
+            shape, weights = _load_weights(checkpoint, activations)
         with progress.step(f"writing the decoder graph ({shape.num_layers} layers)"):
-            save_decoder(build_decoder_graph(shape, weights, dtype), staging / MODEL_FILE)
+            decoder = build_decoder_graph(shape, weights, activations)
             del weights
-        write_kv_copy_graph(staging, num_layers=arch.num_layers, dtype=dtype)
-        with progress.step("writing textgen.json"):
-            config = _model_config(
-                arch, dtype=dtype, name=name or checkpoint.name, source=source or str(checkpoint)
+            # The unquantized graph is kept aside until the quantized one has been measured against it.
+            reference = staging / ".unquantized" if quantized else staging
+            reference.mkdir(exist_ok=True)
+            save_decoder(decoder, reference / MODEL_FILE)
+        write_kv_copy_graph(staging, num_layers=arch.num_layers, dtype=activations)
+        config = _model_config(
+            arch,
+            dtype=activations,
+            weight_dtype=dtype,
+            name=name or checkpoint.name,
+            source=source or str(checkpoint),
+        )
+        if quantized:
+            with progress.step(f"quantizing the weights to {dtype} (MatMulNBits)"):
+                # Saving moved large weights out of `decoder` into external data: read them back.
+                decoder = onnx.load(str(reference / MODEL_FILE))
+                save_decoder(quantize_decoder(decoder, dtype, LM_HEAD_NODE), staging / MODEL_FILE)
+                del decoder
+            with progress.step("measuring the quantized model against the unquantized one"):
+                for name_ in (TOKENIZER_FILE, KV_COPY_FILE):
+                    shutil.copyfile(staging / name_, reference / name_)
+                config.save(reference)
+                config.save(staging)  # rewritten below with the report
+                report = measure_quality(reference, staging, dtype)
+                shutil.rmtree(reference)
+            log.info(
+                "%s: next-token agreement with the unquantized model %.1f%%, mean KL %.4f nats "
+                "(%d positions of a fixed text)",
+                dtype,
+                100 * report.next_token_agreement,
+                report.mean_kl,
+                report.positions,
             )
+            config = dataclasses.replace(config, quantization=report.as_dict())
+        else:
+            del decoder
+        with progress.step("writing textgen.json"):
             config.save(staging)
         if bundle_checkpoint:
             shutil.copytree(checkpoint, staging / CHECKPOINT_DIR)
@@ -117,10 +163,13 @@ def _load_weights(checkpoint: Path, dtype: str) -> tuple[DecoderShape, dict[str,
     return shape, weights
 
 
-def _model_config(arch: Architecture, *, dtype: str, name: str, source: str) -> ModelConfig:
+def _model_config(
+    arch: Architecture, *, dtype: str, weight_dtype: str, name: str, source: str
+) -> ModelConfig:
     return ModelConfig(
         name=name,
         dtype=dtype,
+        weight_dtype=weight_dtype,
         num_layers=arch.num_layers,
         num_kv_heads=arch.num_kv_heads,
         head_dim=arch.head_dim,
@@ -134,9 +183,7 @@ def _model_config(arch: Architecture, *, dtype: str, name: str, source: str) -> 
 
 def _publish(staging: Path, out: Path) -> None:
     missing = [
-        f
-        for f in (MODEL_FILE, TOKENIZER_FILE, CONFIG_FILE, KV_COPY_FILE)
-        if not (staging / f).is_file()
+        f for f in (MODEL_FILE, TOKENIZER_FILE, CONFIG_FILE, KV_COPY_FILE) if not (staging / f).is_file()
     ]
     if missing:
         raise ExportError(f"export incomplete: {', '.join(missing)} not written")

@@ -170,6 +170,7 @@ def model_info_from_proto(response: textgen_pb2.GetModelInfoResponse) -> ModelIn
         adapters=list(response.adapters),
         kv_slots=response.kv_slots,
         kv_cache_bytes=response.kv_cache_bytes,
+        weight_dtype=response.weight_dtype,
     )
 
 

@@ -89,6 +89,7 @@ class ModelInfo:
     adapters: list[str]
     kv_slots: int = 0  # sequences decoded together
     kv_cache_bytes: int = 0  # the KV cache, allocated once at start-up
+    weight_dtype: str = ""  # fp32, fp16, int4 or int8; `dtype` is the activations' and the cache's
 
 
 class Message(TypedDict):

@@ -100,13 +100,14 @@ class TextgenServer:
         )
         await self._set_serving(True)
         log.info(
-            "serving %s on %s (%s): %d KV slots x %d positions, %.1f MiB",
+            "serving %s on %s (%s weights, %s activations): %d KV slots x %d positions, %d bytes",
             engine.config.name,
             engine.execution_provider,
+            engine.config.weight_dtype,
             engine.config.dtype,
             engine.slots,
             engine.max_len,
-            engine.cache.nbytes / 2**20,
+            engine.cache.nbytes,
         )
 
     async def stop(self, grace: float | None = None) -> None:

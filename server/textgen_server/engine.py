@@ -116,9 +116,11 @@ class Engine:
             name for i in layers for name in (io.present_key.format(i), io.present_value.format(i))
         ]
         log.info(
-            "loaded %s on %s (%s, %d layers); KV cache %d slots x %d positions = %.1f MiB",
+            "loaded %s on %s (%s weights, %s activations, %d layers); KV cache %d slots x %d positions "
+            "= %.1f MiB",
             self.config.name,
             self.execution_provider,
+            self.config.weight_dtype,
             self.config.dtype,
             self.config.num_layers,
             slots,

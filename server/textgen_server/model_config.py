@@ -45,7 +45,7 @@ class ModelIO:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str
-    dtype: str  # "fp32" or "fp16"
+    dtype: str  # activations and KV cache: "fp32" or "fp16"
     num_layers: int
     num_kv_heads: int
     head_dim: int
@@ -62,6 +62,9 @@ class ModelConfig:
     format_version: int = 1
     io: ModelIO = field(default_factory=ModelIO)
     source: str = ""
+    weight_dtype: str = "fp32"  # "fp32", "fp16", "int4" or "int8" (MatMulNBits)
+    # For int4/int8: block size, accuracy level and the measured agreement with the unquantized model.
+    quantization: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2) + "\n"

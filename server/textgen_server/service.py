@@ -124,6 +124,7 @@ class TextGenerationService(textgen_pb2_grpc.TextGenerationServicer):
         return pb.GetModelInfoResponse(
             model=self.model_name or c.name,
             dtype=c.dtype,
+            weight_dtype=c.weight_dtype,
             execution_provider=model.execution_provider,
             max_input_length=c.max_input_length,
             max_total_tokens=c.max_total_tokens,

@@ -422,10 +422,11 @@ class GetModelInfoResponse(_message.Message):
     ADAPTERS_FIELD_NUMBER: _builtins.int
     KV_SLOTS_FIELD_NUMBER: _builtins.int
     KV_CACHE_BYTES_FIELD_NUMBER: _builtins.int
+    WEIGHT_DTYPE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """e.g. "@hf/mistral/mistral-7b-instruct-v0.2" """
     dtype: _builtins.str
-    """fp32 or fp16"""
+    """activations and KV cache: fp32 or fp16"""
     execution_provider: _builtins.str
     max_input_length: _builtins.int
     max_total_tokens: _builtins.int
@@ -434,6 +435,8 @@ class GetModelInfoResponse(_message.Message):
     kv_slots: _builtins.int
     """The KV cache, allocated once at start-up: slots (sequences decoded together) and bytes in all."""
     kv_cache_bytes: _builtins.int
+    weight_dtype: _builtins.str
+    """fp32, fp16, int4 or int8"""
     @_builtins.property
     def adapters(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -449,10 +452,11 @@ class GetModelInfoResponse(_message.Message):
         adapters: _abc.Iterable[_builtins.str] | None = ...,
         kv_slots: _builtins.int = ...,
         kv_cache_bytes: _builtins.int = ...,
+        weight_dtype: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "dtype", b"dtype", "execution_provider", b"execution_provider", "kv_cache_bytes", b"kv_cache_bytes", "kv_slots", b"kv_slots", "max_batch_prefill_tokens", b"max_batch_prefill_tokens", "max_input_length", b"max_input_length", "max_total_tokens", b"max_total_tokens", "model", b"model", "vocab_size", b"vocab_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "dtype", b"dtype", "execution_provider", b"execution_provider", "kv_cache_bytes", b"kv_cache_bytes", "kv_slots", b"kv_slots", "max_batch_prefill_tokens", b"max_batch_prefill_tokens", "max_input_length", b"max_input_length", "max_total_tokens", b"max_total_tokens", "model", b"model", "vocab_size", b"vocab_size", "weight_dtype", b"weight_dtype"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

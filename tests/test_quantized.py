@@ -1,0 +1,86 @@
+"""int4 and int8 weights: exports that report their quality and serve exactly like the engine offline."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnx
+import pytest
+from server_harness import ServerThread
+from textgen.v1 import textgen_pb2 as pb
+from textgen.v1 import textgen_pb2_grpc as rpc
+from textgen_export.demo import build_demo
+from textgen_export.native_graph import LM_HEAD_NODE
+from textgen_server.engine import Engine
+from textgen_server.model_config import ModelConfig
+from textgen_server.prompt import encode_prompt
+from textgen_server.tokenizer import Tokenizer
+
+PROMPTS = ["Hello", "Tell me about rivers", "1 2 3 4 5 6 7 8", "Write a poem about the sea, please"]
+
+
+@pytest.fixture(scope="module", params=["int4", "int8"])
+def quantized_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("quantized") / request.param
+    build_demo(out, size="tiny", dtype=request.param)
+    return out
+
+
+def _offline_greedy(engine: Engine, prompt: list[int], new_tokens: int) -> list[int]:
+    tokens = [int(engine.prefill(0, prompt).argmax())]
+    while len(tokens) < new_tokens:
+        logits = engine.decode(np.array([tokens[-1]]), np.array([len(prompt) + len(tokens) - 1]))
+        tokens.append(int(logits[0].argmax()))
+    return tokens
+
+
+def test_export_reports_its_quality_and_quantizes_the_linear_layers(quantized_dir: Path) -> None:
+    config = ModelConfig.load(quantized_dir)
+    weight_dtype = quantized_dir.name
+    assert (config.weight_dtype, config.dtype) == (weight_dtype, "fp32")
+    report = config.quantization
+    assert report["weight_dtype"] == weight_dtype and report["block_size"] == 32
+    assert report["positions"] > 100
+    assert 0.0 <= report["next_token_agreement"] <= 1.0 and report["mean_kl"] >= 0.0
+    graph = onnx.load(str(quantized_dir / "model.onnx")).graph
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    plain = [n.name for n in graph.node if n.op_type == "MatMul"]
+    # Per layer: qkv, o, gate_up, down (2 layers); the LM head only for int8.
+    assert len(nbits) == 2 * 4 + (weight_dtype == "int8")
+    assert plain == ([] if weight_dtype == "int8" else [LM_HEAD_NODE])
+    bits = {a.i for n in nbits for a in n.attribute if a.name == "bits"}
+    accuracy = {a.i for n in nbits for a in n.attribute if a.name == "accuracy_level"}
+    assert bits == {int(weight_dtype[3:])} and accuracy == {4}
+
+
+@pytest.fixture(scope="module")
+def served(quantized_dir: Path) -> Iterator[rpc.TextGenerationStub]:
+    harness = ServerThread(quantized_dir)
+    with grpc.insecure_channel(harness.target) as channel:
+        yield rpc.TextGenerationStub(channel)
+    harness.stop(grace=1)
+
+
+def test_served_greedy_equals_the_engine_offline_in_a_batch(
+    quantized_dir: Path, served: rpc.TextGenerationStub
+) -> None:
+    tokenizer = Tokenizer.from_file(quantized_dir / "tokenizer.json")
+    engine = Engine(quantized_dir, provider="cpu", slots=1)
+    expected = [_offline_greedy(engine, encode_prompt(tokenizer, p, raw=False), 24) for p in PROMPTS]
+
+    def stream(prompt: str) -> list[int]:
+        request = pb.GenerateRequest(prompt=prompt, max_tokens=24, temperature=0)
+        return [m.token.id for m in served.GenerateStream(request)]
+
+    with ThreadPoolExecutor(max_workers=len(PROMPTS) * 2) as pool:  # each prompt twice, all at once
+        together = list(pool.map(stream, PROMPTS * 2))
+    eos = tokenizer.eos_id
+    for got, want in zip(together, expected * 2, strict=True):
+        cut = want.index(eos) + 1 if eos in want else len(want)
+        assert got == want[:cut]
+    info = served.GetModelInfo(pb.GetModelInfoRequest())
+    assert (info.weight_dtype, info.dtype) == (quantized_dir.name, "fp32")
