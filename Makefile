@@ -5,8 +5,14 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 MODEL_DIR ?= models/tiny
 PORT ?= 50051
+# onnxruntime-gpu cannot share a virtualenv with onnxruntime: the GPU wheel gets its own, with the
+# server's runtime dependencies only (the code comes from PYTHONPATH). Without a GPU it runs on its
+# CPU provider, which still catches graphs it cannot load (IR version, opset, op versions).
+GPU_VENV := .venv-ort-gpu
+GPU_PY := $(GPU_VENV)/bin/python
+GPU_INSTALLED := $(GPU_VENV)/.installed
 
-.PHONY: install serve test proto lint typecheck bench demo clean
+.PHONY: install gpu-venv serve test proto lint typecheck bench demo clean
 
 install: $(INSTALLED)
 
@@ -14,6 +20,15 @@ $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[server,export,dev]'
+	touch $@
+
+gpu-venv: $(GPU_INSTALLED)
+
+# Not removed first: pip only changes what pyproject.toml changed, so a rebuild takes seconds.
+$(GPU_INSTALLED): pyproject.toml scripts/requirements.py
+	test -x $(GPU_PY) || $(PYTHON) -m venv $(GPU_VENV)
+	$(PYTHON) scripts/requirements.py gpu 'pytest>=8' > $(GPU_VENV)/requirements.txt
+	$(GPU_PY) -m pip install --quiet -r $(GPU_VENV)/requirements.txt
 	touch $@
 
 # The demo model: random weights, the real Mistral tokenizer; built once.
@@ -25,7 +40,7 @@ demo: $(MODEL_DIR)/textgen.json
 serve: $(INSTALLED) $(MODEL_DIR)/textgen.json
 	$(VENV)/bin/textgen-server --model-dir $(MODEL_DIR) --port $(PORT)
 
-test: $(INSTALLED)
+test: $(INSTALLED) $(GPU_INSTALLED)
 	$(PY) -m pytest -q
 
 proto: $(INSTALLED)
@@ -41,4 +56,4 @@ bench: $(INSTALLED)
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) models build *.egg-info
+	rm -rf $(VENV) $(GPU_VENV) models build *.egg-info

@@ -9,6 +9,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from greedy import engine_greedy, prefill_in_chunks, random_prompt, transformers_greedy
 from textgen_server.engine import Engine
 from textgen_server.model_config import ModelConfig
 from transformers import MistralForCausalLM
@@ -27,47 +28,13 @@ def reference(tiny_model_dir: Path) -> MistralForCausalLM:
     return MistralForCausalLM.from_pretrained(tiny_model_dir / "checkpoint", dtype=torch.float32).eval()
 
 
-def _prompt(length: int, seed: int) -> list[int]:
-    rng = np.random.default_rng(seed)
-    return [1, *rng.integers(3, 32000, length - 1).tolist()]
-
-
-def _transformers_greedy(model: MistralForCausalLM, prompt: list[int], new_tokens: int) -> list[int]:
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([prompt]),
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            pad_token_id=0,
-        )
-    return out[0, len(prompt) :].tolist()
-
-
-def _prefill(engine: Engine, slot: int, prompt: list[int], chunk: int) -> np.ndarray:
-    """The prompt into `slot` in chunks of `chunk` tokens; the last chunk's logits [vocab]."""
-    for start in range(0, len(prompt), chunk):
-        logits = engine.prefill(slot, prompt[start : start + chunk], start=start)
-    return logits
-
-
-def _engine_greedy(engine: Engine, prompt: list[int], new_tokens: int, chunk: int = 10_000) -> list[int]:
-    generated = [int(_prefill(engine, 0, prompt, chunk).argmax())]
-    length = len(prompt)
-    while len(generated) < new_tokens:
-        logits = engine.decode(np.array([generated[-1]]), np.array([length]))  # [1, vocab]
-        generated.append(int(logits[0].argmax()))
-        length += 1
-    return generated
-
-
 @pytest.mark.parametrize("length", [1, 2, 17, 300, 1100, 3000])
 def test_greedy_parity_with_transformers(engine: Engine, reference: MistralForCausalLM, length: int) -> None:
-    prompt = _prompt(length, seed=length)
-    expected = _transformers_greedy(reference, prompt, NEW_TOKENS)
-    assert _engine_greedy(engine, prompt, NEW_TOKENS) == expected
+    prompt = random_prompt(length, seed=length)
+    expected = transformers_greedy(reference, prompt, NEW_TOKENS)
+    assert engine_greedy(engine, prompt, NEW_TOKENS) == expected
     if length > 256:  # the same prompt prefilled in chunks, as the scheduler does for long prompts
-        assert _engine_greedy(engine, prompt, NEW_TOKENS, chunk=256) == expected
+        assert engine_greedy(engine, prompt, NEW_TOKENS, chunk=256) == expected
 
 
 def test_rows_joining_and_leaving_at_different_positions_stay_exact(
@@ -75,14 +42,14 @@ def test_rows_joining_and_leaving_at_different_positions_stay_exact(
 ) -> None:
     """Slots as the scheduler uses them: A runs alone, B joins (prefilled in chunks), C joins, A leaves
     and C's cache moves into A's slot, then B and C go on together; each equals transformers alone."""
-    prompts = {"A": _prompt(30, seed=1), "B": _prompt(70, seed=2), "C": _prompt(5, seed=3)}
-    expected = {name: _transformers_greedy(reference, p, 24) for name, p in prompts.items()}
+    prompts = {"A": random_prompt(30, seed=1), "B": random_prompt(70, seed=2), "C": random_prompt(5, seed=3)}
+    expected = {name: transformers_greedy(reference, p, 24) for name, p in prompts.items()}
     got: dict[str, list[int]] = {}
     length: dict[str, int] = {}
     rows: list[str] = []  # rows[i] owns slot i
 
     def join(name: str, chunk: int) -> None:
-        got[name] = [int(_prefill(engine, len(rows), prompts[name], chunk).argmax())]
+        got[name] = [int(prefill_in_chunks(engine, len(rows), prompts[name], chunk).argmax())]
         length[name] = len(prompts[name])
         rows.append(name)
 
@@ -122,7 +89,7 @@ def test_kv_cache_stays_put_and_never_passes_through_numpy(
         return real_numpy(value)
 
     monkeypatch.setattr(ort.OrtValue, "numpy", tracking_numpy)
-    token = int(engine.prefill(1, _prompt(8, seed=3)).argmax())
+    token = int(engine.prefill(1, random_prompt(8, seed=3)).argmax())
     engine.move_slot(1, 0, 8)
     for step in range(3):
         token = int(engine.decode(np.array([token]), np.array([8 + step]))[0].argmax())
@@ -134,7 +101,7 @@ def test_kv_cache_stays_put_and_never_passes_through_numpy(
 
 def test_memory_does_not_grow_over_a_thousand_joins_and_leaves(tiny_model_dir: Path) -> None:
     engine = Engine(tiny_model_dir, provider="cpu", slots=4, host_arrays=False)
-    prompts = [_prompt(n, seed=n) for n in (3, 9, 40)]
+    prompts = [random_prompt(n, seed=n) for n in (3, 9, 40)]
 
     def churn(rounds: int) -> None:
         for i in range(rounds):

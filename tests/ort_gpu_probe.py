@@ -1,0 +1,71 @@
+"""Run by tests/test_onnxruntime_versions.py under the onnxruntime-gpu virtualenv (on its CPU provider).
+
+Reads a JSON request on stdin, `{"model_dirs": [...], "prompts": [[ids], ...], "new_tokens": n}`, and
+prints one JSON object: the onnxruntime distributions installed and the version imported, and for
+each model directory the load error of every `*.onnx` file in it (null when it loaded) and the
+engine's greedy tokens for each prompt alone and for all of them decoded together (or the engine's
+error). Every file is tried, whatever its name, so graphs the exporter adds later are covered too.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import onnxruntime as ort
+from greedy import engine_greedy, engine_greedy_rows
+from textgen_server.engine import Engine
+
+
+def _distribution() -> dict[str, str]:
+    found = {}
+    for name in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def _load_error(path: Path) -> str | None:
+    try:
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 -- the error is the result
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _probe_model(model_dir: Path, prompts: list[list[int]], new_tokens: int) -> dict[str, Any]:
+    result: dict[str, Any] = {
+        "graphs": {path.name: _load_error(path) for path in sorted(model_dir.glob("*.onnx"))}
+    }
+    try:
+        # The cache as a GPU holds it (OrtValues bound by pointer), each prompt alone, then all together.
+        engine = Engine(model_dir, provider="cpu", slots=len(prompts), host_arrays=False)
+        result["alone"] = [engine_greedy(engine, prompt, new_tokens) for prompt in prompts]
+        result["batched"] = engine_greedy_rows(engine, prompts, new_tokens)
+    except Exception:  # noqa: BLE001 -- reported to the test, which fails with it
+        result["engine_error"] = traceback.format_exc()
+    return result
+
+
+def main() -> None:
+    request = json.load(sys.stdin)
+    report = {
+        "distributions": _distribution(),
+        "version": ort.__version__,
+        "available_providers": ort.get_available_providers(),
+        "models": {
+            name: _probe_model(Path(name), request["prompts"], request["new_tokens"])
+            for name in request["model_dirs"]
+        },
+    }
+    json.dump(report, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

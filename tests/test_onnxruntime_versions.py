@@ -1,0 +1,110 @@
+"""Every graph the exporter writes loads, and decodes as transformers does, in both onnxruntime builds.
+
+onnxruntime 1.32 (the CPU wheel, this virtualenv) and onnxruntime-gpu 1.31.1 (the newest GPU wheel,
+in .venv-ort-gpu, running here on its CPU provider) accept different IR versions and opsets: a graph
+stamped with the onnx package's own newest IR version (kv_join.onnx once carried IR 14) loads in one
+and is refused by the other, so `--provider cuda` would fail on every model; 1.32's
+GroupQueryAttention also has inputs 1.31.1's lacks. The GPU wheel's side runs in a subprocess
+(tests/ort_gpu_probe.py) over every `*.onnx` in the model directory.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from greedy import random_prompt, transformers_greedy
+from onnx import helper
+from ort_runtimes import REPO, assert_server_refuses_cuda, code_env, gpu_venv_python, pinned_version
+from textgen_server.model_config import KV_COPY_FILE, MODEL_FILE
+from transformers import MistralForCausalLM
+
+# IR 10 is ONNX 1.16's; both runtimes load it (onnxruntime-gpu 1.31.1 stops at 13).
+MAX_IR_VERSION = 10
+# The newest standard opset of an ONNX release on IR <= 10 (ONNX 1.16: opset 21); both implement it.
+MAX_OPSET = max(row[2] for row in helper.VERSION_TABLE if row[1] <= MAX_IR_VERSION)
+# onnxruntime's contrib operators (GroupQueryAttention, MatMulNBits, ...) have one opset version.
+CONTRIB_OPSETS = {"com.microsoft": 1}
+
+PROMPTS = [random_prompt(length, seed=length) for length in (1, 17, 300)]
+NEW_TOKENS = 32
+
+
+def test_every_graph_declares_an_ir_version_and_opsets_both_runtimes_load(tiny_model_dir: Path) -> None:
+    graphs = sorted(tiny_model_dir.glob("*.onnx"))
+    assert {path.name for path in graphs} >= {MODEL_FILE, KV_COPY_FILE}
+    for path in graphs:
+        model = onnx.load(str(path), load_external_data=False)
+        assert model.ir_version <= MAX_IR_VERSION, f"{path.name}: IR version {model.ir_version}"
+        for opset in model.opset_import:
+            if opset.domain in ("", "ai.onnx"):
+                assert opset.version <= MAX_OPSET, f"{path.name}: opset {opset.version} > {MAX_OPSET}"
+            else:
+                assert CONTRIB_OPSETS.get(opset.domain) == opset.version, (
+                    f"{path.name}: opset {opset.domain!r} {opset.version}, not one both runtimes know"
+                )
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])  # this virtualenv's runtime
+
+
+@pytest.fixture(scope="module")
+def gpu_wheel_report(tiny_model_dir: Path) -> dict[str, Any]:
+    """tests/ort_gpu_probe.py's report from .venv-ort-gpu: graph load errors and greedy tokens."""
+    request = {
+        "model_dirs": [str(tiny_model_dir)],
+        "prompts": PROMPTS,
+        "new_tokens": NEW_TOKENS,
+    }
+    result = subprocess.run(
+        [str(gpu_venv_python()), str(REPO / "tests" / "ort_gpu_probe.py")],
+        input=json.dumps(request),
+        env=code_env(CUDA_VISIBLE_DEVICES=""),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    report: dict[str, Any] = json.loads(result.stdout)
+    return report
+
+
+def test_gpu_virtualenv_runs_the_pinned_onnxruntime_gpu(gpu_wheel_report: dict[str, Any]) -> None:
+    version = pinned_version("onnxruntime-gpu", "gpu")
+    # The CPU wheel beside it would shadow the GPU one (both install the `onnxruntime` module).
+    assert gpu_wheel_report["distributions"] == {"onnxruntime-gpu": version}
+    assert gpu_wheel_report["version"] == version
+    assert "CUDAExecutionProvider" in gpu_wheel_report["available_providers"]
+
+
+def test_cpu_virtualenv_runs_the_pinned_onnxruntime() -> None:
+    assert ort.__version__ == pinned_version("onnxruntime", "server")
+
+
+def test_every_graph_loads_under_onnxruntime_gpu(
+    gpu_wheel_report: dict[str, Any], tiny_model_dir: Path
+) -> None:
+    graphs = gpu_wheel_report["models"][str(tiny_model_dir)]["graphs"]
+    assert sorted(graphs) == sorted(path.name for path in tiny_model_dir.glob("*.onnx"))
+    assert {name: error for name, error in graphs.items() if error} == {}
+
+
+def test_greedy_parity_with_transformers_under_onnxruntime_gpu(
+    gpu_wheel_report: dict[str, Any], tiny_model_dir: Path
+) -> None:
+    reference = MistralForCausalLM.from_pretrained(tiny_model_dir / "checkpoint", dtype=torch.float32).eval()
+    expected = [transformers_greedy(reference, prompt, NEW_TOKENS) for prompt in PROMPTS]
+    result = gpu_wheel_report["models"][str(tiny_model_dir)]
+    assert "engine_error" not in result, result.get("engine_error")
+    assert result["alone"] == expected
+    assert result["batched"] == expected  # rows at different positions in one decode
+
+
+def test_server_under_onnxruntime_gpu_refuses_cuda_it_cannot_start(tiny_model_dir: Path) -> None:
+    assert_server_refuses_cuda(gpu_venv_python(), tiny_model_dir)
