@@ -11,8 +11,10 @@ PORT ?= 50051
 GPU_VENV := .venv-ort-gpu
 GPU_PY := $(GPU_VENV)/bin/python
 GPU_INSTALLED := $(GPU_VENV)/.installed
+# The CUDA checks run on these: the demo model in fp32 and the same weights exported in fp16.
+GPU_MODEL_DIRS := models/tiny models/tiny-fp16
 
-.PHONY: install gpu-venv serve test proto lint typecheck bench demo clean
+.PHONY: install gpu-venv serve test test-gpu proto lint typecheck bench demo clean
 
 install: $(INSTALLED)
 
@@ -42,6 +44,17 @@ serve: $(INSTALLED) $(MODEL_DIR)/textgen.json
 
 test: $(INSTALLED) $(GPU_INSTALLED)
 	$(PY) -m pytest -q
+
+models/tiny-fp16/textgen.json: models/tiny/textgen.json | $(INSTALLED)
+	$(VENV)/bin/textgen-export model models/tiny/checkpoint --out models/tiny-fp16 --dtype fp16 --overwrite
+
+# The CUDA checks under onnxruntime-gpu: tests marked gpu are skipped, with the reason, without CUDA;
+# the --provider cuda refusal runs everywhere. conftest.py is the main venv's (it builds models with
+# the exporter); pytest-asyncio's options in pyproject.toml mean nothing here.
+test-gpu: $(GPU_INSTALLED) $(addsuffix /textgen.json,$(GPU_MODEL_DIRS))
+	TEXTGEN_GPU_MODEL_DIRS="$(GPU_MODEL_DIRS)" PYTHONPATH=server:sdk \
+		$(GPU_PY) -m pytest --noconftest -p no:cacheprovider -W ignore::pytest.PytestConfigWarning -rs -q \
+		tests/test_gpu.py
 
 proto: $(INSTALLED)
 	PATH=$(VENV)/bin:$$PATH bash scripts/gen_proto.sh

@@ -1,0 +1,127 @@
+"""The CUDA execution provider: the same greedy choices as the CPU, the KV cache on the device, no
+silent fallback.
+
+`make test-gpu` runs this file under onnxruntime-gpu (.venv-ort-gpu) on the demo model in fp32 and
+fp16 (TEXTGEN_GPU_MODEL_DIRS). Tests marked `gpu` need a CUDA device: without one they are skipped,
+with the reason (`-rs`); TEXTGEN_REQUIRE_CUDA=1 turns those skips into failures, for a run on a
+machine that must have one. The refusal tests need no GPU and run in `make test` too.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+import pytest
+from greedy import engine_forced_logits, engine_greedy_rows, random_prompt
+from ort_runtimes import REPO, assert_server_refuses_cuda
+from textgen_server.engine import Engine, ProviderError
+from textgen_server.model_config import MODEL_FILE, ModelConfig
+
+NEW_TOKENS = 32
+# Logits may differ from the CPU's by this share of their largest magnitude: CUDA's fp32 MatMuls use
+# TF32 by default (10-bit mantissa, like fp16). On the CPU, the fp16 export's logits differ from
+# fp32's by about 6e-4 of it on the demo model; a wrong mask or rotary table differs by order 1.
+RELATIVE_TOLERANCE = {"fp32": 5e-3, "fp16": 1e-2}
+PROMPT_BATCHES = [
+    [random_prompt(1, seed=1)],
+    [random_prompt(300, seed=300)],
+    [random_prompt(n, seed=n) for n in (3, 40, 11)],  # rows at different positions in one decode
+]
+SLOTS = 4
+
+
+@pytest.fixture(scope="module")
+def model_dirs(request: pytest.FixtureRequest) -> dict[str, Path]:
+    """Model directories by dtype: TEXTGEN_GPU_MODEL_DIRS (make test-gpu), else the session's demo model."""
+    names = os.environ.get("TEXTGEN_GPU_MODEL_DIRS", "").split()
+    dirs = [REPO / name for name in names] or [Path(request.getfixturevalue("tiny_model_dir"))]
+    return {ModelConfig.load(model_dir).dtype: model_dir for model_dir in dirs}
+
+
+@functools.cache
+def _cuda_missing(model_dir: Path) -> str | None:
+    """Why this onnxruntime cannot run `model_dir` on CUDA here, or None when it can."""
+    available = ort.get_available_providers()
+    if "CUDAExecutionProvider" not in available:
+        return (
+            f"CUDAExecutionProvider is absent: onnxruntime {ort.__version__} offers {', '.join(available)} "
+            "(make test-gpu runs these under onnxruntime-gpu)"
+        )
+    session = ort.InferenceSession(
+        str(model_dir / MODEL_FILE), providers=["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    if session.get_providers()[0] != "CUDAExecutionProvider":
+        return (
+            f"onnxruntime-gpu {ort.__version__} could not start CUDA here (no GPU, or no CUDA 13 / cuDNN 9 "
+            "libraries: its log says which)"
+        )
+    return None
+
+
+def _skip_without_cuda(model_dir: Path) -> None:
+    reason = _cuda_missing(model_dir)
+    if reason is None:
+        return
+    if os.environ.get("TEXTGEN_REQUIRE_CUDA") == "1":
+        pytest.fail(f"TEXTGEN_REQUIRE_CUDA=1 but {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module", params=["fp32", "fp16"])
+def engines(request: pytest.FixtureRequest, model_dirs: dict[str, Path]) -> tuple[Engine, Engine]:
+    """A CUDA engine and a CPU engine on the same model directory (one per dtype)."""
+    dtype: str = request.param
+    _skip_without_cuda(next(iter(model_dirs.values())))
+    if dtype not in model_dirs:
+        pytest.fail(f"no {dtype} model directory among {sorted(map(str, model_dirs.values()))}")
+    return (
+        Engine(model_dirs[dtype], provider="cuda", slots=SLOTS),
+        Engine(model_dirs[dtype], provider="cpu", slots=SLOTS),
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("prompts", PROMPT_BATCHES, ids=["prompt-1", "prompt-300", "batch-3-40-11"])
+def test_cuda_greedy_choices_equal_the_cpus(engines: tuple[Engine, Engine], prompts: list[list[int]]) -> None:
+    cuda, cpu = engines
+    tokens = engine_greedy_rows(cpu, prompts, NEW_TOKENS)  # [rows][step]
+    # Both engines are fed the CPU's tokens, so every step compares logits after the same prefix.
+    cpu_logits = engine_forced_logits(cpu, prompts, tokens)  # [steps, rows, vocab]
+    cuda_logits = engine_forced_logits(cuda, prompts, tokens)
+    tolerance = RELATIVE_TOLERANCE[cpu.config.dtype] * float(np.abs(cpu_logits).max())
+    assert float(np.abs(cuda_logits - cpu_logits).max()) <= tolerance
+    # CUDA's greedy choice is the CPU's wherever the CPU's best two are further apart than rounding.
+    top2: npt.NDArray[np.float32] = np.sort(cpu_logits, axis=-1)[..., -2:]  # [steps, rows, 2]
+    decided = top2[..., 1] - top2[..., 0] > 2 * tolerance  # [steps, rows]
+    expected = np.array(tokens).T  # [steps, rows]
+    assert np.array_equal(cuda_logits.argmax(axis=-1)[decided], expected[decided])
+
+
+@pytest.mark.gpu
+def test_kv_cache_lives_on_the_cuda_device(engines: tuple[Engine, Engine]) -> None:
+    cuda, _ = engines
+    assert cuda.execution_provider == "CUDAExecutionProvider"
+    cache = cuda.cache
+    engine_greedy_rows(cuda, [random_prompt(9, seed=4), random_prompt(4, seed=5)], 3)
+    cuda.move_slot(1, 0, 4 + 2)  # on a GPU a slot moves with kv_copy.onnx, on the device
+    # The buffers bound to every pass are OrtValues in device memory, the ones allocated at start-up.
+    assert {value.device_name() for value in cache._values} == {"cuda"}
+    assert [value.data_ptr() for value in cache._values] == cache._pointers
+
+
+def test_engine_refuses_cuda_it_cannot_start(model_dirs: dict[str, Path]) -> None:
+    model_dir = next(iter(model_dirs.values()))
+    if _cuda_missing(model_dir) is None:
+        pytest.skip("CUDA starts here; the server test checks the refusal with every GPU hidden")
+    with pytest.raises(ProviderError, match="--provider cuda"):
+        Engine(model_dir, provider="cuda")
+
+
+def test_server_refuses_cuda_it_cannot_start(model_dirs: dict[str, Path]) -> None:
+    assert_server_refuses_cuda(sys.executable, next(iter(model_dirs.values())))
