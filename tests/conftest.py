@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -27,6 +27,23 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("models") / "tiny"
     build_demo(out, size="tiny")
     return out
+
+
+@pytest.fixture(scope="session")
+def quantized_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """The tiny demo with int4 or int8 weights (`quantized_model_dir("int4")`), each built once."""
+    from textgen_export.demo import build_demo
+
+    built: dict[str, Path] = {}
+
+    def build(weight_dtype: str) -> Path:
+        if weight_dtype not in built:
+            out = tmp_path_factory.mktemp("quantized") / weight_dtype
+            build_demo(out, size="tiny", dtype=weight_dtype)
+            built[weight_dtype] = out
+        return built[weight_dtype]
+
+    return build
 
 
 @pytest.fixture(scope="session")

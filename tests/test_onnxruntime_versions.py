@@ -1,17 +1,20 @@
-"""Every graph the exporter writes loads, and decodes as transformers does, in both onnxruntime builds.
+"""Every graph the exporter writes loads, and decodes the same, in both onnxruntime builds.
 
 onnxruntime 1.32 (the CPU wheel, this virtualenv) and onnxruntime-gpu 1.31.1 (the newest GPU wheel,
 in .venv-ort-gpu, running here on its CPU provider) accept different IR versions and opsets: a graph
 stamped with the onnx package's own newest IR version (kv_join.onnx once carried IR 14) loads in one
 and is refused by the other, so `--provider cuda` would fail on every model; 1.32's
 GroupQueryAttention also has inputs 1.31.1's lacks. The GPU wheel's side runs in a subprocess
-(tests/ort_gpu_probe.py) over every `*.onnx` in the model directory.
+(tests/ort_gpu_probe.py) over every `*.onnx` in each model directory: the demo in fp32, whose
+greedy tokens must equal transformers', and with int4 and int8 weights (MatMulNBits), whose tokens
+must equal the CPU wheel's.
 """
 
 from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +22,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from greedy import random_prompt, transformers_greedy
+from greedy import engine_greedy, engine_greedy_rows, random_prompt, transformers_greedy
 from onnx import helper
 from ort_runtimes import REPO, assert_server_refuses_cuda, code_env, gpu_venv_python, pinned_version
+from textgen_server.engine import Engine
 from textgen_server.model_config import KV_COPY_FILE, MODEL_FILE
 from transformers import MistralForCausalLM
 
@@ -36,8 +40,17 @@ PROMPTS = [random_prompt(length, seed=length) for length in (1, 17, 300)]
 NEW_TOKENS = 32
 
 
-def test_every_graph_declares_an_ir_version_and_opsets_both_runtimes_load(tiny_model_dir: Path) -> None:
-    graphs = sorted(tiny_model_dir.glob("*.onnx"))
+@pytest.fixture(scope="module")
+def model_dirs(tiny_model_dir: Path, quantized_model_dir: Callable[[str], Path]) -> dict[str, Path]:
+    """The demo model as the exporter writes it, by weight dtype."""
+    return {"fp32": tiny_model_dir, **{dtype: quantized_model_dir(dtype) for dtype in ("int4", "int8")}}
+
+
+@pytest.mark.parametrize("weight_dtype", ["fp32", "int4", "int8"])
+def test_every_graph_declares_an_ir_version_and_opsets_both_runtimes_load(
+    model_dirs: dict[str, Path], weight_dtype: str
+) -> None:
+    graphs = sorted(model_dirs[weight_dtype].glob("*.onnx"))
     assert {path.name for path in graphs} >= {MODEL_FILE, KV_COPY_FILE}
     for path in graphs:
         model = onnx.load(str(path), load_external_data=False)
@@ -53,10 +66,10 @@ def test_every_graph_declares_an_ir_version_and_opsets_both_runtimes_load(tiny_m
 
 
 @pytest.fixture(scope="module")
-def gpu_wheel_report(tiny_model_dir: Path) -> dict[str, Any]:
+def gpu_wheel_report(model_dirs: dict[str, Path]) -> dict[str, Any]:
     """tests/ort_gpu_probe.py's report from .venv-ort-gpu: graph load errors and greedy tokens."""
     request = {
-        "model_dirs": [str(tiny_model_dir)],
+        "model_dirs": [str(model_dir) for model_dir in model_dirs.values()],
         "prompts": PROMPTS,
         "new_tokens": NEW_TOKENS,
     }
@@ -87,23 +100,38 @@ def test_cpu_virtualenv_runs_the_pinned_onnxruntime() -> None:
     assert ort.__version__ == pinned_version("onnxruntime", "server")
 
 
+@pytest.mark.parametrize("weight_dtype", ["fp32", "int4", "int8"])
 def test_every_graph_loads_under_onnxruntime_gpu(
-    gpu_wheel_report: dict[str, Any], tiny_model_dir: Path
+    gpu_wheel_report: dict[str, Any], model_dirs: dict[str, Path], weight_dtype: str
 ) -> None:
-    graphs = gpu_wheel_report["models"][str(tiny_model_dir)]["graphs"]
-    assert sorted(graphs) == sorted(path.name for path in tiny_model_dir.glob("*.onnx"))
+    model_dir = model_dirs[weight_dtype]
+    graphs = gpu_wheel_report["models"][str(model_dir)]["graphs"]
+    assert sorted(graphs) == sorted(path.name for path in model_dir.glob("*.onnx"))
     assert {name: error for name, error in graphs.items() if error} == {}
 
 
 def test_greedy_parity_with_transformers_under_onnxruntime_gpu(
-    gpu_wheel_report: dict[str, Any], tiny_model_dir: Path
+    gpu_wheel_report: dict[str, Any], model_dirs: dict[str, Path]
 ) -> None:
-    reference = MistralForCausalLM.from_pretrained(tiny_model_dir / "checkpoint", dtype=torch.float32).eval()
-    expected = [transformers_greedy(reference, prompt, NEW_TOKENS) for prompt in PROMPTS]
-    result = gpu_wheel_report["models"][str(tiny_model_dir)]
+    reference = MistralForCausalLM.from_pretrained(model_dirs["fp32"] / "checkpoint", dtype=torch.float32)
+    expected = [transformers_greedy(reference.eval(), prompt, NEW_TOKENS) for prompt in PROMPTS]
+    result = gpu_wheel_report["models"][str(model_dirs["fp32"])]
     assert "engine_error" not in result, result.get("engine_error")
     assert result["alone"] == expected
     assert result["batched"] == expected  # rows at different positions in one decode
+
+
+@pytest.mark.parametrize("weight_dtype", ["int4", "int8"])
+def test_quantized_greedy_equals_the_cpu_wheels_under_onnxruntime_gpu(
+    gpu_wheel_report: dict[str, Any], model_dirs: dict[str, Path], weight_dtype: str
+) -> None:
+    """No transformers reference for MatMulNBits weights: the two runtimes must agree instead."""
+    engine = Engine(model_dirs[weight_dtype], provider="cpu", slots=len(PROMPTS), host_arrays=False)
+    expected = [engine_greedy(engine, prompt, NEW_TOKENS) for prompt in PROMPTS]
+    result = gpu_wheel_report["models"][str(model_dirs[weight_dtype])]
+    assert "engine_error" not in result, result.get("engine_error")
+    assert result["alone"] == expected
+    assert result["batched"] == engine_greedy_rows(engine, PROMPTS, NEW_TOKENS) == expected
 
 
 def test_server_under_onnxruntime_gpu_refuses_cuda_it_cannot_start(tiny_model_dir: Path) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -13,7 +13,6 @@ import pytest
 from server_harness import ServerThread
 from textgen.v1 import textgen_pb2 as pb
 from textgen.v1 import textgen_pb2_grpc as rpc
-from textgen_export.demo import build_demo
 from textgen_export.native_graph import LM_HEAD_NODE
 from textgen_server.engine import Engine
 from textgen_server.model_config import ModelConfig
@@ -24,10 +23,8 @@ PROMPTS = ["Hello", "Tell me about rivers", "1 2 3 4 5 6 7 8", "Write a poem abo
 
 
 @pytest.fixture(scope="module", params=["int4", "int8"])
-def quantized_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("quantized") / request.param
-    build_demo(out, size="tiny", dtype=request.param)
-    return out
+def quantized_dir(request: pytest.FixtureRequest, quantized_model_dir: Callable[[str], Path]) -> Path:
+    return quantized_model_dir(request.param)
 
 
 def _offline_greedy(engine: Engine, prompt: list[int], new_tokens: int) -> list[int]:
