@@ -21,6 +21,7 @@ here: they act on the logits rows (sampling's `allowed_mask`).
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from collections.abc import Sequence
@@ -53,6 +54,10 @@ def select_providers(provider: str) -> list[str]:
             "install onnxruntime-gpu (pip install 'textgen[gpu]')"
         )
     if provider in ("auto", "cuda") and _CUDA in available:
+        # CUDA and cuDNN from pip's nvidia-* wheels (onnxruntime-gpu[cuda,cudnn]) are not on the
+        # loader's path by themselves; a system-wide CUDA needs nothing and is left alone.
+        if importlib.util.find_spec("nvidia") is not None and hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()
         return [_CUDA, "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
