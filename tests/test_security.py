@@ -4,6 +4,7 @@ needs a token unless made public; tokens are re-read on SIGHUP."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -191,6 +192,36 @@ def test_grpcurl_with_tls_and_a_token(tls_server: ServerThread, certs: Certs) ->
         check=False,
     )
     assert refused.returncode != 0 and "Unauthenticated" in refused.stderr
+
+
+def test_the_readme_security_example_runs(tiny_model_dir: Path, certs: Certs, token_file: Path) -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("<!-- tests/test_security.py runs these")[1].split("```sh\n")[1].split("```")[0]
+    serve, *commands = [line.split("  #")[0].strip() for line in block.splitlines() if line.strip()]
+    files = {"server.pem": certs.server_cert, "server.key": certs.server_key, "ca.pem": certs.ca}
+    files.update({"models/tiny": tiny_model_dir, "tokens": token_file})
+    for name, path in files.items():
+        serve = serve.replace(f" {name}", f" {path}")
+    server = ServerProcess(*serve.split()[1:], "--port", "0")
+    try:
+        server.wait_ready()
+        assert "TLS, bearer tokens (2 from" in "".join(server.lines)
+        target = f"127.0.0.1:{server.port}"
+        env = {
+            **os.environ,
+            "TEXTGEN_TOKEN": "token-one",
+            "TEXTGEN_TARGET": target,
+            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        }
+        for command in commands:
+            command = command.replace("localhost:50051", target).replace("ca.pem", str(certs.ca))
+            result = subprocess.run(
+                ["bash", "-c", command], capture_output=True, text=True, timeout=60, env=env, check=False
+            )
+            assert result.returncode == 0, (command, result.stderr)
+            assert "TextGeneration" in result.stdout or "vocab_size" in result.stdout, result.stdout
+    finally:
+        server.stop()
 
 
 def test_the_cli_takes_tls_and_a_token(

@@ -55,12 +55,11 @@ RETRY_PUSHBACK_HEADER = "grpc-retry-pushback-ms"
 QUEUE_FULL_PUSHBACK_MS = 250
 """When the queue is full, the client is told to wait this long before retrying (gRPC's retry
 pushback; the textgen SDK honours it, and with several replicas retries on the next one)."""
-_REFUSAL_CODES: dict[type[Exception], grpc.StatusCode] = {
-    UnknownAdapterError: grpc.StatusCode.NOT_FOUND,
-    UnsupportedFeatureError: grpc.StatusCode.UNIMPLEMENTED,
-    QueueFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    ShuttingDownError: grpc.StatusCode.UNAVAILABLE,
-}
+_REFUSAL_CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+    (UnknownAdapterError, grpc.StatusCode.NOT_FOUND),
+    (UnsupportedFeatureError, grpc.StatusCode.UNIMPLEMENTED),
+    (ShuttingDownError, grpc.StatusCode.UNAVAILABLE),
+)
 _FINISH_REASONS = {FinishReason.STOP: pb.FINISH_REASON_STOP, FinishReason.LENGTH: pb.FINISH_REASON_LENGTH}
 
 
@@ -213,7 +212,8 @@ class TextGenerationService(textgen_pb2_grpc.TextGenerationServicer):
             pushback = ((RETRY_PUSHBACK_HEADER, str(QUEUE_FULL_PUSHBACK_MS)),)
             await _abort(context, record, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), pushback)
         except (UnknownAdapterError, UnsupportedFeatureError, ShuttingDownError) as exc:
-            await _abort(context, record, _REFUSAL_CODES[type(exc)], str(exc))
+            code = next(code for kind, code in _REFUSAL_CODES if isinstance(exc, kind))
+            await _abort(context, record, code, str(exc))
         record.submitted = time.monotonic()
         return handle
 
