@@ -41,7 +41,7 @@ class RequestRecord:
     ended: float | None = None
     code: grpc.StatusCode = grpc.StatusCode.OK
 
-    def token(self, event: TokenEvent) -> None:
+    def add_token(self, event: TokenEvent) -> None:
         now = time.monotonic()
         if self.first_token is None:
             self.first_token = now

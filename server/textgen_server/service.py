@@ -222,7 +222,7 @@ class TextGenerationService(textgen_pb2_grpc.TextGenerationServicer):
     ) -> AsyncIterator[TokenEvent]:
         try:
             async for event in handle.events():
-                record.token(event)
+                record.add_token(event)
                 yield event
         except ShuttingDownError as exc:
             await _abort(context, record, grpc.StatusCode.UNAVAILABLE, str(exc))
