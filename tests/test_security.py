@@ -4,6 +4,7 @@ needs a token unless made public; tokens are re-read on SIGHUP."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -22,6 +23,7 @@ from textgen import Client, UnauthenticatedError, UnavailableError, tls_credenti
 from textgen.cli import main as cli_main
 from textgen.v1 import textgen_pb2 as pb
 from textgen.v1 import textgen_pb2_grpc as rpc
+from textgen_server.app import ServerSettings, StartupError, TextgenServer
 from textgen_server.auth import TokenFile, TokenFileError
 from textgen_server.tls import TlsFiles
 
@@ -338,18 +340,27 @@ def test_sighup_reloads_the_tokens(tiny_model_dir: Path, tmp_path: Path) -> None
 
 
 def test_startup_refuses_unusable_files(tiny_model_dir: Path, tmp_path: Path, certs: Certs) -> None:
-    server = str(BIN / "textgen-server")
-    base = [server, "--model-dir", str(tiny_model_dir), "--port", "0"]
-    cases = [
-        (["--auth-token-file", str(tmp_path / "absent")], "cannot read the token file"),
-        (["--tls-cert", str(certs.server_key), "--tls-key", str(certs.server_key)], "--tls-cert"),
-        (["--tls-cert", str(certs.server_cert), "--tls-key", str(tmp_path / "absent")], "--tls-key"),
-    ]
-    for extra, message in cases:
-        result = subprocess.run([*base, *extra], capture_output=True, text=True, timeout=60, check=False)
-        lines = result.stderr.strip().splitlines()
-        assert result.returncode == 1 and message in lines[-1], result.stderr
-        assert "Traceback" not in result.stderr
+    # As a user runs it: one line, no traceback, exit status 1.
+    base = [str(BIN / "textgen-server"), "--model-dir", str(tiny_model_dir), "--port", "0"]
+    result = subprocess.run(
+        [*base, "--auth-token-file", str(tmp_path / "absent")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "cannot read the token file" in result.stderr.strip().splitlines()[-1]
+    # The other files, checked by the same start-up code in-process.
+    absent = tmp_path / "absent"
+    for tls, message in (
+        (TlsFiles(certs.server_key, certs.server_key), f"--tls-cert {certs.server_key}: not a PEM file"),
+        (TlsFiles(certs.server_cert, absent), f"--tls-key {absent}: No such file"),
+        (TlsFiles(certs.server_cert, certs.server_key, absent), f"--tls-client-ca {absent}"),
+    ):
+        server = TextgenServer(ServerSettings(model_dir=tiny_model_dir, port=0, tls=tls))
+        with pytest.raises(StartupError, match=message):
+            asyncio.run(server.start())
     result = subprocess.run(
         [*base, "--tls-cert", str(certs.server_cert)], capture_output=True, text=True, timeout=60, check=False
     )
