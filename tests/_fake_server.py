@@ -2,8 +2,11 @@
 no model. It echoes the input back as word-by-word deltas, records every request, and can be
 told to fail: planned status codes for the next calls, or UNAVAILABLE in the middle of a stream.
 
+`metadata` records what each call sent (the SDK's x-request-id, its authorization).
+
 Behaviour by request:
-- planned failures (`fake.fail(code, times)`) come first, one per call of any method;
+- planned failures (`fake.fail(code, times, pushback_ms)`) come first, one per call of any method,
+  with the retry pushback trailer when `pushback_ms` is given;
 - `max_tokens` < 1: INVALID_ARGUMENT with a google.rpc.BadRequest naming max_tokens;
 - `lora == "missing"`: NOT_FOUND;  prompt "slow": answers after 2 s (for deadlines);
 - prompt "endless": streams 500 deltas 10 ms apart; `client_left` is set when the RPC ends;
@@ -43,12 +46,13 @@ class FakeTextGeneration(textgen_pb2_grpc.TextGenerationServicer):
         self.calls = 0
         self.fail_stream_after: int | None = None
         self.client_left = threading.Event()
-        self._failures: list[grpc.StatusCode] = []
+        self.metadata: list[dict[str, str]] = []
+        self._failures: list[tuple[grpc.StatusCode, str | None]] = []
         self._lock = threading.Lock()
 
-    def fail(self, code: grpc.StatusCode, times: int = 1) -> None:
-        """Fail the next `times` calls with `code`."""
-        self._failures.extend([code] * times)
+    def fail(self, code: grpc.StatusCode, times: int = 1, pushback_ms: str | None = None) -> None:
+        """Fail the next `times` calls with `code` (and a grpc-retry-pushback-ms trailer)."""
+        self._failures.extend([(code, pushback_ms)] * times)
 
     # -- the service ---------------------------------------------------------------------------
 
@@ -101,15 +105,20 @@ class FakeTextGeneration(textgen_pb2_grpc.TextGenerationServicer):
     # -- helpers -------------------------------------------------------------------------------
 
     def _begin(self, request: textgen_pb2.GenerateRequest | None, context: grpc.ServicerContext) -> None:
+        metadata = {key: value for key, value in context.invocation_metadata() if isinstance(value, str)}
         with self._lock:
             self.calls += 1
+            self.metadata.append(metadata)
             if request is not None:
                 copy = textgen_pb2.GenerateRequest()
                 copy.CopyFrom(request)
                 self.requests.append(copy)
             failure = self._failures.pop(0) if self._failures else None
         if failure is not None:
-            context.abort(failure, f"planned {failure.name}")
+            code, pushback_ms = failure
+            if pushback_ms is not None:
+                context.set_trailing_metadata((("grpc-retry-pushback-ms", pushback_ms),))
+            context.abort(code, f"planned {code.name}")
         if request is None:
             return
         if request.HasField("max_tokens") and request.max_tokens < 1:

@@ -66,6 +66,7 @@ def test_json_prints_one_object(fake: FakeTextGeneration, capsys: pytest.Capture
         "tool_calls": [],
         "usage": {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4},
         "finish_reason": "stop",
+        "request_id": fake.metadata[-1]["x-request-id"],
     }
     assert err == ""
 
@@ -201,7 +202,11 @@ def test_an_error_mid_stream_ends_the_text_line_first(
     fake.fail_stream_after = 1
     assert run(fake, "generate", "a b c", "--stream") == 1
     out, err = capsys.readouterr()
-    assert (out, err) == ("a\n", "error: UNAVAILABLE: draining\n")
+    assert out == "a\n"
+    assert err == (
+        "error: UNAVAILABLE: draining (the stream broke after 1 chunk; a stream that has yielded "
+        "text is never retried, so as not to deliver it twice)\n"
+    )
 
 
 def test_a_bad_timeout_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:

@@ -32,8 +32,9 @@ CLI_LINES = [
 
 
 def test_readme_has_examples() -> None:
-    assert len(PYTHON_EXAMPLES) == 2
+    assert len(PYTHON_EXAMPLES) == 3
     assert any("AsyncClient" in block for block in PYTHON_EXAMPLES)
+    assert any("dns:///" in block for block in PYTHON_EXAMPLES)
     assert len(CLI_LINES) >= 6
 
 

@@ -1,21 +1,38 @@
-"""Retries: only UNAVAILABLE, at most max_retries times, with capped exponential backoff and
-jitter, and never once a stream has yielded a chunk. The policy is one function (unit tests);
-both clients use it (tests against the fake server)."""
+"""Retries: UNAVAILABLE, and RESOURCE_EXHAUSTED when the server sends a retry pushback, at most
+max_retries times, with capped exponential backoff and jitter (or the pushback's wait), and never
+once a stream has yielded a chunk. The policy is one function (unit tests); both clients use it
+(tests against the fake server)."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import grpc
 import pytest
+import textgen._async_client
+import textgen._client
 from _fake_server import FakeTextGeneration, serve
-from textgen import APIStatusError, AsyncClient, AsyncStream, Client, Stream, UnavailableError, _retry
-from textgen._retry import INITIAL_BACKOFF, JITTER, MAX_BACKOFF, backoff, retry_delay
+from textgen import (
+    APIStatusError,
+    AsyncClient,
+    AsyncStream,
+    Client,
+    ResourceExhaustedError,
+    Stream,
+    UnavailableError,
+    _retry,
+)
+from textgen._retry import INITIAL_BACKOFF, JITTER, MAX_BACKOFF, MAX_PUSHBACK, backoff, retry_delay
 
 OTHER_CODES = [
-    code for code in grpc.StatusCode if code not in (grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE)
+    code
+    for code in grpc.StatusCode
+    if code not in (grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 ]
+EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 class _Fixed(random.Random):
@@ -69,6 +86,26 @@ def test_no_other_code_is_retried(code: grpc.StatusCode) -> None:
 
 def test_a_stream_that_yielded_is_never_retried() -> None:
     assert retry_delay(grpc.StatusCode.UNAVAILABLE, 0, max_retries=5, yielded=True) is None
+    assert retry_delay(EXHAUSTED, 0, max_retries=5, yielded=True, pushback="10") is None
+
+
+@pytest.mark.parametrize("code", [EXHAUSTED, grpc.StatusCode.UNAVAILABLE], ids=lambda c: c.name)
+def test_a_pushback_is_the_wait(code: grpc.StatusCode) -> None:
+    assert retry_delay(code, 0, max_retries=2, pushback="250") == 0.25
+    assert retry_delay(code, 1, max_retries=2, pushback=" 0 ") == 0.0
+    assert retry_delay(code, 0, max_retries=2, pushback=str(10**9)) == MAX_PUSHBACK
+    assert retry_delay(code, 2, max_retries=2, pushback="250") is None  # retries still count
+
+
+@pytest.mark.parametrize("pushback", ["-1", "soon", "", "1.5"])
+def test_a_negative_or_garbled_pushback_means_never(pushback: str) -> None:
+    assert retry_delay(EXHAUSTED, 0, max_retries=5, pushback=pushback) is None
+    assert retry_delay(grpc.StatusCode.UNAVAILABLE, 0, max_retries=5, pushback=pushback) is None
+
+
+def test_resource_exhausted_without_a_pushback_is_final() -> None:
+    # gRPC's own size limits say RESOURCE_EXHAUSTED without a hint: retrying cannot help.
+    assert retry_delay(EXHAUSTED, 0, max_retries=5) is None
 
 
 # -- the clients --------------------------------------------------------------------------------
@@ -132,7 +169,7 @@ async def test_async_gives_up_after_max_retries(
 
 
 NOT_RETRIED = [
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,  # without a pushback
     grpc.StatusCode.INTERNAL,
     grpc.StatusCode.DEADLINE_EXCEEDED,
 ]
@@ -215,3 +252,53 @@ def test_connection_refused_is_unavailable_and_retried(waits: list[int]) -> None
     with Client(target, max_retries=2, timeout=5) as client, pytest.raises(UnavailableError):
         client.generate("Hi")
     assert waits == [0, 1]
+
+
+# -- pushback: the wait is the server's --------------------------------------------------------
+
+
+@pytest.fixture
+def slept(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Every wait the clients made between attempts (they return at once)."""
+    waits: list[float] = []
+
+    async def async_sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    monkeypatch.setattr(textgen._client, "time", SimpleNamespace(sleep=waits.append))
+    monkeypatch.setattr(
+        textgen._async_client,
+        "asyncio",
+        SimpleNamespace(sleep=async_sleep, get_running_loop=asyncio.get_running_loop),
+    )
+    return waits
+
+
+def test_sync_waits_as_long_as_the_server_says(fake: FakeTextGeneration, slept: list[float]) -> None:
+    fake.fail(EXHAUSTED, times=2, pushback_ms="1500")
+    with Client(fake.target, max_retries=2) as client:
+        assert client.generate("Hi").response == "Hi"
+    assert (fake.calls, slept) == (3, [1.5, 1.5])
+    fake.fail(EXHAUSTED, times=1, pushback_ms="40")
+    with Client(fake.target, max_retries=2) as client:
+        assert "".join(chunk.response for chunk in client.generate("a b", stream=True)) == "a b"
+    assert slept[2:] == [0.04]
+
+
+async def test_async_waits_as_long_as_the_server_says(fake: FakeTextGeneration, slept: list[float]) -> None:
+    fake.fail(EXHAUSTED, times=2, pushback_ms="1500")
+    async with AsyncClient(fake.target, max_retries=2) as client:
+        assert (await client.generate("Hi")).response == "Hi"
+        fake.fail(EXHAUSTED, times=1, pushback_ms="40")
+        assert "".join([chunk.response async for chunk in await client.generate("a b", stream=True)]) == "a b"
+    assert (fake.calls, slept) == (5, [1.5, 1.5, 0.04])
+
+
+def test_a_full_server_that_stays_full_is_resource_exhausted(
+    fake: FakeTextGeneration, slept: list[float]
+) -> None:
+    fake.fail(EXHAUSTED, times=5, pushback_ms="10")
+    with Client(fake.target, max_retries=2) as client, pytest.raises(ResourceExhaustedError) as caught:
+        client.generate("Hi")
+    assert (fake.calls, slept) == (3, [0.01, 0.01])
+    assert caught.value.request_id == fake.metadata[0]["x-request-id"] == fake.metadata[2]["x-request-id"]

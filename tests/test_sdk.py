@@ -82,12 +82,14 @@ def client(fake: FakeTextGeneration) -> Iterator[Client]:
 # -- requests -----------------------------------------------------------------------------------
 
 
-def test_generate_returns_a_completion(client: Client) -> None:
-    assert client.generate("Hello big world") == Completion(
+def test_generate_returns_a_completion(client: Client, fake: FakeTextGeneration) -> None:
+    completion = client.generate("Hello big world")
+    assert completion == Completion(
         response="Hello big world",
         tool_calls=[],
         usage=Usage(prompt_tokens=3, completion_tokens=3, total_tokens=6),
         finish_reason="stop",
+        request_id=fake.metadata[-1]["x-request-id"],
     )
 
 
@@ -213,14 +215,15 @@ async def test_closing_an_async_stream_cancels_the_call_on_the_server(fake: Fake
 # -- errors -------------------------------------------------------------------------------------
 
 
-def test_invalid_argument_carries_the_field_violations(client: Client) -> None:
+def test_invalid_argument_carries_the_field_violations(client: Client, fake: FakeTextGeneration) -> None:
     with pytest.raises(InvalidArgumentError) as info:
         client.generate("Hi", max_tokens=0)
     error = info.value
     assert error.code == grpc.StatusCode.INVALID_ARGUMENT
     assert error.message == "invalid GenerateRequest"
     assert error.field_violations == [FieldViolation(field="max_tokens", description="must be >= 1, got 0")]
-    assert str(error) == "INVALID_ARGUMENT: invalid GenerateRequest"
+    assert error.request_id == fake.metadata[-1]["x-request-id"]
+    assert str(error) == f"INVALID_ARGUMENT: invalid GenerateRequest [request_id={error.request_id}]"
     assert isinstance(error.__cause__, grpc.RpcError)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import grpc
@@ -17,6 +17,7 @@ from textgen import (
     AsyncStream,
     Chunk,
     Client,
+    Completion,
     DeadlineExceededError,
     InternalError,
     InvalidArgumentError,
@@ -80,8 +81,10 @@ class Scenario:
     raises: type[Exception] | None = None
 
 
-def _fail(code: grpc.StatusCode, times: int) -> Callable[[FakeTextGeneration], None]:
-    return lambda fake: fake.fail(code, times)
+def _fail(
+    code: grpc.StatusCode, times: int, pushback_ms: str | None = None
+) -> Callable[[FakeTextGeneration], None]:
+    return lambda fake: fake.fail(code, times, pushback_ms)
 
 
 def _fail_stream_after(n: int) -> Callable[[FakeTextGeneration], None]:
@@ -134,6 +137,27 @@ SCENARIOS = [
     ),
     Scenario("retried-info", "model_info", setup=_fail(grpc.StatusCode.UNAVAILABLE, 1)),
     Scenario(
+        "retried-after-pushback",
+        "generate",
+        ("Hi",),
+        setup=_fail(grpc.StatusCode.RESOURCE_EXHAUSTED, 2, pushback_ms="0"),
+    ),
+    Scenario(
+        "retried-stream-after-pushback",
+        "chat",
+        (CHAT,),
+        {"stream": True},
+        setup=_fail(grpc.StatusCode.RESOURCE_EXHAUSTED, 1, pushback_ms="0"),
+    ),
+    Scenario(
+        "pushback-says-never",
+        "generate",
+        ("Hi",),
+        setup=_fail(grpc.StatusCode.RESOURCE_EXHAUSTED, 1, pushback_ms="-1"),
+        raises=ResourceExhaustedError,
+    ),
+    Scenario("token", "generate", ("Hi",), client={"token": "s3cret"}),
+    Scenario(
         "retries-exhausted",
         "generate",
         ("Hi",),
@@ -168,6 +192,15 @@ class Outcome:
     error: tuple[object, ...] | None = None
     calls: int = 0
     requests: list[bytes] = field(default_factory=list)
+    authorization: list[str | None] = field(default_factory=list)  # per call
+    request_ids: int = 0  # distinct x-request-ids sent: one per call, whatever its attempts
+    request_id: str | None = None  # the result's or the error's (random: checked, not compared)
+
+    def comparable(self) -> Outcome:
+        result = self.result
+        if isinstance(result, Completion):
+            result = replace(result, request_id=None)
+        return replace(self, result=result, request_id=None)
 
 
 def _error(exc: Exception) -> tuple[object, ...]:
@@ -182,13 +215,16 @@ def _run_sync(scenario: Scenario, fake: FakeTextGeneration) -> Outcome:
         try:
             result = getattr(client, scenario.method)(*scenario.args, **scenario.kwargs)
             if isinstance(result, Stream):
+                outcome.request_id = result.request_id
                 outcome.chunks = []
                 for chunk in result:
                     outcome.chunks.append(chunk)
             else:
                 outcome.result = result
+                outcome.request_id = getattr(result, "request_id", None)
         except (APIStatusError, InvalidRequestError) as exc:
             outcome.error = _error(exc)
+            outcome.request_id = getattr(exc, "request_id", None)
     return outcome
 
 
@@ -198,13 +234,16 @@ async def _run_async(scenario: Scenario, fake: FakeTextGeneration) -> Outcome:
         try:
             result = await getattr(client, scenario.method)(*scenario.args, **scenario.kwargs)
             if isinstance(result, AsyncStream):
+                outcome.request_id = result.request_id
                 outcome.chunks = []
                 async for chunk in result:
                     outcome.chunks.append(chunk)
             else:
                 outcome.result = result
+                outcome.request_id = getattr(result, "request_id", None)
         except (APIStatusError, InvalidRequestError) as exc:
             outcome.error = _error(exc)
+            outcome.request_id = getattr(exc, "request_id", None)
     return outcome
 
 
@@ -223,9 +262,15 @@ async def test_sync_and_async_clients_behave_the_same(scenario: Scenario) -> Non
             outcome = await _run_async(scenario, fake) if run_async else _run_sync(scenario, fake)
             outcome.calls = fake.calls
             outcome.requests = [request.SerializeToString(deterministic=True) for request in fake.requests]
+            outcome.authorization = [metadata.get("authorization") for metadata in fake.metadata]
+            sent_ids = {metadata.get("x-request-id") for metadata in fake.metadata}
+            outcome.request_ids = len(sent_ids)
+            if fake.calls and scenario.method != "model_info":
+                assert outcome.request_id in sent_ids  # the id on the result or error is the one sent
         outcomes.append(outcome)
     sync, async_ = outcomes
-    assert sync == async_
+    assert sync.comparable() == async_.comparable()
+    assert sync.request_ids == min(sync.calls, 1)  # every attempt of a call sends the call's one id
     if scenario.raises is None:
         assert sync.error is None and (sync.result is not None or sync.chunks)
     else:

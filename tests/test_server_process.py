@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import re
 import signal
+import socket
 import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,33 +12,9 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from server_harness import SERVER, ServerProcess, listening_sockets
 from textgen.v1 import textgen_pb2 as pb
 from textgen.v1 import textgen_pb2_grpc as rpc
-
-SERVER = Path(sys.executable).parent / "textgen-server"
-
-
-class ServerProcess:
-    def __init__(self, *args: str) -> None:
-        self.process = subprocess.Popen([str(SERVER), *args], stderr=subprocess.PIPE, text=True)
-        self.lines: list[str] = []
-        self._ready = threading.Event()
-        self.port = 0
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            self.lines.append(line)
-            if match := re.search(r"listening on [\d.]+:(\d+)", line):
-                self.port = int(match.group(1))
-            if "ready on" in line or "cannot" in line:
-                self._ready.set()
-        self._ready.set()
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        assert self._ready.wait(timeout), "server did not start"
-        assert self.port, "".join(self.lines)
 
 
 @pytest.fixture
@@ -95,3 +69,49 @@ def test_bad_model_dir_is_one_line(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "not a model directory (no textgen.json)" in result.stderr.strip().splitlines()[-1]
+
+
+def test_help_shows_the_defaults() -> None:
+    result = subprocess.run([str(SERVER), "--help"], capture_output=True, text=True, timeout=60, check=True)
+    text = " ".join(result.stdout.split())  # argparse wraps lines
+    for default in ("(default: 127.0.0.1)", "(default: 50051)", "(default: 32)", "(default: 30.0)"):
+        assert default in text, default
+    assert "(default: None)" not in text and "(default: False)" not in text
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        yield taken.getsockname()[1]
+
+
+@pytest.mark.parametrize("which", ["--port", "--metrics-port"])
+def test_a_port_in_use_is_one_line_naming_it(tiny_model_dir: Path, busy_port: int, which: str) -> None:
+    ports = {"--port": "0", "--metrics-port": "0", which: str(busy_port)}
+    args = [arg for option, port in ports.items() for arg in (option, port)]
+    result = subprocess.run(
+        [str(SERVER), "--model-dir", str(tiny_model_dir), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert f"127.0.0.1:{busy_port}" in last and "Address already in use" in last, result.stderr
+    assert ("metrics" in last) == (which == "--metrics-port")
+
+
+def test_nothing_listens_on_all_interfaces_unless_asked(tiny_model_dir: Path) -> None:
+    proc = ServerProcess("--model-dir", str(tiny_model_dir), "--port", "0", "--metrics-port", "0")
+    try:
+        proc.wait_ready()
+        assert proc.metrics_port, "".join(proc.lines)  # the log says where the metrics are
+        listening = listening_sockets(proc.process.pid)
+    finally:
+        proc.stop()
+    assert {port for _, port in listening} >= {proc.port, proc.metrics_port}
+    assert {address for address, _ in listening} == {"127.0.0.1"}, listening

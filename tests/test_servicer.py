@@ -20,8 +20,14 @@ from google.rpc import error_details_pb2, status_pb2
 from textgen.v1 import textgen_pb2 as pb
 from textgen_server.generation import GenerationRequest, TokenEvent
 from textgen_server.model_config import ModelConfig
+from textgen_server.request_log import RequestRecord
 from textgen_server.scheduler import GenerationFailedError, QueueFullError, ShuttingDownError
-from textgen_server.service import ModelState, TextGenerationService
+from textgen_server.service import (
+    QUEUE_FULL_PUSHBACK_MS,
+    RETRY_PUSHBACK_HEADER,
+    ModelState,
+    TextGenerationService,
+)
 from textgen_server.stopping import FinishReason
 from textgen_server.tokenizer import Tokenizer
 
@@ -34,6 +40,7 @@ class FakeHandle:
         self.request = request
         self._script = script
         self.cancelled = False
+        self.admitted: float | None = None
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -75,14 +82,20 @@ class AioContext:
     def __init__(self, context: grpc.ServicerContext) -> None:
         self._context = context
 
-    async def abort(self, code: grpc.StatusCode, details: str = "") -> None:
+    async def abort(
+        self, code: grpc.StatusCode, details: str = "", trailing_metadata: Sequence[tuple[str, Any]] = ()
+    ) -> None:
         self._context.set_code(code)
         self._context.set_details(details)
+        if trailing_metadata:
+            self._context.set_trailing_metadata(trailing_metadata)
         raise Aborted
 
     async def abort_with_status(self, status: grpc.Status) -> None:
-        self._context.set_trailing_metadata(status.trailing_metadata)
-        await self.abort(status.code, status.details)
+        await self.abort(status.code, status.details, status.trailing_metadata)
+
+    def time_remaining(self) -> float | None:
+        return None
 
     async def send_initial_metadata(self, metadata: Sequence[tuple[str, str]]) -> None:
         self._context.send_initial_metadata(metadata)
@@ -143,8 +156,18 @@ def scheduler() -> FakeScheduler:
 
 
 @pytest.fixture
-def servicer(scheduler: FakeScheduler, tokenizer: Tokenizer, tiny_model_dir: Path) -> TextGenerationService:
-    service = TextGenerationService(model_name="@hf/mistral/mistral-7b-instruct-v0.2")
+def records() -> list[RequestRecord]:
+    """What the servicer reported for each call, in order."""
+    return []
+
+
+@pytest.fixture
+def servicer(
+    scheduler: FakeScheduler, tokenizer: Tokenizer, tiny_model_dir: Path, records: list[RequestRecord]
+) -> TextGenerationService:
+    service = TextGenerationService(
+        model_name="@hf/mistral/mistral-7b-instruct-v0.2", on_request_end=records.append
+    )
     config = ModelConfig.load(tiny_model_dir)
     service.model = ModelState(scheduler, tokenizer, config, "CPUExecutionProvider", frozenset({"pirate"}))  # type: ignore[arg-type]
     return service
@@ -310,3 +333,71 @@ def test_model_info(server: grpc_testing.Server) -> None:
     assert code == grpc.StatusCode.OK
     assert info.model == "@hf/mistral/mistral-7b-instruct-v0.2" and list(info.adapters) == ["pirate"]
     assert info.max_input_length == 3072 and info.vocab_size == 32000
+
+
+# -- what each call reports when it ends (metrics and the request log line come from it) ---------
+
+
+def test_a_success_is_recorded_with_its_counts_and_times(
+    server: grpc_testing.Server, scheduler: FakeScheduler, records: list[RequestRecord]
+) -> None:
+    scheduler.script = SCRIPT
+    _stream(server, pb.GenerateRequest(prompt="Hi", lora="pirate", max_tokens=9))
+    (record,) = records
+    assert (record.method, record.code, record.finish_reason) == ("GenerateStream", grpc.StatusCode.OK, "stop")
+    assert (record.adapter, record.completion_tokens, record.max_new_tokens) == ("pirate", 3, 9)
+    assert record.prompt_tokens == len(scheduler.handles[0].request.prompt_ids)
+    assert record.request_id == scheduler.handles[0].request.request_id
+    assert record.duration is not None and record.time_to_first_token is not None
+    assert record.mean_time_per_token is not None and record.duration >= record.time_to_first_token
+    assert "Hi" not in record.log_line() and f"id={record.request_id}" in record.log_line()
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "refusal", "code"),
+    [
+        ({"prompt": "Hi", "top_k": 99}, None, grpc.StatusCode.INVALID_ARGUMENT),
+        ({"prompt": "Hi", "lora": "ninja"}, None, grpc.StatusCode.NOT_FOUND),
+        ({"prompt": "Hi"}, QueueFullError("full"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        ({"prompt": "Hi"}, ShuttingDownError("draining"), grpc.StatusCode.UNAVAILABLE),
+    ],
+)
+def test_a_refusal_is_recorded_with_its_code(
+    server: grpc_testing.Server,
+    scheduler: FakeScheduler,
+    records: list[RequestRecord],
+    request_fields: dict[str, Any],
+    refusal: Exception | None,
+    code: grpc.StatusCode,
+) -> None:
+    scheduler.refuse = refusal
+    _unary(server, pb.GenerateRequest(**request_fields))
+    (record,) = records
+    assert record.code == code and not record.succeeded and not record.cancelled
+    assert record.completion_tokens == 0 and record.first_token is None
+
+
+def test_a_failure_mid_stream_is_recorded_as_internal(
+    server: grpc_testing.Server, scheduler: FakeScheduler, records: list[RequestRecord]
+) -> None:
+    scheduler.script = [_event("a", 1), GenerationFailedError("generation failed (request r1)")]
+    _stream(server, pb.GenerateRequest(prompt="Hi"))
+    (record,) = records
+    assert (record.code, record.completion_tokens, record.finish_reason) == (grpc.StatusCode.INTERNAL, 1, None)
+
+
+def test_queue_full_tells_the_client_when_to_retry(server: grpc_testing.Server, scheduler: FakeScheduler) -> None:
+    scheduler.refuse = QueueFullError("full")
+    _, trailing, code, _ = _unary(server, pb.GenerateRequest(prompt="Hi"))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert dict(trailing)[RETRY_PUSHBACK_HEADER] == str(QUEUE_FULL_PUSHBACK_MS)
+
+
+@pytest.mark.parametrize("unsafe", ["two words", "line\nbreak", "x" * 129, "k=v"])
+def test_a_request_id_unfit_for_a_log_line_is_replaced(
+    server: grpc_testing.Server, scheduler: FakeScheduler, unsafe: str
+) -> None:
+    scheduler.script = SCRIPT
+    _unary(server, pb.GenerateRequest(prompt="Hi"), metadata=(("x-request-id", unsafe),))
+    request_id = scheduler.handles[0].request.request_id
+    assert request_id != unsafe and len(request_id) == 32

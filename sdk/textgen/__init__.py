@@ -9,6 +9,7 @@
 """
 
 from ._async_client import AsyncClient, AsyncStream
+from ._channel import tls_credentials
 from ._client import Client, Stream
 from ._exceptions import (
     AbortedError,
@@ -84,4 +85,5 @@ __all__ = [
     "Usage",
     "__version__",
     "error_from_status",
+    "tls_credentials",
 ]

@@ -1,4 +1,5 @@
-"""The asyncio client: Client's mirror on grpc.aio (tests/test_sdk_parity.py holds them to it)."""
+"""The asyncio client: Client's mirror on grpc.aio (tests/test_sdk_parity.py holds them to it);
+what they share (settings, metadata, retry policy) is in `_base.py`."""
 
 from __future__ import annotations
 
@@ -10,8 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 import grpc
 import grpc.aio
 
-from . import _retry
-from ._client import CHANNEL_OPTIONS, _check_settings
+from ._base import BaseClient, CallSlot
 from ._convert import (
     build_request,
     chunk_from_proto,
@@ -19,7 +19,7 @@ from ._convert import (
     model_info_from_proto,
     request_from_body,
 )
-from ._exceptions import error_from_rpc_error
+from ._retry import Attempts
 from ._types import Chunk, Completion, Message, ModelInfo, Tool
 from .v1 import textgen_pb2, textgen_pb2_grpc
 
@@ -31,16 +31,22 @@ if TYPE_CHECKING:
     from .v1.textgen_pb2_grpc import TextGenerationAsyncStub
 
 _T = TypeVar("_T")
+_Metadata = tuple[tuple[str, str], ...]
 
 
 class AsyncStream(AsyncIterator[Chunk]):
     """The chunks of a streaming generation, as they arrive. Their `response` deltas concatenate
     to the full text; the last chunk carries `finish_reason` and `usage`. Errors (an
     APIStatusError) are raised from iteration. `await close()`, or leaving an `async with` block,
-    cancels the call on the server."""
+    cancels the call on the server; so does dropping the stream unfinished (once it is
+    garbage-collected), but use `async with` to stop the server at once. `request_id` is the
+    x-request-id of the call."""
 
-    def __init__(self, chunks: AsyncGenerator[Chunk, None]) -> None:
+    def __init__(self, chunks: AsyncGenerator[Chunk, None], request_id: str, slot: CallSlot) -> None:
         self._chunks = chunks
+        self._slot = slot
+        self._loop = asyncio.get_running_loop()
+        self.request_id = request_id
 
     async def __anext__(self) -> Chunk:
         return await self._chunks.__anext__()
@@ -63,34 +69,35 @@ class AsyncStream(AsyncIterator[Chunk]):
     ) -> None:
         await self.close()
 
+    def __del__(self) -> None:
+        call = self._slot.call
+        if call is not None and not self._loop.is_closed():
+            # grpc.aio calls belong to their loop; the collector may run on any thread.
+            self._loop.call_soon_threadsafe(call.cancel)
 
-class AsyncClient:
-    """An asyncio client of a textgen server; it mirrors Client method for method.
 
-    `timeout` is the deadline in seconds of each attempt of a call (None: no deadline).
-    UNAVAILABLE is retried up to `max_retries` times with capped exponential backoff and jitter;
-    other errors are raised at once, and a stream is never retried once it has yielded a chunk.
-    `credentials` (e.g. grpc.ssl_channel_credentials()) selects a TLS channel.
+class AsyncClient(BaseClient):
+    """An asyncio client of a textgen server; it mirrors Client method for method (and takes the
+    same targets, credentials, token and retry settings: see Client).
+
     Use it as an async context manager, or await close(), to close the channel. The channel opens
     on the first call, in the running event loop: use a client within one event loop.
     """
 
     def __init__(
         self,
-        target: str = "localhost:50051",
+        target: str | Sequence[str] = "localhost:50051",
         *,
         timeout: float | None = 60.0,
         max_retries: int = 2,
         credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
     ) -> None:
-        _check_settings(timeout, max_retries)
-        self.target = target
-        self.timeout = timeout
-        self.max_retries = max_retries
-        self._credentials = credentials
+        super().__init__(
+            target, timeout=timeout, max_retries=max_retries, credentials=credentials, token=token
+        )
         self._channel: grpc.aio.Channel | None = None
         self._stub: TextGenerationAsyncStub | None = None
-        self._closed = False
 
     @overload
     async def generate(
@@ -279,8 +286,11 @@ class AsyncClient:
 
     async def model_info(self) -> ModelInfo:
         """The served model: name, limits, dtype, execution provider and adapters."""
-        response: textgen_pb2.GetModelInfoResponse = await self._with_retries(
-            lambda: self._get_stub().GetModelInfo(textgen_pb2.GetModelInfoRequest(), timeout=self.timeout)
+        response: textgen_pb2.GetModelInfoResponse
+        response, _ = await self._with_retries(
+            lambda metadata: self._get_stub().GetModelInfo(
+                textgen_pb2.GetModelInfoRequest(), timeout=self.timeout, metadata=metadata
+            )
         )
         return model_info_from_proto(response)
 
@@ -304,53 +314,50 @@ class AsyncClient:
 
     def _get_stub(self) -> TextGenerationAsyncStub:
         """The stub; the channel opens on first use, in the running event loop (grpc.aio binds it)."""
-        if self._closed:
-            raise RuntimeError("the client is closed")
+        self._check_open()
         if self._stub is None:
+            target, options = self._channel_args()
             if self._credentials is None:
-                self._channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+                self._channel = grpc.aio.insecure_channel(target, options=options)
             else:
-                self._channel = grpc.aio.secure_channel(
-                    self.target, self._credentials, options=CHANNEL_OPTIONS
-                )
+                self._channel = grpc.aio.secure_channel(target, self._credentials, options=options)
             self._stub = textgen_pb2_grpc.TextGenerationStub(self._channel)
         return self._stub
 
     async def _generate(self, request: textgen_pb2.GenerateRequest, stream: bool) -> Completion | AsyncStream:
         if stream:
-            return AsyncStream(self._stream_chunks(request))
-        response: textgen_pb2.GenerateResponse = await self._with_retries(
-            lambda: self._get_stub().Generate(request, timeout=self.timeout)
+            attempts, slot = self._attempts(), CallSlot()
+            return AsyncStream(self._stream_chunks(request, attempts, slot), attempts.request_id, slot)
+        response: textgen_pb2.GenerateResponse
+        response, request_id = await self._with_retries(
+            lambda metadata: self._get_stub().Generate(request, timeout=self.timeout, metadata=metadata)
         )
-        return completion_from_proto(response)
+        return completion_from_proto(response, request_id)
 
-    async def _with_retries(self, call: Callable[[], Awaitable[_T]]) -> _T:
-        retries = 0
+    async def _with_retries(self, call: Callable[[_Metadata], Awaitable[_T]]) -> tuple[_T, str]:
+        """The result of `call(metadata)`, retried as the policy says, and the call's request id."""
+        attempts = self._attempts()
         while True:
             try:
-                return await call()
+                return await call(attempts.metadata), attempts.request_id
             except grpc.RpcError as exc:
-                delay = _retry.retry_delay(exc.code(), retries, max_retries=self.max_retries)
-                if delay is None:
-                    raise error_from_rpc_error(exc) from exc
+                delay = attempts.delay_after(exc)
             await asyncio.sleep(delay)
-            retries += 1
 
-    async def _stream_chunks(self, request: textgen_pb2.GenerateRequest) -> AsyncGenerator[Chunk, None]:
-        retries = 0
+    async def _stream_chunks(
+        self, request: textgen_pb2.GenerateRequest, attempts: Attempts, slot: CallSlot
+    ) -> AsyncGenerator[Chunk, None]:
+        chunks = 0
         while True:
-            call = self._get_stub().GenerateStream(request, timeout=self.timeout)
-            yielded = False
+            call = self._get_stub().GenerateStream(request, timeout=self.timeout, metadata=attempts.metadata)
+            slot.call = call
             try:
                 async for message in call:
-                    yielded = True
+                    chunks += 1
                     yield chunk_from_proto(message)
                 return
             except grpc.RpcError as exc:
-                delay = _retry.retry_delay(exc.code(), retries, max_retries=self.max_retries, yielded=yielded)
-                if delay is None:
-                    raise error_from_rpc_error(exc) from exc
+                delay = attempts.delay_after(exc, chunks_yielded=chunks)
             finally:
                 call.cancel()  # no-op once the call has ended; stops the server when we stop early
             await asyncio.sleep(delay)
-            retries += 1

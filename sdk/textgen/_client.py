@@ -1,4 +1,5 @@
-"""The synchronous client. `_async_client.py` mirrors it method for method on grpc.aio."""
+"""The synchronous client. `_async_client.py` mirrors it method for method on grpc.aio; what they
+share (settings, metadata, retry policy) is in `_base.py`, requests are built in `_convert.py`."""
 
 from __future__ import annotations
 
@@ -6,11 +7,12 @@ import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 import grpc
 
-from . import _retry
+from ._base import BaseClient, CallSlot
+from ._channel import CHANNEL_OPTIONS
 from ._convert import (
     build_request,
     chunk_from_proto,
@@ -18,9 +20,8 @@ from ._convert import (
     model_info_from_proto,
     request_from_body,
 )
-from ._exceptions import error_from_rpc_error
+from ._retry import Attempts
 from ._types import Chunk, Completion, Message, ModelInfo, Tool
-from ._version import __version__
 from .v1 import textgen_pb2, textgen_pb2_grpc
 
 __all__ = ["CHANNEL_OPTIONS", "Client", "Stream"]
@@ -29,26 +30,20 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
 _T = TypeVar("_T")
-
-CHANNEL_OPTIONS: Final[tuple[tuple[str, int | str], ...]] = (
-    # Ping an idle connection every minute so a dead peer (or a NAT that dropped the flow) is
-    # noticed within keepalive_timeout instead of at the next request. At most two pings go out
-    # without data in between (the default), so servers with the default ping policy accept them.
-    ("grpc.keepalive_time_ms", 60_000),
-    ("grpc.keepalive_timeout_ms", 20_000),
-    ("grpc.primary_user_agent", f"textgen-python/{__version__}"),
-)
-"""Options of every channel the clients open."""
+_Metadata = tuple[tuple[str, str], ...]
 
 
 class Stream(Iterator[Chunk]):
     """The chunks of a streaming generation, as they arrive. Their `response` deltas concatenate
     to the full text; the last chunk carries `finish_reason` and `usage`. Errors (an
     APIStatusError) are raised from iteration. `close()`, or leaving a `with` block, cancels the
-    call on the server."""
+    call on the server; so does dropping the stream unfinished (once it is garbage-collected), but
+    use `with` to stop the server at once. `request_id` is the x-request-id of the call."""
 
-    def __init__(self, chunks: Generator[Chunk, None, None]) -> None:
+    def __init__(self, chunks: Generator[Chunk, None, None], request_id: str, slot: CallSlot) -> None:
         self._chunks = chunks
+        self._slot = slot
+        self.request_id = request_id
 
     def __next__(self) -> Chunk:
         return next(self._chunks)
@@ -71,33 +66,40 @@ class Stream(Iterator[Chunk]):
     ) -> None:
         self.close()
 
+    def __del__(self) -> None:
+        call = self._slot.call
+        if call is not None:
+            call.cancel()  # a no-op once the call has ended
 
-class Client:
+
+class Client(BaseClient):
     """A client of a textgen server.
 
-    `timeout` is the deadline in seconds of each attempt of a call (None: no deadline).
-    UNAVAILABLE is retried up to `max_retries` times with capped exponential backoff and jitter;
-    other errors are raised at once, and a stream is never retried once it has yielded a chunk.
-    `credentials` (e.g. grpc.ssl_channel_credentials()) selects a TLS channel.
-    Use it as a context manager, or call close(), to close the channel.
+    `target` is `host:port`, any gRPC target (`dns:///name:port` for the replicas behind a
+    headless Service), or a list of `host:port` replicas (names resolved once, at the first call);
+    calls are spread over the replicas round-robin. `timeout` is the deadline in seconds of each
+    attempt of a call (None: no deadline). UNAVAILABLE, and RESOURCE_EXHAUSTED with the server's
+    retry pushback, are retried up to `max_retries` times (see `_retry`); other errors are raised
+    at once, and a stream is never retried once it has yielded a chunk. `credentials` (e.g.
+    `textgen.tls_credentials(ca=...)`) selects a TLS channel; `token` (default: $TEXTGEN_TOKEN) is
+    sent as `authorization: Bearer <token>`. Use it as a context manager, or call close(), to
+    close the channel.
     """
 
     def __init__(
         self,
-        target: str = "localhost:50051",
+        target: str | Sequence[str] = "localhost:50051",
         *,
         timeout: float | None = 60.0,
         max_retries: int = 2,
         credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
     ) -> None:
-        _check_settings(timeout, max_retries)
-        self.target = target
-        self.timeout = timeout
-        self.max_retries = max_retries
-        self._credentials = credentials
+        super().__init__(
+            target, timeout=timeout, max_retries=max_retries, credentials=credentials, token=token
+        )
         self._channel: grpc.Channel | None = None
         self._stub: textgen_pb2_grpc.TextGenerationStub | None = None
-        self._closed = False
         self._lock = threading.Lock()  # a Client may be shared by threads; open one channel
 
     @overload
@@ -287,8 +289,11 @@ class Client:
 
     def model_info(self) -> ModelInfo:
         """The served model: name, limits, dtype, execution provider and adapters."""
-        response: textgen_pb2.GetModelInfoResponse = self._with_retries(
-            lambda: self._get_stub().GetModelInfo(textgen_pb2.GetModelInfoRequest(), timeout=self.timeout)
+        response: textgen_pb2.GetModelInfoResponse
+        response, _ = self._with_retries(
+            lambda metadata: self._get_stub().GetModelInfo(
+                textgen_pb2.GetModelInfoRequest(), timeout=self.timeout, metadata=metadata
+            )
         )
         return model_info_from_proto(response)
 
@@ -314,60 +319,50 @@ class Client:
     def _get_stub(self) -> textgen_pb2_grpc.TextGenerationStub:
         """The stub, opening the channel on first use."""
         with self._lock:
-            if self._closed:
-                raise RuntimeError("the client is closed")
+            self._check_open()
             if self._stub is None:
+                target, options = self._channel_args()
                 if self._credentials is None:
-                    self._channel = grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+                    self._channel = grpc.insecure_channel(target, options=options)
                 else:
-                    self._channel = grpc.secure_channel(
-                        self.target, self._credentials, options=CHANNEL_OPTIONS
-                    )
+                    self._channel = grpc.secure_channel(target, self._credentials, options=options)
                 self._stub = textgen_pb2_grpc.TextGenerationStub(self._channel)
             return self._stub
 
     def _generate(self, request: textgen_pb2.GenerateRequest, stream: bool) -> Completion | Stream:
         if stream:
-            return Stream(self._stream_chunks(request))
-        response: textgen_pb2.GenerateResponse = self._with_retries(
-            lambda: self._get_stub().Generate(request, timeout=self.timeout)
+            attempts, slot = self._attempts(), CallSlot()
+            return Stream(self._stream_chunks(request, attempts, slot), attempts.request_id, slot)
+        response: textgen_pb2.GenerateResponse
+        response, request_id = self._with_retries(
+            lambda metadata: self._get_stub().Generate(request, timeout=self.timeout, metadata=metadata)
         )
-        return completion_from_proto(response)
+        return completion_from_proto(response, request_id)
 
-    def _with_retries(self, call: Callable[[], _T]) -> _T:
-        retries = 0
+    def _with_retries(self, call: Callable[[_Metadata], _T]) -> tuple[_T, str]:
+        """The result of `call(metadata)`, retried as the policy says, and the call's request id."""
+        attempts = self._attempts()
         while True:
             try:
-                return call()
+                return call(attempts.metadata), attempts.request_id
             except grpc.RpcError as exc:
-                delay = _retry.retry_delay(exc.code(), retries, max_retries=self.max_retries)
-                if delay is None:
-                    raise error_from_rpc_error(exc) from exc
+                delay = attempts.delay_after(exc)
             time.sleep(delay)
-            retries += 1
 
-    def _stream_chunks(self, request: textgen_pb2.GenerateRequest) -> Generator[Chunk, None, None]:
-        retries = 0
+    def _stream_chunks(
+        self, request: textgen_pb2.GenerateRequest, attempts: Attempts, slot: CallSlot
+    ) -> Generator[Chunk, None, None]:
+        chunks = 0
         while True:
-            call = self._get_stub().GenerateStream(request, timeout=self.timeout)
-            yielded = False
+            call = self._get_stub().GenerateStream(request, timeout=self.timeout, metadata=attempts.metadata)
+            slot.call = call
             try:
                 for message in call:
-                    yielded = True
+                    chunks += 1
                     yield chunk_from_proto(message)
                 return
             except grpc.RpcError as exc:
-                delay = _retry.retry_delay(exc.code(), retries, max_retries=self.max_retries, yielded=yielded)
-                if delay is None:
-                    raise error_from_rpc_error(exc) from exc
+                delay = attempts.delay_after(exc, chunks_yielded=chunks)
             finally:
                 call.cancel()  # no-op once the call has ended; stops the server when we stop early
             time.sleep(delay)
-            retries += 1
-
-
-def _check_settings(timeout: float | None, max_retries: int) -> None:
-    if timeout is not None and not timeout > 0:
-        raise ValueError(f"timeout must be positive or None, not {timeout!r}")
-    if max_retries < 0:
-        raise ValueError(f"max_retries must be >= 0, not {max_retries!r}")

@@ -132,7 +132,9 @@ def request_from_body(body: Mapping[str, Any]) -> tuple[textgen_pb2.GenerateRequ
     return request, stream
 
 
-def completion_from_proto(response: textgen_pb2.GenerateResponse) -> Completion:
+def completion_from_proto(
+    response: textgen_pb2.GenerateResponse, request_id: str | None = None
+) -> Completion:
     finish_reason = _FINISH_REASONS.get(response.finish_reason)
     if finish_reason is None:
         raise TextgenError(f"the server sent a response without a finish reason ({response.finish_reason})")
@@ -143,6 +145,7 @@ def completion_from_proto(response: textgen_pb2.GenerateResponse) -> Completion:
         ],
         usage=_usage(response.usage),
         finish_reason=finish_reason,
+        request_id=request_id,
     )
 
 

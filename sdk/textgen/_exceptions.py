@@ -71,6 +71,9 @@ class APIStatusError(TextgenError):
     message: str
     field_violations: list[FieldViolation]
     trailing_metadata: tuple[tuple[str, str | bytes], ...]
+    request_id: str | None
+    """The call's x-request-id: the server logs the request under it (None if the call was never
+    sent)."""
 
     def __init__(
         self,
@@ -79,12 +82,15 @@ class APIStatusError(TextgenError):
         *,
         field_violations: Iterable[FieldViolation] = (),
         trailing_metadata: Iterable[tuple[str, str | bytes]] = (),
+        request_id: str | None = None,
     ) -> None:
         self.code = code
         self.message = message
         self.field_violations = list(field_violations)
         self.trailing_metadata = tuple(trailing_metadata)
-        super().__init__(f"{code.name}: {message}")
+        self.request_id = request_id
+        suffix = f" [request_id={request_id}]" if request_id else ""
+        super().__init__(f"{code.name}: {message}{suffix}")
 
 
 class RequestCancelledError(APIStatusError):
@@ -175,6 +181,8 @@ def error_from_status(
     code: grpc.StatusCode,
     message: str,
     trailing_metadata: Iterable[tuple[str, str | bytes]] = (),
+    *,
+    request_id: str | None = None,
 ) -> APIStatusError:
     """The exception for a call that ended with `code`: the status's own subclass of
     APIStatusError, with the BadRequest field violations found in the trailing metadata."""
@@ -184,15 +192,18 @@ def error_from_status(
         if key == STATUS_DETAILS_KEY and isinstance(value, bytes):
             violations.extend(_field_violations(value))
     cls = _ERRORS.get(code, APIStatusError)
-    return cls(code, message, field_violations=violations, trailing_metadata=metadata)
+    return cls(code, message, field_violations=violations, trailing_metadata=metadata, request_id=request_id)
 
 
-def error_from_rpc_error(exc: grpc.RpcError) -> APIStatusError:
-    """The exception for a failed call of grpc or grpc.aio (both raise a grpc.Call)."""
+def error_from_rpc_error(
+    exc: grpc.RpcError, *, request_id: str | None = None, note: str = ""
+) -> APIStatusError:
+    """The exception for a failed call of grpc or grpc.aio (both raise a grpc.Call); `note` is
+    appended to the server's message."""
     # grpc gives a tuple of (key, value) namedtuples, grpc.aio a Metadata of (key, value) pairs.
     metadata: Iterable[Any] = exc.trailing_metadata() or ()
     pairs = tuple((str(key), value) for key, value in metadata)
-    return error_from_status(exc.code(), exc.details() or "", pairs)
+    return error_from_status(exc.code(), (exc.details() or "") + note, pairs, request_id=request_id)
 
 
 def _google_rpc_pool() -> descriptor_pool.DescriptorPool:

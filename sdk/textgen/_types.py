@@ -56,12 +56,14 @@ class Token:
 
 @dataclass(frozen=True)
 class Completion:
-    """A complete response: the card's `response` and `tool_calls`, plus usage and finish reason."""
+    """A complete response: the card's `response` and `tool_calls`, plus usage and finish reason.
+    `request_id` is the x-request-id the server logged the request under."""
 
     response: str
     tool_calls: list[ToolCall]
     usage: Usage
     finish_reason: FinishReason
+    request_id: str | None = None
 
 
 @dataclass(frozen=True)

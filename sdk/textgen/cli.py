@@ -8,6 +8,8 @@
 Text goes to stdout (streamed text as it arrives), the finish reason and usage to stderr;
 --json prints one JSON object instead (one per chunk when streaming). An error prints one line,
 `error: CODE: field: description`, to stderr and exits 1 (2 for a bad command line or body).
+A server with TLS takes --tls-ca (or --tls for gRPC's bundled roots), mutual TLS adds --tls-cert
+and --tls-key; a bearer token comes from $TEXTGEN_TOKEN (or --token, which `ps` can show).
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ import sys
 from collections.abc import Callable, Iterable
 from typing import Any, Final
 
+import grpc
+
+from ._base import TOKEN_ENV
+from ._channel import tls_credentials
 from ._client import Client, Stream
 from ._exceptions import APIStatusError, InvalidRequestError
 from ._types import Chunk, Completion, Message, ModelInfo, Tool, Usage
@@ -38,10 +44,21 @@ _Handler = Callable[[Client, argparse.Namespace], int]
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI with `argv` (default: sys.argv[1:]); returns the exit status."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     handler: _Handler = args.handler
     try:
-        with Client(args.target, timeout=args.timeout, max_retries=args.max_retries) as client:
+        credentials = _credentials(args)
+    except (OSError, ValueError) as exc:
+        parser.error(str(exc))
+    try:
+        with Client(
+            args.target,
+            timeout=args.timeout,
+            max_retries=args.max_retries,
+            credentials=credentials,
+            token=args.token,
+        ) as client:
             return handler(client, args)
     except APIStatusError as exc:
         print(f"error: {describe_error(exc)}", file=sys.stderr)
@@ -51,6 +68,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+
+
+def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if not (args.tls or args.tls_ca or args.tls_cert):
+        return None
+    return tls_credentials(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key)
 
 
 def describe_error(exc: APIStatusError) -> str:
@@ -203,7 +228,8 @@ def _non_negative(text: str) -> int:
 
 
 def _connection_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
-    """--target, --timeout, --max-retries and --json: accepted before the command and after it."""
+    """--target, --timeout, --max-retries, the credentials and --json: accepted before the command
+    and after it."""
 
     def default(value: object) -> object:
         return argparse.SUPPRESS if suppress else value
@@ -211,7 +237,8 @@ def _connection_options(parser: argparse.ArgumentParser, *, suppress: bool) -> N
     parser.add_argument(
         "--target",
         default=default(os.environ.get("TEXTGEN_TARGET", DEFAULT_TARGET)),
-        help=f"server address host:port (default: $TEXTGEN_TARGET or {DEFAULT_TARGET})",
+        help="server address host:port, or any gRPC target such as dns:///name:port for all its "
+        f"replicas (default: $TEXTGEN_TARGET or {DEFAULT_TARGET})",
     )
     parser.add_argument(
         "--timeout",
@@ -225,10 +252,25 @@ def _connection_options(parser: argparse.ArgumentParser, *, suppress: bool) -> N
         type=_non_negative,
         default=default(2),
         metavar="N",
-        help="retries while the server is UNAVAILABLE",
+        help="retries while no server is available, or a full one asks to come back later",
     )
     parser.add_argument(
         "--json", action="store_true", default=default(False), help="print JSON (one object per chunk)"
+    )
+    parser.add_argument(
+        "--tls", action="store_true", default=default(False), help="use TLS, trusting gRPC's bundled roots"
+    )
+    parser.add_argument(
+        "--tls-ca", default=default(None), metavar="FILE", help="use TLS, trusting this PEM CA bundle"
+    )
+    parser.add_argument(
+        "--tls-cert", default=default(None), metavar="FILE", help="PEM client certificate (mutual TLS)"
+    )
+    parser.add_argument("--tls-key", default=default(None), metavar="FILE", help="PEM key of --tls-cert")
+    parser.add_argument(
+        "--token",
+        default=default(None),
+        help=f"bearer token (default: ${TOKEN_ENV}, which other users cannot see in `ps`)",
     )
 
 

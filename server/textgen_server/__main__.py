@@ -1,4 +1,4 @@
-"""`textgen-server --model-dir DIR [--host] [--port 50051]`."""
+"""`textgen-server --model-dir DIR [--host] [--port 50051] [--tls-cert --tls-key] [--auth-token-file]`."""
 
 from __future__ import annotations
 
@@ -9,26 +9,41 @@ import signal
 import sys
 from pathlib import Path
 
-from .app import ServerSettings, TextgenServer
+from .app import MAX_MESSAGE_BYTES, ServerSettings, StartupError, TextgenServer
 from .scheduler import SchedulerLimits
+from .tls import TlsFiles
 
 log = logging.getLogger("textgen_server")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in --help, except where there is none to show (None, a flag) or the
+    help text already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False) or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv: list[str] | None) -> ServerSettings:
     parser = argparse.ArgumentParser(
-        prog="textgen-server", description="Serve a textgen model directory over gRPC"
+        prog="textgen-server",
+        description="Serve a textgen model directory over gRPC",
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("--model-dir", type=Path, required=True, help="directory written by textgen-export")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all)")
-    parser.add_argument("--port", type=int, default=50051)
+    parser.add_argument("--port", type=int, default=50051, help="gRPC port (0 picks a free one)")
     parser.add_argument(
         "--provider",
         choices=["auto", "cuda", "cpu"],
         default="auto",
         help="execution provider; auto uses CUDA where onnxruntime-gpu finds a GPU",
     )
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads per forward pass")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="CPU threads per forward pass (default: ONNX Runtime's)"
+    )
     parser.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together (KV slots)")
     parser.add_argument(
         "--max-batch-prefill-tokens",
@@ -55,12 +70,45 @@ def parse_args(argv: list[str] | None) -> ServerSettings:
         default=512,
         help="prompt tokens prefilled per step while streams decode (a long prompt goes in chunks)",
     )
-    parser.add_argument("--model-name", default=None, help="name reported by GetModelInfo")
     parser.add_argument(
-        "--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port"
+        "--model-name", default=None, help="name reported by GetModelInfo (default: the model's own)"
+    )
+    parser.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=MAX_MESSAGE_BYTES,
+        help="largest request or response message; larger ones are refused RESOURCE_EXHAUSTED",
     )
     parser.add_argument(
         "--grace", type=float, default=30.0, help="seconds to drain in-flight requests on shutdown"
+    )
+    metrics = parser.add_argument_group("metrics")
+    metrics.add_argument(
+        "--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port (default: off)"
+    )
+    metrics.add_argument(
+        "--metrics-host", default=None, help="address of the metrics port (default: the --host value)"
+    )
+    security = parser.add_argument_group("security (default: plaintext, no authentication)")
+    security.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain: serve TLS")
+    security.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
+    security.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        default=None,
+        help="PEM CA bundle: require client certificates it signed (mutual TLS)",
+    )
+    security.add_argument(
+        "--auth-token-file",
+        type=Path,
+        default=None,
+        help="accepted bearer tokens, one per line, re-read on SIGHUP; calls need "
+        "'authorization: Bearer <token>' (health checks excepted)",
+    )
+    security.add_argument(
+        "--reflection-public",
+        action="store_true",
+        help="serve reflection without a token (by default it needs one like the API)",
     )
     args = parser.parse_args(argv)
     if not (args.model_dir / "textgen.json").is_file():
@@ -77,6 +125,15 @@ def parse_args(argv: list[str] | None) -> ServerSettings:
     ):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    if args.tls_client_ca is not None and args.tls_cert is None:
+        parser.error("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
+    if args.reflection_public and args.auth_token_file is None:
+        parser.error("--reflection-public only matters with --auth-token-file")
+    if args.max_message_bytes < 1024:
+        parser.error("--max-message-bytes must be at least 1024")
+    tls = None if args.tls_cert is None else TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca)
     return ServerSettings(
         model_dir=args.model_dir,
         host=args.host,
@@ -92,7 +149,12 @@ def parse_args(argv: list[str] | None) -> ServerSettings:
         ),
         model_name=args.model_name,
         metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
         grace_seconds=args.grace,
+        tls=tls,
+        auth_token_file=args.auth_token_file,
+        reflection_public=args.reflection_public,
+        max_message_bytes=args.max_message_bytes,
     )
 
 
@@ -103,10 +165,12 @@ async def serve(settings: ServerSettings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
+    if settings.auth_token_file is not None:
+        loop.add_signal_handler(signal.SIGHUP, server.reload_tokens)
     try:
         port = await server.start()
-    except OSError as exc:
-        log.error("cannot start: %s", exc)
+    except StartupError as exc:
+        log.error("%s", exc)
         return 1
     try:
         await server.load_model()

@@ -1,4 +1,4 @@
-"""Building and running the server: gRPC service, health, reflection, model loading, shutdown.
+"""Building and running the server: gRPC service, health, reflection, security, metrics, shutdown.
 
 `create_server` binds the port first and loads the model in the background, so health checks answer
 NOT_SERVING (and RPCs UNAVAILABLE) while a large model loads; `stop` flips health to NOT_SERVING,
@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import logging
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,16 +20,27 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from textgen.v1 import textgen_pb2, textgen_pb2_grpc
 
+from .auth import BearerTokenInterceptor, TokenFile, TokenFileError
 from .engine import Engine
 from .metrics import Metrics
 from .model_config import TOKENIZER_FILE, ModelConfig
+from .request_log import RequestRecord, log_request
 from .scheduler import Scheduler, SchedulerLimits
 from .service import ModelState, TextGenerationService
+from .tls import TlsConfigError, TlsFiles, server_credentials
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = textgen_pb2.DESCRIPTOR.services_by_name["TextGeneration"].full_name
+MAX_MESSAGE_BYTES = 1 << 20
+"""Default cap on a request or response message. A request within the card's limits (3072 tokens,
+6144-character messages) is a few hundred KB at most; gRPC refuses larger ones RESOURCE_EXHAUSTED
+before they are parsed."""
+
+
+class StartupError(Exception):
+    """The server cannot start as configured; the message is one line naming the cause."""
 
 
 @dataclass(frozen=True)
@@ -40,37 +53,102 @@ class ServerSettings:
     limits: SchedulerLimits = field(default_factory=SchedulerLimits)
     model_name: str | None = None
     metrics_port: int | None = None
+    metrics_host: str | None = None  # None: the same address as `host`
     grace_seconds: float = 30.0
+    tls: TlsFiles | None = None
+    auth_token_file: Path | None = None
+    reflection_public: bool = False
+    max_message_bytes: int = MAX_MESSAGE_BYTES
 
 
 class TextgenServer:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.metrics = Metrics()
-        self.service = TextGenerationService(settings.model_name, on_reject=self.metrics.observe_rejection)
+        self.service = TextGenerationService(settings.model_name, on_request_end=self._request_ended)
         self.scheduler: Scheduler | None = None
+        self.tokens: TokenFile | None = None
         self.port = 0
+        self.metrics_port: int | None = None
 
     async def start(self) -> int:
-        """Listen (health NOT_SERVING until `load_model`); returns the bound port."""
+        """Listen (health NOT_SERVING until `load_model`); returns the bound port. Raises
+        StartupError for unusable TLS files or token file, or an address it cannot listen on."""
+        s = self.settings
+        try:
+            credentials = None if s.tls is None else server_credentials(s.tls)
+            self.tokens = None if s.auth_token_file is None else TokenFile(s.auth_token_file)
+        except (TlsConfigError, TokenFileError) as exc:
+            raise StartupError(str(exc)) from exc
+        interceptors = []
+        if self.tokens is not None:
+            interceptors.append(
+                BearerTokenInterceptor(
+                    self.tokens,
+                    reflection_public=s.reflection_public,
+                    on_refused=self.metrics.observe_auth_failure,
+                )
+            )
         # grpc.aio objects belong to the event loop they are made on: make them here, not in __init__.
         self.health = health.aio.HealthServicer()
-        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        self.server = grpc.aio.server(
+            interceptors=interceptors,
+            options=[
+                ("grpc.so_reuseport", 0),  # a second server on a busy port fails instead of sharing it
+                ("grpc.max_receive_message_length", s.max_message_bytes),
+                ("grpc.max_send_message_length", s.max_message_bytes),
+            ],
+        )
         textgen_pb2_grpc.add_TextGenerationServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
-        address = f"{self.settings.host}:{self.settings.port}"
-        self.port = self.server.add_insecure_port(address)
+        address = host_port(s.host, s.port)
+        try:
+            if credentials is None:
+                self.port = self.server.add_insecure_port(address)
+            else:
+                self.port = self.server.add_secure_port(address, credentials)
+        except RuntimeError:  # grpc says only "Failed to bind"; ask the OS why
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot listen on {address}")
+            raise StartupError(f"cannot listen on {address} (gRPC): {_bind_failure(s.host, s.port)}")
+        if s.metrics_port is not None:
+            metrics_host = s.host if s.metrics_host is None else s.metrics_host
+            try:
+                self.metrics_port = self.metrics.serve(metrics_host, s.metrics_port)
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot serve metrics on {host_port(metrics_host, s.metrics_port)}: {exc.strerror or exc}"
+                ) from exc
+            log.info("metrics on http://%s/metrics", host_port(metrics_host, self.metrics_port))
         await self._set_serving(False)
         await self.server.start()
-        log.info("listening on %s:%d; loading %s", self.settings.host, self.port, self.settings.model_dir)
-        if self.settings.metrics_port is not None:
-            self.metrics.serve(self.settings.metrics_port)
+        security = []
+        if s.tls is not None:
+            security.append("mutual TLS" if s.tls.client_ca is not None else "TLS")
+        if self.tokens is not None:
+            security.append(f"bearer tokens ({len(self.tokens)} from {s.auth_token_file})")
+        log.info(
+            "listening on %s:%d (%s); loading %s",
+            s.host,
+            self.port,
+            ", ".join(security) or "plaintext, no authentication",
+            s.model_dir,
+        )
         return self.port
+
+    def reload_tokens(self) -> None:
+        """Re-read the token file (on SIGHUP); a file that cannot be used keeps the old tokens."""
+        if self.tokens is None:
+            log.info("no --auth-token-file: nothing to reload")
+            return
+        self.tokens.reload()
+
+    def _request_ended(self, record: RequestRecord) -> None:
+        self.metrics.observe_request(record)
+        log_request(record)
 
     async def load_model(self) -> None:
         s = self.settings
@@ -116,6 +194,7 @@ class TextgenServer:
         if self.scheduler is not None:
             await asyncio.to_thread(self.scheduler.stop, grace)
         await self.server.stop(grace=1.0)
+        await asyncio.to_thread(self.metrics.stop)
 
     async def _set_serving(self, serving: bool) -> None:
         status = (
@@ -131,3 +210,24 @@ async def create_server(settings: ServerSettings) -> tuple[TextgenServer, int]:
     port = await server.start()
     await server.load_model()
     return server, port
+
+
+def host_port(host: str, port: int) -> str:
+    """host:port, with an IPv6 literal in brackets as gRPC and URLs want it."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+def _bind_failure(host: str, port: int) -> str:
+    """Why the OS refuses host:port (gRPC's own error does not say), e.g. 'Address already in use'."""
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        return f"cannot resolve {host}: {exc.strerror}"
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                return exc.strerror or errno.errorcode.get(exc.errno or 0, str(exc))
+    return "gRPC could not bind it (set GRPC_VERBOSITY=debug for its reason)"

@@ -1,85 +1,168 @@
-"""Prometheus metrics: the scheduler's queue, batch and step timings, served over HTTP when asked."""
+"""Prometheus metrics, served over HTTP when asked (`--metrics-port`).
+
+Names follow text-generation-inference's (`tgi_*` becomes `textgen_*`) wherever they mean the same,
+so its dashboards carry over; prometheus_client adds `_total` to counters. Two sources feed them:
+- the scheduler, after each step (`observe_step`): queue and batch gauges, forward-pass times,
+  tokens, time to first token;
+- the servicer, when a request ends (`observe_request`): counts by outcome and the per-request
+  histograms. As in TGI, the duration and token histograms take successful requests only.
+Every Generate/GenerateStream call is counted once when it ends, as exactly one of success,
+failure (by status code) or cancelled (the client cancelled or its deadline passed).
+"""
 
 from __future__ import annotations
 
-import grpc
+from wsgiref.simple_server import WSGIServer
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from .request_log import RequestRecord
 from .scheduler import StepStats
 
 _STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-_TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_REQUEST_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_TOKEN_TIME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
+_TOKEN_COUNT_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
-        self.queue_size = Gauge(
-            "textgen_queue_size", "Requests waiting for admission", registry=self.registry
-        )
-        self.batch_size = Gauge(
-            "textgen_batch_size", "Sequences in the running batch", registry=self.registry
+        self.registry = r = registry or CollectorRegistry()
+        # -- from the scheduler ----------------------------------------------------------------
+        self.queue_size = Gauge("textgen_queue_size", "Requests waiting for admission", registry=r)
+        self.batch_current_size = Gauge(
+            "textgen_batch_current_size", "Sequences in the running batch", registry=r
         )
         self.kv_positions = Gauge(
             "textgen_kv_positions",
-            "KV cache positions the running batch held at the peak of the last step",
-            registry=self.registry,
+            "KV cache positions the running batch held at the peak of the last step (0 when empty)",
+            registry=r,
         )
-        self.steps = Counter("textgen_steps", "Scheduler iterations", registry=self.registry)
-        self.prefill_seconds = Histogram(
-            "textgen_prefill_seconds",
-            "Prefill forward pass time",
+        self.batch_forward_duration = Histogram(
+            "textgen_batch_forward_duration",
+            "Forward pass time of a batch, by method (prefill or decode), in seconds",
+            ["method"],
             buckets=_STEP_BUCKETS,
-            registry=self.registry,
-        )
-        self.decode_seconds = Histogram(
-            "textgen_decode_seconds",
-            "Decode forward pass time (whole batch)",
-            buckets=_STEP_BUCKETS,
-            registry=self.registry,
+            registry=r,
         )
         self.generated_tokens = Counter(
-            "textgen_generated_tokens", "Tokens generated, all requests", registry=self.registry
+            "textgen_generated_tokens", "Tokens generated, all requests (cancelled ones too)", registry=r
         )
         self.time_to_first_token = Histogram(
             "textgen_time_to_first_token_seconds",
             "From admission to the queue to the first token",
-            buckets=_TTFT_BUCKETS,
-            registry=self.registry,
+            buckets=_REQUEST_BUCKETS,
+            registry=r,
         )
-        self.finished = Counter(
-            "textgen_requests_finished",
-            "Requests that ended generating",
-            ["finish_reason"],
-            registry=self.registry,
+        # -- from the servicer, per request ----------------------------------------------------
+        self.request_count = Counter(
+            "textgen_request_count", "Generate and GenerateStream calls, counted when they end", registry=r
         )
-        self.rejected = Counter(
-            "textgen_requests_rejected",
-            "Requests refused before generating",
+        self.request_success = Counter(
+            "textgen_request_success", "Requests that generated to the end", ["finish_reason"], registry=r
+        )
+        self.request_failure = Counter(
+            "textgen_request_failure",
+            "Requests that ended with an error status, by code (refusals included)",
             ["code"],
-            registry=self.registry,
+            registry=r,
         )
-        self._seen_steps = 0
+        self.request_cancelled = Counter(
+            "textgen_request_cancelled",
+            "Requests whose client left: CANCELLED, or DEADLINE_EXCEEDED",
+            ["code"],
+            registry=r,
+        )
+        self.request_duration = self._seconds("request_duration", "End-to-end time of a request")
+        self.request_validation_duration = self._seconds(
+            "request_validation_duration", "From arrival to the scheduler's queue (validation, tokenizing)"
+        )
+        self.request_queue_duration = self._seconds(
+            "request_queue_duration", "Time in the queue before the prefill began"
+        )
+        self.request_inference_duration = self._seconds(
+            "request_inference_duration", "From the start of the prefill to the last token"
+        )
+        self.request_mean_time_per_token_duration = Histogram(
+            "textgen_request_mean_time_per_token_duration",
+            "Mean time between output tokens of a request (inter-token latency), in seconds",
+            buckets=_TOKEN_TIME_BUCKETS,
+            registry=r,
+        )
+        self.request_input_length = Histogram(
+            "textgen_request_input_length",
+            "Prompt tokens per request",
+            buckets=_TOKEN_COUNT_BUCKETS,
+            registry=r,
+        )
+        self.request_generated_tokens = Histogram(
+            "textgen_request_generated_tokens",
+            "Generated tokens per request",
+            buckets=_TOKEN_COUNT_BUCKETS,
+            registry=r,
+        )
+        self.auth_failure = Counter(
+            "textgen_auth_failure",
+            "Calls refused UNAUTHENTICATED, by reason (missing or invalid token)",
+            ["reason"],
+            registry=r,
+        )
+        self._http: WSGIServer | None = None
+
+    def _seconds(self, name: str, description: str) -> Histogram:
+        return Histogram(
+            f"textgen_{name}", f"{description}, in seconds", buckets=_REQUEST_BUCKETS, registry=self.registry
+        )
 
     def observe_step(self, stats: StepStats) -> None:
         """Called by the scheduler thread after each iteration."""
         self.queue_size.set(stats.queue_size)
-        self.batch_size.set(stats.batch_size)
-        self.kv_positions.set(stats.kv_positions)
-        self.steps.inc(stats.steps - self._seen_steps)
-        self._seen_steps = stats.steps
+        self.batch_current_size.set(stats.batch_size)
+        # The step's peak; an empty batch holds nothing, whatever the step held before it emptied.
+        self.kv_positions.set(stats.kv_positions if stats.batch_size else 0)
         self.generated_tokens.inc(stats.tokens)
         for seconds in stats.first_token_seconds:
             self.time_to_first_token.observe(seconds)
-        for reason in stats.finished:
-            self.finished.labels(reason).inc()
         if stats.prefill_seconds:
-            self.prefill_seconds.observe(stats.prefill_seconds)
+            self.batch_forward_duration.labels("prefill").observe(stats.prefill_seconds)
         if stats.decode_seconds:
-            self.decode_seconds.observe(stats.decode_seconds)
+            self.batch_forward_duration.labels("decode").observe(stats.decode_seconds)
 
-    def observe_rejection(self, code: grpc.StatusCode) -> None:
-        self.rejected.labels(code.name).inc()
+    def observe_request(self, record: RequestRecord) -> None:
+        """Called on the event loop when a Generate or GenerateStream call ends."""
+        self.request_count.inc()
+        if record.cancelled:
+            self.request_cancelled.labels(record.code.name).inc()
+            return
+        if not record.succeeded:
+            self.request_failure.labels(record.code.name).inc()
+            return
+        self.request_success.labels(record.finish_reason or "unknown").inc()
+        for histogram, value in (
+            (self.request_duration, record.duration),
+            (self.request_validation_duration, record.validation_duration),
+            (self.request_queue_duration, record.queue_duration),
+            (self.request_inference_duration, record.inference_duration),
+            (self.request_mean_time_per_token_duration, record.mean_time_per_token),
+        ):
+            if value is not None:
+                histogram.observe(value)
+        self.request_input_length.observe(record.prompt_tokens)
+        self.request_generated_tokens.observe(record.completion_tokens)
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> None:
-        start_http_server(port, addr=host, registry=self.registry)
+    def observe_auth_failure(self, reason: str) -> None:
+        self.auth_failure.labels(reason).inc()
+
+    def serve(self, host: str, port: int) -> int:
+        """Serve /metrics on host:port (0 picks a free port) in a thread; returns the bound port.
+        Raises OSError when it cannot listen."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._http = server
+        return int(server.server_address[1])
+
+    def stop(self) -> None:
+        """Stop serving /metrics (blocks up to half a second: the HTTP server's poll interval)."""
+        server, self._http = self._http, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()

@@ -100,6 +100,7 @@ class RequestHandle:
     def __init__(self, generation: Generation, loop: asyncio.AbstractEventLoop) -> None:
         self.generation = generation
         self.submitted = time.monotonic()
+        self.admitted: float | None = None  # when its prefill began (per-request queue/inference times)
         self._loop = loop
         self._events: asyncio.Queue[object] = asyncio.Queue()
         self.cancelled = threading.Event()
@@ -335,6 +336,7 @@ class Scheduler:
                     self._outbox.put(handle, _END)
                     continue
                 handle.slot, handle.cached = len(self._running), 0
+                handle.admitted = time.monotonic()
                 return handle
         return None
 

@@ -1,10 +1,18 @@
-"""The gRPC servicer: validate, hand to the scheduler, relay tokens. No sampling or stopping here."""
+"""The gRPC servicer: validate, hand to the scheduler, relay tokens. No sampling or stopping here.
+
+Each Generate/GenerateStream call fills a RequestRecord as it runs; `on_request_end` receives it
+when the call ends, however it ends (metrics and the request's log line come from it).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import re
+import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import NoReturn
 
 import grpc
@@ -15,6 +23,7 @@ from textgen.v1 import textgen_pb2_grpc
 
 from .generation import TokenEvent
 from .model_config import ModelConfig
+from .request_log import RequestRecord
 from .scheduler import (
     GenerationFailedError,
     QueueFullError,
@@ -41,12 +50,16 @@ InfoContext = grpc.aio.ServicerContext[pb.GetModelInfoRequest, pb.GetModelInfoRe
 AnyContext = GenerateContext | StreamContext | InfoContext
 
 REQUEST_ID_HEADER = "x-request-id"
-_REFUSAL_CODES: dict[type[Exception], grpc.StatusCode] = {
-    UnknownAdapterError: grpc.StatusCode.NOT_FOUND,
-    UnsupportedFeatureError: grpc.StatusCode.UNIMPLEMENTED,
-    QueueFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    ShuttingDownError: grpc.StatusCode.UNAVAILABLE,
-}
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/-]{1,128}")
+RETRY_PUSHBACK_HEADER = "grpc-retry-pushback-ms"
+QUEUE_FULL_PUSHBACK_MS = 250
+"""When the queue is full, the client is told to wait this long before retrying (gRPC's retry
+pushback; the textgen SDK honours it, and with several replicas retries on the next one)."""
+_REFUSAL_CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+    (UnknownAdapterError, grpc.StatusCode.NOT_FOUND),
+    (UnsupportedFeatureError, grpc.StatusCode.UNIMPLEMENTED),
+    (ShuttingDownError, grpc.StatusCode.UNAVAILABLE),
+)
 _FINISH_REASONS = {FinishReason.STOP: pb.FINISH_REASON_STOP, FinishReason.LENGTH: pb.FINISH_REASON_LENGTH}
 
 
@@ -75,51 +88,55 @@ class ModelState:
 
 class TextGenerationService(textgen_pb2_grpc.TextGenerationServicer):
     def __init__(
-        self, model_name: str | None = None, on_reject: Callable[[grpc.StatusCode], None] | None = None
+        self,
+        model_name: str | None = None,
+        on_request_end: Callable[[RequestRecord], None] | None = None,
     ) -> None:
         self.model: ModelState | None = None
         self.model_name = model_name
-        self._on_reject = on_reject  # metrics: requests refused before generating, by code
+        self._on_request_end = on_request_end
 
     async def Generate(self, request: pb.GenerateRequest, context: GenerateContext) -> pb.GenerateResponse:
-        handle = await self._submit(request, context)
-        text: list[str] = []
-        last: TokenEvent | None = None
-        try:
-            async for event in self._events(handle, context):
-                text.append(event.text)
-                last = event
-        finally:
-            handle.cancel()  # no-op when finished; stops the work when the client went away
-        if last is None:
-            await _abort(context, grpc.StatusCode.CANCELLED, "the request was cancelled")
-        # The events of a request always end with its finish reason; only a cancel cuts them short.
-        assert last.finish_reason is not None, "generation ended without a finish reason"
-        return pb.GenerateResponse(
-            response="".join(text), usage=_usage(last), finish_reason=_FINISH_REASONS[last.finish_reason]
-        )
+        with self._recording("Generate", context) as record:
+            handle = await self._submit(request, context, record)
+            text: list[str] = []
+            last: TokenEvent | None = None
+            try:
+                async for event in self._events(handle, context, record):
+                    text.append(event.text)
+                    last = event
+            finally:
+                handle.cancel()  # no-op when finished; stops the work when the client went away
+            if last is None:
+                await _abort(context, record, grpc.StatusCode.CANCELLED, "the request was cancelled")
+            # The events of a request always end with its finish reason; only a cancel cuts them short.
+            assert last.finish_reason is not None, "generation ended without a finish reason"
+            return pb.GenerateResponse(
+                response="".join(text), usage=_usage(last), finish_reason=_FINISH_REASONS[last.finish_reason]
+            )
 
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: StreamContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        handle = await self._submit(request, context)
-        try:
-            async for event in self._events(handle, context):
-                message = pb.GenerateStreamResponse(
-                    response=event.text,
-                    token=pb.Token(id=event.token_id, text=event.text, special=event.special),
-                )
-                if event.finish_reason is not None:
-                    message.finish_reason = _FINISH_REASONS[event.finish_reason]
-                    message.usage.CopyFrom(_usage(event))
-                yield message
-        finally:
-            handle.cancel()
+        with self._recording("GenerateStream", context) as record:
+            handle = await self._submit(request, context, record)
+            try:
+                async for event in self._events(handle, context, record):
+                    message = pb.GenerateStreamResponse(
+                        response=event.text,
+                        token=pb.Token(id=event.token_id, text=event.text, special=event.special),
+                    )
+                    if event.finish_reason is not None:
+                        message.finish_reason = _FINISH_REASONS[event.finish_reason]
+                        message.usage.CopyFrom(_usage(event))
+                    yield message
+            finally:
+                handle.cancel()
 
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: InfoContext
     ) -> pb.GetModelInfoResponse:
-        model = await self._loaded(context)
+        model = await self._loaded(context, None)
         c = model.config
         return pb.GetModelInfoResponse(
             model=self.model_name or c.name,
@@ -137,14 +154,40 @@ class TextGenerationService(textgen_pb2_grpc.TextGenerationServicer):
 
     # -- helpers -------------------------------------------------------------------------------------
 
-    async def _loaded(self, context: AnyContext) -> ModelState:
+    @contextlib.contextmanager
+    def _recording(self, method: str, context: AnyContext) -> Iterator[RequestRecord]:
+        """A RequestRecord for the call, handed to `on_request_end` with its final status."""
+        record = RequestRecord(method)
+        try:
+            yield record
+            if record.finish_reason is None:  # a stream that ended without its last token
+                record.code = grpc.StatusCode.CANCELLED
+        except (asyncio.CancelledError, GeneratorExit):  # the client cancelled, or its deadline passed
+            remaining = context.time_remaining()
+            expired = remaining is not None and remaining <= 0
+            record.code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            raise
+        except BaseException:
+            if record.code == grpc.StatusCode.OK:  # not an abort of ours: grpc reports it as UNKNOWN
+                record.code = grpc.StatusCode.UNKNOWN
+            raise
+        finally:
+            record.ended = time.monotonic()
+            if self._on_request_end is not None:
+                self._on_request_end(record)
+
+    async def _loaded(self, context: AnyContext, record: RequestRecord | None) -> ModelState:
         if self.model is None:
-            await _abort(context, grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly")
+            await _abort(
+                context, record, grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly"
+            )
         return self.model
 
-    async def _submit(self, request: pb.GenerateRequest, context: AnyContext) -> RequestHandle:
-        model = await self._loaded(context)
-        request_id = _request_id(context)
+    async def _submit(
+        self, request: pb.GenerateRequest, context: AnyContext, record: RequestRecord
+    ) -> RequestHandle:
+        model = await self._loaded(context, record)
+        record.request_id = request_id = _request_id(context)
         await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
         try:
             typed = build_request(
@@ -154,38 +197,46 @@ class TextGenerationService(textgen_pb2_grpc.TextGenerationServicer):
                 adapters=model.adapters,
                 request_id=request_id,
             )
-            return model.scheduler.submit(typed)
+            record.adapter = typed.lora
+            record.prompt_tokens = len(typed.prompt_ids)
+            record.max_new_tokens = typed.max_new_tokens
+            handle = model.scheduler.submit(typed)
         except (InvalidRequestError, RequestTooLargeError) as exc:
-            self._rejected(grpc.StatusCode.INVALID_ARGUMENT)
             violations = (
                 exc.violations
                 if isinstance(exc, InvalidRequestError)
                 else [FieldViolation(exc.field, exc.description)]
             )
-            await _abort_bad_request(context, violations)
-        except (UnknownAdapterError, UnsupportedFeatureError, QueueFullError, ShuttingDownError) as exc:
-            code = _REFUSAL_CODES[type(exc)]
-            self._rejected(code)
-            await _abort(context, code, str(exc))
+            await _abort_bad_request(context, record, violations)
+        except QueueFullError as exc:
+            pushback = ((RETRY_PUSHBACK_HEADER, str(QUEUE_FULL_PUSHBACK_MS)),)
+            await _abort(context, record, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), pushback)
+        except (UnknownAdapterError, UnsupportedFeatureError, ShuttingDownError) as exc:
+            code = next(code for kind, code in _REFUSAL_CODES if isinstance(exc, kind))
+            await _abort(context, record, code, str(exc))
+        record.submitted = time.monotonic()
+        return handle
 
-    def _rejected(self, code: grpc.StatusCode) -> None:
-        if self._on_reject is not None:
-            self._on_reject(code)
-
-    async def _events(self, handle: RequestHandle, context: AnyContext) -> AsyncIterator[TokenEvent]:
+    async def _events(
+        self, handle: RequestHandle, context: AnyContext, record: RequestRecord
+    ) -> AsyncIterator[TokenEvent]:
         try:
             async for event in handle.events():
+                record.add_token(event)
                 yield event
         except ShuttingDownError as exc:
-            await _abort(context, grpc.StatusCode.UNAVAILABLE, str(exc))
+            await _abort(context, record, grpc.StatusCode.UNAVAILABLE, str(exc))
         except GenerationFailedError as exc:
             log.error("request %s failed: %s", handle.request.request_id, exc)
-            await _abort(context, grpc.StatusCode.INTERNAL, str(exc))
+            await _abort(context, record, grpc.StatusCode.INTERNAL, str(exc))
+        finally:
+            record.admitted = handle.admitted
 
 
 def _request_id(context: AnyContext) -> str:
+    """The client's x-request-id when it is a plain token (it goes into log lines), else a new one."""
     for key, value in context.invocation_metadata() or ():
-        if key == REQUEST_ID_HEADER and isinstance(value, str) and 0 < len(value) <= 128:
+        if key == REQUEST_ID_HEADER and isinstance(value, str) and _REQUEST_ID.fullmatch(value):
             return value
     return uuid.uuid4().hex
 
@@ -198,12 +249,23 @@ def _usage(event: TokenEvent) -> pb.Usage:
     )
 
 
-async def _abort(context: AnyContext, code: grpc.StatusCode, message: str) -> NoReturn:
-    await context.abort(code, message)
+async def _abort(
+    context: AnyContext,
+    record: RequestRecord | None,
+    code: grpc.StatusCode,
+    message: str,
+    trailing_metadata: tuple[tuple[str, str], ...] = (),
+) -> NoReturn:
+    if record is not None:
+        record.code = code
+    await context.abort(code, message, trailing_metadata)
     raise AssertionError("unreachable: abort raises")
 
 
-async def _abort_bad_request(context: AnyContext, violations: list[FieldViolation]) -> NoReturn:
+async def _abort_bad_request(
+    context: AnyContext, record: RequestRecord, violations: list[FieldViolation]
+) -> NoReturn:
+    record.code = grpc.StatusCode.INVALID_ARGUMENT
     details = error_details_pb2.BadRequest(
         field_violations=[
             error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
