@@ -1,8 +1,11 @@
-# Two commands on a fresh machine: `make serve` and `make test`. Everything runs in .venv.
+# Two commands on a fresh machine: `make serve` (server + demo model, no torch) and `make test` (everything).
+# Both use .venv.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
+# What `make serve` needs: the server and the torch-free demo builder (a full install includes it).
+SERVE_INSTALLED := $(VENV)/.installed-serve
 MODEL_DIR ?= models/tiny
 PORT ?= 50051
 # onnxruntime-gpu cannot share a virtualenv with onnxruntime: the GPU wheel gets its own, with the
@@ -21,7 +24,12 @@ install: $(INSTALLED)
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[server,export,dev]'
+	$(PY) -m pip install --quiet -e '.[server,demo,export,dev]'
+	touch $@ $(SERVE_INSTALLED)
+
+$(SERVE_INSTALLED): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -e '.[server,demo]'
 	touch $@
 
 gpu-venv: $(GPU_INSTALLED)
@@ -33,13 +41,13 @@ $(GPU_INSTALLED): pyproject.toml scripts/requirements.py
 	$(GPU_PY) -m pip install --quiet -r $(GPU_VENV)/requirements.txt
 	touch $@
 
-# The demo model: random weights, the real Mistral tokenizer; built once.
-$(MODEL_DIR)/textgen.json: | $(INSTALLED)
+# The demo model: random weights from numpy, the real Mistral tokenizer; built once.
+$(MODEL_DIR)/textgen.json: | $(SERVE_INSTALLED)
 	$(VENV)/bin/textgen-export demo --out $(MODEL_DIR) --size $(if $(findstring bench,$(MODEL_DIR)),bench,tiny) --overwrite
 
 demo: $(MODEL_DIR)/textgen.json
 
-serve: $(INSTALLED) $(MODEL_DIR)/textgen.json
+serve: $(SERVE_INSTALLED) $(MODEL_DIR)/textgen.json
 	$(VENV)/bin/textgen-server --model-dir $(MODEL_DIR) --port $(PORT)
 
 test: $(INSTALLED) $(GPU_INSTALLED)

@@ -3,30 +3,21 @@
 Nothing can be downloaded on the build machines, so tests and the demo server use these. They keep
 what matters to the engine: vocabulary 32000, grouped-query attention, rope_theta 1e6 and no
 sliding window, as in Mistral-7B-Instruct-v0.2. The seed is fixed: the same files every time.
+The weights come from numpy (random_weights.py), so building one needs neither torch nor
+transformers.
 """
 
 from __future__ import annotations
 
-import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from textgen_server.model_config import ModelConfig
 
 from .onnx_export import export_checkpoint
+from .random_weights import DemoSize, decoder_shape, mistral_config, random_weights, save_checkpoint
 
 SEED = 20240216
-
-
-@dataclass(frozen=True)
-class DemoSize:
-    hidden_size: int
-    num_layers: int
-    num_attention_heads: int
-    num_kv_heads: int
-    intermediate_size: int
-
 
 SIZES = {
     "tiny": DemoSize(
@@ -51,29 +42,9 @@ def mistral_spm_model_path() -> Path:
 
 
 def write_demo_checkpoint(size: str, checkpoint: Path) -> None:
-    import torch
-    from transformers import MistralConfig, MistralForCausalLM
-
-    shape = SIZES[size]
-    config = MistralConfig(
-        vocab_size=32000,
-        hidden_size=shape.hidden_size,
-        intermediate_size=shape.intermediate_size,
-        num_hidden_layers=shape.num_layers,
-        num_attention_heads=shape.num_attention_heads,
-        num_key_value_heads=shape.num_kv_heads,
-        head_dim=shape.hidden_size // shape.num_attention_heads,
-        max_position_embeddings=32768,
-        rope_theta=1e6,
-        sliding_window=None,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(SEED)
-    model = MistralForCausalLM(config).eval()
-    model.save_pretrained(checkpoint)
-    shutil.copyfile(mistral_spm_model_path(), checkpoint / "tokenizer.model")
+    """The demo's weights as a Hugging Face checkpoint folder (config.json, model.safetensors, tokenizer.model)."""
+    config = mistral_config(SIZES[size])
+    save_checkpoint(config, random_weights(config, SEED), mistral_spm_model_path(), checkpoint)
 
 
 def build_demo(
@@ -84,11 +55,17 @@ def build_demo(
     activations: str | None = None,
     overwrite: bool = False,
 ) -> ModelConfig:
+    """The demo model directory, with its checkpoint bundled in `out/checkpoint/` for parity tests.
+
+    The graph is written from the numpy weights in memory; the checkpoint holds the same arrays.
+    """
     if size not in SIZES:
         raise ValueError(f"unknown demo size {size!r}; expected one of {', '.join(SIZES)}")
+    config = mistral_config(SIZES[size])
+    weights = random_weights(config, SEED)
     with tempfile.TemporaryDirectory(prefix="textgen-demo-") as tmp:
         checkpoint = Path(tmp) / "checkpoint"
-        write_demo_checkpoint(size, checkpoint)
+        save_checkpoint(config, weights, mistral_spm_model_path(), checkpoint)
         return export_checkpoint(
             checkpoint,
             out,
@@ -98,4 +75,5 @@ def build_demo(
             bundle_checkpoint=True,
             dtype=dtype,
             activations=activations,
+            weights=(decoder_shape(config), weights),
         )

@@ -50,6 +50,7 @@ def export_checkpoint(
     source: str | None = None,
     overwrite: bool = False,
     bundle_checkpoint: bool = False,
+    weights: tuple[DecoderShape, dict[str, Any]] | None = None,
 ) -> ModelConfig:
     """Export a local Mistral/Llama checkpoint folder into the model directory `out`.
 
@@ -59,6 +60,8 @@ def export_checkpoint(
     MatMulNBits and the export reports their agreement with the unquantized model (quantize.py).
     With `bundle_checkpoint`, a copy of the checkpoint goes to `out/checkpoint/` (demo models keep
     theirs so that tests can compare with transformers on the same weights).
+    `weights`: the checkpoint's shape and tensors already in memory (the demo draws them with
+    numpy), so that neither torch nor transformers is needed to load them.
     """
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
@@ -71,18 +74,20 @@ def export_checkpoint(
     quantized = dtype in BITS
     arch = read_architecture(checkpoint)
     staging = _make_staging_dir(out, overwrite)
-    progress = Progress(total_steps=6 if quantized else 4)
+    progress = Progress(total_steps=(6 if quantized else 4) - (weights is not None))
     try:
         with progress.step("writing tokenizer.json"):
             try:
                 checkpoint_tokenizer(checkpoint, staging / TOKENIZER_FILE)
             except ValueError as exc:  # no tokenizer, or one SentencePiece parity cannot be kept for
                 raise ExportError(str(exc)) from exc
-        with progress.step(f"loading {checkpoint} ({activations}; a 7B model takes a few minutes)"):
-            shape, weights = _load_weights(checkpoint, activations)
+        if weights is None:
+            with progress.step(f"loading {checkpoint} ({activations}; a 7B model takes a few minutes)"):
+                weights = _load_weights(checkpoint, activations)
+        shape, tensors = weights
         with progress.step(f"writing the decoder graph ({shape.num_layers} layers)"):
-            decoder = build_decoder_graph(shape, weights, activations)
-            del weights
+            decoder = build_decoder_graph(shape, tensors, activations)
+            del weights, tensors
             # The unquantized graph is kept aside until the quantized one has been measured against it.
             reference = staging / ".unquantized" if quantized else staging
             reference.mkdir(exist_ok=True)
