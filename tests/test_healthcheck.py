@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
-from concurrent import futures
 from pathlib import Path
 
-import grpc
 import pytest
 import trustme
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from server_harness import ServerThread
 from textgen_server.healthcheck import main as healthcheck
+from tls_health import mtls_health_server, write_tls_files
 
 
 def test_serving_server(server: ServerThread, capsys: pytest.CaptureFixture[str]) -> None:
@@ -48,56 +45,22 @@ def ca() -> trustme.CA:
     return trustme.CA()
 
 
-@pytest.fixture
-def tls_files(ca: trustme.CA, tmp_path: Path) -> dict[str, Path]:
-    server_cert = ca.issue_cert("textgen.default.svc")
-    client_cert = ca.issue_cert("prober")
-    files = {
-        "ca": tmp_path / "ca.crt",
-        "server_chain": tmp_path / "tls.crt",
-        "server_key": tmp_path / "tls.key",
-        "client_chain": tmp_path / "client.crt",
-        "client_key": tmp_path / "client.key",
-    }
-    ca.cert_pem.write_to_path(str(files["ca"]))
-    server_cert.private_key_pem.write_to_path(str(files["server_key"]))
-    client_cert.private_key_pem.write_to_path(str(files["client_key"]))
-    for name, cert in (("server_chain", server_cert), ("client_chain", client_cert)):
-        files[name].write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
-    return files
-
-
-@pytest.fixture
-def mtls_health_server(tls_files: dict[str, Path]) -> Iterator[str]:
-    """A gRPC server with the standard health service that asks every client for a certificate."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    servicer = health.HealthServicer()
-    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    credentials = grpc.ssl_server_credentials(
-        [(tls_files["server_key"].read_bytes(), tls_files["server_chain"].read_bytes())],
-        root_certificates=tls_files["ca"].read_bytes(),
-        require_client_auth=True,
-    )
-    port = server.add_secure_port("127.0.0.1:0", credentials)
-    server.start()
-    yield f"127.0.0.1:{port}"
-    server.stop(grace=None)
-
-
-def test_mutual_tls(
-    mtls_health_server: str, tls_files: dict[str, Path], capsys: pytest.CaptureFixture[str]
-) -> None:
-    tls = ["--tls-ca", str(tls_files["ca"]), "--tls-server-name", "textgen.default.svc"]
-    client = ["--tls-cert", str(tls_files["client_chain"]), "--tls-key", str(tls_files["client_key"])]
-    assert healthcheck(["--target", mtls_health_server, *tls, *client]) == 0
-    assert capsys.readouterr().out.strip().endswith("SERVING")
-    # Without a client certificate the server refuses the handshake; plaintext fails as well.
-    assert healthcheck(["--target", mtls_health_server, "--timeout", "2", *tls]) == 1
-    assert healthcheck(["--target", mtls_health_server, "--timeout", "2"]) == 1
-    # A certificate checked against the wrong name is refused too.
-    wrong_name = ["--tls-ca", str(tls_files["ca"]), "--tls-server-name", "elsewhere.example"]
-    assert healthcheck(["--target", mtls_health_server, "--timeout", "2", *wrong_name, *client]) == 1
+def test_mutual_tls(ca: trustme.CA, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    server_files = write_tls_files(ca, tmp_path / "server", "textgen.default.svc")
+    client_files = write_tls_files(ca, tmp_path / "client", "prober")
+    stranger_files = write_tls_files(trustme.CA(), tmp_path / "stranger", "prober")
+    tls = ["--tls-ca", str(server_files["ca"]), "--tls-server-name", "textgen.default.svc"]
+    client = ["--tls-cert", str(client_files["cert"]), "--tls-key", str(client_files["key"])]
+    with mtls_health_server(server_files) as target:
+        assert healthcheck(["--target", target, *tls, *client]) == 0
+        assert capsys.readouterr().out.strip() == f"{target}: SERVING"
+        # Refused: no client certificate, one from another CA, plaintext, the wrong server name.
+        stranger = ["--tls-cert", str(stranger_files["cert"]), "--tls-key", str(stranger_files["key"])]
+        assert healthcheck(["--target", target, "--timeout", "2", *tls]) == 1
+        assert healthcheck(["--target", target, "--timeout", "2", *tls, *stranger]) == 1
+        assert healthcheck(["--target", target, "--timeout", "2"]) == 1
+        wrong_name = ["--tls-ca", str(server_files["ca"]), "--tls-server-name", "elsewhere.example"]
+        assert healthcheck(["--target", target, "--timeout", "2", *wrong_name, *client]) == 1
 
 
 def test_unreadable_certificate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
