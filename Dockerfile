@@ -63,5 +63,5 @@ USER 10001:10001
 EXPOSE 50051 9464
 HEALTHCHECK --interval=30s --timeout=5s --start-period=600s --retries=3 \
     CMD ["textgen-healthcheck", "--target", "127.0.0.1:50051"]
-# --provider cuda: a GPU image that cannot reach its GPU fails at start instead of serving on the CPU.
+# --provider cuda: refuse an onnxruntime without CUDA instead of picking the CPU as `auto` would.
 ENTRYPOINT ["textgen-server", "--model-dir", "/model", "--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9464", "--provider", "cuda"]
