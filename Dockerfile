@@ -19,8 +19,9 @@ COPY export /src/export
 # -- cpu ---------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS cpu-build
 COPY --from=source /src /src
+# pip compiles every module now: the container's root filesystem may be read-only (Kubernetes).
 RUN python -m venv /opt/textgen \
-    && /opt/textgen/bin/pip install --no-cache-dir --no-compile "/src[server]"
+    && /opt/textgen/bin/pip install --no-cache-dir "/src[server]"
 
 FROM ${PYTHON_IMAGE} AS cpu
 RUN groupadd --system --gid 10001 textgen \
@@ -52,7 +53,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=source /src /src
 RUN python3 -m venv /opt/textgen \
-    && /opt/textgen/bin/pip install --no-cache-dir --no-compile "/src[gpu]"
+    && /opt/textgen/bin/pip install --no-cache-dir "/src[gpu]"
 
 FROM cuda-python AS gpu
 RUN groupadd --system --gid 10001 textgen \
