@@ -5,6 +5,10 @@ bandwidth / bytes-per-token. What counts as read: every parameter of the checkpo
 final norm and `lm_head`), except the input embedding table, of which a token gathers one row only.
 Activations and the KV cache are left out (small at these lengths), so the share is a lower bound on
 the memory traffic actually moved.
+
+The bound assumes the weights come from memory. Where they fit in the last-level cache, each token
+reads them from the cache instead, the "roofline" is no ceiling at all (shares above 100% were seen
+with a 300 MB L3), and the report says it does not apply.
 """
 
 from __future__ import annotations
@@ -128,6 +132,12 @@ def roofline_shares(
         name: None if rate is None else roofline_share(bytes_per_token, rate, bandwidth_bytes_s)
         for name, rate in rates.items()
     }
+
+
+def roofline_applies(bytes_per_token: int, llc_bytes: int | None) -> bool:
+    """False where the weights a token reads fit in the last-level cache; True where they cannot, or
+    where the cache size is unknown (the report then says so beside the row)."""
+    return llc_bytes is None or bytes_per_token > llc_bytes
 
 
 def _product(shape: tuple[int, ...]) -> int:
