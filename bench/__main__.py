@@ -35,11 +35,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--budget-s",
         type=float,
         default=14 * 60,
-        help="wall-time budget from start, setup included: repetitions past it are skipped "
-        "(the first of each is always run; default 840)",
+        help="wall-time budget from start, setup included except the one-time llama.cpp build: "
+        "repetitions past it are skipped (the first of each is always run; default 840)",
     )
     parser.add_argument("--no-genai", action="store_true", help="skip onnxruntime-genai (no virtualenv made)")
     parser.add_argument("--no-transformers", action="store_true", help="skip transformers")
+    parser.add_argument(
+        "--no-llamacpp", action="store_true", help="skip llama.cpp (nothing downloaded or built)"
+    )
     parser.add_argument(
         "--out",
         type=Path,
@@ -58,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     peers = tuple(
         p
         for p in config.peers
-        if not (p == "genai" and args.no_genai) and not (p == "transformers" and args.no_transformers)
+        if not (p == "genai" and args.no_genai)
+        and not (p == "transformers" and args.no_transformers)
+        and not (p == "llamacpp" and args.no_llamacpp)
     )
     cases = (
         config.cases

@@ -28,7 +28,8 @@ class BenchConfig:
     bandwidth_bytes: int = GIB
     bandwidth_reps: int = 5
     seed: int = 20240216
-    peers: tuple[str, ...] = field(default=("engine", "transformers", "genai"))
+    # "llamacpp" stands for its three GGUF variants (f32, Q8_0, Q4_0), measured by llama-bench.
+    peers: tuple[str, ...] = field(default=("engine", "transformers", "genai", "llamacpp"))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .roofline import roofline_share, roofline_tok_s
-from .run import RawResults
+from .llamacpp_env import SDIST
+from .roofline import roofline_applies, roofline_share, roofline_tok_s
+from .run import LLAMACPP_PEERS, RawResults
 from .stats import (
     aggregate_decode_tok_s,
     aggregate_tok_s,
@@ -27,7 +28,14 @@ PEER_NAMES = {
     "transformers": "transformers",
     "genai": "onnxruntime-genai",
     "grpc": "this engine via gRPC",
+    "llamacpp": "llama.cpp",
+    **{
+        name: f"llama.cpp {variant.upper() if variant != 'f32' else variant}"
+        for name, variant in LLAMACPP_PEERS.items()
+    },
 }
+# Peers the engine's decode rate is compared with, in table order.
+RATIO_PEERS = ("transformers", "genai", *LLAMACPP_PEERS)
 # Two more estimates of the decode speed-up that resist other load on a shared machine.
 ROBUST_SPEEDUPS = {
     "decode_paired": "Decode speed-up, median of the ratios within each repetition (peers run back to back "
@@ -40,6 +48,7 @@ TARGETS = {
     "roofline share": 0.85,
     "grpc/in-process decode": 0.95,
     "16 vs 1 streams aggregate": 4.0,
+    "engine/llama.cpp f32 decode": 1.0,  # issue 9
 }
 
 
@@ -48,6 +57,8 @@ def summarize(raw: RawResults) -> dict[str, Any]:
     bandwidth = {str(t): _bandwidth(samples) for t, samples in sorted(raw.bandwidth.items())}
     bw = max(raw.bandwidth[c.threads]) if raw.bandwidth.get(c.threads) else None
     per_token = int(raw.weights["bytes_per_token"])
+    llc = raw.machine.get("last_level_cache")
+    llc_bytes = int(llc["size_bytes"]) if llc else None
     batch1: dict[str, Any] = {}
     for key, peers in raw.batch1.items():
         case: dict[str, Any] = {"peers": {}}
@@ -57,6 +68,9 @@ def summarize(raw: RawResults) -> dict[str, Any]:
             if usable:
                 case["peers"][peer] = _peer_runs(usable, per_token, bw)
                 case["peers"][peer]["runs_too_short"] = len(runs) - len(usable)
+        for peer, rates in raw.decode_rates.get(key, {}).items():
+            if rates:
+                case["peers"][peer] = _peer_rates(peer, rates, per_token, bw)
         for peer, why in raw.unavailable.items():
             if peer not in case["peers"] and peer != "grpc":
                 case["peers"][peer] = {"unavailable": why}
@@ -78,7 +92,10 @@ def summarize(raw: RawResults) -> dict[str, Any]:
             "roofline_uses_threads": c.threads,
             "roofline_bytes_s": bw,
             "roofline_tok_s": roofline_tok_s(per_token, bw) if bw else None,
-            "note": "max of all samples (start and end of the run) at the peers' thread count",
+            "roofline_applies": roofline_applies(per_token, llc_bytes),
+            "last_level_cache_bytes": llc_bytes,
+            "note": "max of all samples (start and end of the run) at the peers' thread count; the "
+            "roofline does not apply where the weights read per token fit in the last-level cache",
         },
         "batch1": batch1,
         "grpc": _grpc(batch1),
@@ -106,10 +123,18 @@ def _peer_runs(runs: list[list[float]], per_token: int, bw: float | None) -> dic
     }
 
 
+def _peer_rates(peer: str, rates: list[float], per_token: int, bw: float | None) -> dict[str, Any]:
+    """A peer that reports decode rates itself (llama-bench): no token times, so no TTFT."""
+    decode = spread(rates)
+    # Only f32 reads the checkpoint's bytes per token; quantized files read fewer, so no share for them.
+    share = roofline_share(per_token, decode.median, bw) if bw and peer == "llamacpp-f32" else None
+    return {"decode_tok_s": _dist(rates), "roofline_share": share, "measured_by": "llama-bench"}
+
+
 def _speedups(peers: dict[str, Any]) -> dict[str, Any]:
     engine = peers.get("engine", {})
     out: dict[str, Any] = {}
-    for peer in ("transformers", "genai"):
+    for peer in RATIO_PEERS:
         other = peers.get(peer, {})
         out[peer] = {
             "decode": ratio(_med(engine, "decode_tok_s"), _med(other, "decode_tok_s")),
@@ -197,7 +222,10 @@ def _targets(summary: dict[str, Any]) -> dict[str, Any]:
         "roofline share": first["peers"].get("engine", {}).get("roofline_share"),
         "grpc/in-process decode": summary["grpc"].get("ratio"),
         "16 vs 1 streams aggregate": summary["concurrency"].get("ratio_16_vs_1"),
+        "engine/llama.cpp f32 decode": first["speedup"].get("llamacpp-f32", {}).get("decode"),
     }
+    if not summary["bandwidth"]["roofline_applies"]:
+        values["roofline share"] = None  # no memory bound to share where the weights sit in the cache
     return {
         name: {
             "target": TARGETS[name],
@@ -237,11 +265,14 @@ def _med(peer: dict[str, Any], measure: str) -> float | None:
 def markdown(summary: dict[str, Any]) -> str:
     m = summary["machine"]
     threads = summary["config"]["threads"]
+    llama: dict[str, Any] = next((summary["peers"][p] for p in LLAMACPP_PEERS if p in summary["peers"]), {})
     header = (
-        f"Measured {m['date']} on {m['cpu']}, {m['cores']} cores, {threads} threads per peer "
+        f"Measured {m['date']} on {m['cpu']} ({_llc(m.get('last_level_cache'))}), {m['cores']} cores, "
+        f"{threads} threads per peer "
         f"(onnxruntime {m['versions'].get('onnxruntime')}, torch {m['versions'].get('torch')}, "
         f"transformers {m['versions'].get('transformers')}, onnxruntime-genai "
-        f"{summary['peers'].get('genai', {}).get('onnxruntime_genai', 'n/a')}); bench model fp32, greedy, batch 1; "
+        f"{summary['peers'].get('genai', {}).get('onnxruntime_genai', 'n/a')}, llama.cpp "
+        f"{llama.get('build_commit', 'n/a')} from the {SDIST} sdist); bench model fp32, greedy, batch 1; "
         f"median (min–max) of the repetitions; load average {_load(m)} during the run."
     )
     lines = [
@@ -271,15 +302,16 @@ def markdown(summary: dict[str, Any]) -> str:
     bw = summary["bandwidth"]
     if first is not None and bw["roofline_bytes_s"]:
         cells = [
-            _pct(first["peers"].get(p, {}).get("roofline_share")) for p in ("engine", "transformers", "genai")
+            _roofline_cell(summary, first["peers"].get(p, {})) for p in ("engine", "transformers", "genai")
         ]
-        lines.append(f"| memory roofline share (decode, first case) | {' | '.join(cells)} | | |")
+        lines.append(f"| {_roofline_label(summary)} | {' | '.join(cells)} | | |")
+    lines += _llamacpp_lines(summary)
     lines.append("")
     for measure, label in ROBUST_SPEEDUPS.items():
         cells = [
-            f"prompt {key.split('/')[0]} ÷ {peer} {_times(case['speedup'][peer][measure])}"
+            f"prompt {key.split('/')[0]} ÷ {_short(peer)} {_times(case['speedup'][peer][measure])}"
             for key, case in summary["batch1"].items()
-            for peer in ("transformers", "genai")
+            for peer in RATIO_PEERS
             if case["speedup"][peer].get(measure) is not None
         ]
         if cells:
@@ -297,7 +329,7 @@ def markdown(summary: dict[str, Any]) -> str:
     lines += ["", f"GPU: {gpu['skipped']}." if "skipped" in gpu else "GPU: see `gpu` in latest.json."]
     lines += [
         "",
-        "Targets (issue 6 and 5): "
+        "Targets (issues 6, 5 and 9): "
         + "; ".join(f"{name} {_fmt_target(t)}" for name, t in summary["targets"].items())
         + ".",
     ]
@@ -316,6 +348,79 @@ def markdown(summary: dict[str, Any]) -> str:
             + ".",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _llamacpp_lines(summary: dict[str, Any]) -> list[str]:
+    """llama.cpp's GGUF variants beside this engine's fp32: decode only (llama-bench reports no TTFT)."""
+    if not any(p in case["peers"] for case in summary["batch1"].values() for p in LLAMACPP_PEERS):
+        return []
+    names = [PEER_NAMES[p] for p in LLAMACPP_PEERS]
+    lines = [
+        "",
+        (
+            "llama.cpp on the same checkpoint (its `convert_hf_to_gguf.py` to GGUF f32, then "
+            "`llama-quantize`), in the same rotation: one `llama-bench -p 0 -n NEW -d PROMPT -r 1` per "
+            "repetition, its context filled with PROMPT random tokens first; it reports decode rates, "
+            "not time to first token."
+        ),
+        "",
+        f"| measure | this engine (fp32) | {' | '.join(names)} | "
+        + " | ".join(f"engine ÷ {n.removeprefix('llama.cpp ')}" for n in names)
+        + " |",
+        "|---|---|" + "---|" * (2 * len(names)),
+    ]
+    for key, case in summary["batch1"].items():
+        prompt, new = key.split("/")
+        cells = [
+            "n/a"
+            if "decode_tok_s" not in case["peers"].get(p, {})
+            else _spread(case["peers"][p]["decode_tok_s"], 1, "{:.0f}")
+            for p in ("engine", *LLAMACPP_PEERS)
+        ]
+        ratios = [_times(case["speedup"].get(p, {}).get("decode")) for p in LLAMACPP_PEERS]
+        lines.append(f"| decode tok/s, prompt {prompt}, {new} new | {' | '.join(cells + ratios)} |")
+    first = next(iter(summary["batch1"].values()))
+    if summary["bandwidth"]["roofline_bytes_s"]:
+        cells = [_roofline_cell(summary, first["peers"].get(p, {})) for p in ("engine", *LLAMACPP_PEERS)]
+        lines.append(f"| {_roofline_label(summary)} | {' | '.join(cells)} |" + " |" * len(names))
+    return lines
+
+
+def _roofline_label(summary: dict[str, Any]) -> str:
+    """The roofline row's label, with the weights read per token set against the last-level cache."""
+    llc = summary["machine"].get("last_level_cache")
+    weights = summary["weights"]["bytes_per_token"]
+    if not llc:
+        return "memory roofline share (decode, first case; last-level cache size unknown)"
+    times = weights / llc["size_bytes"]
+    if not summary["bandwidth"]["roofline_applies"]:
+        return (
+            f"memory roofline (decode, first case): does not apply, the {weights / 1e6:.0f} MB of weights "
+            f"read per token fit in the {_llc(llc)}"
+        )
+    return (
+        f"memory roofline share (decode, first case; weights read per token {weights / 1e6:.0f} MB "
+        f"= {times:.1f}× the {_llc(llc)})"
+    )
+
+
+def _roofline_cell(summary: dict[str, Any], peer: dict[str, Any]) -> str:
+    if not summary["bandwidth"]["roofline_applies"]:
+        return "does not apply"
+    return _pct(peer.get("roofline_share"))
+
+
+def _llc(cache: dict[str, Any] | None) -> str:
+    """ "32 MiB L3" for the last-level cache, from its sysfs description."""
+    if not cache:
+        return "last-level cache unknown"
+    size = cache["size_bytes"]
+    shown = f"{size / (1 << 20):.0f} MiB" if size >= 1 << 20 else f"{size >> 10} KiB"
+    return f"{shown} L{cache['level']}"
+
+
+def _short(peer: str) -> str:
+    return peer if peer in ("transformers", "genai") else PEER_NAMES.get(peer, peer)
 
 
 def _row(
@@ -383,6 +488,8 @@ def _bandwidth_line(summary: dict[str, Any]) -> str:
     ]
     w = summary["weights"]
     roof = f"; roofline {bw['roofline_tok_s']:.0f} tok/s" if bw["roofline_tok_s"] else ""
+    if roof and not bw["roofline_applies"]:
+        roof += " (no bound here: the weights fit in the last-level cache)"
     return (
         f"Memory read bandwidth (numpy sum of {summary['config']['bandwidth_bytes'] >> 20} MiB): "
         f"{', '.join(parts)}. Weights read per token: {w['bytes_per_token'] / 1e6:.1f} MB "

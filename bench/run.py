@@ -1,9 +1,10 @@
 """One benchmark run: set up, measure every peer interleaved, and collect the raw timings.
 
-Order of work: build what is missing (bench model, genai virtualenv and model), read bandwidth, start
-one worker per peer, warm each up, then the batch-1 cases (peers rotated every repetition, so no peer
-always runs right after the same neighbour), the concurrency sweep (levels rotated the same way), and
-bandwidth once more: the machine is shared, and two readings show how much it drifted.
+Order of work: build what is missing (bench model, genai virtualenv and model, llama.cpp and its GGUF
+files), read bandwidth, start one worker per peer, warm each up, then the batch-1 cases (peers rotated
+every repetition, so no peer always runs right after the same neighbour), the concurrency sweep
+(levels rotated the same way), and bandwidth once more: the machine is shared, and two readings show
+how much it drifted. llama.cpp runs in the same rotation as one `llama-bench` process per call.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from typing import Any, TypeVar
 
 from .config import BenchConfig, Case
 from .genai_env import GenaiSetup, ensure_genai
+from .llamacpp_env import VARIANTS, LlamacppSetup, ensure_llamacpp
 from .membw import read_bandwidth
 from .peers.client import Worker, WorkerError
+from .peers.llamacpp_peer import LlamaBenchError, LlamacppPeer
 from .prompts import BOS_ID, prompt_ids, text_of_length
 
 BENCH_MODEL = Path("models/bench")
@@ -29,6 +32,8 @@ SETTLE_S = 0.1  # between runs: lets the previous peer's spinning thread pool go
 # and the closing bandwidth reading. Repetitions past the budget are skipped, never the first.
 SWEEP_RESERVE_S = 100.0
 T = TypeVar("T")
+# One peer per GGUF variant, all driven by the same llama-bench binary.
+LLAMACPP_PEERS = {f"llamacpp-{variant}": variant for variant in VARIANTS}
 
 
 @dataclass
@@ -43,6 +48,9 @@ class RawResults:
     unavailable: dict[str, str] = field(default_factory=dict)  # peer -> why it was not measured
     # "prompt/new" -> peer -> one [start, token_1..token_n] list per repetition
     batch1: dict[str, dict[str, list[list[float]]]] = field(default_factory=dict)
+    # "prompt/new" -> peer -> one decode tok/s per repetition, from peers that report rates, not
+    # token times (llama-bench)
+    decode_rates: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     # concurrency -> one list of stream records per repetition
     sweep: dict[int, list[list[dict[str, Any]]]] = field(default_factory=dict)
     gpu: dict[str, Any] = field(default_factory=dict)
@@ -96,6 +104,8 @@ class Runner:
         self.repo = repo
         self.logs = logs
         self.workers: dict[str, Worker] = {}
+        self.llamacpp: LlamacppPeer | None = None
+        self.llamacpp_peers: list[str] = []  # the variants still measured (one may fail alone)
         self.deadline = time.perf_counter() + budget_s
 
     def _out_of_time(self, raw: RawResults, what: str, rep: int, reps: int, reserve_s: float) -> bool:
@@ -118,6 +128,13 @@ class Runner:
             if "genai" in c.peers
             else GenaiSetup(None, None, "left out (--no-genai)")
         )
+        llamacpp = (
+            ensure_llamacpp(self.repo, model_dir / "checkpoint", self.logs / "llamacpp-setup.log")
+            if "llamacpp" in c.peers
+            else LlamacppSetup(None, unavailable="left out (--no-llamacpp)")
+        )
+        # A one-time build (about 10 minutes on 2 cores) is not measuring time: the budget is for that.
+        self.deadline += llamacpp.built_s
         raw = RawResults(
             config=c,
             machine=machine_info(c.threads),
@@ -125,10 +142,13 @@ class Runner:
         )
         if genai.unavailable:
             raw.unavailable["genai"] = genai.unavailable
+        if llamacpp.unavailable:
+            raw.unavailable["llamacpp"] = llamacpp.unavailable
         raw.setup_s = time.perf_counter() - started
         try:
             self._read_bandwidth(raw)
             self._start_workers(raw, model_dir, genai)
+            self._start_llamacpp(llamacpp)
             self._warm_up(raw)
             for case in c.cases:
                 self._batch1(raw, case, model_dir)
@@ -177,9 +197,23 @@ class Runner:
         if "genai" in raw.peer_info:
             raw.machine["versions"]["onnxruntime_genai"] = raw.peer_info["genai"].get("onnxruntime_genai")
 
+    def _start_llamacpp(self, setup: LlamacppSetup) -> None:
+        if setup.llama_bench is None:
+            return
+        self.llamacpp = LlamacppPeer(setup.llama_bench, setup.models, self.config.threads, self.repo)
+        self.llamacpp_peers = list(LLAMACPP_PEERS)
+
     def _warm_up(self, raw: RawResults) -> None:
         """First runs pay for allocation and graph caches; each shape once, not counted."""
         c = self.config
+        for name in list(self.llamacpp_peers):  # also reads each GGUF file into the page cache
+            log(f"warming up {name}")
+            try:
+                self._llamacpp_rate(name, 128, 8)
+                assert self.llamacpp is not None
+                raw.peer_info[name] = self.llamacpp.info(LLAMACPP_PEERS[name])
+            except LlamaBenchError as exc:
+                self._drop_llamacpp(raw, name, exc)
         rng = random.Random(c.seed - 1)
         longest = max(case.prompt_tokens for case in c.cases)
         for name in list(self.workers):
@@ -206,8 +240,9 @@ class Runner:
             p
             for p in ("engine", "transformers", "genai", "grpc")
             if p in self.workers and (p != "grpc" or with_grpc)
-        ]
-        results = raw.batch1.setdefault(key, {p: [] for p in peers})
+        ] + self.llamacpp_peers
+        results = raw.batch1.setdefault(key, {p: [] for p in peers if p not in LLAMACPP_PEERS})
+        rates = raw.decode_rates.setdefault(key, {p: [] for p in peers if p in LLAMACPP_PEERS})
         for rep in range(case.reps):
             if self._out_of_time(raw, f"batch-1 {key}", rep, case.reps, SWEEP_RESERVE_S):
                 break
@@ -217,9 +252,16 @@ class Runner:
             else:
                 text, ids = "", prompt_ids(case.prompt_tokens, rng)
             for name in rotated(peers, rep):
-                if name not in self.workers:
-                    continue
+                if name not in self.workers and name not in self.llamacpp_peers:
+                    continue  # dropped after a failure
                 log(f"prompt {case.prompt_tokens}, {case.new_tokens} new: rep {rep + 1}/{case.reps} {name}")
+                if name in LLAMACPP_PEERS:
+                    try:  # llama-bench fills the context with random ids: the prompt's length is what counts
+                        rates[name].append(self._llamacpp_rate(name, case.prompt_tokens, case.new_tokens))
+                    except LlamaBenchError as exc:
+                        self._drop_llamacpp(raw, name, exc)
+                    time.sleep(SETTLE_S)
+                    continue
                 try:
                     if name == "grpc":
                         times = self.workers[name].call(
@@ -270,6 +312,15 @@ class Runner:
 
             self._tok = Tokenizer.from_file(model_dir / "tokenizer.json")
         return self._tok
+
+    def _llamacpp_rate(self, name: str, depth: int, new_tokens: int) -> float:
+        assert self.llamacpp is not None
+        return self.llamacpp.decode_tok_s(LLAMACPP_PEERS[name], depth, new_tokens)
+
+    def _drop_llamacpp(self, raw: RawResults, name: str, exc: Exception) -> None:
+        raw.unavailable[name] = _first_lines(str(exc))
+        log(f"{name} failed and is left out of the rest of the run: {raw.unavailable[name]}")
+        self.llamacpp_peers.remove(name)
 
     def _drop(self, raw: RawResults, name: str, exc: Exception) -> None:
         if name == "engine":

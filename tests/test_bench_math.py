@@ -8,6 +8,7 @@ import struct
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,10 +17,27 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.machine import cpu_model
+from bench.llamacpp_env import build_percent, cmake_options, cpu_flags, vendored_commit
+from bench.machine import Cache, cpu_model, last_level_cache, parse_cache_size, read_caches
+from bench.peers.llamacpp_peer import LlamaBenchError, decode_rate, parse_llama_bench_jsonl
 from bench.prompts import FIRST_TEXT_ID, prompt_ids, text_of_length
-from bench.report import _fmt_target, _speedups, sweep_level
-from bench.roofline import Tensor, parse_safetensors_header, roofline_share, roofline_tok_s, weight_traffic
+from bench.report import (
+    _fmt_target,
+    _llamacpp_lines,
+    _peer_rates,
+    _roofline_cell,
+    _roofline_label,
+    _speedups,
+    sweep_level,
+)
+from bench.roofline import (
+    Tensor,
+    parse_safetensors_header,
+    roofline_applies,
+    roofline_share,
+    roofline_tok_s,
+    weight_traffic,
+)
 from bench.run import rotated
 from bench.stats import (
     aggregate_decode_tok_s,
@@ -290,3 +308,239 @@ def test_cpu_model_reads_the_first_model_name() -> None:
     )
     assert cpu_model(cpuinfo) == "AMD EPYC 9B14"
     assert cpu_model("processor\t: 0\n") == "unknown"
+
+
+# -- last-level cache, and when the roofline applies ---------------------------------------------------
+
+
+def test_cache_sizes_read_as_sysfs_writes_them() -> None:
+    assert parse_cache_size("32768K") == 32 * 1024 * 1024
+    assert parse_cache_size("1M") == 1 << 20
+    assert parse_cache_size("512\n") == 512
+    with pytest.raises(ValueError):
+        parse_cache_size("big")
+
+
+def test_last_level_cache_is_the_highest_that_holds_data() -> None:
+    caches = [
+        Cache(1, "Data", 48 << 10, "0"),
+        Cache(1, "Instruction", 32 << 10, "0"),
+        Cache(2, "Unified", 1 << 20, "0"),
+        Cache(3, "Unified", 32 << 20, "0-1"),
+    ]
+    assert last_level_cache(caches) == caches[3]
+    # An instruction cache never holds weights, however high its level.
+    assert last_level_cache([caches[0], Cache(4, "Instruction", 1 << 30, "0-1")]) == caches[0]
+    assert last_level_cache([]) is None
+
+
+def test_read_caches_parses_a_sysfs_tree_and_skips_incomplete_entries(tmp_path: Path) -> None:
+    entries = {
+        "index0": ("1", "Data", "48K", "0"),
+        "index2": ("2", "Unified", "1024K", "0"),
+        "index3": ("3", "Unified", "307200K", "0-55"),
+    }
+    for index, values in entries.items():
+        (tmp_path / index).mkdir()
+        for name, value in zip(("level", "type", "size", "shared_cpu_list"), values, strict=True):
+            (tmp_path / index / name).write_text(value + "\n", encoding="utf-8")
+    (tmp_path / "index4").mkdir()  # no files at all, as some hypervisors leave it
+    caches = read_caches(tmp_path)
+    assert [c.level for c in caches] == [1, 2, 3]
+    assert last_level_cache(caches) == Cache(3, "Unified", 300 << 20, "0-55")
+
+
+def test_roofline_does_not_apply_when_the_weights_fit_in_the_cache() -> None:
+    bench_model = 162_041_856  # fp32 bytes read per token
+    assert not roofline_applies(bench_model, 300 << 20)  # the 300 MB L3 of issue 9's Xeon
+    assert roofline_applies(bench_model, 32 << 20)  # a 32 MiB L3: five times smaller than the weights
+    assert roofline_applies(bench_model, None)  # unknown: shown, with the size marked unknown
+    assert not roofline_applies(1000, 1000)  # exactly full still fits
+
+
+def _summary_for_roofline(llc_bytes: int | None) -> dict[str, Any]:
+    llc = None if llc_bytes is None else {"level": 3, "size_bytes": llc_bytes}
+    return {
+        "machine": {"last_level_cache": llc},
+        "weights": {"bytes_per_token": 162_041_856},
+        "bandwidth": {"roofline_applies": roofline_applies(162_041_856, llc_bytes)},
+    }
+
+
+def test_roofline_row_names_the_cache_and_says_when_it_does_not_apply() -> None:
+    big = _summary_for_roofline(300 << 20)
+    assert _roofline_label(big) == (
+        "memory roofline (decode, first case): does not apply, the 162 MB of weights read per token "
+        "fit in the 300 MiB L3"
+    )
+    assert _roofline_cell(big, {"roofline_share": 1.06}) == "does not apply"
+    small = _summary_for_roofline(32 << 20)
+    assert _roofline_label(small) == (
+        "memory roofline share (decode, first case; weights read per token 162 MB = 4.8× the 32 MiB L3)"
+    )
+    assert _roofline_cell(small, {"roofline_share": 0.74}) == "74%"
+    assert "unknown" in _roofline_label(_summary_for_roofline(None))
+
+
+# -- llama.cpp: build options, build progress, llama-bench output ---------------------------------------
+
+# The flags line of an AMD EPYC with AVX-512 (trimmed), and of an AVX2-only desktop part.
+EPYC_FLAGS = (
+    "flags\t\t: fpu sse4_2 avx f16c fma bmi2 avx2 avx512f avx512dq avx512cd avx512bw avx512vl "
+    "avx512vbmi avx512_vnni avx512_bf16 avx_vnni\n"
+)
+AVX2_FLAGS = "flags\t\t: fpu sse4_2 avx f16c fma bmi2 avx2\n"
+SAPPHIRE_RAPIDS_FLAGS = EPYC_FLAGS.rstrip("\n") + " amx_bf16 amx_tile amx_int8\n"
+
+
+def _options(cpuinfo: str) -> dict[str, str]:
+    return dict(o.removeprefix("-D").split("=", 1) for o in cmake_options(cpu_flags(cpuinfo)))
+
+
+def test_cpu_flags_come_from_the_first_flags_line() -> None:
+    assert cpu_flags("processor\t: 0\n" + AVX2_FLAGS + "flags\t\t: avx512f\n") == {
+        "fpu",
+        "sse4_2",
+        "avx",
+        "f16c",
+        "fma",
+        "bmi2",
+        "avx2",
+    }
+    assert cpu_flags("processor\t: 0\n") == set()
+
+
+def test_build_is_portable_with_avx512_where_the_cpu_has_it_and_never_amx() -> None:
+    options = _options(SAPPHIRE_RAPIDS_FLAGS)
+    assert options["GGML_NATIVE"] == "OFF"
+    assert all(options[o] == "ON" for o in ("GGML_AVX2", "GGML_FMA", "GGML_F16C", "GGML_AVX512"))
+    assert options["GGML_AVX512_VNNI"] == options["GGML_AVX512_BF16"] == "ON"
+    assert options["GGML_AMX_TILE"] == options["GGML_AMX_INT8"] == options["GGML_AMX_BF16"] == "OFF"
+
+
+def test_build_leaves_out_what_the_cpu_lacks() -> None:
+    options = _options(AVX2_FLAGS)
+    assert options["GGML_AVX2"] == options["GGML_FMA"] == options["GGML_F16C"] == "ON"
+    assert options["GGML_AVX512"] == options["GGML_AVX512_VNNI"] == options["GGML_AVX_VNNI"] == "OFF"
+    # ggml's AVX512 switch also compiles for BW, DQ, CD and VL: without avx512bw it must stay off.
+    assert _options(EPYC_FLAGS.replace(" avx512bw", ""))["GGML_AVX512"] == "OFF"
+    assert _options("")["GGML_AVX2"] == "OFF"
+
+
+def test_build_percent_reads_cmake_progress_lines() -> None:
+    assert build_percent("[ 42%] Building CXX object src/CMakeFiles/llama.dir/llama.cpp.o") == 42
+    assert build_percent("[100%] Built target llama-bench") == 100
+    assert build_percent("  [ 42%] indented is not a progress line") is None
+    assert build_percent("warning: [ 42%] inside a line") is None
+
+
+def test_vendored_commit_is_read_from_the_releases_own_changelog_section() -> None:
+    changelog = (
+        "# Changelog\n\n## [Unreleased]\n\n## [0.3.36]\n\n- feat: update llama.cpp to ggml-org/llama.cpp@0c1e57098\n"
+        "\n## [0.3.35]\n\n- fix: something\n- feat: update llama.cpp to ggml-org/llama.cpp@4df29be4f\n"
+        "\n## [0.3.34]\n\n- docs only\n"
+    )
+    assert vendored_commit(changelog, "0.3.36") == "0c1e57098"
+    assert vendored_commit(changelog, "0.3.35") == "4df29be4f"
+    assert vendored_commit(changelog, "0.3.34") is None  # no update in that release: not the next one's
+    assert vendored_commit(changelog, "0.3.3") is None  # a prefix of a version is not that version
+
+
+def _llama_bench_line(n_gen: int, n_depth: int, samples_ts: str, n_threads: int = 2) -> str:
+    """One line of `llama-bench -o jsonl`, as the 0.3.36 sdist's build prints it (some fields left out)."""
+    return (
+        '{"build_commit": "0c1e57098", "build_number": 0, "cpu_info": "AMD EPYC", "gpu_info": "", '
+        '"backends": "CPU", "model_filename": "bench/models/llamacpp/bench-q4_0.gguf", '
+        '"model_type": "llama ?B Q4_0", "model_size": 36256768, "model_n_params": 56893952, '
+        f'"n_batch": 2048, "n_ubatch": 512, "n_threads": {n_threads}, "cpu_mask": "0x0", '
+        '"cpu_strict": false, "poll": 50, "type_k": "f16", "type_v": "f16", "flash_attn": -1, '
+        f'"n_prompt": 0, "n_gen": {n_gen}, "n_depth": {n_depth}, "test_time": "2026-11-26T10:30:42Z", '
+        '"avg_ns": 86081159, "stddev_ns": 0, "avg_ts": 371.742207, "stddev_ts": 0.000000, '
+        f'"samples_ns": [ 86081159 ],"samples_ts": [ {samples_ts} ]}}'
+    )
+
+
+def test_llama_bench_jsonl_is_parsed_and_other_lines_skipped() -> None:
+    text = "\n".join(
+        [
+            "load_backend: loaded CPU backend",  # a stray log line on stdout must not break parsing
+            _llama_bench_line(128, 128, "371.742"),
+            "",
+            _llama_bench_line(128, 2048, "300.5, 310.5"),
+        ]
+    )
+    tests = parse_llama_bench_jsonl(text)
+    assert len(tests) == 2
+    first = tests[0]
+    assert (first.n_prompt, first.n_gen, first.n_depth, first.n_threads) == (0, 128, 128, 2)
+    assert first.samples_ts == (371.742,)
+    assert (first.model_type, first.model_size, first.build_commit) == (
+        "llama ?B Q4_0",
+        36256768,
+        "0c1e57098",
+    )
+    assert first.flash_attn == -1
+    assert tests[1].samples_ts == (300.5, 310.5)
+
+
+def test_decode_rate_takes_the_test_that_was_asked_for() -> None:
+    tests = parse_llama_bench_jsonl(
+        _llama_bench_line(128, 128, "371.742") + "\n" + _llama_bench_line(128, 2048, "290.0")
+    )
+    assert decode_rate(tests, depth=2048, new_tokens=128, threads=2) == 290.0
+    assert decode_rate(tests, depth=128, new_tokens=128, threads=2) == pytest.approx(371.742)
+    with pytest.raises(LlamaBenchError, match="n_depth 512"):
+        decode_rate(tests, depth=512, new_tokens=128, threads=2)  # nothing at that depth
+    with pytest.raises(LlamaBenchError, match="got 0 of 0"):
+        decode_rate([], depth=128, new_tokens=128, threads=2)  # llama-bench printed nothing
+
+
+def test_decode_rate_refuses_other_threads_or_repetitions() -> None:
+    other_threads = parse_llama_bench_jsonl(_llama_bench_line(128, 128, "371.742", n_threads=4))
+    with pytest.raises(LlamaBenchError, match="4 threads"):
+        decode_rate(other_threads, depth=128, new_tokens=128, threads=2)
+    two_reps = parse_llama_bench_jsonl(_llama_bench_line(128, 128, "371.742, 380.0"))
+    with pytest.raises(LlamaBenchError, match="one repetition"):
+        decode_rate(two_reps, depth=128, new_tokens=128, threads=2)
+
+
+def test_llamacpp_rates_become_peers_with_decode_ratios_and_no_ttft() -> None:
+    per_token, bw = 162_000_000, 21.6e9
+    f32 = _peer_rates("llamacpp-f32", [150.0, 100.0, 120.0], per_token, bw)
+    q4 = _peer_rates("llamacpp-q4_0", [400.0, 500.0, 450.0], per_token, bw)
+    assert f32["decode_tok_s"]["median"] == 120.0 and "ttft_s" not in f32
+    assert f32["roofline_share"] == pytest.approx(162e6 * 120 / 21.6e9)  # 90%
+    assert q4["roofline_share"] is None  # a quantized file reads fewer bytes than the checkpoint's
+    engine = {
+        "decode_tok_s": {**spread([100.0, 90.0, 60.0]).to_dict(), "samples": [100.0, 90.0, 60.0]},
+        "ttft_s": {"median": 0.1},
+        "end_to_end_tok_s": {"median": 80.0},
+        "roofline_share": 0.75,
+    }
+    s = _speedups({"engine": engine, "llamacpp-f32": f32, "llamacpp-q4_0": q4})
+    assert s["llamacpp-f32"]["decode"] == pytest.approx(90 / 120)
+    assert s["llamacpp-f32"]["decode_paired"] == pytest.approx(2 / 3)  # median of 100/150, 90/100, 60/120
+    assert s["llamacpp-f32"]["decode_best"] == pytest.approx(100 / 150)
+    assert s["llamacpp-q4_0"]["decode"] == pytest.approx(90 / 450)
+    assert s["llamacpp-q4_0"]["ttft"] is None  # llama-bench gives no time to first token
+
+    summary = {
+        "batch1": {
+            "128/128": {"peers": {"engine": engine, "llamacpp-f32": f32, "llamacpp-q4_0": q4}, "speedup": s}
+        },
+        **_summary_for_roofline(32 << 20),
+    }
+    summary["bandwidth"]["roofline_bytes_s"] = bw
+    table = _llamacpp_lines(summary)
+    assert table[3] == (
+        "| measure | this engine (fp32) | llama.cpp f32 | llama.cpp Q8_0 | llama.cpp Q4_0 | engine ÷ f32 "
+        "| engine ÷ Q8_0 | engine ÷ Q4_0 |"
+    )
+    assert table[5] == (
+        "| decode tok/s, prompt 128, 128 new | 90 (60–100) | 120 (100–150) | n/a | 450 (400–500) | 0.75× | n/a | 0.20× |"
+    )
+    # eight columns: the label, four rates, and no ratios for a share
+    assert table[6].startswith("| memory roofline share") and table[6].endswith(
+        " | 75% | 90% | n/a | n/a | | | |"
+    )
+    assert _llamacpp_lines({"batch1": {"128/128": {"peers": {"engine": engine}, "speedup": {}}}}) == []

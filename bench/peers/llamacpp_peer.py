@@ -1,0 +1,140 @@
+"""llama.cpp's batch-1 decode rate, measured by its own `llama-bench` on GGUF files of the bench checkpoint.
+
+One call runs one `llama-bench` process: load the GGUF file, fill the KV cache with `depth` tokens
+(random ids, untimed), then time `new_tokens` one-token decode steps (`-p 0 -n NEW -d DEPTH -r 1`),
+which is what the other peers' decode rate measures after a prompt of `depth` tokens. llama-bench
+reports rates, not per-token times, so this peer has a decode rate and no time to first token. It is
+its own process already, so unlike the Python peers it needs no worker: the runner calls it directly,
+in the same rotation.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .client import thread_env
+
+
+class LlamaBenchError(RuntimeError):
+    """llama-bench failed, or printed no test of the shape that was asked for."""
+
+
+@dataclass(frozen=True)
+class LlamaBenchTest:
+    """One test line of `llama-bench -o jsonl`."""
+
+    n_prompt: int
+    n_gen: int
+    n_depth: int
+    n_threads: int
+    samples_ts: tuple[float, ...]  # tokens/s of each repetition
+    model_type: str  # e.g. "llama 8B F32": llama.cpp's name for the architecture and weight type
+    model_size: int  # bytes of all weight tensors in the file
+    build_commit: str
+    flash_attn: int  # -1 auto, 0 off, 1 on
+
+
+def parse_llama_bench_jsonl(text: str) -> list[LlamaBenchTest]:
+    """The tests of `llama-bench -o jsonl` output: one JSON object per line; other lines are skipped."""
+    tests = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line.startswith("{"):
+            continue
+        record: dict[str, Any] = json.loads(line)
+        tests.append(
+            LlamaBenchTest(
+                n_prompt=int(record["n_prompt"]),
+                n_gen=int(record["n_gen"]),
+                n_depth=int(record["n_depth"]),
+                n_threads=int(record["n_threads"]),
+                samples_ts=tuple(float(x) for x in record["samples_ts"]),
+                model_type=str(record["model_type"]),
+                model_size=int(record["model_size"]),
+                build_commit=str(record["build_commit"]),
+                flash_attn=int(record.get("flash_attn", -1)),
+            )
+        )
+    return tests
+
+
+def decode_rate(tests: list[LlamaBenchTest], depth: int, new_tokens: int, threads: int) -> float:
+    """The decode tok/s of the one generation test at this depth, checked against what was asked for."""
+    matching = [t for t in tests if (t.n_prompt, t.n_gen, t.n_depth) == (0, new_tokens, depth)]
+    if len(matching) != 1:
+        raise LlamaBenchError(
+            f"expected one test with n_prompt 0, n_gen {new_tokens}, n_depth {depth}; got {len(matching)} "
+            f"of {len(tests)}"
+        )
+    test = matching[0]
+    if test.n_threads != threads:
+        raise LlamaBenchError(f"llama-bench ran {test.n_threads} threads, asked for {threads}")
+    if len(test.samples_ts) != 1:
+        raise LlamaBenchError(f"expected one repetition, got {len(test.samples_ts)}")
+    return test.samples_ts[0]
+
+
+class LlamacppPeer:
+    def __init__(self, llama_bench: Path, models: Mapping[str, Path], threads: int, repo: Path) -> None:
+        self.llama_bench = llama_bench
+        self.models = dict(models)
+        self.threads = threads
+        self.env = thread_env(threads, repo)
+        self.last: dict[str, LlamaBenchTest] = {}  # variant -> its latest test, for info()
+
+    def decode_tok_s(self, variant: str, depth: int, new_tokens: int, timeout_s: float = 600) -> float:
+        """Decode tokens/s of `new_tokens` steps after `depth` tokens of context, one repetition."""
+        command = [
+            str(self.llama_bench),
+            "-m",
+            str(self.models[variant]),
+            "-p",
+            "0",
+            "-n",
+            str(new_tokens),
+            "-d",
+            str(depth),
+            "-r",
+            "1",
+            "-t",
+            str(self.threads),
+            "-o",
+            "jsonl",
+        ]
+        try:
+            done = subprocess.run(
+                command, capture_output=True, text=True, env=self.env, timeout=timeout_s, check=False
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise LlamaBenchError(f"llama-bench {variant} took over {timeout_s:.0f} s") from exc
+        if done.returncode != 0:
+            # A negative code is a signal: -4 is SIGILL, an instruction this CPU lacks.
+            tail = " | ".join(done.stderr.strip().splitlines()[-3:])
+            raise LlamaBenchError(f"llama-bench {variant} exited with {done.returncode}: {tail}")
+        tests = parse_llama_bench_jsonl(done.stdout)
+        rate = decode_rate(tests, depth, new_tokens, self.threads)
+        self.last[variant] = next(t for t in tests if t.n_depth == depth and t.n_gen == new_tokens)
+        return rate
+
+    def info(self, variant: str) -> dict[str, Any]:
+        test = self.last.get(variant)
+        return {
+            "llama_bench": str(self.llama_bench),
+            "model": str(self.models[variant]),
+            "threads": self.threads,
+            **(
+                {
+                    "model_type": test.model_type,
+                    "model_size_bytes": test.model_size,
+                    "build_commit": test.build_commit,
+                    "flash_attn": {-1: "auto", 0: "off", 1: "on"}.get(test.flash_attn, test.flash_attn),
+                }
+                if test
+                else {}
+            ),
+        }
