@@ -44,6 +44,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--no-llamacpp", action="store_true", help="skip llama.cpp (nothing downloaded or built)"
     )
     parser.add_argument(
+        "--llamacpp-omp-wait",
+        choices=["passive", "default"],
+        default="passive",
+        help="OpenMP wait policy of llama-bench: passive (default; robust when other processes share "
+        "the cores) or libgomp's default spin-then-sleep, which is faster only on an otherwise idle machine",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         default=None,
@@ -71,7 +78,12 @@ def main(argv: list[str] | None = None) -> int:
         else tuple(dataclasses.replace(c, reps=args.reps) for c in config.cases)
     )
     config = dataclasses.replace(
-        config, threads=args.threads, peers=peers, cases=cases, sweep_reps=args.reps or config.sweep_reps
+        config,
+        threads=args.threads,
+        peers=peers,
+        cases=cases,
+        sweep_reps=args.reps or config.sweep_reps,
+        llamacpp_omp_wait=args.llamacpp_omp_wait,
     )
     out = args.out or (REPO / "bench/results" / ("quick" if args.quick else ""))
     out.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,8 @@ class BenchConfig:
     seed: int = 20240216
     # "llamacpp" stands for its three GGUF variants (f32, Q8_0, Q4_0), measured by llama-bench.
     peers: tuple[str, ...] = field(default=("engine", "transformers", "genai", "llamacpp"))
+    # OMP_WAIT_POLICY for llama-bench, or "default" to leave it unset (see bench/peers/llamacpp_peer.py).
+    llamacpp_omp_wait: str = "passive"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -2,7 +2,7 @@
 
 The sdist on PyPI vendors llama.cpp with its `convert_hf_to_gguf.py` and gguf-py, so one download
 from the index this project already uses gives the binaries and the converter. First use downloads
-it, builds only `llama-bench` and `llama-quantize` (static, about 10 minutes on 2 cores) into
+it, builds only `llama-bench` and `llama-quantize` (static; about 5 minutes on 2 cores here) into
 bench/.llamacpp, converts the checkpoint to GGUF f32 with this project's own interpreter (torch,
 transformers, numpy and sentencepiece are already there; gguf-py comes from the sdist), and
 quantizes that to Q8_0 and Q4_0. Anything that fails makes llama.cpp "unavailable" with the reason,
@@ -174,7 +174,7 @@ def _build(root: Path, src: Path, bin_dir: Path, options: list[str], log: TextIO
     say(f"configuring llama.cpp: GGML_NATIVE=OFF, AMX off, on: {', '.join(on)}")
     _run(["cmake", "-S", str(src), "-B", str(build), *options], log, 300)
     jobs = os.cpu_count() or 2
-    say(f"building {' and '.join(TARGETS)} with {jobs} jobs (about 10 min on 2 cores) ...")
+    say(f"building {' and '.join(TARGETS)} with {jobs} jobs (about 5 min on 2 cores) ...")
     # Niced: a one-time build should not slow whatever else the machine is doing.
     command = ["nice", "-n", "10", "cmake", "--build", str(build), "-j", str(jobs), "--target", *TARGETS]
     _run_with_progress(command, log, 3600)

@@ -361,7 +361,7 @@ def _llamacpp_lines(summary: dict[str, Any]) -> list[str]:
             "llama.cpp on the same checkpoint (its `convert_hf_to_gguf.py` to GGUF f32, then "
             "`llama-quantize`), in the same rotation: one `llama-bench -p 0 -n NEW -d PROMPT -r 1` per "
             "repetition, its context filled with PROMPT random tokens first; it reports decode rates, "
-            "not time to first token."
+            f"not time to first token. OpenMP wait policy: {_omp_wait(summary)}."
         ),
         "",
         f"| measure | this engine (fp32) | {' | '.join(names)} | "
@@ -384,6 +384,11 @@ def _llamacpp_lines(summary: dict[str, Any]) -> list[str]:
         cells = [_roofline_cell(summary, first["peers"].get(p, {})) for p in ("engine", *LLAMACPP_PEERS)]
         lines.append(f"| {_roofline_label(summary)} | {' | '.join(cells)} |" + " |" * len(names))
     return lines
+
+
+def _omp_wait(summary: dict[str, Any]) -> str:
+    policy = summary["config"].get("llamacpp_omp_wait", "passive")
+    return "libgomp's default" if policy == "default" else f"`OMP_WAIT_POLICY={policy}`"
 
 
 def _roofline_label(summary: dict[str, Any]) -> str:

@@ -133,7 +133,7 @@ class Runner:
             if "llamacpp" in c.peers
             else LlamacppSetup(None, unavailable="left out (--no-llamacpp)")
         )
-        # A one-time build (about 10 minutes on 2 cores) is not measuring time: the budget is for that.
+        # A one-time build (minutes) is not measuring time, which is what the budget is for.
         self.deadline += llamacpp.built_s
         raw = RawResults(
             config=c,
@@ -200,7 +200,9 @@ class Runner:
     def _start_llamacpp(self, setup: LlamacppSetup) -> None:
         if setup.llama_bench is None:
             return
-        self.llamacpp = LlamacppPeer(setup.llama_bench, setup.models, self.config.threads, self.repo)
+        self.llamacpp = LlamacppPeer(
+            setup.llama_bench, setup.models, self.config.threads, self.repo, self.config.llamacpp_omp_wait
+        )
         self.llamacpp_peers = list(LLAMACPP_PEERS)
 
     def _warm_up(self, raw: RawResults) -> None:

@@ -19,7 +19,7 @@ if str(REPO) not in sys.path:
 
 from bench.llamacpp_env import build_percent, cmake_options, cpu_flags, vendored_commit
 from bench.machine import Cache, cpu_model, last_level_cache, parse_cache_size, read_caches
-from bench.peers.llamacpp_peer import LlamaBenchError, decode_rate, parse_llama_bench_jsonl
+from bench.peers.llamacpp_peer import LlamaBenchError, LlamacppPeer, decode_rate, parse_llama_bench_jsonl
 from bench.prompts import FIRST_TEXT_ID, prompt_ids, text_of_length
 from bench.report import (
     _fmt_target,
@@ -529,9 +529,11 @@ def test_llamacpp_rates_become_peers_with_decode_ratios_and_no_ttft() -> None:
             "128/128": {"peers": {"engine": engine, "llamacpp-f32": f32, "llamacpp-q4_0": q4}, "speedup": s}
         },
         **_summary_for_roofline(32 << 20),
+        "config": {"llamacpp_omp_wait": "passive"},
     }
     summary["bandwidth"]["roofline_bytes_s"] = bw
     table = _llamacpp_lines(summary)
+    assert table[1].endswith("OpenMP wait policy: `OMP_WAIT_POLICY=passive`.")
     assert table[3] == (
         "| measure | this engine (fp32) | llama.cpp f32 | llama.cpp Q8_0 | llama.cpp Q4_0 | engine ÷ f32 "
         "| engine ÷ Q8_0 | engine ÷ Q4_0 |"
@@ -544,3 +546,14 @@ def test_llamacpp_rates_become_peers_with_decode_ratios_and_no_ttft() -> None:
         " | 75% | 90% | n/a | n/a | | | |"
     )
     assert _llamacpp_lines({"batch1": {"128/128": {"peers": {"engine": engine}, "speedup": {}}}}) == []
+
+
+def test_llamacpp_wait_policy_is_passive_unless_asked_for_gomps_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OMP_WAIT_POLICY", "active")  # inherited from the caller's shell
+    passive = LlamacppPeer(Path("llama-bench"), {"f32": Path("f32.gguf")}, 2, REPO)
+    assert passive.env["OMP_WAIT_POLICY"] == "passive" and passive.env["OMP_NUM_THREADS"] == "2"
+    default = LlamacppPeer(Path("llama-bench"), {"f32": Path("f32.gguf")}, 2, REPO, omp_wait="default")
+    assert "OMP_WAIT_POLICY" not in default.env
+    assert default.info("f32")["omp_wait_policy"] == "default"

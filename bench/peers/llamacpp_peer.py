@@ -6,6 +6,13 @@ which is what the other peers' decode rate measures after a prompt of `depth` to
 reports rates, not per-token times, so this peer has a decode rate and no time to first token. It is
 its own process already, so unlike the Python peers it needs no worker: the runner calls it directly,
 in the same rotation.
+
+OpenMP's wait policy is passive by default here. ggml splits each op statically between its threads
+and meets at a barrier after every op, and libgomp's default waiters spin first: when other
+processes share the two cores, a spinning thread takes the core its partner needs. Measured here at
+load average 8-13 on 2 cores, Q4_0 decoded 2-57 tok/s with libgomp's default and 63-421 with
+OMP_WAIT_POLICY=passive (ggml's own threadpool, built without OpenMP, collapsed the same way: 4-9).
+On an otherwise idle machine the default may be faster; `--llamacpp-omp-wait default` measures that.
 """
 
 from __future__ import annotations
@@ -80,11 +87,22 @@ def decode_rate(tests: list[LlamaBenchTest], depth: int, new_tokens: int, thread
 
 
 class LlamacppPeer:
-    def __init__(self, llama_bench: Path, models: Mapping[str, Path], threads: int, repo: Path) -> None:
+    def __init__(
+        self,
+        llama_bench: Path,
+        models: Mapping[str, Path],
+        threads: int,
+        repo: Path,
+        omp_wait: str = "passive",
+    ) -> None:
         self.llama_bench = llama_bench
         self.models = dict(models)
         self.threads = threads
+        self.omp_wait = omp_wait
         self.env = thread_env(threads, repo)
+        self.env.pop("OMP_WAIT_POLICY", None)
+        if omp_wait != "default":
+            self.env["OMP_WAIT_POLICY"] = omp_wait
         self.last: dict[str, LlamaBenchTest] = {}  # variant -> its latest test, for info()
 
     def decode_tok_s(self, variant: str, depth: int, new_tokens: int, timeout_s: float = 600) -> float:
@@ -127,6 +145,7 @@ class LlamacppPeer:
             "llama_bench": str(self.llama_bench),
             "model": str(self.models[variant]),
             "threads": self.threads,
+            "omp_wait_policy": self.omp_wait,
             **(
                 {
                     "model_type": test.model_type,
