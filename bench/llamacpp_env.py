@@ -2,9 +2,9 @@
 
 The sdist on PyPI vendors llama.cpp with its `convert_hf_to_gguf.py` and gguf-py, so one download
 from the index this project already uses gives the binaries and the converter. First use downloads
-it, builds only `llama-bench` and `llama-quantize` (static; about 5 minutes on 2 cores here) into
-bench/.llamacpp, converts the checkpoint to GGUF f32 with this project's own interpreter (torch,
-transformers, numpy and sentencepiece are already there; gguf-py comes from the sdist), and
+it, builds only `llama-bench` and `llama-quantize` (static; 5 to 30 minutes on 2 cores here, by
+load) into bench/.llamacpp, converts the checkpoint to GGUF f32 with this project's own interpreter
+(torch, transformers, numpy and sentencepiece are already there; gguf-py comes from the sdist), and
 quantizes that to Q8_0 and Q4_0. Anything that fails makes llama.cpp "unavailable" with the reason,
 never the whole bench.
 
@@ -141,7 +141,7 @@ def ensure_llamacpp(repo: Path, checkpoint: Path, log_path: Path) -> LlamacppSet
             return _failed(exc.cmd, f"failed: {_last_line(log, log_path) or exc}", log_path)
         except subprocess.TimeoutExpired as exc:
             return _failed(exc.cmd, f"took over {exc.timeout:.0f} s", log_path)
-        except (OSError, tarfile.TarError) as exc:
+        except (OSError, ValueError, tarfile.TarError) as exc:  # ValueError: not one archive downloaded
             return LlamacppSetup(None, unavailable=f"{exc} (log: {log_path})")
     return LlamacppSetup(
         bin_dir / "llama-bench",
@@ -174,7 +174,7 @@ def _build(root: Path, src: Path, bin_dir: Path, options: list[str], log: TextIO
     say(f"configuring llama.cpp: GGML_NATIVE=OFF, AMX off, on: {', '.join(on)}")
     _run(["cmake", "-S", str(src), "-B", str(build), *options], log, 300)
     jobs = os.cpu_count() or 2
-    say(f"building {' and '.join(TARGETS)} with {jobs} jobs (about 5 min on 2 cores) ...")
+    say(f"building {' and '.join(TARGETS)} with {jobs} jobs (5 to 30 min on 2 cores, by load) ...")
     # Niced: a one-time build should not slow whatever else the machine is doing.
     command = ["nice", "-n", "10", "cmake", "--build", str(build), "-j", str(jobs), "--target", *TARGETS]
     _run_with_progress(command, log, 3600)
@@ -235,6 +235,8 @@ def _run_with_progress(command: Sequence[str], log: TextIO, timeout_s: float) ->
 
 def _failed(command: Sequence[str] | str, what: str, log_path: Path) -> LlamacppSetup:
     parts = [command] if isinstance(command, str) else list(command)
+    if parts[0] == "nice":
+        parts = parts[3:]  # name the command, not its niceness
     step = " ".join([Path(parts[0]).name, *parts[1:3]])
     return LlamacppSetup(None, unavailable=f"`{step} ...` {what} (log: {log_path})")
 
