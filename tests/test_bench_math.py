@@ -557,3 +557,8 @@ def test_llamacpp_wait_policy_is_passive_unless_asked_for_gomps_default(
     default = LlamacppPeer(Path("llama-bench"), {"f32": Path("f32.gguf")}, 2, REPO, omp_wait="default")
     assert "OMP_WAIT_POLICY" not in default.env
     assert default.info("f32")["omp_wait_policy"] == "default"
+    bench_file = LlamacppPeer(Path("/opt/llama-bench"), {"f32": REPO / "bench/models/f32.gguf"}, 2, REPO)
+    assert (bench_file.info("f32")["model"], bench_file.info("f32")["llama_bench"]) == (
+        "bench/models/f32.gguf",
+        "/opt/llama-bench",
+    )

@@ -99,6 +99,7 @@ class LlamacppPeer:
         self.models = dict(models)
         self.threads = threads
         self.omp_wait = omp_wait
+        self.repo = repo
         self.env = thread_env(threads, repo)
         self.env.pop("OMP_WAIT_POLICY", None)
         if omp_wait != "default":
@@ -142,8 +143,8 @@ class LlamacppPeer:
     def info(self, variant: str) -> dict[str, Any]:
         test = self.last.get(variant)
         return {
-            "llama_bench": str(self.llama_bench),
-            "model": str(self.models[variant]),
+            "llama_bench": _shown(self.llama_bench, self.repo),
+            "model": _shown(self.models[variant], self.repo),
             "threads": self.threads,
             "omp_wait_policy": self.omp_wait,
             **(
@@ -157,3 +158,8 @@ class LlamacppPeer:
                 else {}
             ),
         }
+
+
+def _shown(path: Path, repo: Path) -> str:
+    """A path relative to the repository where it lies inside: results files do not name the checkout."""
+    return str(path.relative_to(repo)) if path.is_relative_to(repo) else str(path)
