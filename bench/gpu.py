@@ -98,7 +98,6 @@ def _ensure_model(out: Path) -> Path:
             checkpoint,
             out,
             dtype="fp16",
-            device="cuda",
             name="textgen-demo-7b-fp16",
             source="random weights, size 7b",
             overwrite=True,
