@@ -36,6 +36,7 @@ import numpy as np
 
 from .engine import Engine
 from .generation import Generation, GenerationRequest, TokenEvent
+from .grammar import fill_token_masks
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -294,6 +295,7 @@ class Scheduler:
             lengths = np.array([h.cached for h in rows], dtype=np.int64)  # [n] positions held
             logits = self.engine.decode(tokens, lengths)  # [n, vocab]
             self.stats.decode_seconds = time.monotonic() - started
+            fill_token_masks(h.generation for h in rows)  # constrained rows, one parallel call
             for row, handle in enumerate(rows):
                 handle.cached += 1
                 self._emit(handle, logits[row])

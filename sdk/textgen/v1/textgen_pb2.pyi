@@ -174,7 +174,10 @@ class ResponseFormat(_message.Message):
     """"json_object": any JSON object; "json_schema": a JSON object that matches `json_schema`."""
     @_builtins.property
     def json_schema(self) -> _struct_pb2.Struct:
-        """The JSON Schema (also accepted: OpenAI's wrapper {"name": ..., "schema": {...}})."""
+        """The JSON Schema (also accepted: OpenAI's wrapper {"name": ..., "schema": {...}}). A Struct
+        keeps no key order, so an object's properties are generated in the order of its `required`
+        list, then by name.
+        """
 
     def __init__(
         self,
@@ -297,7 +300,10 @@ class Function(_message.Message):
     description: _builtins.str
     @_builtins.property
     def parameters(self) -> _struct_pb2.Struct:
-        """A JSON Schema object: {"type": "object", "properties": {...}, "required": [...]}."""
+        """A JSON Schema object: {"type": "object", "properties": {...}, "required": [...]}. The call's
+        arguments follow the order of `required`, then the other properties by name; no other
+        property unless the schema sets additionalProperties.
+        """
 
     def __init__(
         self,
