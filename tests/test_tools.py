@@ -6,6 +6,7 @@ naming its field."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -357,3 +358,35 @@ def test_splitter_holds_blank_text_until_the_answer_shows_its_kind() -> None:
 )
 def test_call_messages(content: str, calls: list[ToolCall] | None) -> None:
     assert parse_call_message(content) == calls
+
+
+# -- the README documents the format the code renders -----------------------------------------------
+
+
+def _as_documented(tok: Tokenizer, ids: list[int]) -> str:
+    """Prompt ids as the README writes them: <s> and </s> for BOS and EOS, decoded text between."""
+    text, run = [], []
+    for token in [*ids, None]:
+        if token in (tok.bos_id, tok.eos_id, None):
+            text.append(tok.decode(run))
+            run = []
+            if token is not None:
+                text.append("<s>" if token == tok.bos_id else "</s>")
+        else:
+            run.append(token)
+    return "".join(text)
+
+
+def test_readme_shows_the_rendered_prompts(tok: Tokenizer, grammars: GrammarCompiler) -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Tools and JSON mode\n", 1)[1].split("\n## ", 1)[0]
+    offered, round_trip = [block.split("\n```", 1)[0] for block in section.split("\n```\n")[1::2]]
+    request = typed(tok, grammars, {"chat": {"messages": [QUESTION], "tools": [NESTED]}})
+    assert _as_documented(tok, list(request.prompt_ids)) == offered
+    messages = [
+        QUESTION,
+        {"role": "assistant", "content": '{"name": "get_weather", "arguments": {"city": "Paris"}}'},
+        {"role": "tool", "name": "get_weather", "content": '{"temp_c": 21}'},
+    ]
+    request = typed(tok, grammars, {"chat": {"messages": messages}})
+    assert _as_documented(tok, list(request.prompt_ids)) == round_trip
