@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import jsonschema
@@ -16,7 +17,15 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 from textgen_server.generation import Generation, GenerationRequest, TokenEvent
-from textgen_server.grammar import Grammar, GrammarCompiler, GrammarError, OutputConstraint, fill_token_masks
+from textgen_server.grammar import (
+    Grammar,
+    GrammarCompiler,
+    GrammarError,
+    GrammarState,
+    OutputConstraint,
+    fill_token_masks,
+    prefetch_token_masks,
+)
 from textgen_server.sampling import SamplingParams
 from textgen_server.stopping import FinishReason
 from textgen_server.tokenizer import Tokenizer
@@ -155,26 +164,30 @@ def test_a_named_function_is_the_only_call(
     assert accepts(grammar, raw_tokens.tokenize_str("Hello"))[0] is False
 
 
+@pytest.mark.parametrize("batched", [fill_token_masks, prefetch_token_masks])
 def test_batched_masks_equal_masks_computed_alone(
-    grammars: GrammarCompiler, raw_tokens: llguidance.LLTokenizer
+    grammars: GrammarCompiler, raw_tokens: llguidance.LLTokenizer, batched: Any
 ) -> None:
     prefixes = ["", '{"name":"A', '{"name":"Ada","age":1', '{"name":"Ada","age":130']
-    rows: list[Generation | Any] = []
-    for prefix in prefixes:
+
+    def state_at(prefix: str) -> GrammarState:
         state = grammars.json_schema(PERSON, "f").start()
         for token in raw_tokens.tokenize_str(prefix):
             state.advance(token)
-        rows.append(type("Row", (), {"grammar": state})())
-    rows.append(type("Row", (), {"grammar": None})())  # an unconstrained row is skipped
-    fill_token_masks(rows)
+        return state
+
+    rows = [SimpleNamespace(grammar=state_at(prefix)) for prefix in prefixes]
+    rows.append(SimpleNamespace(grammar=None))  # an unconstrained row is skipped
+    batched(rows)
     for prefix, row in zip(prefixes, rows):
-        alone = grammars.json_schema(PERSON, "f").start()
-        for token in raw_tokens.tokenize_str(prefix):
-            alone.advance(token)
-        batched = row.grammar.allowed_mask()
-        assert batched.shape == (32000,) and batched.dtype == np.bool_
-        assert np.array_equal(batched, alone.allowed_mask()), prefix
-        assert 0 < batched.sum() < 32000
+        mask = row.grammar.allowed_mask()  # after a prefetch: waits for it
+        assert mask.shape == (32000,) and mask.dtype == np.bool_
+        assert np.array_equal(mask, state_at(prefix).allowed_mask()), prefix
+        assert 0 < mask.sum() < 32000
+    # Each row's next mask is computed afresh once it has advanced.
+    rows[1].grammar.advance(raw_tokens.tokenize_str("d")[0])
+    batched(rows)
+    assert np.array_equal(rows[1].grammar.allowed_mask(), state_at('{"name":"Ad').allowed_mask())
 
 
 @pytest.mark.parametrize(

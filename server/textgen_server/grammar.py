@@ -8,9 +8,11 @@ advanced; a bad schema fails there, in validation, naming the field. Each genera
 top-p) and consumes the token chosen. When the grammar is complete the state is `finished` and the
 generation stops; EOS is allowed only where the grammar accepts.
 
-`fill_token_masks` computes the masks of one step's constrained rows in a single parallel call
-(llguidance's `LLExecutor`); rows without a grammar are skipped and pay nothing. A state whose mask
-was not filled that way computes it alone when asked, so correctness never depends on the batch call.
+`prefetch_token_masks` computes the masks of one step's constrained rows in a single parallel call
+(llguidance's `LLExecutor`) on a background thread, so that it overlaps the forward pass the
+scheduler runs meanwhile (llguidance and ONNX Runtime both release the GIL); each state waits for
+its mask when sampling asks for it. Rows without a grammar are skipped and pay nothing. A state whose
+mask was not prefetched computes it alone when asked, so correctness never depends on the batch call.
 
 The grammars (Lark, with llguidance's `%json` for schemas):
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -45,6 +48,7 @@ __all__ = [
     "GrammarState",
     "OutputConstraint",
     "fill_token_masks",
+    "prefetch_token_masks",
 ]
 
 BoolArray = npt.NDArray[np.bool_]
@@ -92,6 +96,7 @@ class GrammarState:
         self._matcher = matcher
         self._compiler = compiler
         self._bitmask: BitMask | None = None  # [words] for the current position, once computed
+        self._pending: Future[None] | None = None  # a prefetch computing _bitmask on another thread
 
     @property
     def finished(self) -> bool:
@@ -106,6 +111,9 @@ class GrammarState:
     def allowed_mask(self) -> BoolArray:
         """bool [vocab]: True where a token may come next. After an error only EOS is allowed, so
         that the generation ends there."""
+        if self._pending is not None:  # the matcher is not to be touched until the prefetch is done
+            pending, self._pending = self._pending, None
+            pending.result()  # raises what the batched call raised
         if self._bitmask is None:
             bitmask = self._compiler.new_bitmask(1)  # [1, words]
             llg_numpy.fill_next_token_bitmask(self._matcher, bitmask)
@@ -132,13 +140,31 @@ class _Constrained(Protocol):
     def grammar(self) -> GrammarState | None: ...
 
 
-def fill_token_masks(rows: Iterable[_Constrained]) -> None:
-    """Compute the next-token masks of every constrained row in one parallel call; rows without a
-    grammar are skipped. Call it once per step, before the rows' logits are sampled."""
-    states = [row.grammar for row in rows if row.grammar is not None and row.grammar._bitmask is None]
-    states = [state for state in states if not state._matcher.is_stopped()]
+def prefetch_token_masks(rows: Iterable[_Constrained]) -> None:
+    """Start computing the next-token masks of every constrained row, in one parallel call on a
+    background thread; rows without a grammar are skipped. Call it once per step, before the forward
+    pass whose logits the masks apply to, and touch no row's grammar until its `allowed_mask`."""
+    states = _needing_masks(rows)
     if not states:
         return
+    pending = states[0]._compiler.prefetcher.submit(_fill, states)
+    for state in states:
+        state._pending = pending
+
+
+def fill_token_masks(rows: Iterable[_Constrained]) -> None:
+    """`prefetch_token_masks`, on the caller's thread: compute the masks now."""
+    states = _needing_masks(rows)
+    if states:
+        _fill(states)
+
+
+def _needing_masks(rows: Iterable[_Constrained]) -> list[GrammarState]:
+    states = [row.grammar for row in rows if row.grammar is not None]
+    return [s for s in states if s._bitmask is None and s._pending is None and not s._matcher.is_stopped()]
+
+
+def _fill(states: Sequence[GrammarState]) -> None:
     compiler = states[0]._compiler
     bitmask = compiler.new_bitmask(len(states))  # [rows, words]
     llg_numpy.fill_next_token_bitmask_par(
@@ -157,7 +183,9 @@ class GrammarCompiler:
         # n_vocab: the model's logits width, which may exceed the tokenizer's vocabulary.
         self._tokenizer = llguidance.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=eos_id)
         self._limits = llguidance.LLParserLimits(verbose_errors=False)  # errors quote no grammar
-        self.executor = llguidance.LLExecutor(threads)  # the pool fill_token_masks runs on
+        self.executor = llguidance.LLExecutor(threads)  # the pool the masks are computed on
+        # One thread that hands a step's masks to the executor while the forward pass runs.
+        self.prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="textgen-masks")
         self.eos_id = eos_id
         self.vocab_size = vocab_size
         self._words = (vocab_size + 31) // 32
