@@ -230,11 +230,8 @@ def _targets(summary: dict[str, Any]) -> dict[str, Any]:
         "roofline share": first["peers"].get("engine", {}).get("roofline_share"),
         "grpc/in-process decode": summary["grpc"].get("ratio"),
         "16 vs 1 streams aggregate": summary["concurrency"].get("ratio_16_vs_1"),
-        "json schema vs none, 1 stream": summary["constrained"].get("levels", {}).get("1", {}).get("ratio"),
-        "json schema vs none, 16 streams": summary["constrained"]
-        .get("levels", {})
-        .get("16", {})
-        .get("ratio"),
+        "json schema vs none, 1 stream": _worst_schema(summary, "1"),
+        "json schema vs none, 16 streams": _worst_schema(summary, "16"),
     }
     return {
         name: {
@@ -244,6 +241,12 @@ def _targets(summary: dict[str, Any]) -> dict[str, Any]:
         }
         for name, value in values.items()
     }
+
+
+def _worst_schema(summary: dict[str, Any], level: str) -> float | None:
+    """The costlier schema's ratio at `level` streams: the constrained-decoding targets hold to it."""
+    worst: float | None = summary["constrained"].get("levels", {}).get(level, {}).get("worst")
+    return worst
 
 
 def _dist(values: list[float]) -> dict[str, Any]:

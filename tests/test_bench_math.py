@@ -18,7 +18,7 @@ if str(REPO) not in sys.path:
 
 from bench.machine import cpu_model
 from bench.prompts import FIRST_TEXT_ID, prompt_ids, text_of_length
-from bench.report import _fmt_target, _speedups, constrained, sweep_level
+from bench.report import _fmt_target, _speedups, _targets, constrained, sweep_level
 from bench.roofline import Tensor, parse_safetensors_header, roofline_share, roofline_tok_s, weight_traffic
 from bench.run import rotated
 from bench.stats import (
@@ -265,6 +265,11 @@ def test_constrained_decoding_ratios_are_schema_over_none() -> None:
     assert one["worst"] == pytest.approx(0.5)  # the target is held to the costlier schema
     assert set(out["levels"]) == {"1"}
     assert constrained({}, new_tokens=5) == {"unavailable": "not measured"}
+    summary = {"batch1": {}, "grpc": {}, "concurrency": {}, "constrained": out}
+    targets = _targets(summary)
+    one_stream = targets["json schema vs none, 1 stream"]
+    assert one_stream["value"] == pytest.approx(0.5) and one_stream["met"] is False
+    assert targets["json schema vs none, 16 streams"]["value"] is None
 
 
 def test_rotation_puts_each_peer_first_in_turn() -> None:
