@@ -428,15 +428,20 @@ def _constrained_lines(constrained: dict[str, Any]) -> list[str]:
             "and without, back to back:"
         ),
         "",
-        "| streams | schema | decode tok/s, no schema | decode tok/s, schema | schema ÷ none | within each repetition |",
-        "|---|---|---|---|---|---|",
+        (
+            "| streams | schema | decode tok/s, no schema | decode tok/s, schema | schema ÷ none "
+            "| within each repetition | inter-token p50 ms, no schema → schema |"
+        ),
+        "|---|---|---|---|---|---|---|",
     ]
     for level, entry in constrained["levels"].items():
+        none_gap = entry["none"]["inter_token_s"]["p50"] * 1000
         for name, s in entry["schemas"].items():
             per_rep = ", ".join(f"{x:.2f}×" for x in s["ratio_per_repetition"] or [])
             lines.append(
                 f"| {level} | {name} | {_spread(entry['none']['aggregate_decode_tok_s'], 1, '{:.0f}')} | "
-                f"{_spread(s['aggregate_decode_tok_s'], 1, '{:.0f}')} | **{_times(s['ratio'])}** | {per_rep} |"
+                f"{_spread(s['aggregate_decode_tok_s'], 1, '{:.0f}')} | **{_times(s['ratio'])}** | {per_rep} | "
+                f"{none_gap:.1f} → {s['inter_token_s']['p50'] * 1000:.1f} |"
             )
     return lines
 
