@@ -25,6 +25,10 @@ class BenchConfig:
     sweep_prompt_tokens: int = 128
     sweep_new_tokens: int = 128
     sweep_reps: int = 5
+    # Constrained decoding: the same streams with a JSON schema on every row and without (issue 12).
+    grammar_concurrency: tuple[int, ...] = (1, 16)
+    grammar_new_tokens: int = 128
+    grammar_reps: int = 5
     bandwidth_bytes: int = GIB
     bandwidth_reps: int = 5
     seed: int = 20240216
@@ -42,6 +46,8 @@ QUICK = BenchConfig(
     cases=(Case(128, 16, 2), Case(2048, 4, 1)),
     sweep_new_tokens=16,
     sweep_reps=1,
+    grammar_new_tokens=16,
+    grammar_reps=1,
     bandwidth_bytes=GIB // 4,
     bandwidth_reps=2,
 )

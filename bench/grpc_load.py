@@ -40,9 +40,12 @@ class GrpcPeer:
     def info(self) -> dict[str, Any]:
         return {"grpc": grpc.__version__, "threads": self.threads, "target": self.target}
 
-    def streams(self, prompts: list[str], new_tokens: int) -> list[dict[str, Any]]:
-        """One concurrent stream per prompt; per stream: sent time, token arrival times, usage."""
-        return self.loop.run_until_complete(self._streams(prompts, new_tokens))
+    def streams(
+        self, prompts: list[str], new_tokens: int, json_schema: dict[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
+        """One concurrent stream per prompt; per stream: sent time, token arrival times, usage.
+        With `json_schema` every stream is constrained to it (response_format)."""
+        return self.loop.run_until_complete(self._streams(prompts, new_tokens, json_schema))
 
     def generate_text(self, prompt: str, new_tokens: int) -> list[float]:
         """One stream as `[sent, token_1, ..., token_n]`, comparable with the in-process peers."""
@@ -53,12 +56,23 @@ class GrpcPeer:
         self.loop.run_until_complete(self.channel.close())
         self.loop.run_until_complete(self.server.stop(1.0))
 
-    async def _streams(self, prompts: list[str], new_tokens: int) -> list[dict[str, Any]]:
+    async def _streams(
+        self, prompts: list[str], new_tokens: int, json_schema: dict[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
         stub = rpc.TextGenerationStub(self.channel)
-        return list(await asyncio.gather(*(self._one(stub, p, new_tokens) for p in prompts)))
+        return list(await asyncio.gather(*(self._one(stub, p, new_tokens, json_schema) for p in prompts)))
 
-    async def _one(self, stub: rpc.TextGenerationStub, prompt: str, new_tokens: int) -> dict[str, Any]:
+    async def _one(
+        self,
+        stub: rpc.TextGenerationStub,
+        prompt: str,
+        new_tokens: int,
+        json_schema: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         request = pb.GenerateRequest(prompt=prompt, raw=True, max_tokens=new_tokens, temperature=0)
+        if json_schema is not None:
+            request.response_format.type = "json_schema"
+            request.response_format.json_schema.update(json_schema)
         sent = time.perf_counter()
         times: list[float] = []
         usage = None

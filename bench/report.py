@@ -49,6 +49,8 @@ TARGETS = {
     "grpc/in-process decode": 0.95,
     "16 vs 1 streams aggregate": 4.0,
     "engine/llama.cpp f32 decode": 1.0,  # issue 9
+    "json schema vs none, 1 stream": 0.9,
+    "json schema vs none, 16 streams": 0.9,
 }
 
 
@@ -100,6 +102,7 @@ def summarize(raw: RawResults) -> dict[str, Any]:
         "batch1": batch1,
         "grpc": _grpc(batch1),
         "concurrency": _sweep(raw),
+        "constrained": constrained(raw.grammar, raw.config.grammar_new_tokens),
         "gpu": raw.gpu,
     }
     summary["targets"] = _targets(summary)
@@ -210,6 +213,36 @@ def _sweep(raw: RawResults) -> dict[str, Any]:
     }
 
 
+def constrained(levels: dict[int, dict[str, list[list[dict[str, Any]]]]], new_tokens: int) -> dict[str, Any]:
+    """Per level: each mode as a sweep level, and each schema's aggregate decode tokens/s ÷ none's,
+    from the medians and within each repetition (the modes ran back to back there); `worst`: the
+    lowest median ratio of the level, what the target is held to."""
+    if not levels:
+        return {"unavailable": "not measured"}
+    out: dict[str, Any] = {"new_tokens": new_tokens, "levels": {}}
+    for level, modes in sorted(levels.items()):
+        schemas = [mode for mode in modes if mode != "none"]
+        if "none" not in modes or not schemas:
+            continue
+        none = sweep_level(modes["none"], new_tokens)
+        entry: dict[str, Any] = {"none": none, "schemas": {}}
+        for mode in schemas:
+            level_ = sweep_level(modes[mode], new_tokens)
+            entry["schemas"][mode] = {
+                **level_,
+                "ratio": _level_ratio(level_, none, "aggregate_decode_tok_s"),
+                "ratio_per_repetition": paired_ratios(
+                    level_["aggregate_decode_tok_s"]["samples"], none["aggregate_decode_tok_s"]["samples"]
+                )
+                if len(modes[mode]) == len(modes["none"])
+                else None,
+            }
+        ratios = [s["ratio"] for s in entry["schemas"].values() if s["ratio"] is not None]
+        entry["worst"] = min(ratios) if ratios else None
+        out["levels"][str(level)] = entry
+    return out
+
+
 def _level_ratio(high: dict[str, Any] | None, low: dict[str, Any] | None, measure: str) -> float | None:
     return ratio(high[measure]["median"] if high else None, low[measure]["median"] if low else None)
 
@@ -223,6 +256,8 @@ def _targets(summary: dict[str, Any]) -> dict[str, Any]:
         "grpc/in-process decode": summary["grpc"].get("ratio"),
         "16 vs 1 streams aggregate": summary["concurrency"].get("ratio_16_vs_1"),
         "engine/llama.cpp f32 decode": first["speedup"].get("llamacpp-f32", {}).get("decode"),
+        "json schema vs none, 1 stream": _worst_schema(summary, "1"),
+        "json schema vs none, 16 streams": _worst_schema(summary, "16"),
     }
     if not summary["bandwidth"]["roofline_applies"]:
         values["roofline share"] = None  # no memory bound to share where the weights sit in the cache
@@ -234,6 +269,12 @@ def _targets(summary: dict[str, Any]) -> dict[str, Any]:
         }
         for name, value in values.items()
     }
+
+
+def _worst_schema(summary: dict[str, Any], level: str) -> float | None:
+    """The costlier schema's ratio at `level` streams: the constrained-decoding targets hold to it."""
+    worst: float | None = summary["constrained"].get("levels", {}).get(level, {}).get("worst")
+    return worst
 
 
 def _dist(values: list[float]) -> dict[str, Any]:
@@ -325,11 +366,12 @@ def markdown(summary: dict[str, Any]) -> str:
             f"{_spread(g['in_process_decode_tok_s'], 1, '{:.0f}')} tok/s = **{g['ratio']:.2f}×**."
         )
     lines += _sweep_lines(summary["concurrency"])
+    lines += _constrained_lines(summary["constrained"])
     gpu = summary["gpu"]
     lines += ["", f"GPU: {gpu['skipped']}." if "skipped" in gpu else "GPU: see `gpu` in latest.json."]
     lines += [
         "",
-        "Targets (issues 6, 5 and 9): "
+        "Targets (issues 6, 5, 9 and 12): "
         + "; ".join(f"{name} {_fmt_target(t)}" for name, t in summary["targets"].items())
         + ".",
     ]
@@ -482,6 +524,35 @@ def _sweep_lines(sweep: dict[str, Any]) -> list[str]:
                 f"p50 {sixteen['p50'] * 1000:.0f} ms, p99 {sixteen['p99'] * 1000:.0f} ms."
             ),
         ]
+    return lines
+
+
+def _constrained_lines(constrained: dict[str, Any]) -> list[str]:
+    if not constrained.get("levels"):
+        return ["", f"Constrained decoding: not measured ({constrained.get('unavailable')})."]
+    lines = [
+        "",
+        (
+            f"Constrained decoding through gRPC (prompt 128, {constrained['new_tokens']} new tokens, greedy): "
+            "the same streams with a JSON schema on every row (a list of records: a string, numbers, enums) "
+            "and without, back to back:"
+        ),
+        "",
+        (
+            "| streams | schema | decode tok/s, no schema | decode tok/s, schema | schema ÷ none "
+            "| within each repetition | inter-token p50 ms, no schema → schema |"
+        ),
+        "|---|---|---|---|---|---|---|",
+    ]
+    for level, entry in constrained["levels"].items():
+        none_gap = entry["none"]["inter_token_s"]["p50"] * 1000
+        for name, s in entry["schemas"].items():
+            per_rep = ", ".join(f"{x:.2f}×" for x in s["ratio_per_repetition"] or [])
+            lines.append(
+                f"| {level} | {name} | {_spread(entry['none']['aggregate_decode_tok_s'], 1, '{:.0f}')} | "
+                f"{_spread(s['aggregate_decode_tok_s'], 1, '{:.0f}')} | **{_times(s['ratio'])}** | {per_rep} | "
+                f"{none_gap:.1f} → {s['inter_token_s']['p50'] * 1000:.1f} |"
+            )
     return lines
 
 

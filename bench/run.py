@@ -3,7 +3,8 @@
 Order of work: build what is missing (bench model, genai virtualenv and model, llama.cpp and its GGUF
 files), read bandwidth, start one worker per peer, warm each up, then the batch-1 cases (peers rotated
 every repetition, so no peer always runs right after the same neighbour), the concurrency sweep
-(levels rotated the same way), and bandwidth once more: the machine is shared, and two readings show
+(levels rotated the same way), the same streams with and without a JSON schema on every row (the two
+back to back, order rotated), and bandwidth once more: the machine is shared, and two readings show
 how much it drifted. llama.cpp runs in the same rotation as one `llama-bench` process per call.
 """
 
@@ -36,6 +37,38 @@ T = TypeVar("T")
 LLAMACPP_PEERS = {f"llamacpp-{variant}": variant for variant in VARIANTS}
 
 
+def _records(name: dict[str, Any]) -> dict[str, Any]:
+    """A long list of records: a string, a number, an integer and enums. minItems keeps the JSON from
+    completing within the case's new tokens, so every mode generates exactly as many."""
+    record = {
+        "type": "object",
+        "properties": {
+            "id": {"type": "integer", "minimum": 0, "maximum": 100000},
+            "name": name,
+            "score": {"type": "number", "minimum": 0, "maximum": 1},
+            "tags": {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "maxItems": 3},
+        },
+        "required": ["id", "name", "score", "tags"],
+        "additionalProperties": False,
+    }
+    return {
+        "type": "object",
+        "properties": {"records": {"type": "array", "minItems": 64, "items": record}},
+        "required": ["records"],
+        "additionalProperties": False,
+    }
+
+
+# The constrained-decoding case's schemas. Masks inside a free-form string are llguidance's fast path
+# (a precomputed slice of the vocabulary); a string with maxLength is its slow one (about 0.17 ms a
+# row here): the two bracket what a schema costs.
+GRAMMAR_SCHEMAS: dict[str, dict[str, Any]] = {
+    "free strings": _records({"type": "string"}),
+    "bounded strings": _records({"type": "string", "maxLength": 16}),
+}
+GRAMMAR_MODES = ("none", *GRAMMAR_SCHEMAS)
+
+
 @dataclass
 class RawResults:
     """Timings as measured; `report` turns them into medians, percentiles and ratios."""
@@ -53,6 +86,8 @@ class RawResults:
     decode_rates: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     # concurrency -> one list of stream records per repetition
     sweep: dict[int, list[list[dict[str, Any]]]] = field(default_factory=dict)
+    # concurrency -> "none" or a GRAMMAR_SCHEMAS name -> one list of stream records per repetition
+    grammar: dict[int, dict[str, list[list[dict[str, Any]]]]] = field(default_factory=dict)
     gpu: dict[str, Any] = field(default_factory=dict)
     cut_short: dict[str, str] = field(default_factory=dict)  # what ran fewer repetitions, and why
     load: dict[str, float] = field(default_factory=dict)  # 1-minute load average as each phase began
@@ -153,6 +188,7 @@ class Runner:
             for case in c.cases:
                 self._batch1(raw, case, model_dir)
             self._sweep(raw, model_dir)
+            self._grammar(raw)
             self._read_bandwidth(raw)
         finally:
             for worker in self.workers.values():
@@ -225,6 +261,10 @@ class Runner:
                     texts = self._texts(rng, c.sweep_prompt_tokens, max(c.concurrency))
                     self.workers[name].call("streams", prompts=texts[:1], new_tokens=8)
                     self.workers[name].call("streams", prompts=texts, new_tokens=2)
+                    for schema in GRAMMAR_SCHEMAS.values():  # the grammar's thread pools and compiles
+                        self.workers[name].call(
+                            "streams", prompts=texts[:16], new_tokens=8, json_schema=schema
+                        )
                 else:
                     self.workers[name].call("generate", prompt_ids=prompt_ids(128, rng), new_tokens=8)
                     self.workers[name].call("generate", prompt_ids=prompt_ids(longest, rng), new_tokens=2)
@@ -300,6 +340,36 @@ class Runner:
                     return
                 raw.sweep.setdefault(level, []).append(streams)
                 time.sleep(SETTLE_S)
+
+    def _grammar(self, raw: RawResults) -> None:
+        """Each level's streams with no constraint and with each of GRAMMAR_SCHEMAS on every row, back
+        to back on the same prompts, the order rotated every repetition."""
+        c = self.config
+        if "grpc" not in self.workers:
+            return
+        raw.load["constrained decoding"] = os.getloadavg()[0]
+        rng = random.Random(f"{c.seed}-grammar")
+        for rep in range(c.grammar_reps):
+            if self._out_of_time(raw, "constrained decoding", rep, c.grammar_reps, 15.0):
+                break
+            texts = self._texts(rng, c.sweep_prompt_tokens, max(c.grammar_concurrency))
+            for level in c.grammar_concurrency:
+                for mode in rotated(GRAMMAR_MODES, rep):
+                    log(
+                        f"constrained decoding rep {rep + 1}/{c.grammar_reps}: {level} streams, schema {mode}"
+                    )
+                    try:
+                        streams = self.workers["grpc"].call(
+                            "streams",
+                            prompts=texts[:level],
+                            new_tokens=c.grammar_new_tokens,
+                            json_schema=GRAMMAR_SCHEMAS.get(mode),
+                        )
+                    except WorkerError as exc:
+                        self._drop(raw, "grpc", exc)
+                        return
+                    raw.grammar.setdefault(level, {}).setdefault(mode, []).append(streams)
+                    time.sleep(SETTLE_S)
 
     # -- helpers -------------------------------------------------------------------------------------
 

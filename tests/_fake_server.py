@@ -10,7 +10,8 @@ Behaviour by request:
 - `max_tokens` < 1: INVALID_ARGUMENT with a google.rpc.BadRequest naming max_tokens;
 - `lora == "missing"`: NOT_FOUND;  prompt "slow": answers after 2 s (for deadlines);
 - prompt "endless": streams 500 deltas 10 ms apart; `client_left` is set when the RPC ends;
-- chat with tools: one call of the first tool with arguments {"text": <last message>, "n": 3}.
+- chat with tools: one call of the first tool with arguments {"text": <last message>, "n": 3}
+  (on the last message of a stream).
 """
 
 from __future__ import annotations
@@ -93,7 +94,9 @@ class FakeTextGeneration(textgen_pb2_grpc.TextGenerationServicer):
                 response=delta, token=textgen_pb2.Token(id=100 + i, text=delta.strip(), special=False)
             )
         yield textgen_pb2.GenerateStreamResponse(
-            finish_reason=finish_reason, usage=self._usage(request, deltas)
+            finish_reason=finish_reason,
+            usage=self._usage(request, deltas),
+            tool_calls=self._tool_calls(request),
         )
 
     def GetModelInfo(

@@ -28,6 +28,8 @@ from bench.report import (
     _roofline_cell,
     _roofline_label,
     _speedups,
+    _targets,
+    constrained,
     sweep_level,
 )
 from bench.roofline import (
@@ -257,6 +259,37 @@ def test_speedups_from_medians_pairs_and_best_repetitions() -> None:
         "ttft": None,
         "end_to_end": None,
     }
+
+
+def test_constrained_decoding_ratios_are_schema_over_none() -> None:
+    def streams(seconds_per_token: float) -> list[dict[str, object]]:
+        times = [1.0 + i * seconds_per_token for i in range(5)]  # 4 decode tokens after the first
+        return [{"sent": 0.0, "token_times": times, "completion_tokens": 5}]
+
+    levels = {
+        1: {
+            "none": [streams(0.1), streams(0.1)],
+            "free": [streams(0.125), streams(0.1)],
+            "bounded": [streams(0.2), streams(0.2)],
+        },
+        16: {"none": [streams(0.1)]},  # no schema ran at this level: nothing to compare
+    }
+    out = constrained(levels, new_tokens=5)  # type: ignore[arg-type]
+    one = out["levels"]["1"]
+    assert one["none"]["aggregate_decode_tok_s"]["median"] == pytest.approx(10.0)  # 4 tokens in 0.4 s
+    free = one["schemas"]["free"]
+    assert free["aggregate_decode_tok_s"]["samples"] == pytest.approx([8.0, 10.0])
+    assert free["ratio"] == pytest.approx(9.0 / 10.0)  # median 9 tok/s ÷ 10
+    assert free["ratio_per_repetition"] == pytest.approx([0.8, 1.0])
+    assert one["schemas"]["bounded"]["ratio"] == pytest.approx(0.5)
+    assert one["worst"] == pytest.approx(0.5)  # the target is held to the costlier schema
+    assert set(out["levels"]) == {"1"}
+    assert constrained({}, new_tokens=5) == {"unavailable": "not measured"}
+    summary = {"batch1": {}, "grpc": {}, "concurrency": {}, "bandwidth": {"roofline_applies": True}, "constrained": out}
+    targets = _targets(summary)
+    one_stream = targets["json schema vs none, 1 stream"]
+    assert one_stream["value"] == pytest.approx(0.5) and one_stream["met"] is False
+    assert targets["json schema vs none, 16 streams"]["value"] is None
 
 
 def test_rotation_puts_each_peer_first_in_turn() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -110,6 +111,44 @@ def test_chat_reads_messages_and_tools_as_json(
     assert prefix == "tool_call: get_weather" and out.endswith("}\n")
     assert json.loads("{" + arguments) == {"text": "Weather in Oslo?", "n": 3}
     assert fake.requests[-1].chat.tools[0].function.name == "get_weather"
+
+
+def test_tools_and_json_schema_from_files(
+    fake: FakeTextGeneration, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    tools = tmp_path / "tools.json"  # the flat form, as Workers AI also takes it
+    tools.write_text(json.dumps([{"name": "get_weather", "parameters": {"type": "object"}}]))
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"a": {"type": "integer"}}}))
+    argv = ["chat", "--message", "user:Oslo?", "--tools", str(tools), "--tool-choice", "required"]
+    assert run(fake, *argv, "--stream") == 0
+    out, _ = capsys.readouterr()
+    *text, call = out.splitlines()  # the calls come after the streamed text
+    assert call.startswith("tool_call: get_weather {") and text == ["Oslo?"]
+    assert json.loads(call.removeprefix("tool_call: get_weather ")) == {"text": "Oslo?", "n": 3}
+    request = fake.requests[-1]
+    assert (request.chat.tools[0].type, request.chat.tools[0].function.name) == ("function", "get_weather")
+    assert request.chat.tool_choice == "required"
+    assert run(fake, "generate", "Hi", "--json-schema", str(schema)) == 0
+    sent = fake.requests[-1].response_format
+    assert sent.type == "json_schema" and set(sent.json_schema.fields) == {"type", "properties"}
+    assert run(fake, "generate", "Hi", "--json-object") == 0
+    assert fake.requests[-1].response_format.type == "json_object"
+
+
+def test_a_wrong_tool_shape_shows_the_shapes_expected(
+    fake: FakeTextGeneration, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(fake, "chat", "--message", "user:x", "--tools", '[{"fn": "get_weather"}]') == 2
+    _, err = capsys.readouterr()
+    assert err == (
+        'error: tools[0]: expected {"type": "function", "function": {"name": ..., "description": ..., '
+        '"parameters": {...}}} or {"name": ..., "description": ..., "parameters": {...}}, got an object '
+        "with keys fn\n"
+    )
+    assert run(fake, "chat", "--message", "user:x", "--tools", "missing.json") == 2
+    assert "--tools: cannot read missing.json" in capsys.readouterr().err
+    assert fake.requests == []
 
 
 def test_chat_stream(fake: FakeTextGeneration, capsys: pytest.CaptureFixture[str]) -> None:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 from server_harness import ServerThread
 
@@ -53,6 +54,8 @@ def test_readme_has_the_examples() -> None:
     verbs = [c.split()[-1] for c in readme_commands()]
     assert verbs[:2] == ["list", "textgen.v1.TextGeneration"]
     assert {"textgen.v1.TextGeneration/Generate", "textgen.v1.TextGeneration/GenerateStream"} <= set(verbs)
+    assert any('"response_format"' in c for c in readme_commands())
+    assert any('"tool_choice": "required"' in c for c in readme_commands())
 
 
 @pytest.mark.parametrize("command", readme_commands())
@@ -71,6 +74,12 @@ def test_readme_command(server: ServerThread, command: str) -> None:
         body = json.loads(shlex.split(command)[3])
         assert int(message["usage"]["completion_tokens"]) <= body["max_tokens"]
         assert message["finish_reason"] in ("FINISH_REASON_STOP", "FINISH_REASON_LENGTH")
+        if "response_format" in body:  # JSON mode: the response is the JSON the schema describes
+            jsonschema.validate(json.loads(message["response"]), body["response_format"]["json_schema"])
+        if body.get("chat", {}).get("tool_choice") == "required":  # calls only, never in the response
+            assert message["finish_reason"] == "FINISH_REASON_STOP" and "response" not in message
+            assert {call["name"] for call in message["tool_calls"]} == {"get_weather"}
+            assert all(set(call["arguments"]) == {"city"} for call in message["tool_calls"])
     elif verb.endswith("/GenerateStream"):
         messages = _json_objects(output)
         assert len(messages) == int(messages[-1]["usage"]["completion_tokens"])

@@ -116,12 +116,12 @@ INVALID: list[tuple[Conversation, str, bool]] = [
     ([], "messages: the conversation is empty; expected at least one 'user' message", True),
     (
         [("tool", "x")],
-        "messages[0].role: unknown role 'tool'; expected 'system', 'user' or 'assistant'",
+        "messages[0].role: a 'tool' message must follow an 'assistant' message holding a tool call",
         False,
     ),
     (
         [(U, "a"), ("User", "b")],
-        "messages[1].role: unknown role 'User'; expected 'system', 'user' or 'assistant'",
+        "messages[1].role: unknown role 'User'; expected 'system', 'user', 'assistant' or 'tool'",
         False,
     ),
     ([(A, "hi"), (U, "a")], "messages[0].role: expected 'user' as the first message, got 'assistant'", False),
@@ -154,12 +154,12 @@ INVALID: list[tuple[Conversation, str, bool]] = [
     ),
     (
         [(U, "a"), (A, "b")],
-        "messages[1].role: the conversation must end with a 'user' message, got 'assistant'",
+        "messages[1].role: the conversation must end with a 'user' or 'tool' message, got 'assistant'",
         True,
     ),
     (
         [(S, "only system")],
-        "messages[0].role: the conversation must end with a 'user' message, got 'system'",
+        "messages[0].role: the conversation must end with a 'user' or 'tool' message, got 'system'",
         False,
     ),
     ([(U, "a"), (A, ""), (U, "b")], "messages[1].content: an 'assistant' message must not be empty", True),

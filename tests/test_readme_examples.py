@@ -32,7 +32,8 @@ CLI_LINES = [
 
 
 def test_readme_has_examples() -> None:
-    assert len(PYTHON_EXAMPLES) == 3
+    assert len(PYTHON_EXAMPLES) == 4
+    assert any("tool_calls" in block and "response_format" in block for block in PYTHON_EXAMPLES)
     assert any("AsyncClient" in block for block in PYTHON_EXAMPLES)
     assert any("dns:///" in block for block in PYTHON_EXAMPLES)
     assert len(CLI_LINES) >= 6

@@ -119,6 +119,27 @@ def test_every_output_property_has_a_compatible_field() -> None:
     assert _check_object(json_branch, pb.GenerateResponse.DESCRIPTOR, "output") == 4
     assert stream_branch["contentType"] == "text/event-stream"
     assert "response" in pb.GenerateStreamResponse.DESCRIPTOR.fields_by_name
+    # Tool calls arrive whole on the last stream message, in the shape of the JSON output's.
+    assert _check_object(json_branch, pb.GenerateStreamResponse.DESCRIPTOR, "stream") == 4
+
+
+# `response_format` as newer revisions of the card (and of Workers AI's other text-generation
+# cards) have it: {"type": "json_object" | "json_schema", "json_schema": <a JSON Schema>}.
+NEWER_CARD_RESPONSE_FORMAT = {
+    "type": "object",
+    "properties": {"type": {"type": "string", "enum": ["json_object", "json_schema"]}, "json_schema": {}},
+}
+
+
+def test_response_format_mirrors_the_newer_card() -> None:
+    field = pb.GenerateRequest.DESCRIPTOR.fields_by_name["response_format"]
+    message = field.message_type
+    assert (
+        _check(NEWER_CARD_RESPONSE_FORMAT["properties"]["type"], message.fields_by_name["type"], "type") == 1
+    )
+    # "json_schema": {} is any JSON Schema: a Struct holds any JSON object.
+    assert message.fields_by_name["json_schema"].message_type.full_name == "google.protobuf.Struct"
+    assert set(message.fields_by_name) == set(NEWER_CARD_RESPONSE_FORMAT["properties"])
 
 
 def test_card_bodies_are_valid_request_json() -> None:
@@ -147,6 +168,29 @@ def test_card_bodies_are_valid_request_json() -> None:
         ],
     }
     json_format.ParseDict({"chat": chat, "max_tokens": 3}, pb.GenerateRequest())
+    # Extensions: the flat tool form, tool_choice, a tool result, and response_format (newer cards).
+    flat = {"name": "f", "description": "d", "parameters": {"type": "object", "properties": {}}}
+    extended = {
+        "messages": [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": '{"name":"f","arguments":{}}'},
+            {"role": "tool", "name": "f", "content": "42"},
+        ],
+        "tools": [flat],
+        "tool_choice": "required",
+    }
+    request = json_format.ParseDict({"chat": extended}, pb.GenerateRequest())
+    assert request.chat.tools[0].name == "f" and request.chat.messages[2].name == "f"
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    for body in (
+        {"prompt": "Hi", "response_format": {"type": "json_schema", "json_schema": schema}},
+        {
+            "chat": {"messages": [{"role": "user", "content": "Hi"}]},
+            "response_format": {"type": "json_object"},
+        },
+    ):
+        request = json_format.ParseDict(body, pb.GenerateRequest())
+        assert request.response_format.type == body["response_format"]["type"]  # type: ignore[index]
 
 
 # -- the bounds, enforced by the running server -------------------------------------------------

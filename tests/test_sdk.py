@@ -26,6 +26,7 @@ from textgen import (
     Client,
     Completion,
     FieldViolation,
+    FlatTool,
     InvalidArgumentError,
     ModelInfo,
     NotFoundError,
@@ -156,6 +157,51 @@ def test_chat_sends_messages_and_tools_and_returns_tool_calls(
     )
     assert struct_to_dict(tool.function.parameters) == WEATHER_TOOL["function"]["parameters"]
     assert request.HasField("temperature") and not request.HasField("max_tokens")
+
+
+def test_flat_tools_tool_choice_and_response_format_are_sent(
+    client: Client, fake: FakeTextGeneration
+) -> None:
+    flat: FlatTool = {"name": "get_weather", "parameters": WEATHER_TOOL["function"]["parameters"]}
+    schema = {"type": "object", "properties": {"answer": {"type": "string"}}}
+    client.chat(
+        [{"role": "user", "content": "Hi"}],
+        tools=[flat, WEATHER_TOOL],
+        tool_choice="get_weather",
+        response_format={"type": "json_schema", "json_schema": schema},
+    )
+    request = fake.requests[-1]
+    flat_sent, _ = request.chat.tools
+    # The flat form is sent in the card's form.
+    assert (flat_sent.type, flat_sent.function.name, flat_sent.name) == ("function", "get_weather", "")
+    assert struct_to_dict(flat_sent.function.parameters) == WEATHER_TOOL["function"]["parameters"]
+    assert request.chat.tool_choice == "get_weather"
+    assert request.response_format.type == "json_schema"
+    assert struct_to_dict(request.response_format.json_schema) == schema
+    client.generate("Hi", response_format={"type": "json_object"})
+    assert fake.requests[-1].response_format.type == "json_object"
+    assert not fake.requests[-1].response_format.HasField("json_schema")
+
+
+def test_tool_messages_carry_their_name(client: Client, fake: FakeTextGeneration) -> None:
+    client.chat(
+        [
+            {"role": "user", "content": "Weather?"},
+            {"role": "assistant", "content": '{"name":"get_weather","arguments":{"city":"Oslo"}}'},
+            {"role": "tool", "name": "get_weather", "content": "sunny"},
+        ]
+    )
+    assert [(m.role, m.name) for m in fake.requests[-1].chat.messages] == [
+        ("user", ""),
+        ("assistant", ""),
+        ("tool", "get_weather"),
+    ]
+
+
+def test_stream_tool_calls_arrive_on_the_last_chunk(client: Client) -> None:
+    chunks = list(client.chat([{"role": "user", "content": "Weather?"}], tools=[WEATHER_TOOL], stream=True))
+    assert [len(chunk.tool_calls) for chunk in chunks] == [0] * (len(chunks) - 1) + [1]
+    assert chunks[-1].tool_calls == [ToolCall(name="get_weather", arguments={"text": "Weather?", "n": 3})]
 
 
 def test_struct_round_trip_keeps_json_values() -> None:
@@ -393,7 +439,30 @@ def test_run_without_stream_or_with_null_options(client: Client) -> None:
         ({"messages": "hi"}, "messages: expected an array"),
         ({"messages": [{"role": "user"}]}, "messages[0].content: required"),
         ({"messages": [{"role": "user", "content": 1}]}, "messages[0].content: expected a string"),
-        ({"messages": [], "tools": [{"type": "function"}]}, "tools[0].function: required"),
+        (
+            {"messages": [], "tools": [{"type": "function"}]},
+            'tools[0]: expected {"type": "function", "function"',
+        ),
+        (
+            {"messages": [], "tools": [{"fn": "f"}]},
+            'or {"name": ..., "description": ..., "parameters": {...}}',
+        ),
+        ({"messages": [], "tools": [{"name": "f", "args": {}}]}, "tools[0]: unknown key(s) args; expected"),
+        (
+            {"messages": [], "tools": [{"type": "tool", "function": {"name": "f"}}]},
+            'tools[0].type: expected "function"',
+        ),
+        ({"prompt": "a", "tool_choice": "auto"}, "unknown key(s) in the body: tool_choice"),
+        ({"prompt": "a", "response_format": "json"}, "response_format: expected"),
+        (
+            {"prompt": "a", "response_format": {"type": "yaml"}},
+            "response_format.type: expected 'json_object'",
+        ),
+        (
+            {"prompt": "a", "response_format": {"type": "json_schema", "json_schema": []}},
+            "response_format.json_schema: expected an object",
+        ),
+        ({"messages": [], "tool_choice": 3}, "tool_choice: expected 'auto', 'none', 'required'"),
         (
             {"messages": [], "tools": [{"function": {"name": "f", "parameters": []}}]},
             "parameters: expected an object",

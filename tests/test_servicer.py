@@ -8,6 +8,7 @@ tested, codes, details, metadata and messages, is the servicer's own behaviour.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any, TypeVar
 import grpc
 import grpc_testing
 import pytest
+from google.protobuf import json_format
 from google.rpc import error_details_pb2, status_pb2
 from textgen.v1 import textgen_pb2 as pb
 from textgen_server.generation import GenerationRequest, TokenEvent
@@ -30,6 +32,7 @@ from textgen_server.service import (
 )
 from textgen_server.stopping import FinishReason
 from textgen_server.tokenizer import Tokenizer
+from textgen_server.tools import ToolCall
 
 T = TypeVar("T")
 SERVICE = pb.DESCRIPTOR.services_by_name["TextGeneration"]
@@ -300,13 +303,42 @@ def test_shutdown_mid_stream_is_unavailable(server: grpc_testing.Server, schedul
     assert code == grpc.StatusCode.UNAVAILABLE and "shut down" in details
 
 
-def test_unknown_adapter_and_tools(server: grpc_testing.Server) -> None:
+def test_unknown_adapter_and_tools_without_grammars(server: grpc_testing.Server) -> None:
     _, _, code, details = _unary(server, pb.GenerateRequest(prompt="Hi", lora="ninja"))
     assert code == grpc.StatusCode.NOT_FOUND and "'ninja'" in details and "pirate" in details
     tool = pb.Tool(type="function", function=pb.Function(name="weather"))
     chat = pb.Chat(messages=[pb.Message(role="user", content="Hi")], tools=[tool])
-    _, _, code, details = _unary(server, pb.GenerateRequest(chat=chat))
+    _, _, code, details = _unary(server, pb.GenerateRequest(chat=chat))  # this fixture has no GrammarCompiler
     assert code == grpc.StatusCode.UNIMPLEMENTED and details.startswith("chat.tools")
+
+
+CALL = ToolCall("get_weather", {"city": "Paris", "days": 2, "hourly": [1.5, None]})
+
+
+def test_tool_calls_come_whole_on_the_last_message(
+    server: grpc_testing.Server, scheduler: FakeScheduler
+) -> None:
+    last = dataclasses.replace(_event("", 3, FinishReason.STOP), tool_calls=(CALL,))
+    scheduler.script = [_event("", 1), _event("", 2), last]
+    response, _, code, _ = _unary(server, pb.GenerateRequest(prompt="Hi"))
+    assert code == grpc.StatusCode.OK and response.response == ""
+    assert [(c.name, json_format.MessageToDict(c.arguments)) for c in response.tool_calls] == [
+        ("get_weather", {"city": "Paris", "days": 2.0, "hourly": [1.5, None]})
+    ]
+    messages, code, _ = _stream(server, pb.GenerateRequest(prompt="Hi"))
+    assert [len(m.tool_calls) for m in messages] == [0, 0, 1] and messages[
+        -1
+    ].tool_calls == response.tool_calls
+
+
+def test_grammar_failure_mid_generation_is_internal(
+    server: grpc_testing.Server, scheduler: FakeScheduler
+) -> None:
+    failed = dataclasses.replace(_event("", 2, FinishReason.STOP), error="step limit reached")
+    scheduler.script = [_event('{"a"', 1), failed]
+    messages, code, details = _stream(server, pb.GenerateRequest(prompt="Hi"))
+    assert [m.response for m in messages] == ['{"a"']  # the cut JSON never ends as if it were whole
+    assert code == grpc.StatusCode.INTERNAL and "step limit reached" in details
 
 
 def test_known_adapter_reaches_the_scheduler(server: grpc_testing.Server, scheduler: FakeScheduler) -> None:

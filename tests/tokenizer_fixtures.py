@@ -14,6 +14,7 @@ import mistral_common
 import pytest
 import sentencepiece
 from textgen_export.tokenizer import build_tokenizer_json
+from textgen_server.grammar import GrammarCompiler
 from textgen_server.tokenizer import Tokenizer
 
 SPM_MODEL = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
@@ -51,3 +52,9 @@ def _load(path: Path) -> Tokenizer:
 @cache
 def _sentencepiece(path: Path) -> sentencepiece.SentencePieceProcessor:
     return sentencepiece.SentencePieceProcessor(model_file=str(path))
+
+
+@pytest.fixture(scope="session")
+def grammars(tokenizer_json: Path, tok: Tokenizer) -> GrammarCompiler:
+    """llguidance's view of the same tokenizer (about 0.3 s to build)."""
+    return GrammarCompiler.from_file(tokenizer_json, eos_id=tok.eos_id, vocab_size=tok.vocab_size)

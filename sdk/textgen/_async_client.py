@@ -20,7 +20,7 @@ from ._convert import (
     request_from_body,
 )
 from ._retry import Attempts
-from ._types import Chunk, Completion, Message, ModelInfo, Tool
+from ._types import Chunk, Completion, FlatTool, Message, ModelInfo, ResponseFormat, Tool, ToolChoice
 from .v1 import textgen_pb2, textgen_pb2_grpc
 
 __all__ = ["AsyncClient", "AsyncStream"]
@@ -115,6 +115,7 @@ class AsyncClient(BaseClient):
         frequency_penalty: float | None = None,
         presence_penalty: float | None = None,
         stop: str | Sequence[str] | None = None,
+        response_format: ResponseFormat | None = None,
         stream: Literal[False] = False,
     ) -> Completion: ...
     @overload
@@ -133,6 +134,7 @@ class AsyncClient(BaseClient):
         frequency_penalty: float | None = None,
         presence_penalty: float | None = None,
         stop: str | Sequence[str] | None = None,
+        response_format: ResponseFormat | None = None,
         stream: Literal[True],
     ) -> AsyncStream: ...
     @overload
@@ -151,6 +153,7 @@ class AsyncClient(BaseClient):
         frequency_penalty: float | None = None,
         presence_penalty: float | None = None,
         stop: str | Sequence[str] | None = None,
+        response_format: ResponseFormat | None = None,
         stream: bool,
     ) -> Completion | AsyncStream: ...
     async def generate(
@@ -168,15 +171,19 @@ class AsyncClient(BaseClient):
         frequency_penalty: float | None = None,
         presence_penalty: float | None = None,
         stop: str | Sequence[str] | None = None,
+        response_format: ResponseFormat | None = None,
         stream: bool = False,
     ) -> Completion | AsyncStream:
         """Generate from a prompt (the card's prompt form). With raw=False the prompt is one user
-        turn of the instruct format. Arguments left as None take the server's defaults."""
+        turn of the instruct format. Arguments left as None take the server's defaults.
+        `response_format` ({"type": "json_schema", "json_schema": {...}} or {"type": "json_object"})
+        constrains the response to JSON."""
         request = build_request(
             prompt=prompt,
             raw=raw,
             lora=lora,
             stop=stop,
+            response_format=response_format,
             max_tokens=max_tokens,
             temperature=temperature,
             top_p=top_p,
@@ -193,7 +200,8 @@ class AsyncClient(BaseClient):
         self,
         messages: Sequence[Message],
         *,
-        tools: Sequence[Tool] | None = None,
+        tools: Sequence[Tool | FlatTool] | None = None,
+        tool_choice: ToolChoice | None = None,
         lora: str | None = None,
         max_tokens: int | None = None,
         temperature: float | None = None,
@@ -204,6 +212,7 @@ class AsyncClient(BaseClient):
         frequency_penalty: float | None = None,
         presence_penalty: float | None = None,
         stop: str | Sequence[str] | None = None,
+        response_format: ResponseFormat | None = None,
         stream: Literal[False] = False,
     ) -> Completion: ...
     @overload
@@ -211,7 +220,8 @@ class AsyncClient(BaseClient):
         self,
         messages: Sequence[Message],
         *,
-        tools: Sequence[Tool] | None = None,
+        tools: Sequence[Tool | FlatTool] | None = None,
+        tool_choice: ToolChoice | None = None,
         lora: str | None = None,
         max_tokens: int | None = None,
         temperature: float | None = None,
@@ -222,6 +232,7 @@ class AsyncClient(BaseClient):
         frequency_penalty: float | None = None,
         presence_penalty: float | None = None,
         stop: str | Sequence[str] | None = None,
+        response_format: ResponseFormat | None = None,
         stream: Literal[True],
     ) -> AsyncStream: ...
     @overload
@@ -229,7 +240,8 @@ class AsyncClient(BaseClient):
         self,
         messages: Sequence[Message],
         *,
-        tools: Sequence[Tool] | None = None,
+        tools: Sequence[Tool | FlatTool] | None = None,
+        tool_choice: ToolChoice | None = None,
         lora: str | None = None,
         max_tokens: int | None = None,
         temperature: float | None = None,
@@ -240,13 +252,15 @@ class AsyncClient(BaseClient):
         frequency_penalty: float | None = None,
         presence_penalty: float | None = None,
         stop: str | Sequence[str] | None = None,
+        response_format: ResponseFormat | None = None,
         stream: bool,
     ) -> Completion | AsyncStream: ...
     async def chat(
         self,
         messages: Sequence[Message],
         *,
-        tools: Sequence[Tool] | None = None,
+        tools: Sequence[Tool | FlatTool] | None = None,
+        tool_choice: ToolChoice | None = None,
         lora: str | None = None,
         max_tokens: int | None = None,
         temperature: float | None = None,
@@ -257,15 +271,20 @@ class AsyncClient(BaseClient):
         frequency_penalty: float | None = None,
         presence_penalty: float | None = None,
         stop: str | Sequence[str] | None = None,
+        response_format: ResponseFormat | None = None,
         stream: bool = False,
     ) -> Completion | AsyncStream:
         """Generate the next assistant turn of a conversation (the card's messages form), with
-        the functions in `tools` on offer: the model's calls come back in `tool_calls`."""
+        the functions in `tools` on offer (the card's form or the flat one): the model's calls
+        come back in `tool_calls`, their arguments valid for the tool's `parameters`. `tool_choice`:
+        "auto" (text or calls, the default), "none", "required", or a function's name."""
         request = build_request(
             messages=messages,
             tools=tools,
+            tool_choice=tool_choice,
             lora=lora,
             stop=stop,
+            response_format=response_format,
             max_tokens=max_tokens,
             temperature=temperature,
             top_p=top_p,

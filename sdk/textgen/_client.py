@@ -21,7 +21,7 @@ from ._convert import (
     request_from_body,
 )
 from ._retry import Attempts
-from ._types import Chunk, Completion, Message, ModelInfo, Tool
+from ._types import Chunk, Completion, FlatTool, Message, ModelInfo, ResponseFormat, Tool, ToolChoice
 from .v1 import textgen_pb2, textgen_pb2_grpc
 
 __all__ = ["CHANNEL_OPTIONS", "Client", "Stream"]
@@ -118,6 +118,7 @@ class Client(BaseClient):
         frequency_penalty: float | None = None,
         presence_penalty: float | None = None,
         stop: str | Sequence[str] | None = None,
+        response_format: ResponseFormat | None = None,
         stream: Literal[False] = False,
     ) -> Completion: ...
     @overload
@@ -136,6 +137,7 @@ class Client(BaseClient):
         frequency_penalty: float | None = None,
         presence_penalty: float | None = None,
         stop: str | Sequence[str] | None = None,
+        response_format: ResponseFormat | None = None,
         stream: Literal[True],
     ) -> Stream: ...
     @overload
@@ -154,6 +156,7 @@ class Client(BaseClient):
         frequency_penalty: float | None = None,
         presence_penalty: float | None = None,
         stop: str | Sequence[str] | None = None,
+        response_format: ResponseFormat | None = None,
         stream: bool,
     ) -> Completion | Stream: ...
     def generate(
@@ -171,15 +174,19 @@ class Client(BaseClient):
         frequency_penalty: float | None = None,
         presence_penalty: float | None = None,
         stop: str | Sequence[str] | None = None,
+        response_format: ResponseFormat | None = None,
         stream: bool = False,
     ) -> Completion | Stream:
         """Generate from a prompt (the card's prompt form). With raw=False the prompt is one user
-        turn of the instruct format. Arguments left as None take the server's defaults."""
+        turn of the instruct format. Arguments left as None take the server's defaults.
+        `response_format` ({"type": "json_schema", "json_schema": {...}} or {"type": "json_object"})
+        constrains the response to JSON."""
         request = build_request(
             prompt=prompt,
             raw=raw,
             lora=lora,
             stop=stop,
+            response_format=response_format,
             max_tokens=max_tokens,
             temperature=temperature,
             top_p=top_p,
@@ -196,7 +203,8 @@ class Client(BaseClient):
         self,
         messages: Sequence[Message],
         *,
-        tools: Sequence[Tool] | None = None,
+        tools: Sequence[Tool | FlatTool] | None = None,
+        tool_choice: ToolChoice | None = None,
         lora: str | None = None,
         max_tokens: int | None = None,
         temperature: float | None = None,
@@ -207,6 +215,7 @@ class Client(BaseClient):
         frequency_penalty: float | None = None,
         presence_penalty: float | None = None,
         stop: str | Sequence[str] | None = None,
+        response_format: ResponseFormat | None = None,
         stream: Literal[False] = False,
     ) -> Completion: ...
     @overload
@@ -214,7 +223,8 @@ class Client(BaseClient):
         self,
         messages: Sequence[Message],
         *,
-        tools: Sequence[Tool] | None = None,
+        tools: Sequence[Tool | FlatTool] | None = None,
+        tool_choice: ToolChoice | None = None,
         lora: str | None = None,
         max_tokens: int | None = None,
         temperature: float | None = None,
@@ -225,6 +235,7 @@ class Client(BaseClient):
         frequency_penalty: float | None = None,
         presence_penalty: float | None = None,
         stop: str | Sequence[str] | None = None,
+        response_format: ResponseFormat | None = None,
         stream: Literal[True],
     ) -> Stream: ...
     @overload
@@ -232,7 +243,8 @@ class Client(BaseClient):
         self,
         messages: Sequence[Message],
         *,
-        tools: Sequence[Tool] | None = None,
+        tools: Sequence[Tool | FlatTool] | None = None,
+        tool_choice: ToolChoice | None = None,
         lora: str | None = None,
         max_tokens: int | None = None,
         temperature: float | None = None,
@@ -243,13 +255,15 @@ class Client(BaseClient):
         frequency_penalty: float | None = None,
         presence_penalty: float | None = None,
         stop: str | Sequence[str] | None = None,
+        response_format: ResponseFormat | None = None,
         stream: bool,
     ) -> Completion | Stream: ...
     def chat(
         self,
         messages: Sequence[Message],
         *,
-        tools: Sequence[Tool] | None = None,
+        tools: Sequence[Tool | FlatTool] | None = None,
+        tool_choice: ToolChoice | None = None,
         lora: str | None = None,
         max_tokens: int | None = None,
         temperature: float | None = None,
@@ -260,15 +274,20 @@ class Client(BaseClient):
         frequency_penalty: float | None = None,
         presence_penalty: float | None = None,
         stop: str | Sequence[str] | None = None,
+        response_format: ResponseFormat | None = None,
         stream: bool = False,
     ) -> Completion | Stream:
         """Generate the next assistant turn of a conversation (the card's messages form), with
-        the functions in `tools` on offer: the model's calls come back in `tool_calls`."""
+        the functions in `tools` on offer (the card's form or the flat one): the model's calls
+        come back in `tool_calls`, their arguments valid for the tool's `parameters`. `tool_choice`:
+        "auto" (text or calls, the default), "none", "required", or a function's name."""
         request = build_request(
             messages=messages,
             tools=tools,
+            tool_choice=tool_choice,
             lora=lora,
             stop=stop,
+            response_format=response_format,
             max_tokens=max_tokens,
             temperature=temperature,
             top_p=top_p,

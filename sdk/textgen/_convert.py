@@ -9,7 +9,19 @@ from typing import Any, Final
 from google.protobuf import json_format, struct_pb2
 
 from ._exceptions import InvalidRequestError, TextgenError
-from ._types import Chunk, Completion, FinishReason, Message, ModelInfo, Token, Tool, ToolCall, Usage
+from ._types import (
+    Chunk,
+    Completion,
+    FinishReason,
+    FlatTool,
+    Message,
+    ModelInfo,
+    ResponseFormat,
+    Token,
+    Tool,
+    ToolCall,
+    Usage,
+)
 from .v1 import textgen_pb2
 
 __all__ = [
@@ -21,6 +33,7 @@ __all__ = [
     "model_info_from_proto",
     "request_from_body",
     "struct_to_dict",
+    "tool_from_json",
 ]
 
 SAMPLING_FIELDS: Final = (
@@ -35,10 +48,16 @@ SAMPLING_FIELDS: Final = (
 )
 """The card's sampling fields: proto3 `optional`, so a field left unset takes the server default."""
 
-# The keys of the card's two request forms (plus `stop`, an extension of this API).
-_COMMON_KEYS: Final = frozenset({"stream", "lora", "stop", *SAMPLING_FIELDS})
+# The keys of the card's two request forms (plus `stop`, `response_format` and `tool_choice`,
+# extensions of this API).
+_COMMON_KEYS: Final = frozenset({"stream", "lora", "stop", "response_format", *SAMPLING_FIELDS})
 _PROMPT_KEYS: Final = frozenset({"prompt", "raw"}) | _COMMON_KEYS
-_MESSAGES_KEYS: Final = frozenset({"messages", "tools"}) | _COMMON_KEYS
+_MESSAGES_KEYS: Final = frozenset({"messages", "tools", "tool_choice"}) | _COMMON_KEYS
+_TOOL_SHAPES: Final = (
+    '{"type": "function", "function": {"name": ..., "description": ..., "parameters": {...}}} '
+    'or {"name": ..., "description": ..., "parameters": {...}}'
+)
+_RESPONSE_FORMAT_SHAPES: Final = '{"type": "json_object"} or {"type": "json_schema", "json_schema": {...}}'
 
 _FINISH_REASONS: Final[dict[int, FinishReason]] = {
     textgen_pb2.FINISH_REASON_STOP: "stop",
@@ -51,23 +70,40 @@ def build_request(
     prompt: str | None = None,
     messages: Iterable[Mapping[str, Any]] | None = None,
     tools: Iterable[Mapping[str, Any]] | None = None,
+    tool_choice: str | None = None,
+    response_format: Mapping[str, Any] | None = None,
     raw: bool = False,
     lora: str | None = None,
     stop: str | Sequence[str] | None = None,
     **sampling: float | None,
 ) -> textgen_pb2.GenerateRequest:
     """A GenerateRequest with exactly one of `prompt` or `messages`. Sampling values that are None
-    stay unset. Raises InvalidRequestError naming the field for a value it cannot hold."""
+    stay unset. Tools may be in the card's form or the flat one; they are sent in the card's.
+    Raises InvalidRequestError naming the field for a value it cannot hold."""
     request = textgen_pb2.GenerateRequest()
     if prompt is not None and messages is None:
         _set(request, "prompt", prompt)
         _set(request, "raw", raw)
+        if tools is not None or tool_choice is not None:
+            raise InvalidRequestError("tools and tool_choice apply to messages, not to a prompt")
     elif messages is not None and prompt is None:
         request.chat.SetInParent()  # an empty message list is still the chat form
         request.chat.messages.extend(_message(m, f"messages[{i}]") for i, m in enumerate(messages))
-        request.chat.tools.extend(_tool(t, f"tools[{i}]") for i, t in enumerate(tools or ()))
+        if isinstance(tools, (str, bytes, Mapping)) or (
+            tools is not None and not isinstance(tools, Iterable)
+        ):
+            raise InvalidRequestError(f"tools: expected an array of {_TOOL_SHAPES}")
+        request.chat.tools.extend(tool_from_json(t, f"tools[{i}]") for i, t in enumerate(tools or ()))
+        if tool_choice is not None:
+            if not isinstance(tool_choice, str):
+                raise InvalidRequestError(
+                    f"tool_choice: expected 'auto', 'none', 'required' or a function's name, got {tool_choice!r}"
+                )
+            request.chat.tool_choice = tool_choice
     else:
         raise InvalidRequestError("give exactly one of prompt or messages")
+    if response_format is not None:
+        request.response_format.CopyFrom(_response_format(response_format))
     if lora:
         _set(request, "lora", lora)
     if stop is not None:
@@ -90,9 +126,10 @@ def build_request(
 
 def request_from_body(body: Mapping[str, Any]) -> tuple[textgen_pb2.GenerateRequest, bool]:
     """The request for a Workers AI request body, verbatim: the prompt form
-    {"prompt", "raw", "lora", sampling...} or the messages form {"messages", "tools", sampling...},
-    either with "stream". Returns (request, stream). A null value counts as absent; an unknown
-    key raises InvalidRequestError (a misspelt option would otherwise be dropped without a word)."""
+    {"prompt", "raw", "lora", sampling...} or the messages form {"messages", "tools",
+    "tool_choice", sampling...}, either with "stream" and "response_format". Returns (request,
+    stream). A null value counts as absent; an unknown key raises InvalidRequestError (a misspelt
+    option would otherwise be dropped without a word)."""
     if not isinstance(body, Mapping):
         raise InvalidRequestError(f"the body must be a JSON object, not {type(body).__name__}")
     values = {key: value for key, value in body.items() if value is not None}
@@ -112,6 +149,9 @@ def request_from_body(body: Mapping[str, Any]) -> tuple[textgen_pb2.GenerateRequ
         raise InvalidRequestError(f"stream: expected a boolean, got {stream!r}")
     messages = values.pop("messages", None)
     tools = values.pop("tools", None)
+    response_format = values.pop("response_format", None)
+    if response_format is not None and not isinstance(response_format, Mapping):
+        raise InvalidRequestError(f"response_format: expected {_RESPONSE_FORMAT_SHAPES}")
     for name, value in (("messages", messages), ("tools", tools)):
         if value is not None and (
             isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable)
@@ -124,6 +164,8 @@ def request_from_body(body: Mapping[str, Any]) -> tuple[textgen_pb2.GenerateRequ
         prompt=values.pop("prompt", None),
         messages=messages,
         tools=tools,
+        tool_choice=values.pop("tool_choice", None),
+        response_format=response_format,
         raw=raw,
         lora=values.pop("lora", None),
         stop=values.pop("stop", None),
@@ -140,9 +182,7 @@ def completion_from_proto(
         raise TextgenError(f"the server sent a response without a finish reason ({response.finish_reason})")
     return Completion(
         response=response.response,
-        tool_calls=[
-            ToolCall(name=call.name, arguments=struct_to_dict(call.arguments)) for call in response.tool_calls
-        ],
+        tool_calls=_tool_calls(response.tool_calls),
         usage=_usage(response.usage),
         finish_reason=finish_reason,
         request_id=request_id,
@@ -158,6 +198,7 @@ def chunk_from_proto(message: textgen_pb2.GenerateStreamResponse) -> Chunk:
         else None,
         finish_reason=_FINISH_REASONS.get(message.finish_reason),
         usage=_usage(message.usage) if message.HasField("usage") else None,
+        tool_calls=_tool_calls(message.tool_calls),
     )
 
 
@@ -200,6 +241,10 @@ def _whole_numbers_as_int(value: Any) -> Any:
     return value
 
 
+def _tool_calls(calls: Iterable[textgen_pb2.ToolCall]) -> list[ToolCall]:
+    return [ToolCall(name=call.name, arguments=struct_to_dict(call.arguments)) for call in calls]
+
+
 def _usage(usage: textgen_pb2.Usage) -> Usage:
     return Usage(
         prompt_tokens=usage.prompt_tokens,
@@ -228,34 +273,80 @@ def _object(value: object, where: str, required: Iterable[str], optional: Iterab
 
 
 def _message(value: Message | Mapping[str, Any], where: str) -> textgen_pb2.Message:
-    fields = _object(value, where, ("role", "content"), ())
+    fields = _object(value, where, ("role", "content"), ("name",))
     message = textgen_pb2.Message()
-    for key in ("role", "content"):
-        if not isinstance(fields[key], str):
-            raise InvalidRequestError(f"{where}.{key}: expected a string")
-        setattr(message, key, fields[key])
+    for key in ("role", "content", "name"):
+        if key in fields:
+            if not isinstance(fields[key], str):
+                raise InvalidRequestError(f"{where}.{key}: expected a string")
+            setattr(message, key, fields[key])
     return message
 
 
-def _tool(value: Tool | Mapping[str, Any], where: str) -> textgen_pb2.Tool:
-    fields = _object(value, where, ("function",), ("type",))
-    function = _object(fields["function"], f"{where}.function", ("name",), ("description", "parameters"))
-    tool = textgen_pb2.Tool()
-    if "type" in fields:
-        if not isinstance(fields["type"], str):
-            raise InvalidRequestError(f"{where}.type: expected a string")
-        tool.type = fields["type"]
+def tool_from_json(value: Tool | FlatTool | Mapping[str, Any], where: str = "tool") -> textgen_pb2.Tool:
+    """A tool in the card's form {"type": "function", "function": {...}} or the flat form
+    {"name", "description", "parameters"}, as the card's form. A wrong shape raises
+    InvalidRequestError showing the shapes expected."""
+    if not isinstance(value, Mapping) or not ("function" in value or "name" in value):
+        got = (
+            f"an object with keys {', '.join(sorted(value)) or '(none)'}"
+            if isinstance(value, Mapping)
+            else (type(value).__name__)
+        )
+        raise InvalidRequestError(f"{where}: expected {_TOOL_SHAPES}, got {got}")
+    if "function" in value:
+        fields = _shaped(value, where, ("function",), ("type",))
+        if "type" in fields and fields["type"] != "function":
+            raise InvalidRequestError(f'{where}.type: expected "function", got {fields["type"]!r}')
+        where += ".function"
+        function = fields["function"]
+        if not isinstance(function, Mapping):
+            raise InvalidRequestError(
+                f'{where}: expected {{"name": ..., "description": ..., "parameters": {{...}}}}'
+            )
+    else:
+        function = value
+    function = _shaped(function, where, ("name",), ("description", "parameters"))
+    tool = textgen_pb2.Tool(type="function")
     for key in ("name", "description"):
         if key in function:
             if not isinstance(function[key], str):
-                raise InvalidRequestError(f"{where}.function.{key}: expected a string")
+                raise InvalidRequestError(f"{where}.{key}: expected a string")
             setattr(tool.function, key, function[key])
     parameters = function.get("parameters")
     if parameters is not None:
         if not isinstance(parameters, Mapping):
-            raise InvalidRequestError(f"{where}.function.parameters: expected an object")
+            raise InvalidRequestError(f"{where}.parameters: expected an object (a JSON Schema)")
         try:
             tool.function.parameters.CopyFrom(dict_to_struct(parameters))
         except (TypeError, ValueError) as exc:
-            raise InvalidRequestError(f"{where}.function.parameters: {exc}") from exc
+            raise InvalidRequestError(f"{where}.parameters: {exc}") from exc
     return tool
+
+
+def _shaped(
+    value: Mapping[str, Any], where: str, required: Iterable[str], optional: Iterable[str]
+) -> Mapping[str, Any]:
+    """`_object` for a tool: its errors show the shapes expected."""
+    try:
+        return _object(value, where, required, optional)
+    except InvalidRequestError as exc:
+        raise InvalidRequestError(f"{exc}; expected {_TOOL_SHAPES}") from exc
+
+
+def _response_format(value: ResponseFormat | Mapping[str, Any]) -> textgen_pb2.ResponseFormat:
+    fields = _object(value, "response_format", ("type",), ("json_schema",))
+    if fields["type"] not in ("json_object", "json_schema"):
+        raise InvalidRequestError(
+            f"response_format.type: expected 'json_object' or 'json_schema', got {fields['type']!r}"
+        )
+    response_format = textgen_pb2.ResponseFormat(type=fields["type"])
+    schema = fields.get("json_schema")
+    if schema is not None:
+        if not isinstance(schema, Mapping):
+            raise InvalidRequestError("response_format.json_schema: expected an object (a JSON Schema)")
+        try:
+            response_format.json_schema.CopyFrom(dict_to_struct(schema))
+        except (TypeError, ValueError) as exc:
+            raise InvalidRequestError(f"response_format.json_schema: {exc}") from exc
+    return response_format

@@ -1,24 +1,28 @@
 """Plain Python types of the textgen API: what the SDK takes and what it returns.
 
 Results are frozen dataclasses built from the protobuf messages; inputs that mirror the Workers AI
-card (`Message`, `Tool`) are TypedDicts, so the card's JSON bodies type-check as they are.
+card (`Message`, `Tool`, `ResponseFormat`) are TypedDicts, so the card's JSON bodies type-check as
+they are.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Literal, TypedDict
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeAlias, TypedDict
 
 __all__ = [
     "Chunk",
     "Completion",
     "FinishReason",
+    "FlatTool",
     "Message",
     "ModelInfo",
+    "ResponseFormat",
     "Token",
     "Tool",
     "ToolCall",
+    "ToolChoice",
     "ToolFunction",
     "Usage",
 ]
@@ -69,12 +73,14 @@ class Completion:
 @dataclass(frozen=True)
 class Chunk:
     """One message of a stream. The `response` deltas of a stream concatenate to the full text;
-    `finish_reason` and `usage` are set on the last chunk only."""
+    `finish_reason`, `usage` and the `tool_calls` (whole, never as text) are set on the last chunk
+    only."""
 
     response: str
     token: Token | None
     finish_reason: FinishReason | None
     usage: Usage | None
+    tool_calls: list[ToolCall] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -94,8 +100,15 @@ class ModelInfo:
     weight_dtype: str = ""  # fp32, fp16, int4 or int8; `dtype` is the activations' and the cache's
 
 
-class Message(TypedDict):
-    """One chat turn, as in the card: role is "system", "user" or "assistant"."""
+class _MessageOptional(TypedDict, total=False):
+    name: str
+    """A "tool" message: the function whose result it carries (by default its call's)."""
+
+
+class Message(_MessageOptional):
+    """One chat turn, as in the card: role is "system", "user" or "assistant", or "tool" for the
+    result of a call (after an "assistant" message whose content is the call's JSON, as Workers AI's
+    runWithTools sends it)."""
 
     role: str
     content: str
@@ -118,3 +131,25 @@ class Tool(TypedDict):
 
     type: str
     function: ToolFunction
+
+
+class FlatTool(_ToolFunctionOptional):
+    """A tool in the flat form, which Workers AI also accepts: {"name", "description", "parameters"}."""
+
+    name: str
+
+
+ToolChoice: TypeAlias = Literal["auto", "none", "required"] | str
+""""auto" (text or calls), "none" (text), "required" (one or more calls), or a function's name."""
+
+
+class _ResponseFormatOptional(TypedDict, total=False):
+    json_schema: Mapping[str, Any]
+    """With type "json_schema": the JSON Schema the response matches."""
+
+
+class ResponseFormat(_ResponseFormatOptional):
+    """JSON mode: {"type": "json_object"} for any JSON object, or {"type": "json_schema",
+    "json_schema": {...}} for an object matching the schema."""
+
+    type: Literal["json_object", "json_schema"]

@@ -1,12 +1,15 @@
 """The `textgen` command: talk to a textgen server from a shell.
 
     textgen generate "Tell me a joke" --max-tokens 32 --stream
+    textgen generate "A user as JSON" --json-schema user.schema.json
     textgen chat --system "Answer briefly." --message user:"What is gRPC?"
+    textgen chat --message user:"Weather in Paris?" --tools tools.json --tool-choice required
     textgen run '{"prompt": "Hi", "max_tokens": 16, "stream": true}'
     textgen info
 
 Text goes to stdout (streamed text as it arrives), the finish reason and usage to stderr;
---json prints one JSON object instead (one per chunk when streaming). An error prints one line,
+--json prints one JSON object instead (one per chunk when streaming); tool calls print as
+`tool_call: NAME ARGUMENTS-JSON` lines after the text. An error prints one line,
 `error: CODE: field: description`, to stderr and exits 1 (2 for a bad command line or body).
 A server with TLS takes --tls-ca (or --tls for gRPC's bundled roots), mutual TLS adds --tls-cert
 and --tls-key; a bearer token comes from $TEXTGEN_TOKEN (or --token, which `ps` can show).
@@ -28,7 +31,7 @@ from ._base import TOKEN_ENV
 from ._channel import tls_credentials
 from ._client import Client, Stream
 from ._exceptions import APIStatusError, InvalidRequestError
-from ._types import Chunk, Completion, Message, ModelInfo, Tool, Usage
+from ._types import Chunk, Completion, FlatTool, Message, ModelInfo, ResponseFormat, Tool, ToolCall, Usage
 from ._version import __version__
 
 __all__ = ["main"]
@@ -91,7 +94,14 @@ def describe_error(exc: APIStatusError) -> str:
 
 
 def _generate(client: Client, args: argparse.Namespace) -> int:
-    result = client.generate(args.prompt, raw=args.raw, lora=args.lora, stream=args.stream, **_sampling(args))
+    result = client.generate(
+        args.prompt,
+        raw=args.raw,
+        lora=args.lora,
+        stream=args.stream,
+        response_format=_response_format(args),
+        **_sampling(args),
+    )
     return _output(result, args.json)
 
 
@@ -104,8 +114,19 @@ def _chat(client: Client, args: argparse.Namespace) -> int:
     messages.extend(args.message)
     if not messages:
         raise InvalidRequestError("chat needs at least one message (--message ROLE:TEXT or --messages JSON)")
-    tools: list[Tool] | None = _json_arg(args.tools, "--tools", list) if args.tools is not None else None
-    result = client.chat(messages, tools=tools, lora=args.lora, stream=args.stream, **_sampling(args))
+    # Either tool form goes; the SDK refuses a wrong shape, showing the shapes expected.
+    tools: list[Tool | FlatTool] | None = (
+        _json_arg(_file_or_json(args.tools, "--tools"), "--tools", list) if args.tools is not None else None
+    )
+    result = client.chat(
+        messages,
+        tools=tools,
+        tool_choice=args.tool_choice,
+        lora=args.lora,
+        stream=args.stream,
+        response_format=_response_format(args),
+        **_sampling(args),
+    )
     return _output(result, args.json)
 
 
@@ -140,10 +161,14 @@ def _output(result: Completion | Stream, as_json: bool) -> int:
     else:
         if result.response:
             print(result.response)
-        for call in result.tool_calls:
-            print(f"tool_call: {call.name} {json.dumps(call.arguments, ensure_ascii=False)}")
+        _print_tool_calls(result.tool_calls)
         _print_summary(result.finish_reason, result.usage)
     return 0
+
+
+def _print_tool_calls(calls: list[ToolCall]) -> None:
+    for call in calls:
+        print(f"tool_call: {call.name} {json.dumps(call.arguments, ensure_ascii=False)}")
 
 
 def _print_stream(chunks: Iterable[Chunk], as_json: bool) -> None:
@@ -162,6 +187,7 @@ def _print_stream(chunks: Iterable[Chunk], as_json: bool) -> None:
         if mid_line:  # end the text's line, also when an error or ^C cuts the stream
             print()
     if not as_json and last is not None:
+        _print_tool_calls(last.tool_calls)
         _print_summary(last.finish_reason, last.usage)
 
 
@@ -191,6 +217,28 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
         "presence_penalty": args.presence_penalty,
         "stop": args.stop,
     }
+
+
+def _response_format(args: argparse.Namespace) -> ResponseFormat | None:
+    if args.json_object:
+        return {"type": "json_object"}
+    if args.json_schema is None:
+        return None
+    schema = _json_arg(_file_or_json(args.json_schema, "--json-schema"), "--json-schema", dict)
+    return {"type": "json_schema", "json_schema": schema}
+
+
+def _file_or_json(value: str, name: str) -> str:
+    """The JSON an option names: inline (it starts with [ or {), - for stdin, or a file's path."""
+    if value.lstrip().startswith(("[", "{")):
+        return value
+    if value == "-":
+        return sys.stdin.read()
+    try:
+        with open(value, encoding="utf-8") as file:
+            return file.read()
+    except OSError as exc:
+        raise InvalidRequestError(f"{name}: cannot read {value}: {exc.strerror}") from exc
 
 
 def _json_arg(text: str, name: str, kind: type[Any]) -> Any:
@@ -287,6 +335,13 @@ def _sampling_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--presence-penalty", type=float, metavar="X", help="0..2")
     group.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
     group.add_argument("--lora", metavar="NAME", help="LoRA adapter to apply")
+    json_mode = group.add_mutually_exclusive_group()
+    json_mode.add_argument(
+        "--json-schema",
+        metavar="FILE",
+        help="answer with JSON matching this JSON Schema: a file, - for stdin, or the schema itself",
+    )
+    json_mode.add_argument("--json-object", action="store_true", help="answer with a JSON object")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -323,7 +378,15 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument(
         "--messages", metavar="JSON", help='messages as JSON: [{"role": "user", "content": "Hi"}]'
     )
-    chat.add_argument("--tools", metavar="JSON", help="tools as JSON, in the card's form")
+    chat.add_argument(
+        "--tools",
+        metavar="FILE",
+        help="tools: a JSON array in the card's form or the flat one ({name, description, parameters}); "
+        "a file, - for stdin, or the JSON itself",
+    )
+    chat.add_argument(
+        "--tool-choice", metavar="CHOICE", help="auto (text or calls), none, required, or a function's name"
+    )
     _sampling_options(chat)
 
     run = command("run", _run, 'run a Workers AI request body (its "stream" flag included)')

@@ -22,6 +22,7 @@ from textgen.v1 import textgen_pb2, textgen_pb2_grpc
 
 from .auth import BearerTokenInterceptor, TokenFile, TokenFileError
 from .engine import Engine
+from .grammar import GrammarCompiler
 from .metrics import Metrics
 from .model_config import TOKENIZER_FILE, ModelConfig
 from .request_log import RequestRecord, log_request
@@ -163,6 +164,12 @@ class TextgenServer:
             Engine, s.model_dir, provider=s.provider, threads=s.threads, slots=slots, max_len=max_len
         )
         tokenizer = Tokenizer.from_file(s.model_dir / TOKENIZER_FILE)
+        grammars = await asyncio.to_thread(
+            GrammarCompiler.from_file,
+            s.model_dir / TOKENIZER_FILE,
+            eos_id=tokenizer.eos_id,
+            vocab_size=engine.config.vocab_size,
+        )
         # The model's own prefill limit (the card's 8192) caps whatever was configured.
         prefill = min(s.limits.max_batch_prefill_tokens, engine.config.max_batch_prefill_tokens)
         limits = dataclasses.replace(s.limits, max_batch_prefill_tokens=prefill)
@@ -175,6 +182,7 @@ class TextgenServer:
             engine.execution_provider,
             kv_slots=self.scheduler.slots,
             kv_cache_bytes=engine.cache.nbytes,
+            grammars=grammars,
         )
         await self._set_serving(True)
         log.info(

@@ -1,7 +1,8 @@
 """One request's generation state: what it asked for, and the objects that pick, stop and decode.
 
 The scheduler owns many of these and feeds each its row of logits; everything request-specific
-(sampling, stopping, detokenizing) lives here so the scheduler deals in batches only.
+(sampling, grammar, stopping, detokenizing, tool calls) lives here so the scheduler deals in batches
+only.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ import numpy as np
 import numpy.typing as npt
 
 from .detokenizer import IncrementalDetokenizer
+from .grammar import GrammarState, OutputConstraint
 from .sampling import SamplingParams, TokenChooser
 from .stopping import FinishReason, StoppingCriteria
 from .tokenizer import Tokenizer
+from .tools import CallSplitter, ToolCall
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,7 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: tuple[str, ...] = ()
     lora: str | None = None
+    constraint: OutputConstraint | None = None  # JSON mode or tool calls: the grammar the output obeys
 
     @property
     def max_total_tokens(self) -> int:
@@ -44,6 +48,8 @@ class TokenEvent:
     finish_reason: FinishReason | None
     prompt_tokens: int
     completion_tokens: int
+    tool_calls: tuple[ToolCall, ...] = ()  # on the last event: the calls made (their text is never emitted)
+    error: str | None = None  # on the last event: the grammar failed mid-generation (the output is cut)
 
 
 class Generation:
@@ -55,35 +61,61 @@ class Generation:
         self._chooser = TokenChooser.from_params(request.sampling, request.prompt_ids, vocab_size)
         self._stopping = StoppingCriteria(tokenizer.eos_id, request.max_new_tokens, request.stop)
         self._detokenizer = IncrementalDetokenizer(tokenizer)
+        constraint = request.constraint
+        self.grammar: GrammarState | None = constraint.grammar.start() if constraint is not None else None
+        self._calls = (
+            CallSplitter(calls_only=not constraint.text_allowed)
+            if constraint is not None and constraint.tool_calls
+            else None
+        )
         self.completion_tokens = 0
         self.last_token: int | None = None
         self.finish_reason: FinishReason | None = None
 
     def step(self, logits: npt.NDArray[np.float32]) -> TokenEvent:
         """Pick the next token from `logits` [vocab] and say what to emit."""
-        token = self._chooser.choose(logits)
+        grammar = self.grammar
+        # The grammar's mask goes into sampling after the penalties; after a failure it allows EOS only.
+        token = self._chooser.choose(logits, grammar.allowed_mask() if grammar is not None else None)
         self.last_token = token
         self.completion_tokens += 1
-        last_allowed = self.completion_tokens >= self.request.max_new_tokens
-        if token == self._tokenizer.eos_id:
+        if grammar is not None:
+            grammar.advance(token)
+        error = grammar.error if grammar is not None else None
+        grammar_done = grammar is not None and grammar.finished  # complete, or failed
+        eos = token == self._tokenizer.eos_id
+        ending = eos or grammar_done or self.completion_tokens >= self.request.max_new_tokens
+        if eos:
             # EOS has no text; bytes of a character it cut short are decoded as full decode does.
             decision = self._stopping.step(token, "")
-            text = decision.text + self._detokenizer.flush()
+            text = decision.text + self._visible(self._detokenizer.flush(), ending)
         else:
             delta = self._detokenizer.push(token)
-            if last_allowed:
+            if ending:
                 delta += self._detokenizer.flush()
-            decision = self._stopping.step(token, delta)
+            decision = self._stopping.step(token, self._visible(delta, ending))
             text = decision.text
-        self.finish_reason = decision.finish_reason
+        finish_reason = decision.finish_reason
+        if grammar_done and finish_reason is not FinishReason.STOP:
+            # A complete grammar ends the answer, also on the last token max_tokens allows.
+            if finish_reason is None:
+                text += self._stopping.flush()
+            finish_reason = FinishReason.STOP
+        self.finish_reason = finish_reason
         return TokenEvent(
             token,
             text,
             self._tokenizer.is_special(token),
-            self.finish_reason,
+            finish_reason,
             len(self.request.prompt_ids),
             self.completion_tokens,
+            tool_calls=self._calls.calls if self._calls is not None and finish_reason is not None else (),
+            error=error,
         )
+
+    def _visible(self, delta: str, final: bool) -> str:
+        """The part of the text that belongs to the response (not to tool calls)."""
+        return delta if self._calls is None else self._calls.push(delta, final=final)
 
     @property
     def finished(self) -> bool:

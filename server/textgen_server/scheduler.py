@@ -36,6 +36,7 @@ import numpy as np
 
 from .engine import Engine
 from .generation import Generation, GenerationRequest, TokenEvent
+from .grammar import prefetch_token_masks
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -292,6 +293,7 @@ class Scheduler:
             rows = self._running
             tokens = np.array([h.generation.last_token for h in rows], dtype=np.int64)  # [n]
             lengths = np.array([h.cached for h in rows], dtype=np.int64)  # [n] positions held
+            prefetch_token_masks(h.generation for h in rows)  # constrained rows, during the pass
             logits = self.engine.decode(tokens, lengths)  # [n, vocab]
             self.stats.decode_seconds = time.monotonic() - started
             for row, handle in enumerate(rows):

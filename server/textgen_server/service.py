@@ -22,6 +22,7 @@ from textgen.v1 import textgen_pb2 as pb
 from textgen.v1 import textgen_pb2_grpc
 
 from .generation import TokenEvent
+from .grammar import GrammarCompiler
 from .model_config import ModelConfig
 from .request_log import RequestRecord
 from .scheduler import (
@@ -34,6 +35,7 @@ from .scheduler import (
 )
 from .stopping import FinishReason
 from .tokenizer import Tokenizer
+from .tools import ToolCall
 from .validation import (
     FieldViolation,
     InvalidRequestError,
@@ -76,6 +78,7 @@ class ModelState:
         *,
         kv_slots: int = 0,
         kv_cache_bytes: int = 0,
+        grammars: GrammarCompiler | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.tokenizer = tokenizer
@@ -84,6 +87,7 @@ class ModelState:
         self.adapters = adapters
         self.kv_slots = kv_slots
         self.kv_cache_bytes = kv_cache_bytes
+        self.grammars = grammars  # tools and response_format; without it they are UNIMPLEMENTED
 
 
 class TextGenerationService(textgen_pb2_grpc.TextGenerationServicer):
@@ -112,7 +116,10 @@ class TextGenerationService(textgen_pb2_grpc.TextGenerationServicer):
             # The events of a request always end with its finish reason; only a cancel cuts them short.
             assert last.finish_reason is not None, "generation ended without a finish reason"
             return pb.GenerateResponse(
-                response="".join(text), usage=_usage(last), finish_reason=_FINISH_REASONS[last.finish_reason]
+                response="".join(text),
+                tool_calls=_tool_calls(last.tool_calls),
+                usage=_usage(last),
+                finish_reason=_FINISH_REASONS[last.finish_reason],
             )
 
     async def GenerateStream(
@@ -129,6 +136,7 @@ class TextGenerationService(textgen_pb2_grpc.TextGenerationServicer):
                     if event.finish_reason is not None:
                         message.finish_reason = _FINISH_REASONS[event.finish_reason]
                         message.usage.CopyFrom(_usage(event))
+                        message.tool_calls.extend(_tool_calls(event.tool_calls))
                     yield message
             finally:
                 handle.cancel()
@@ -196,6 +204,7 @@ class TextGenerationService(textgen_pb2_grpc.TextGenerationServicer):
                 config=model.config,
                 adapters=model.adapters,
                 request_id=request_id,
+                grammars=model.grammars,
             )
             record.adapter = typed.lora
             record.prompt_tokens = len(typed.prompt_ids)
@@ -223,6 +232,11 @@ class TextGenerationService(textgen_pb2_grpc.TextGenerationServicer):
         try:
             async for event in handle.events():
                 record.add_token(event)
+                if event.error is not None:  # the grammar failed: its output would break the promise
+                    log.error("request %s: grammar failed: %s", handle.request.request_id, event.error)
+                    await _abort(
+                        context, record, grpc.StatusCode.INTERNAL, f"constrained decoding failed: {event.error}"
+                    )
                 yield event
         except ShuttingDownError as exc:
             await _abort(context, record, grpc.StatusCode.UNAVAILABLE, str(exc))
@@ -239,6 +253,15 @@ def _request_id(context: AnyContext) -> str:
         if key == REQUEST_ID_HEADER and isinstance(value, str) and _REQUEST_ID.fullmatch(value):
             return value
     return uuid.uuid4().hex
+
+
+def _tool_calls(calls: tuple[ToolCall, ...]) -> list[pb.ToolCall]:
+    messages = []
+    for call in calls:
+        message = pb.ToolCall(name=call.name)
+        message.arguments.update(call.arguments)
+        messages.append(message)
+    return messages
 
 
 def _usage(event: TokenEvent) -> pb.Usage:

@@ -2,27 +2,37 @@
 
 The bounds are the Workers AI card's (its JSON schema is the source; a test checks that each
 minimum, maximum, minLength and maxLength there is enforced here). Token limits come from the
-model directory's config.
+model directory's config. Tools and `response_format` are compiled into the request's grammar here,
+so that a schema llguidance cannot compile fails this request alone, naming the field.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
+from google.protobuf import json_format, struct_pb2
 from textgen.v1 import textgen_pb2 as pb
 
 from .generation import GenerationRequest
+from .grammar import GrammarCompiler, GrammarError, OutputConstraint
 from .model_config import ModelConfig
 from .prompt import ChatMessage, PromptError, encode_chat, encode_prompt
 from .sampling import PENALTY_MAX, SEED_MAX, SEED_MIN, TEMPERATURE_MAX, TOP_K_MAX, TOP_P_MAX, SamplingParams
 from .tokenizer import Tokenizer
+from .tools import ToolChoice, ToolChoiceMode, ToolSpec, dumps, tools_prompt
 
 MAX_PROMPT_CHARS = 6144
 MAX_CONTENT_CHARS = 6144
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 256
 DEFAULT_MAX_TOKENS = 256
+MAX_SCHEMA_CHARS = 32768  # response_format.json_schema as compact JSON (compiling it blocks the caller)
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
+RESPONSE_FORMATS = ("json_object", "json_schema")
 
 # field: (minimum, maximum), both inclusive: the card's schema bounds, as sampling defines them.
 NUMBER_BOUNDS: dict[str, tuple[float, float]] = {
@@ -67,6 +77,7 @@ def build_request(
     config: ModelConfig,
     adapters: frozenset[str],
     request_id: str,
+    grammars: GrammarCompiler | None = None,
 ) -> GenerationRequest:
     violations: list[FieldViolation] = []
     sampling = _sampling(message, violations)
@@ -74,7 +85,8 @@ def build_request(
     max_tokens = message.max_tokens if message.HasField("max_tokens") else DEFAULT_MAX_TOKENS
     if max_tokens < 1:
         violations.append(FieldViolation("max_tokens", f"must be at least 1, got {max_tokens}"))
-    prompt_ids = _prompt_ids(message, tokenizer, violations)
+    output = _output(message, violations)
+    prompt_ids = _prompt_ids(message, tokenizer, output, violations)
     if prompt_ids is not None:
         _check_token_limits(len(prompt_ids), max_tokens, config, violations)
     if violations:
@@ -90,7 +102,230 @@ def build_request(
         sampling=sampling,
         stop=stop,
         lora=message.lora or None,
+        constraint=_constraint(output, grammars),
     )
+
+
+@dataclass(frozen=True)
+class _Output:
+    """What the request asks the output to be: tool calls offered, or JSON (a schema; None: any object)."""
+
+    tools: tuple[ToolSpec, ...] = ()
+    tool_fields: tuple[str, ...] = ()  # where each tool sits in the request, for error messages
+    choice: ToolChoice = field(default_factory=ToolChoice)
+    json_mode: bool = False
+    json_schema: Mapping[str, Any] | None = None
+
+    @property
+    def offers_tools(self) -> bool:
+        return bool(self.choice.offered(self.tools))
+
+
+def _output(message: pb.GenerateRequest, violations: list[FieldViolation]) -> _Output:
+    tools: tuple[ToolSpec, ...] = ()
+    fields: tuple[str, ...] = ()
+    choice = ToolChoice()
+    if message.WhichOneof("input") == "chat":
+        tools, fields = _tools(message.chat, violations)
+        choice = _tool_choice(message.chat.tool_choice, tools, violations)
+    if not message.HasField("response_format"):
+        return _Output(tools, fields, choice)
+    json_schema = _response_format(message.response_format, violations)
+    if choice.offered(tools):
+        violations.append(
+            FieldViolation(
+                "response_format",
+                "cannot be combined with chat.tools unless chat.tool_choice is 'none': "
+                "the answer is either JSON or tool calls",
+            )
+        )
+    if message.stop:
+        violations.append(
+            FieldViolation(
+                "stop", "cannot be combined with response_format: a stop string would cut the JSON short"
+            )
+        )
+    return _Output(tools, fields, choice, json_mode=True, json_schema=json_schema)
+
+
+def _tools(chat: pb.Chat, violations: list[FieldViolation]) -> tuple[tuple[ToolSpec, ...], tuple[str, ...]]:
+    """The tools, in either form, and where each one sits ("chat.tools[0].function" or "chat.tools[0]")."""
+    specs: list[ToolSpec] = []
+    fields: list[str] = []
+    names: set[str] = set()
+    for index, tool in enumerate(chat.tools):
+        where = f"chat.tools[{index}]"
+        flat = bool(tool.name or tool.description or tool.HasField("parameters"))
+        if tool.HasField("function") and flat:
+            violations.append(
+                FieldViolation(
+                    where,
+                    "give either function {name, description, parameters} or the flat "
+                    "name, description, parameters, not both",
+                )
+            )
+            continue
+        if tool.type not in ("", "function"):
+            violations.append(
+                FieldViolation(f"{where}.type", f"must be 'function', got {_excerpt(tool.type)}")
+            )
+        if tool.HasField("function"):
+            where += ".function"
+            function = tool.function
+            name, description = function.name, function.description
+            parameters = _struct(function.parameters) if function.HasField("parameters") else None
+        else:
+            name, description = tool.name, tool.description
+            parameters = _struct(tool.parameters) if tool.HasField("parameters") else None
+        if not TOOL_NAME.fullmatch(name):
+            violations.append(
+                FieldViolation(
+                    f"{where}.name", f"must be 1 to 64 letters, digits, '_' or '-', got {_excerpt(name)}"
+                )
+            )
+        elif name in names:
+            violations.append(FieldViolation(f"{where}.name", f"{name!r} names two tools"))
+        names.add(name)
+        if parameters is not None and parameters.get("type", "object") != "object":
+            violations.append(
+                FieldViolation(
+                    f"{where}.parameters",
+                    f"must be the JSON Schema of an object (type 'object'), got type "
+                    f"{_excerpt(dumps(parameters['type']))}",
+                )
+            )
+        specs.append(ToolSpec(name, description, parameters))
+        fields.append(where)
+    return tuple(specs), tuple(fields)
+
+
+def _tool_choice(value: str, tools: tuple[ToolSpec, ...], violations: list[FieldViolation]) -> ToolChoice:
+    if value in ("", "auto"):
+        return ToolChoice(ToolChoiceMode.AUTO)
+    if value == "none":
+        return ToolChoice(ToolChoiceMode.NONE)
+    if not tools:
+        violations.append(FieldViolation("chat.tool_choice", f"{_excerpt(value)} needs chat.tools"))
+        return ToolChoice()
+    if value == "required":
+        return ToolChoice(ToolChoiceMode.REQUIRED)
+    if value not in {tool.name for tool in tools}:
+        known = ", ".join(tool.name for tool in tools)
+        violations.append(
+            FieldViolation(
+                "chat.tool_choice",
+                f"must be 'auto', 'none', 'required' or a tool's name ({known}), got {_excerpt(value)}",
+            )
+        )
+        return ToolChoice()
+    return ToolChoice(ToolChoiceMode.FUNCTION, value)
+
+
+def _response_format(
+    response_format: pb.ResponseFormat, violations: list[FieldViolation]
+) -> Mapping[str, Any] | None:
+    kind = response_format.type
+    has_schema = response_format.HasField("json_schema")
+    if kind not in RESPONSE_FORMATS:
+        violations.append(
+            FieldViolation(
+                "response_format.type", f"must be 'json_object' or 'json_schema', got {_excerpt(kind)}"
+            )
+        )
+        return None
+    if kind == "json_object":
+        if has_schema:
+            violations.append(
+                FieldViolation("response_format.json_schema", "applies to type 'json_schema' only")
+            )
+        return None
+    if not has_schema:
+        violations.append(FieldViolation("response_format.json_schema", "required with type 'json_schema'"))
+        return None
+    schema = _struct(response_format.json_schema)
+    # OpenAI's form wraps the schema: {"name": ..., "schema": {...}, "strict": ...}.
+    wrapped = schema.get("schema")
+    if isinstance(wrapped, dict) and "name" in schema and not {"type", "properties"} & schema.keys():
+        schema = wrapped
+    size = len(dumps(schema))
+    if size > MAX_SCHEMA_CHARS:
+        violations.append(
+            FieldViolation(
+                "response_format.json_schema",
+                f"must be at most {MAX_SCHEMA_CHARS} characters as compact JSON, got {size}",
+            )
+        )
+    return schema
+
+
+def _constraint(output: _Output, grammars: GrammarCompiler | None) -> OutputConstraint | None:
+    """The request's grammar, compiled; a schema llguidance refuses is INVALID_ARGUMENT naming it."""
+    if not output.json_mode and not output.offers_tools:
+        return None
+    if grammars is None:
+        where = "response_format" if output.json_mode else "chat.tools"
+        raise UnsupportedFeatureError(f"{where}: this server was started without grammar support")
+    try:
+        if output.json_mode:
+            return OutputConstraint(grammars.json_schema(output.json_schema, "response_format.json_schema"))
+        grammar = grammars.tool_calls(output.tools, output.choice, "chat.tools")
+    except GrammarError as exc:
+        raise InvalidRequestError([_pinpoint(exc, output, grammars)]) from exc
+    return OutputConstraint(grammar, tool_calls=True, text_allowed=output.choice.text_allowed)
+
+
+def _pinpoint(error: GrammarError, output: _Output, grammars: GrammarCompiler) -> FieldViolation:
+    """The tool whose parameters failed to compile (the error path only: one compile per tool)."""
+    if output.json_mode:
+        return FieldViolation(error.field, error.description)
+    required = ToolChoice(ToolChoiceMode.REQUIRED)
+    offered = output.choice.offered(output.tools)
+    for tool, where in zip(output.tools, output.tool_fields):
+        if tool not in offered:
+            continue
+        try:
+            grammars.tool_calls([tool], required, "")
+        except GrammarError as alone:
+            return FieldViolation(f"{where}.parameters", alone.description)
+    return FieldViolation(error.field, error.description)
+
+
+def _struct(struct: struct_pb2.Struct) -> dict[str, Any]:
+    """A google.protobuf.Struct as the JSON Schema it holds, in a canonical key order.
+
+    Struct is a map: the order of its keys is lost on the wire (and differs between processes), but
+    llguidance generates properties in the order of `properties`, and the prompt lists schemas as
+    text. So every object's keys are sorted, except that `properties` puts the names listed in the
+    sibling `required` first, in that order: the same schema always gives the same grammar and
+    prompt, and `required` is how a client orders the output. Struct also keeps every number as a
+    double; whole numbers come back as int, as a JSON parser gives them (llguidance refuses
+    "minLength": 2.0).
+    """
+    value = _canonical(json_format.MessageToDict(struct))
+    assert isinstance(value, dict)
+    return value
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:
+        return int(value)
+    if isinstance(value, list):
+        return [_canonical(item) for item in value]
+    if not isinstance(value, dict):
+        return value
+    ordered = {key: _canonical(value[key]) for key in sorted(value)}
+    properties, required = ordered.get("properties"), ordered.get("required")
+    if isinstance(properties, dict) and isinstance(required, list):
+        first = [name for name in dict.fromkeys(required) if isinstance(name, str) and name in properties]
+        ordered["properties"] = {
+            name: properties[name] for name in [*first, *properties] if name in properties
+        }
+    return ordered
+
+
+def _excerpt(value: str, limit: int = 40) -> str:
+    """A short quote of what was sent."""
+    return repr(value if len(value) <= limit else value[: limit - 1] + "…")
 
 
 def _sampling(message: pb.GenerateRequest, violations: list[FieldViolation]) -> SamplingParams:
@@ -128,7 +363,7 @@ def _stop(message: pb.GenerateRequest, violations: list[FieldViolation]) -> tupl
 
 
 def _prompt_ids(
-    message: pb.GenerateRequest, tokenizer: Tokenizer, violations: list[FieldViolation]
+    message: pb.GenerateRequest, tokenizer: Tokenizer, output: _Output, violations: list[FieldViolation]
 ) -> list[int] | None:
     which = message.WhichOneof("input")
     if which is None:
@@ -146,11 +381,6 @@ def _prompt_ids(
     if message.raw:
         violations.append(FieldViolation("raw", "applies to prompt input only, not to chat"))
     chat = message.chat
-    if chat.tools:
-        raise UnsupportedFeatureError(
-            "chat.tools: function calling is not available for "
-            "Mistral-7B-Instruct-v0.2 (its v1 chat format has no tool tokens)"
-        )
     before = len(violations)
     for index, m in enumerate(chat.messages):
         if len(m.content) > MAX_CONTENT_CHARS:
@@ -163,7 +393,11 @@ def _prompt_ids(
     if len(violations) > before:
         return None
     try:
-        return encode_chat(tokenizer, [ChatMessage(m.role, m.content) for m in chat.messages])
+        return encode_chat(
+            tokenizer,
+            [ChatMessage(m.role, m.content, m.name) for m in chat.messages],
+            tools_prompt(output.tools, output.choice),
+        )
     except PromptError as exc:
         field, _, description = str(exc).partition(": ")
         violations.append(FieldViolation(f"chat.{field}", description))

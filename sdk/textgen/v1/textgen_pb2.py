@@ -25,39 +25,41 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18textgen/v1/textgen.proto\x12\ntextgen.v1\x1a\x1cgoogle/protobuf/struct.proto\"\xc3\x03\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12 \n\x04\x63hat\x18\x02 \x01(\x0b\x32\x10.textgen.v1.ChatH\x00\x12\x0b\n\x03raw\x18\x03 \x01(\x08\x12\x0c\n\x04lora\x18\x04 \x01(\t\x12\x17\n\nmax_tokens\x18\n \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x0b \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x0c \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\r \x01(\x05H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x0e \x01(\x03H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0f \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x10 \x01(\x01H\x07\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x11 \x01(\x01H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\x14 \x03(\tB\x07\n\x05inputB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x14\n\x12_frequency_penaltyB\x13\n\x11_presence_penalty\"N\n\x04\x43hat\x12%\n\x08messages\x18\x01 \x03(\x0b\x32\x13.textgen.v1.Message\x12\x1f\n\x05tools\x18\x02 \x03(\x0b\x32\x10.textgen.v1.Tool\"(\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"<\n\x04Tool\x12\x0c\n\x04type\x18\x01 \x01(\t\x12&\n\x08\x66unction\x18\x02 \x01(\x0b\x32\x14.textgen.v1.Function\"Z\n\x08\x46unction\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12+\n\nparameters\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"D\n\x08ToolCall\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\targuments\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\xa1\x01\n\x10GenerateResponse\x12\x10\n\x08response\x18\x01 \x01(\t\x12(\n\ntool_calls\x18\x02 \x03(\x0b\x32\x14.textgen.v1.ToolCall\x12 \n\x05usage\x18\x03 \x01(\x0b\x32\x11.textgen.v1.Usage\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.textgen.v1.FinishReason\"2\n\x05Token\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07special\x18\x03 \x01(\x08\"\x9f\x01\n\x16GenerateStreamResponse\x12\x10\n\x08response\x18\x01 \x01(\t\x12 \n\x05token\x18\x02 \x01(\x0b\x32\x11.textgen.v1.Token\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.textgen.v1.FinishReason\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.textgen.v1.Usage\"\x15\n\x13GetModelInfoRequest\"\x8c\x02\n\x14GetModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x1a\n\x12\x65xecution_provider\x18\x03 \x01(\t\x12\x18\n\x10max_input_length\x18\x04 \x01(\r\x12\x18\n\x10max_total_tokens\x18\x05 \x01(\r\x12 \n\x18max_batch_prefill_tokens\x18\x06 \x01(\r\x12\x12\n\nvocab_size\x18\x07 \x01(\r\x12\x10\n\x08\x61\x64\x61pters\x18\x08 \x03(\t\x12\x10\n\x08kv_slots\x18\t \x01(\r\x12\x16\n\x0ekv_cache_bytes\x18\n \x01(\x04\x12\x14\n\x0cweight_dtype\x18\x0b \x01(\t*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xff\x01\n\x0eTextGeneration\x12\x45\n\x08Generate\x12\x1b.textgen.v1.GenerateRequest\x1a\x1c.textgen.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1b.textgen.v1.GenerateRequest\x1a\".textgen.v1.GenerateStreamResponse0\x01\x12Q\n\x0cGetModelInfo\x12\x1f.textgen.v1.GetModelInfoRequest\x1a .textgen.v1.GetModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18textgen/v1/textgen.proto\x12\ntextgen.v1\x1a\x1cgoogle/protobuf/struct.proto\"\xf8\x03\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12 \n\x04\x63hat\x18\x02 \x01(\x0b\x32\x10.textgen.v1.ChatH\x00\x12\x0b\n\x03raw\x18\x03 \x01(\x08\x12\x0c\n\x04lora\x18\x04 \x01(\t\x12\x17\n\nmax_tokens\x18\n \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x0b \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x0c \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\r \x01(\x05H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x0e \x01(\x03H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0f \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x10 \x01(\x01H\x07\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x11 \x01(\x01H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\x14 \x03(\t\x12\x33\n\x0fresponse_format\x18\x15 \x01(\x0b\x32\x1a.textgen.v1.ResponseFormatB\x07\n\x05inputB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x14\n\x12_frequency_penaltyB\x13\n\x11_presence_penalty\"L\n\x0eResponseFormat\x12\x0c\n\x04type\x18\x01 \x01(\t\x12,\n\x0bjson_schema\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"c\n\x04\x43hat\x12%\n\x08messages\x18\x01 \x03(\x0b\x32\x13.textgen.v1.Message\x12\x1f\n\x05tools\x18\x02 \x03(\x0b\x32\x10.textgen.v1.Tool\x12\x13\n\x0btool_choice\x18\x03 \x01(\t\"6\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"\x8c\x01\n\x04Tool\x12\x0c\n\x04type\x18\x01 \x01(\t\x12&\n\x08\x66unction\x18\x02 \x01(\x0b\x32\x14.textgen.v1.Function\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12+\n\nparameters\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\"Z\n\x08\x46unction\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12+\n\nparameters\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"D\n\x08ToolCall\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\targuments\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\xa1\x01\n\x10GenerateResponse\x12\x10\n\x08response\x18\x01 \x01(\t\x12(\n\ntool_calls\x18\x02 \x03(\x0b\x32\x14.textgen.v1.ToolCall\x12 \n\x05usage\x18\x03 \x01(\x0b\x32\x11.textgen.v1.Usage\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.textgen.v1.FinishReason\"2\n\x05Token\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07special\x18\x03 \x01(\x08\"\xc9\x01\n\x16GenerateStreamResponse\x12\x10\n\x08response\x18\x01 \x01(\t\x12 \n\x05token\x18\x02 \x01(\x0b\x32\x11.textgen.v1.Token\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.textgen.v1.FinishReason\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.textgen.v1.Usage\x12(\n\ntool_calls\x18\x05 \x03(\x0b\x32\x14.textgen.v1.ToolCall\"\x15\n\x13GetModelInfoRequest\"\x8c\x02\n\x14GetModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x1a\n\x12\x65xecution_provider\x18\x03 \x01(\t\x12\x18\n\x10max_input_length\x18\x04 \x01(\r\x12\x18\n\x10max_total_tokens\x18\x05 \x01(\r\x12 \n\x18max_batch_prefill_tokens\x18\x06 \x01(\r\x12\x12\n\nvocab_size\x18\x07 \x01(\r\x12\x10\n\x08\x61\x64\x61pters\x18\x08 \x03(\t\x12\x10\n\x08kv_slots\x18\t \x01(\r\x12\x16\n\x0ekv_cache_bytes\x18\n \x01(\x04\x12\x14\n\x0cweight_dtype\x18\x0b \x01(\t*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xff\x01\n\x0eTextGeneration\x12\x45\n\x08Generate\x12\x1b.textgen.v1.GenerateRequest\x1a\x1c.textgen.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1b.textgen.v1.GenerateRequest\x1a\".textgen.v1.GenerateStreamResponse0\x01\x12Q\n\x0cGetModelInfo\x12\x1f.textgen.v1.GetModelInfoRequest\x1a .textgen.v1.GetModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'textgen.v1.textgen_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1623
-  _globals['_FINISHREASON']._serialized_end=1718
+  _globals['_FINISHREASON']._serialized_start=1912
+  _globals['_FINISHREASON']._serialized_end=2007
   _globals['_GENERATEREQUEST']._serialized_start=71
-  _globals['_GENERATEREQUEST']._serialized_end=522
-  _globals['_CHAT']._serialized_start=524
-  _globals['_CHAT']._serialized_end=602
-  _globals['_MESSAGE']._serialized_start=604
-  _globals['_MESSAGE']._serialized_end=644
-  _globals['_TOOL']._serialized_start=646
-  _globals['_TOOL']._serialized_end=706
-  _globals['_FUNCTION']._serialized_start=708
-  _globals['_FUNCTION']._serialized_end=798
-  _globals['_TOOLCALL']._serialized_start=800
-  _globals['_TOOLCALL']._serialized_end=868
-  _globals['_USAGE']._serialized_start=870
-  _globals['_USAGE']._serialized_end=949
-  _globals['_GENERATERESPONSE']._serialized_start=952
-  _globals['_GENERATERESPONSE']._serialized_end=1113
-  _globals['_TOKEN']._serialized_start=1115
-  _globals['_TOKEN']._serialized_end=1165
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1168
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1327
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1329
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1350
-  _globals['_GETMODELINFORESPONSE']._serialized_start=1353
-  _globals['_GETMODELINFORESPONSE']._serialized_end=1621
-  _globals['_TEXTGENERATION']._serialized_start=1721
-  _globals['_TEXTGENERATION']._serialized_end=1976
+  _globals['_GENERATEREQUEST']._serialized_end=575
+  _globals['_RESPONSEFORMAT']._serialized_start=577
+  _globals['_RESPONSEFORMAT']._serialized_end=653
+  _globals['_CHAT']._serialized_start=655
+  _globals['_CHAT']._serialized_end=754
+  _globals['_MESSAGE']._serialized_start=756
+  _globals['_MESSAGE']._serialized_end=810
+  _globals['_TOOL']._serialized_start=813
+  _globals['_TOOL']._serialized_end=953
+  _globals['_FUNCTION']._serialized_start=955
+  _globals['_FUNCTION']._serialized_end=1045
+  _globals['_TOOLCALL']._serialized_start=1047
+  _globals['_TOOLCALL']._serialized_end=1115
+  _globals['_USAGE']._serialized_start=1117
+  _globals['_USAGE']._serialized_end=1196
+  _globals['_GENERATERESPONSE']._serialized_start=1199
+  _globals['_GENERATERESPONSE']._serialized_end=1360
+  _globals['_TOKEN']._serialized_start=1362
+  _globals['_TOKEN']._serialized_end=1412
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1415
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1616
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1618
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1639
+  _globals['_GETMODELINFORESPONSE']._serialized_start=1642
+  _globals['_GETMODELINFORESPONSE']._serialized_end=1910
+  _globals['_TEXTGENERATION']._serialized_start=2010
+  _globals['_TEXTGENERATION']._serialized_end=2265
 # @@protoc_insertion_point(module_scope)

@@ -7,6 +7,8 @@ names, so a card request body is valid grpcurl JSON as it is:
   {"prompt": "Hi", "max_tokens": 16}
   {"chat": {"messages": [{"role": "user", "content": "Hi"}]}}
 The card's `stream` flag is the choice between Generate and GenerateStream.
+Extensions beyond the card: `stop`, `response_format` (as newer revisions of the card have it),
+`chat.tool_choice`, the flat tool form, and `name` on a `tool` message.
 """
 
 from collections import abc as _abc
@@ -64,6 +66,7 @@ class GenerateRequest(_message.Message):
     FREQUENCY_PENALTY_FIELD_NUMBER: _builtins.int
     PRESENCE_PENALTY_FIELD_NUMBER: _builtins.int
     STOP_FIELD_NUMBER: _builtins.int
+    RESPONSE_FORMAT_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     """1..6144 characters. With raw=false it is one user turn of the instruct format."""
     raw: _builtins.bool
@@ -96,6 +99,10 @@ class GenerateRequest(_message.Message):
         up to 4 strings that end generation; never emitted
         """
 
+    @_builtins.property
+    def response_format(self) -> Global___ResponseFormat:
+        """JSON mode: the whole response is constrained to JSON, for prompt and chat alike."""
+
     def __init__(
         self,
         *,
@@ -112,10 +119,11 @@ class GenerateRequest(_message.Message):
         frequency_penalty: _builtins.float | None = ...,
         presence_penalty: _builtins.float | None = ...,
         stop: _abc.Iterable[_builtins.str] | None = ...,
+        response_format: Global___ResponseFormat | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_frequency_penalty", b"_frequency_penalty", "_max_tokens", b"_max_tokens", "_presence_penalty", b"_presence_penalty", "_repetition_penalty", b"_repetition_penalty", "_seed", b"_seed", "_temperature", b"_temperature", "_top_k", b"_top_k", "_top_p", b"_top_p", "chat", b"chat", "frequency_penalty", b"frequency_penalty", "input", b"input", "max_tokens", b"max_tokens", "presence_penalty", b"presence_penalty", "prompt", b"prompt", "repetition_penalty", b"repetition_penalty", "seed", b"seed", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_frequency_penalty", b"_frequency_penalty", "_max_tokens", b"_max_tokens", "_presence_penalty", b"_presence_penalty", "_repetition_penalty", b"_repetition_penalty", "_seed", b"_seed", "_temperature", b"_temperature", "_top_k", b"_top_k", "_top_p", b"_top_p", "chat", b"chat", "frequency_penalty", b"frequency_penalty", "input", b"input", "max_tokens", b"max_tokens", "presence_penalty", b"presence_penalty", "prompt", b"prompt", "repetition_penalty", b"repetition_penalty", "response_format", b"response_format", "seed", b"seed", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_frequency_penalty", b"_frequency_penalty", "_max_tokens", b"_max_tokens", "_presence_penalty", b"_presence_penalty", "_repetition_penalty", b"_repetition_penalty", "_seed", b"_seed", "_temperature", b"_temperature", "_top_k", b"_top_k", "_top_p", b"_top_p", "chat", b"chat", "frequency_penalty", b"frequency_penalty", "input", b"input", "lora", b"lora", "max_tokens", b"max_tokens", "presence_penalty", b"presence_penalty", "prompt", b"prompt", "raw", b"raw", "repetition_penalty", b"repetition_penalty", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_frequency_penalty", b"_frequency_penalty", "_max_tokens", b"_max_tokens", "_presence_penalty", b"_presence_penalty", "_repetition_penalty", b"_repetition_penalty", "_seed", b"_seed", "_temperature", b"_temperature", "_top_k", b"_top_k", "_top_p", b"_top_p", "chat", b"chat", "frequency_penalty", b"frequency_penalty", "input", b"input", "lora", b"lora", "max_tokens", b"max_tokens", "presence_penalty", b"presence_penalty", "prompt", b"prompt", "raw", b"raw", "repetition_penalty", b"repetition_penalty", "response_format", b"response_format", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__frequency_penalty: _TypeAlias = _typing.Literal["frequency_penalty"]  # noqa: Y015
     _WhichOneofArgType__frequency_penalty: _TypeAlias = _typing.Literal["_frequency_penalty", b"_frequency_penalty"]  # noqa: Y015
@@ -157,11 +165,45 @@ class GenerateRequest(_message.Message):
 Global___GenerateRequest: _TypeAlias = GenerateRequest  # noqa: Y015
 
 @_typing.final
+class ResponseFormat(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    JSON_SCHEMA_FIELD_NUMBER: _builtins.int
+    type: _builtins.str
+    """"json_object": any JSON object; "json_schema": a JSON object that matches `json_schema`."""
+    @_builtins.property
+    def json_schema(self) -> _struct_pb2.Struct:
+        """The JSON Schema (also accepted: OpenAI's wrapper {"name": ..., "schema": {...}}). A Struct
+        keeps no key order, so an object's properties are generated in the order of its `required`
+        list, then by name.
+        """
+
+    def __init__(
+        self,
+        *,
+        type: _builtins.str = ...,
+        json_schema: _struct_pb2.Struct | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["json_schema", b"json_schema"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["json_schema", b"json_schema", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResponseFormat: _TypeAlias = ResponseFormat  # noqa: Y015
+
+@_typing.final
 class Chat(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MESSAGES_FIELD_NUMBER: _builtins.int
     TOOLS_FIELD_NUMBER: _builtins.int
+    TOOL_CHOICE_FIELD_NUMBER: _builtins.int
+    tool_choice: _builtins.str
+    """"auto" (the default: text or calls), "none", "required" (one or more calls), or the name of
+    the one function to call.
+    """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___Message]: ...
     @_builtins.property
@@ -171,10 +213,11 @@ class Chat(_message.Message):
         *,
         messages: _abc.Iterable[Global___Message] | None = ...,
         tools: _abc.Iterable[Global___Tool] | None = ...,
+        tool_choice: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages", "tools", b"tools"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages", "tool_choice", b"tool_choice", "tools", b"tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -186,19 +229,23 @@ class Message(_message.Message):
 
     ROLE_FIELD_NUMBER: _builtins.int
     CONTENT_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
     role: _builtins.str
-    """system, user or assistant"""
+    """system, user, assistant or tool"""
     content: _builtins.str
     """at most 6144 characters"""
+    name: _builtins.str
+    """a `tool` message: the function whose result it carries (optional)"""
     def __init__(
         self,
         *,
         role: _builtins.str = ...,
         content: _builtins.str = ...,
+        name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "role", b"role"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "name", b"name", "role", b"role"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -206,23 +253,37 @@ Global___Message: _TypeAlias = Message  # noqa: Y015
 
 @_typing.final
 class Tool(_message.Message):
+    """A tool in the card's form {"type": "function", "function": {...}}, or in the flat form
+    {"name", "description", "parameters"} (which Workers AI also accepts); not both.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TYPE_FIELD_NUMBER: _builtins.int
     FUNCTION_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    PARAMETERS_FIELD_NUMBER: _builtins.int
     type: _builtins.str
     """"function" """
+    name: _builtins.str
+    description: _builtins.str
     @_builtins.property
     def function(self) -> Global___Function: ...
+    @_builtins.property
+    def parameters(self) -> _struct_pb2.Struct: ...
     def __init__(
         self,
         *,
         type: _builtins.str = ...,
         function: Global___Function | None = ...,
+        name: _builtins.str = ...,
+        description: _builtins.str = ...,
+        parameters: _struct_pb2.Struct | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["function", b"function"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["function", b"function", "parameters", b"parameters"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["function", b"function", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "function", b"function", "name", b"name", "parameters", b"parameters", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -239,7 +300,10 @@ class Function(_message.Message):
     description: _builtins.str
     @_builtins.property
     def parameters(self) -> _struct_pb2.Struct:
-        """A JSON Schema object: {"type": "object", "properties": {...}, "required": [...]}."""
+        """A JSON Schema object: {"type": "object", "properties": {...}, "required": [...]}. The call's
+        arguments follow the order of `required`, then the other properties by name; no other
+        property unless the schema sets additionalProperties.
+        """
 
     def __init__(
         self,
@@ -367,6 +431,7 @@ class GenerateStreamResponse(_message.Message):
     TOKEN_FIELD_NUMBER: _builtins.int
     FINISH_REASON_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
+    TOOL_CALLS_FIELD_NUMBER: _builtins.int
     response: _builtins.str
     """Text delta; the deltas of a stream concatenate to the full response."""
     finish_reason: Global___FinishReason.ValueType
@@ -377,6 +442,10 @@ class GenerateStreamResponse(_message.Message):
 
     @_builtins.property
     def usage(self) -> Global___Usage: ...
+    @_builtins.property
+    def tool_calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolCall]:
+        """The calls the model made, whole, on the last message only (never as text in `response`)."""
+
     def __init__(
         self,
         *,
@@ -384,10 +453,11 @@ class GenerateStreamResponse(_message.Message):
         token: Global___Token | None = ...,
         finish_reason: Global___FinishReason.ValueType = ...,
         usage: Global___Usage | None = ...,
+        tool_calls: _abc.Iterable[Global___ToolCall] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["token", b"token", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "response", b"response", "token", b"token", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "response", b"response", "token", b"token", "tool_calls", b"tool_calls", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

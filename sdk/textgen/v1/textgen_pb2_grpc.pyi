@@ -7,6 +7,8 @@ names, so a card request body is valid grpcurl JSON as it is:
   {"prompt": "Hi", "max_tokens": 16}
   {"chat": {"messages": [{"role": "user", "content": "Hi"}]}}
 The card's `stream` flag is the choice between Generate and GenerateStream.
+Extensions beyond the card: `stop`, `response_format` (as newer revisions of the card have it),
+`chat.tool_choice`, the flat tool form, and `name` on a `tool` message.
 """
 
 from collections import abc as _abc

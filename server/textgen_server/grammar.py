@@ -1,0 +1,271 @@
+"""Grammar-constrained decoding with llguidance: JSON mode and tool calls that cannot be invalid.
+
+`GrammarCompiler` (one per server: the model's tokenizer as llguidance sees it, and a thread pool)
+turns a request's `response_format` or tools into a `Grammar`, a compiled matcher that is never
+advanced; a bad schema fails there, in validation, naming the field. Each generation starts its own
+`GrammarState` from it (a copy of the matcher), which gives the tokens allowed next as a mask for
+`TokenChooser.choose` (sampling.py applies it after the penalties, before temperature, top-k and
+top-p) and consumes the token chosen. When the grammar is complete the state is `finished` and the
+generation stops; EOS is allowed only where the grammar accepts.
+
+`prefetch_token_masks` computes the masks of one step's constrained rows in a single parallel call
+(llguidance's `LLExecutor`) on a background thread, so that it overlaps the forward pass the
+scheduler runs meanwhile (llguidance and ONNX Runtime both release the GIL); each state waits for
+its mask when sampling asks for it. Rows without a grammar are skipped and pay nothing. A state whose
+mask was not prefetched computes it alone when asked, so correctness never depends on the batch call.
+
+The grammars (Lark, with llguidance's `%json` for schemas):
+
+    JSON mode    start: " "? value                value: %json {schema}
+    tool calls   start: calls | TEXT  (auto)       calls: " "? %json {array of calls}
+                 start: calls         (required or one function)
+
+JSON is compact (no whitespace between tokens: with free whitespace a weak model can spend its
+whole budget on spaces and newlines), and may follow one space, because this tokenizer writes the
+start of an answer as `▁{` / `▁[` (a bare JSON grammar would refuse those tokens).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import llguidance
+import llguidance.numpy as llg_numpy
+import numpy as np
+import numpy.typing as npt
+
+from .tools import CALL_OPENING, WHITESPACE, ToolChoice, ToolSpec
+
+__all__ = [
+    "Grammar",
+    "GrammarCompiler",
+    "GrammarError",
+    "GrammarState",
+    "OutputConstraint",
+    "fill_token_masks",
+    "prefetch_token_masks",
+]
+
+BoolArray = npt.NDArray[np.bool_]
+BitMask = npt.NDArray[np.int32]  # [words]: bit i of word j allows token 32 * j + i
+
+# Compact JSON: the separators without spaces, and no whitespace anywhere else.
+_JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
+_MAX_ERROR_CHARS = 200
+
+
+class GrammarError(ValueError):
+    """A schema or tool definition llguidance cannot compile; `field` names it as the API spells it."""
+
+    def __init__(self, field: str, description: str) -> None:
+        super().__init__(f"{field}: {description}")
+        self.field = field
+        self.description = description
+
+
+class Grammar:
+    """A compiled grammar; never advanced itself, each generation starts a state of its own."""
+
+    def __init__(self, matcher: llguidance.LLMatcher, compiler: GrammarCompiler) -> None:
+        self._matcher = matcher
+        self._compiler = compiler
+
+    def start(self) -> GrammarState:
+        return GrammarState(self._matcher.deep_copy(), self._compiler)
+
+
+@dataclass(frozen=True)
+class OutputConstraint:
+    """What a request's output must be: its grammar, and whether the output is tool calls (with
+    `text_allowed`: text or calls) rather than the response itself (JSON mode)."""
+
+    grammar: Grammar
+    tool_calls: bool = False
+    text_allowed: bool = False
+
+
+class GrammarState:
+    """One generation's position in its grammar: the allowed-token mask, and the tokens consumed."""
+
+    def __init__(self, matcher: llguidance.LLMatcher, compiler: GrammarCompiler) -> None:
+        self._matcher = matcher
+        self._compiler = compiler
+        self._bitmask: BitMask | None = None  # [words] for the current position, once computed
+        self._pending: Future[None] | None = None  # a prefetch computing _bitmask on another thread
+
+    @property
+    def finished(self) -> bool:
+        """The grammar is complete: nothing more can follow (EOS is implied)."""
+        return self._matcher.is_stopped()
+
+    @property
+    def error(self) -> str | None:
+        """Why the matcher failed (a limit hit during generation, or a bug); None while it works."""
+        return _short(self._matcher.get_error()) if self._matcher.is_error() else None
+
+    def allowed_mask(self) -> BoolArray:
+        """bool [vocab]: True where a token may come next. After an error only EOS is allowed, so
+        that the generation ends there."""
+        if self._pending is not None:  # the matcher is not to be touched until the prefetch is done
+            pending, self._pending = self._pending, None
+            pending.result()  # raises what the batched call raised
+        if self._bitmask is None:
+            bitmask = self._compiler.new_bitmask(1)  # [1, words]
+            llg_numpy.fill_next_token_bitmask(self._matcher, bitmask)
+            self._bitmask = bitmask[0]
+        vocab = self._compiler.vocab_size
+        if self._matcher.is_error():
+            only_eos = np.zeros(vocab, dtype=np.bool_)
+            only_eos[self._compiler.eos_id] = True
+            return only_eos
+        bits = np.unpackbits(self._bitmask.view(np.uint8), count=vocab, bitorder="little")  # [vocab] 0/1
+        mask: BoolArray = bits.view(np.bool_)
+        return mask
+
+    def advance(self, token_id: int) -> None:
+        """Consume the token chosen (one the mask allowed; anything else puts the matcher in error)."""
+        self._matcher.consume_token(token_id)
+        self._bitmask = None
+
+
+class _Constrained(Protocol):
+    """What `fill_token_masks` needs of a row: its grammar state, if any (a Generation)."""
+
+    @property
+    def grammar(self) -> GrammarState | None: ...
+
+
+def prefetch_token_masks(rows: Iterable[_Constrained]) -> None:
+    """Start computing the next-token masks of every constrained row, in one parallel call on a
+    background thread; rows without a grammar are skipped. Call it once per step, before the forward
+    pass whose logits the masks apply to, and touch no row's grammar until its `allowed_mask`."""
+    states = _needing_masks(rows)
+    if not states:
+        return
+    pending = states[0]._compiler.prefetcher.submit(_fill, states)
+    for state in states:
+        state._pending = pending
+
+
+def fill_token_masks(rows: Iterable[_Constrained]) -> None:
+    """`prefetch_token_masks`, on the caller's thread: compute the masks now."""
+    states = _needing_masks(rows)
+    if states:
+        _fill(states)
+
+
+def _needing_masks(rows: Iterable[_Constrained]) -> list[GrammarState]:
+    states = [row.grammar for row in rows if row.grammar is not None]
+    return [s for s in states if s._bitmask is None and s._pending is None and not s._matcher.is_stopped()]
+
+
+def _fill(states: Sequence[GrammarState]) -> None:
+    compiler = states[0]._compiler
+    bitmask = compiler.new_bitmask(len(states))  # [rows, words]
+    llg_numpy.fill_next_token_bitmask_par(
+        compiler.executor, [(state._matcher, row) for row, state in enumerate(states)], bitmask
+    )
+    for row, state in enumerate(states):
+        state._bitmask = bitmask[row]
+
+
+class GrammarCompiler:
+    """Compiles requests' grammars against the model's tokenizer; one per server."""
+
+    def __init__(
+        self, tokenizer_json: str, *, eos_id: int, vocab_size: int, threads: int | None = None
+    ) -> None:
+        # n_vocab: the model's logits width, which may exceed the tokenizer's vocabulary.
+        self._tokenizer = llguidance.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=eos_id)
+        self._limits = llguidance.LLParserLimits(verbose_errors=False)  # errors quote no grammar
+        self.executor = llguidance.LLExecutor(threads)  # the pool the masks are computed on
+        # One thread that hands a step's masks to the executor while the forward pass runs.
+        self.prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="textgen-masks")
+        self.eos_id = eos_id
+        self.vocab_size = vocab_size
+        self._words = (vocab_size + 31) // 32
+
+    @classmethod
+    def from_file(cls, path: Path | str, *, eos_id: int, vocab_size: int) -> GrammarCompiler:
+        """From a model directory's tokenizer.json (about 0.3 s for a 32000-token vocabulary)."""
+        return cls(Path(path).read_text(encoding="utf-8"), eos_id=eos_id, vocab_size=vocab_size)
+
+    def json_schema(self, schema: Mapping[str, Any] | None, field: str) -> Grammar:
+        """JSON mode: an object matching `schema` (None: any JSON object)."""
+        body = _compact_schema(schema if schema is not None else {"type": "object"})
+        return self._compile(f'start: " "? value\nvalue: %json {body}\n', field)
+
+    def tool_calls(self, tools: Sequence[ToolSpec], choice: ToolChoice, field: str) -> Grammar:
+        """Calls of the tools `choice` offers (see tools.py for the format), or, when the choice
+        allows text (auto), text that neither starts like a call nor contains one."""
+        items = [
+            {
+                "type": "object",
+                "properties": {"name": {"const": tool.name}, "arguments": _arguments_schema(tool)},
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+            for tool in choice.offered(tools)
+        ]
+        calls = _compact_schema({"type": "array", "minItems": 1, "items": {"anyOf": items}})
+        lark = f'calls: " "? %json {calls}\n'
+        if choice.text_allowed:
+            blank = f"[{_regex_class(WHITESPACE)}]"
+            opening = "".join(f"\\{c}" if c in "[{" else c for c in CALL_OPENING)
+            lark = (
+                "start: calls | TEXT\n"
+                + lark
+                + f"TEXT: (/{blank}*[^{_regex_class(WHITESPACE)}\\[](?s:.*)/ | /{blank}*/)"
+                + f" & ~/(?s:.*){opening}(?s:.*)/\n"
+            )
+        else:
+            lark = "start: calls\n" + lark
+        return self._compile(lark, field)
+
+    def new_bitmask(self, rows: int) -> BitMask:
+        """int32 [rows, words], every token allowed until filled."""
+        return llg_numpy.allocate_token_bitmask(rows, self.vocab_size)
+
+    def _compile(self, lark: str, field: str) -> Grammar:
+        matcher = llguidance.LLMatcher(
+            self._tokenizer, llguidance.LLMatcher.grammar_from_lark(lark), log_level=0, limits=self._limits
+        )
+        if matcher.is_error():
+            raise GrammarError(field, _short(matcher.get_error()))
+        return Grammar(matcher, self)
+
+
+def _arguments_schema(tool: ToolSpec) -> dict[str, Any]:
+    """A tool's parameters as the schema of its `arguments` object. Unless the tool says otherwise,
+    no property beyond those it lists (as text-generation-inference does): a model should not invent
+    arguments."""
+    schema: dict[str, Any] = dict(tool.parameters) if tool.parameters is not None else {"type": "object"}
+    schema.setdefault("type", "object")
+    schema.setdefault("additionalProperties", False)
+    return schema
+
+
+def _compact_schema(schema: Mapping[str, Any]) -> str:
+    """The schema for `%json`, with llguidance's options for compact JSON in place of any of its own."""
+    return json.dumps({**schema, "x-guidance": _JSON_OPTIONS}, ensure_ascii=False)
+
+
+def _regex_class(chars: str) -> str:
+    """The body of a regex character class holding exactly `chars` (whitespace here)."""
+    return "".join({" ": " ", "\t": "\\t", "\n": "\\n", "\r": "\\r"}[c] for c in chars)
+
+
+def _short(message: str) -> str:
+    """llguidance's error without the grammar it quotes: 'at 2(8): failed to compile JSON schema:
+    Invalid type: strin\\n   1 | start: ...' → 'Invalid type: strin'."""
+    first = message.split("\n   1 |", 1)[0].strip()
+    for prefix in ("failed to compile JSON schema: ",):
+        if prefix in first:
+            first = first.split(prefix, 1)[1]
+    first = " ".join(first.split())
+    return first if len(first) <= _MAX_ERROR_CHARS else first[: _MAX_ERROR_CHARS - 1] + "…"

@@ -1,0 +1,353 @@
+"""Grammar-constrained decoding without a model: the grammars made from schemas and tools, the
+per-request state and its batched masks, and generations driven by random logits, whose output must
+validate with jsonschema whatever the sampling parameters."""
+
+# ruff: noqa: F811  (pytest fixtures are imported from tokenizer_fixtures and then requested by name)
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import jsonschema
+import llguidance
+import numpy as np
+import numpy.typing as npt
+import pytest
+from textgen_server.generation import Generation, GenerationRequest, TokenEvent
+from textgen_server.grammar import (
+    Grammar,
+    GrammarCompiler,
+    GrammarError,
+    GrammarState,
+    OutputConstraint,
+    fill_token_masks,
+    prefetch_token_masks,
+)
+from textgen_server.sampling import SamplingParams
+from textgen_server.stopping import FinishReason
+from textgen_server.tokenizer import Tokenizer
+from textgen_server.tools import CALL_OPENING, ToolChoice, ToolChoiceMode, ToolSpec
+from tokenizer_fixtures import grammars, spm_model_path, tok, tokenizer_json  # noqa: F401  (fixtures)
+
+ADD = ToolSpec(
+    "add",
+    "Adds two integers.",
+    {
+        "type": "object",
+        "properties": {"x": {"type": "integer", "minimum": 0, "maximum": 99}, "y": {"type": "integer"}},
+        "required": ["x", "y"],
+    },
+)
+WEATHER = ToolSpec(
+    "get_weather",
+    "Current weather in a city.",
+    {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["c", "f"]}},
+        "required": ["city"],
+    },
+)
+TOOLS = [ADD, WEATHER]
+AUTO, REQUIRED = ToolChoice(ToolChoiceMode.AUTO), ToolChoice(ToolChoiceMode.REQUIRED)
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 10},
+        "age": {"type": "integer", "minimum": 0, "maximum": 130},
+    },
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture(scope="module")
+def raw_tokens(tokenizer_json: Path) -> llguidance.LLTokenizer:
+    """Tokenizes text as generated (no dummy-prefix space in front), e.g. '{' alone."""
+    return llguidance.LLTokenizer(tokenizer_json.read_text(encoding="utf-8"), eos_token=2)
+
+
+def accepts(grammar: Grammar, ids: list[int]) -> tuple[bool, bool]:
+    """(every token was allowed when it came, the grammar was complete after the last one)."""
+    state = grammar.start()
+    for token in ids:
+        if not state.allowed_mask()[token]:
+            return False, False
+        state.advance(token)
+        assert state.error is None
+    return True, state.finished
+
+
+def test_json_mode_is_compact_json_after_an_optional_space(
+    grammars: GrammarCompiler, raw_tokens: llguidance.LLTokenizer
+) -> None:
+    grammar = grammars.json_schema(PERSON, "response_format.json_schema")
+    assert accepts(grammar, raw_tokens.tokenize_str('{"name":"Ada","age":36}')) == (True, True)
+    assert accepts(grammar, raw_tokens.tokenize_str(' {"name":"Ada","age":36}')) == (True, True)
+    assert accepts(grammar, raw_tokens.tokenize_str('{"name":"Ada"')) == (True, False)  # a prefix
+    for wrong in (
+        '{"name": "Ada","age":36}',  # free whitespace
+        '{\n"name":"Ada","age":36}',
+        '  {"name":"Ada","age":36}',  # more than one space before
+        '{"name":"Ada","age":131}',  # out of bounds
+        '{"name":"Ada","age":36,"x":1}',  # additionalProperties: false
+        '{"age":36,"name":"Ada"}',  # properties come in the schema's order
+        '{"name":"Ada and Grace, too","age":36}',  # maxLength
+    ):
+        assert accepts(grammar, raw_tokens.tokenize_str(wrong))[0] is False, wrong
+
+
+def test_json_object_mode_takes_any_object(
+    grammars: GrammarCompiler, raw_tokens: llguidance.LLTokenizer
+) -> None:
+    grammar = grammars.json_schema(None, "response_format")
+    assert accepts(grammar, raw_tokens.tokenize_str('{"a":[1,{"b":null}],"c":"d"}')) == (True, True)
+    assert accepts(grammar, raw_tokens.tokenize_str("[1]"))[0] is False
+
+
+def test_eos_only_where_the_grammar_accepts(grammars: GrammarCompiler, tok: Tokenizer) -> None:
+    state = grammars.json_schema(PERSON, "f").start()
+    assert not state.allowed_mask()[tok.eos_id]
+    auto = grammars.tool_calls(TOOLS, AUTO, "chat.tools").start()
+    assert auto.allowed_mask()[tok.eos_id]  # an empty text answer is an answer
+    required = grammars.tool_calls(TOOLS, REQUIRED, "chat.tools").start()
+    assert not required.allowed_mask()[tok.eos_id]
+
+
+CALLS = ' [{"name":"add","arguments":{"x":1,"y":-2}},{"name":"get_weather","arguments":{"city":"Paris"}}]'
+
+
+@pytest.mark.parametrize(
+    ("text", "auto", "required"),
+    [
+        (CALLS, (True, True), (True, True)),
+        (CALLS.strip(), (True, True), (True, True)),
+        ('[{"name":"get_weather","arguments":{"city":"Paris","unit":"f"}}]', (True, True), (True, True)),
+        ("The weather is fine.", (True, False), (False, False)),  # text: complete only at EOS
+        ("\n\nSure. Lists look like [1, 2].", (True, False), (False, False)),
+        ("[1, 2] is a list", (False, False), (False, False)),  # text never starts like a call
+        (" [not a call", (False, False), (False, False)),
+        (f"Here: {CALL_OPENING}", (False, False), (False, False)),  # nor contains one
+        ('[{"name":"mul","arguments":{}}]', (False, False), (False, False)),  # not a tool
+        ('[{"name":"add","arguments":{"x":1}}]', (False, False), (False, False)),  # y is required
+        ('[{"name":"add","arguments":{"x":1,"y":2,"z":3}}]', (False, False), (False, False)),  # no extras
+        ('[{"name":"add","arguments":{"x":100,"y":2}}]', (False, False), (False, False)),  # maximum
+        ('[{"arguments":{"x":1,"y":2},"name":"add"}]', (False, False), (False, False)),  # name first
+        ("[]", (False, False), (False, False)),  # at least one call
+    ],
+)
+def test_tool_call_grammar(
+    grammars: GrammarCompiler,
+    raw_tokens: llguidance.LLTokenizer,
+    text: str,
+    auto: tuple[bool, bool],
+    required: tuple[bool, bool],
+) -> None:
+    ids = raw_tokens.tokenize_str(text)
+    assert accepts(grammars.tool_calls(TOOLS, AUTO, "chat.tools"), ids) == auto
+    assert accepts(grammars.tool_calls(TOOLS, REQUIRED, "chat.tools"), ids) == required
+
+
+def test_a_named_function_is_the_only_call(
+    grammars: GrammarCompiler, raw_tokens: llguidance.LLTokenizer
+) -> None:
+    grammar = grammars.tool_calls(TOOLS, ToolChoice(ToolChoiceMode.FUNCTION, "get_weather"), "chat.tools")
+    assert accepts(
+        grammar, raw_tokens.tokenize_str('[{"name":"get_weather","arguments":{"city":"Oslo"}}]')
+    ) == (
+        True,
+        True,
+    )
+    assert accepts(grammar, raw_tokens.tokenize_str('[{"name":"add","arguments":{"x":1,"y":2}}]'))[0] is False
+    assert accepts(grammar, raw_tokens.tokenize_str("Hello"))[0] is False
+
+
+@pytest.mark.parametrize("batched", [fill_token_masks, prefetch_token_masks])
+def test_batched_masks_equal_masks_computed_alone(
+    grammars: GrammarCompiler, raw_tokens: llguidance.LLTokenizer, batched: Any
+) -> None:
+    prefixes = ["", '{"name":"A', '{"name":"Ada","age":1', '{"name":"Ada","age":130']
+
+    def state_at(prefix: str) -> GrammarState:
+        state = grammars.json_schema(PERSON, "f").start()
+        for token in raw_tokens.tokenize_str(prefix):
+            state.advance(token)
+        return state
+
+    rows = [SimpleNamespace(grammar=state_at(prefix)) for prefix in prefixes]
+    rows.append(SimpleNamespace(grammar=None))  # an unconstrained row is skipped
+    batched(rows)
+    for prefix, row in zip(prefixes, rows):
+        mask = row.grammar.allowed_mask()  # after a prefetch: waits for it
+        assert mask.shape == (32000,) and mask.dtype == np.bool_
+        assert np.array_equal(mask, state_at(prefix).allowed_mask()), prefix
+        assert 0 < mask.sum() < 32000
+    # Each row's next mask is computed afresh once it has advanced.
+    rows[1].grammar.advance(raw_tokens.tokenize_str("d")[0])
+    batched(rows)
+    assert np.array_equal(rows[1].grammar.allowed_mask(), state_at('{"name":"Ad').allowed_mask())
+
+
+@pytest.mark.parametrize(
+    ("schema", "expected"),
+    [
+        ({"type": "strin"}, "Invalid type: strin"),
+        ({"type": "object", "properties": {"a": {"type": "string", "pattern": "(("}}}, "unclosed group"),
+        ({"type": "object", "properties": {"a": {"not": {}}}}, 'Unimplemented keys: ["not"]'),
+        (
+            {
+                "type": "object",
+                "properties": {"a": {"minimum": 5, "maximum": 1, "type": "integer"}},
+                "required": ["a"],
+            },
+            "unsatisfiable",
+        ),
+        ({"type": "object", "properties": {"a": {"$ref": "#/$defs/b"}}}, "does not exist"),
+    ],
+)
+def test_schemas_llguidance_refuses_name_the_field(
+    grammars: GrammarCompiler, schema: dict[str, Any], expected: str
+) -> None:
+    with pytest.raises(GrammarError) as caught:
+        grammars.json_schema(schema, "response_format.json_schema")
+    assert caught.value.field == "response_format.json_schema"
+    assert expected in caught.value.description
+    # A short excerpt: llguidance's message without the grammar it quotes.
+    assert "start:" not in caught.value.description and len(caught.value.description) <= 200
+
+
+# -- generations driven by random logits --------------------------------------------------------
+
+SCHEMAS: list[dict[str, Any]] = [
+    PERSON,
+    {
+        "type": "object",
+        "properties": {
+            "items": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": 3,
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "sku": {"enum": ["A1", "B2", "C3"]},
+                        "qty": {"type": "integer", "minimum": 1, "maximum": 500},
+                    },
+                    "required": ["sku", "qty"],
+                    "additionalProperties": False,
+                },
+            },
+            "express": {"type": "boolean"},
+        },
+        "required": ["items", "express"],
+        "additionalProperties": False,  # else random keys with free-form strings run to max_tokens
+    },
+]
+SAMPLINGS = [
+    SamplingParams(temperature=0.0),
+    SamplingParams(temperature=1.0, seed=7),
+    SamplingParams(temperature=0.7, top_k=5, top_p=0.9, seed=3),
+    SamplingParams(
+        temperature=1.5, repetition_penalty=1.3, frequency_penalty=0.5, presence_penalty=0.5, seed=11
+    ),
+]
+
+
+def _run(
+    generation: Generation, rng: np.random.Generator, bias: dict[int, float] | None = None
+) -> list[TokenEvent]:
+    """Step with random logits [vocab] (plus `bias` on the first step) until the generation ends."""
+    events = []
+    while not generation.finished:
+        logits: npt.NDArray[np.float32] = rng.normal(0.0, 3.0, 32000).astype(np.float32)
+        for token, value in (bias or {}).items() if not events else ():
+            logits[token] += value
+        fill_token_masks([generation])
+        events.append(generation.step(logits))
+    return events
+
+
+def _request(
+    constraint: OutputConstraint, sampling: SamplingParams, max_new_tokens: int = 400
+) -> GenerationRequest:
+    return GenerationRequest("r", (1, 733), max_new_tokens, sampling, constraint=constraint)
+
+
+@pytest.mark.parametrize("schema", SCHEMAS, ids=["person", "order"])
+@pytest.mark.parametrize("sampling", SAMPLINGS, ids=["greedy", "t1", "topk-topp", "penalties"])
+def test_json_mode_output_validates_whatever_the_sampling(
+    grammars: GrammarCompiler, tok: Tokenizer, schema: dict[str, Any], sampling: SamplingParams
+) -> None:
+    rng = np.random.default_rng(sampling.seed or 0)
+    for _ in range(3):
+        constraint = OutputConstraint(grammars.json_schema(schema, "f"))
+        events = _run(Generation(_request(constraint, sampling), tok, 32000), rng)
+        text = "".join(event.text for event in events)
+        jsonschema.validate(json.loads(text), schema)
+        assert events[-1].finish_reason is FinishReason.STOP and events[-1].token_id != tok.eos_id
+        assert all(event.finish_reason is None for event in events[:-1])
+
+
+def test_json_cut_by_max_tokens_is_a_prefix_and_says_length(
+    grammars: GrammarCompiler, tok: Tokenizer
+) -> None:
+    constraint = OutputConstraint(grammars.json_schema(PERSON, "f"))
+    events = _run(
+        Generation(_request(constraint, SamplingParams(seed=1), max_new_tokens=4), tok, 32000),
+        np.random.default_rng(1),
+    )
+    assert len(events) == 4 and events[-1].finish_reason is FinishReason.LENGTH
+    text = "".join(event.text for event in events).lstrip()  # JSON may follow one space
+    assert '{"name":"'.startswith(text) or text.startswith('{"name":"'), text
+
+
+def _tool_generation(
+    grammars: GrammarCompiler, tok: Tokenizer, choice: ToolChoice, seed: int, max_new_tokens: int = 400
+) -> Generation:
+    grammar = grammars.tool_calls(TOOLS, choice, "chat.tools")
+    constraint = OutputConstraint(grammar, tool_calls=True, text_allowed=choice.text_allowed)
+    return Generation(
+        _request(constraint, SamplingParams(temperature=1.0, seed=seed + 1), max_new_tokens), tok, 32000
+    )
+
+
+def _valid_calls(events: list[TokenEvent]) -> None:
+    calls = events[-1].tool_calls
+    assert calls, "no calls"
+    by_name = {tool.name: tool for tool in TOOLS}
+    for call in calls:
+        parameters = by_name[call.name].parameters
+        assert parameters is not None
+        jsonschema.validate(call.arguments, {**parameters, "additionalProperties": False})
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_required_calls_are_valid_and_never_text(
+    grammars: GrammarCompiler, tok: Tokenizer, seed: int
+) -> None:
+    events = _run(_tool_generation(grammars, tok, REQUIRED, seed), np.random.default_rng(seed))
+    assert events[-1].finish_reason is FinishReason.STOP
+    assert "".join(event.text for event in events) == ""  # call JSON never reaches the response
+    _valid_calls(events)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_auto_answers_text_or_calls(grammars: GrammarCompiler, tok: Tokenizer, seed: int) -> None:
+    bracket = tok.encode("[")[0]  # "▁[": a call's first token, as this tokenizer starts an answer
+    calls = _run(_tool_generation(grammars, tok, AUTO, seed), np.random.default_rng(seed), {bracket: 100.0})
+    assert "".join(event.text for event in calls) == ""
+    _valid_calls(calls)
+    text = _run(_tool_generation(grammars, tok, AUTO, seed, max_new_tokens=60), np.random.default_rng(seed))
+    response = "".join(event.text for event in text)
+    assert response.strip() and not response.lstrip().startswith("[") and CALL_OPENING not in response
+    assert text[-1].tool_calls == ()
+    # Held-back text comes out in order: the deltas are the decode of the generated ids.
+    assert response == tok.decode([event.token_id for event in text if event.token_id != tok.eos_id])
+
+
+def test_calls_cut_by_max_tokens_report_no_call(grammars: GrammarCompiler, tok: Tokenizer) -> None:
+    events = _run(_tool_generation(grammars, tok, REQUIRED, 1, max_new_tokens=6), np.random.default_rng(1))
+    assert events[-1].finish_reason is FinishReason.LENGTH
+    assert events[-1].tool_calls == () and "".join(event.text for event in events) == ""

@@ -1,0 +1,392 @@
+"""Tools and JSON mode from the wire to a typed request, without a model: the documented prompt format
+(golden), the two tool forms, the runWithTools round trip, the call splitter, and every refusal
+naming its field."""
+
+# ruff: noqa: F811  (pytest fixtures are imported from tokenizer_fixtures and then requested by name)
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from google.protobuf import json_format
+from textgen.v1 import textgen_pb2 as pb
+from textgen_server.grammar import GrammarCompiler
+from textgen_server.model_config import ModelConfig
+from textgen_server.tokenizer import Tokenizer
+from textgen_server.tools import CallSplitter, ToolCall, parse_call_message
+from textgen_server.validation import InvalidRequestError, build_request
+from tokenizer_fixtures import grammars, spm_model_path, tok, tokenizer_json  # noqa: F401  (fixtures)
+
+CONFIG = ModelConfig("test", "fp32", num_layers=2, num_kv_heads=2, head_dim=16, vocab_size=32000)
+PARAMETERS = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}},
+    "required": ["city"],
+}
+NESTED = {
+    "type": "function",
+    "function": {"name": "get_weather", "description": "Current weather", "parameters": PARAMETERS},
+}
+FLAT = {"name": "get_weather", "description": "Current weather", "parameters": PARAMETERS}
+QUESTION = {"role": "user", "content": "What is the weather in Paris?"}
+
+# The documented format (README, "Tools"): the tools offered close the last user turn.
+TOOLS_BLOCK = (
+    "You can call these functions:\n"
+    '[{"name":"get_weather","description":"Current weather","parameters":'
+    '{"properties":{"city":{"type":"string"},"unit":{"enum":["c","f"]}},"required":["city"],"type":"object"}}]\n'
+    "To call one or more of them, reply with nothing but a JSON array of calls: "
+    '[{"name":"<function name>","arguments":{<its arguments>}}]. Otherwise, answer in plain text.'
+)
+
+
+def typed(tok: Tokenizer, grammars: GrammarCompiler, body: dict[str, Any]) -> Any:
+    message = json_format.ParseDict({"max_tokens": 16, **body}, pb.GenerateRequest())
+    return build_request(
+        message, tokenizer=tok, config=CONFIG, adapters=frozenset(), request_id="t", grammars=grammars
+    )
+
+
+def violations(tok: Tokenizer, grammars: GrammarCompiler, body: dict[str, Any]) -> list[tuple[str, str]]:
+    with pytest.raises(InvalidRequestError) as caught:
+        typed(tok, grammars, body)
+    return [(v.field, v.description) for v in caught.value.violations]
+
+
+def test_tools_prompt_golden(tok: Tokenizer, grammars: GrammarCompiler) -> None:
+    request = typed(
+        tok,
+        grammars,
+        {"chat": {"messages": [{"role": "system", "content": "Be brief."}, QUESTION], "tools": [NESTED]}},
+    )
+    expected = [
+        tok.bos_id,
+        *tok.encode(f"[INST] Be brief.\n\nWhat is the weather in Paris?\n\n{TOOLS_BLOCK} [/INST]"),
+    ]
+    assert list(request.prompt_ids) == expected
+    assert (
+        request.constraint is not None and request.constraint.tool_calls and request.constraint.text_allowed
+    )
+
+
+def test_flat_and_nested_tools_give_the_same_tokens(tok: Tokenizer, grammars: GrammarCompiler) -> None:
+    nested = typed(tok, grammars, {"chat": {"messages": [QUESTION], "tools": [NESTED]}})
+    flat = typed(tok, grammars, {"chat": {"messages": [QUESTION], "tools": [FLAT]}})
+    # A Struct keeps no key order; the prompt must not depend on the order the client wrote.
+    properties = {"unit": {"enum": ["c", "f"]}, "city": {"type": "string"}}
+    parameters = {"required": ["city"], "properties": properties, "type": "object"}
+    reordered = {"parameters": parameters, "description": "Current weather", "name": "get_weather"}
+    shuffled = typed(tok, grammars, {"chat": {"messages": [QUESTION], "tools": [reordered]}})
+    assert nested.prompt_ids == flat.prompt_ids == shuffled.prompt_ids
+    assert tok.decode(list(nested.prompt_ids)).endswith(f"{TOOLS_BLOCK} [/INST]")
+
+
+@pytest.mark.parametrize(
+    ("choice", "how"),
+    [
+        (
+            "required",
+            (
+                "Reply with nothing but a JSON array of one or more calls: "
+                '[{"name":"<function name>","arguments":{<its arguments>}}].'
+            ),
+        ),
+        (
+            "get_weather",
+            (
+                "Reply with nothing but a JSON array of calls of get_weather: "
+                '[{"name":"get_weather","arguments":{<its arguments>}}].'
+            ),
+        ),
+    ],
+)
+def test_tool_choice_changes_the_instruction(
+    tok: Tokenizer, grammars: GrammarCompiler, choice: str, how: str
+) -> None:
+    request = typed(
+        tok, grammars, {"chat": {"messages": [QUESTION], "tools": [NESTED], "tool_choice": choice}}
+    )
+    assert tok.decode(list(request.prompt_ids)).endswith(f"{how} [/INST]")
+    assert request.constraint is not None and not request.constraint.text_allowed
+
+
+def test_tool_choice_none_offers_nothing(tok: Tokenizer, grammars: GrammarCompiler) -> None:
+    none = typed(tok, grammars, {"chat": {"messages": [QUESTION], "tools": [NESTED], "tool_choice": "none"}})
+    plain = typed(tok, grammars, {"chat": {"messages": [QUESTION]}})
+    assert none.prompt_ids == plain.prompt_ids and none.constraint is None
+
+
+def test_round_trip_renders_as_documented(tok: Tokenizer, grammars: GrammarCompiler) -> None:
+    """Workers AI's runWithTools: the call as an assistant message, the result as a `tool` message."""
+    messages = [
+        QUESTION,
+        {"role": "assistant", "content": '{"name": "get_weather", "arguments": {"city": "Paris"}}'},
+        {"role": "tool", "name": "get_weather", "content": '{"temp_c": 21}'},
+    ]
+    request = typed(tok, grammars, {"chat": {"messages": messages}})
+    expected = [
+        tok.bos_id,
+        *tok.encode("[INST] What is the weather in Paris? [/INST]"),
+        *tok.encode('[{"name":"get_weather","arguments":{"city":"Paris"}}]'),
+        tok.eos_id,
+        *tok.encode('[INST] Function results:\n[{"name":"get_weather","result":{"temp_c":21}}] [/INST]'),
+    ]
+    assert list(request.prompt_ids) == expected
+    assert request.constraint is None  # the final answer: no tools offered
+
+
+def test_several_calls_their_results_and_a_user_message(tok: Tokenizer, grammars: GrammarCompiler) -> None:
+    messages = [
+        QUESTION,
+        {"role": "assistant", "content": '{"name":"get_weather","arguments":{"city":"Paris"}}'},
+        {"role": "assistant", "content": '{"name":"get_weather","arguments":{"city":"Oslo"}}'},
+        {"role": "tool", "content": "sunny"},  # the name comes from its call
+        {"role": "tool", "name": "get_weather", "content": "[1, 2]"},
+        {"role": "user", "content": "And in Rome?"},
+    ]
+    request = typed(tok, grammars, {"chat": {"messages": messages, "tools": [FLAT]}})
+    expected = [
+        tok.bos_id,
+        *tok.encode("[INST] What is the weather in Paris? [/INST]"),
+        *tok.encode(
+            '[{"name":"get_weather","arguments":{"city":"Paris"}},'
+            '{"name":"get_weather","arguments":{"city":"Oslo"}}]'
+        ),
+        tok.eos_id,
+        *tok.encode(
+            "[INST] Function results:\n"
+            '[{"name":"get_weather","result":"sunny"},{"name":"get_weather","result":[1,2]}]\n\n'
+            f"And in Rome?\n\n{TOOLS_BLOCK} [/INST]"
+        ),
+    ]
+    assert list(request.prompt_ids) == expected
+
+
+@pytest.mark.parametrize(
+    ("messages", "field", "description"),
+    [
+        (
+            [QUESTION, {"role": "tool", "content": "x"}],
+            "chat.messages[1].role",
+            "a 'tool' message must follow an 'assistant' message holding a tool call",
+        ),
+        (
+            [QUESTION, {"role": "assistant", "content": "Sunny."}, {"role": "tool", "content": "x"}],
+            "chat.messages[2].role",
+            "a 'tool' message must follow an 'assistant' message holding a tool call",
+        ),
+        (
+            [
+                QUESTION,
+                {"role": "assistant", "content": '[{"name":"f","arguments":{}}]'},
+                {"role": "tool", "content": "1"},
+                {"role": "tool", "content": "2"},
+            ],
+            "chat.messages[3].role",
+            "more 'tool' results than the 1 call(s) in messages[1]",
+        ),
+        (
+            [QUESTION, {"role": "assistant", "content": '[{"name":"f","arguments":{}}]'}],
+            "chat.messages[1].role",
+            "the conversation must end with a 'user' or 'tool' message, got 'assistant'",
+        ),
+    ],
+)
+def test_bad_tool_conversations(
+    tok: Tokenizer, grammars: GrammarCompiler, messages: list[dict[str, str]], field: str, description: str
+) -> None:
+    assert violations(tok, grammars, {"chat": {"messages": messages}}) == [(field, description)]
+
+
+BAD_SCHEMA = {"type": "object", "properties": {"city": {"type": "strin"}}}
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "excerpt"),
+    [
+        (
+            {"chat": {"messages": [QUESTION], "tools": [NESTED], "tool_choice": "get_wether"}},
+            "chat.tool_choice",
+            "got 'get_wether'",
+        ),
+        (
+            {"chat": {"messages": [QUESTION], "tool_choice": "required"}},
+            "chat.tool_choice",
+            "needs chat.tools",
+        ),
+        (
+            {"chat": {"messages": [QUESTION], "tools": [{**FLAT, "parameters": BAD_SCHEMA}]}},
+            "chat.tools[0].parameters",
+            "Invalid type: strin",
+        ),
+        (
+            {
+                "chat": {
+                    "messages": [QUESTION],
+                    "tools": [
+                        NESTED,
+                        {"type": "function", "function": {"name": "f", "parameters": BAD_SCHEMA}},
+                    ],
+                }
+            },
+            "chat.tools[1].function.parameters",
+            "Invalid type: strin",
+        ),
+        (
+            {"chat": {"messages": [QUESTION], "tools": [{"name": "f", "parameters": {"type": "string"}}]}},
+            "chat.tools[0].parameters",
+            "type 'object'",
+        ),
+        ({"chat": {"messages": [QUESTION], "tools": [{**NESTED, **FLAT}]}}, "chat.tools[0]", "not both"),
+        (
+            {"chat": {"messages": [QUESTION], "tools": [{"name": "get weather"}]}},
+            "chat.tools[0].name",
+            "got 'get weather'",
+        ),
+        (
+            {"chat": {"messages": [QUESTION], "tools": [FLAT, NESTED]}},
+            "chat.tools[1].function.name",
+            "names two tools",
+        ),
+        (
+            {"chat": {"messages": [QUESTION], "tools": [{**NESTED, "type": "retrieval"}]}},
+            "chat.tools[0].type",
+            "got 'retrieval'",
+        ),
+        (
+            {"prompt": "Hi", "response_format": {"type": "json_schema", "json_schema": BAD_SCHEMA}},
+            "response_format.json_schema",
+            "Invalid type: strin",
+        ),
+        (
+            {"prompt": "Hi", "response_format": {"type": "json_schema"}},
+            "response_format.json_schema",
+            "required",
+        ),
+        (
+            {"prompt": "Hi", "response_format": {"type": "json_object", "json_schema": PARAMETERS}},
+            "response_format.json_schema",
+            "'json_schema' only",
+        ),
+        ({"prompt": "Hi", "response_format": {"type": "text"}}, "response_format.type", "got 'text'"),
+        (
+            {"prompt": "Hi", "response_format": {"type": "json_object"}, "stop": ["}"]},
+            "stop",
+            "cut the JSON short",
+        ),
+        (
+            {"chat": {"messages": [QUESTION], "tools": [FLAT]}, "response_format": {"type": "json_object"}},
+            "response_format",
+            "either JSON or tool calls",
+        ),
+        (
+            {
+                "prompt": "Hi",
+                "response_format": {"type": "json_schema", "json_schema": {"enum": ["x" * 40000]}},
+            },
+            "response_format.json_schema",
+            "at most 32768 characters",
+        ),
+    ],
+)
+def test_refusals_name_the_field(
+    tok: Tokenizer, grammars: GrammarCompiler, body: dict[str, Any], field: str, excerpt: str
+) -> None:
+    ((got_field, description),) = violations(tok, grammars, body)
+    assert got_field == field and excerpt in description and len(description) <= 240
+
+
+def test_response_format_for_prompt_and_chat(tok: Tokenizer, grammars: GrammarCompiler) -> None:
+    for body in (
+        {"prompt": "Hi"},
+        {"chat": {"messages": [QUESTION]}},
+        {"chat": {"messages": [QUESTION], "tools": [FLAT], "tool_choice": "none"}},
+    ):
+        request = typed(
+            tok, grammars, {**body, "response_format": {"type": "json_schema", "json_schema": PARAMETERS}}
+        )
+        assert request.constraint is not None and not request.constraint.tool_calls
+
+
+def test_openai_wrapper_is_unwrapped(tok: Tokenizer, grammars: GrammarCompiler) -> None:
+    wrapper = {"name": "w", "strict": True, "schema": BAD_SCHEMA}  # OpenAI's form of json_schema
+    body = {"prompt": "Hi", "response_format": {"type": "json_schema", "json_schema": wrapper}}
+    assert violations(tok, grammars, body) == [("response_format.json_schema", "Invalid type: strin")]
+
+
+def test_without_a_grammar_compiler_tools_are_unimplemented(tok: Tokenizer) -> None:
+    from textgen_server.validation import UnsupportedFeatureError
+
+    message = json_format.ParseDict({"chat": {"messages": [QUESTION], "tools": [FLAT]}}, pb.GenerateRequest())
+    with pytest.raises(UnsupportedFeatureError, match="chat.tools"):
+        build_request(message, tokenizer=tok, config=CONFIG, adapters=frozenset(), request_id="t")
+
+
+# -- the call splitter and call messages ----------------------------------------------------------
+
+
+def test_splitter_holds_blank_text_until_the_answer_shows_its_kind() -> None:
+    text = CallSplitter(calls_only=False)
+    assert [text.push(d) for d in (" ", "\n", "Hi", " there")] == ["", "", " \nHi", " there"]
+    assert text.push("", final=True) == "" and text.calls == ()
+    calls = CallSplitter(calls_only=False)
+    deltas = [" ", '[{"name":"f",', '"arguments":{"a":1}}', "]"]
+    assert [calls.push(d, final=i == 3) for i, d in enumerate(deltas)] == ["", "", "", ""]
+    assert calls.calls == (ToolCall("f", {"a": 1}),)
+    blank = CallSplitter(calls_only=False)
+    assert blank.push(" ") == "" and blank.push("\n", final=True) == " \n"
+    cut = CallSplitter(calls_only=True)
+    assert cut.push('[{"name":"f","argu', final=True) == "" and cut.calls == ()
+
+
+@pytest.mark.parametrize(
+    ("content", "calls"),
+    [
+        ('{"name":"f","arguments":{"a":1}}', [ToolCall("f", {"a": 1})]),
+        (
+            ' [{"name": "f", "arguments": {}}, {"name": "g", "arguments": {"b": [2]}}] ',
+            [ToolCall("f", {}), ToolCall("g", {"b": [2]})],
+        ),
+        ('{"name":"f","arguments":{},"id":"1"}', None),  # not exactly a call
+        ('{"a": 1}', None),
+        ("[]", None),
+        ('{"name": "f"', None),
+        ("Sunny, 21 °C.", None),
+    ],
+)
+def test_call_messages(content: str, calls: list[ToolCall] | None) -> None:
+    assert parse_call_message(content) == calls
+
+
+# -- the README documents the format the code renders -----------------------------------------------
+
+
+def _as_documented(tok: Tokenizer, ids: list[int]) -> str:
+    """Prompt ids as the README writes them: <s> and </s> for BOS and EOS, decoded text between."""
+    text, run = [], []
+    for token in [*ids, None]:
+        if token in (tok.bos_id, tok.eos_id, None):
+            text.append(tok.decode(run))
+            run = []
+            if token is not None:
+                text.append("<s>" if token == tok.bos_id else "</s>")
+        else:
+            run.append(token)
+    return "".join(text)
+
+
+def test_readme_shows_the_rendered_prompts(tok: Tokenizer, grammars: GrammarCompiler) -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Tools and JSON mode\n", 1)[1].split("\n## ", 1)[0]
+    offered, round_trip = [block.split("\n```", 1)[0] for block in section.split("\n```\n")[1::2]]
+    request = typed(tok, grammars, {"chat": {"messages": [QUESTION], "tools": [NESTED]}})
+    assert _as_documented(tok, list(request.prompt_ids)) == offered
+    messages = [
+        QUESTION,
+        {"role": "assistant", "content": '{"name": "get_weather", "arguments": {"city": "Paris"}}'},
+        {"role": "tool", "name": "get_weather", "content": '{"temp_c": 21}'},
+    ]
+    request = typed(tok, grammars, {"chat": {"messages": messages}})
+    assert _as_documented(tok, list(request.prompt_ids)) == round_trip
