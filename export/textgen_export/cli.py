@@ -7,6 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
+from textgen_server.model_config import DEFAULT_LORA_RANK
+
 from .errors import ExportError
 
 
@@ -32,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="activations and KV cache (default: fp16 with fp16 weights, else fp32; "
         "use fp16 with int4/int8 for a GPU)",
     )
+    _lora_slot_options(model)
     model.add_argument("--name", help="model name reported by the server (default: the source)")
     model.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     model.add_argument("--debug", action="store_true", help="show the full traceback when the export fails")
@@ -43,9 +46,39 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", choices=["fp32", "fp16", "int4", "int8"], default="fp32", help="as for `model`"
     )
     demo.add_argument("--activations", choices=["fp32", "fp16"], default=None, help="as for `model`")
+    _lora_slot_options(demo)
     demo.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     demo.add_argument("--debug", action="store_true", help="show the full traceback when the export fails")
+
+    lora = commands.add_parser(
+        "lora",
+        help="convert a PEFT LoRA adapter for a model directory (the file textgen-server --lora-dir loads)",
+    )
+    lora.add_argument("peft_dir", type=Path, help="PEFT adapter folder: adapter_config.json, adapter_model.safetensors")
+    lora.add_argument("--base", type=Path, required=True, help="the model directory it will be served with")
+    lora.add_argument(
+        "--out", type=Path, required=True, help="file to write (.npz added when missing); its name is the adapter's"
+    )
+    lora.add_argument("--debug", action="store_true", help="show the full traceback when the conversion fails")
     return parser
+
+
+def _lora_slot_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--lora-slots",
+        type=int,
+        default=0,
+        metavar="N",
+        help="adapters servable at once in one batch (default 0: no LoRA support, the plain graph)",
+    )
+    parser.add_argument(
+        "--lora-rank",
+        type=int,
+        default=DEFAULT_LORA_RANK,
+        metavar="R",
+        help=f"the largest adapter rank the slots hold (default {DEFAULT_LORA_RANK}; Workers AI "
+        "accepts up to 32: --lora-rank 32 takes those, at twice the adapter work per pass)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,7 +97,13 @@ def main(argv: list[str] | None = None) -> int:
                 activations=args.activations,
                 name=args.name or args.source,
                 overwrite=args.overwrite,
+                lora_slots=args.lora_slots,
+                lora_rank=args.lora_rank,
             )
+        elif args.command == "lora":
+            from .lora import convert_peft_adapter
+
+            args.out = convert_peft_adapter(args.peft_dir, args.base, args.out)
         else:
             from .demo import build_demo
 
@@ -74,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
                 dtype=args.dtype,
                 activations=args.activations,
                 overwrite=args.overwrite,
+                lora_slots=args.lora_slots,
+                lora_rank=args.lora_rank,
             )
     except ExportError as exc:
         print(f"textgen-export: error: {exc}", file=sys.stderr)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from textgen_server.model_config import ModelConfig
+from textgen_server.model_config import DEFAULT_LORA_RANK, ModelConfig
 
 from .onnx_export import export_checkpoint
 from .random_weights import DemoSize, decoder_shape, mistral_config, random_weights, save_checkpoint
@@ -54,6 +54,8 @@ def build_demo(
     dtype: str = "fp32",
     activations: str | None = None,
     overwrite: bool = False,
+    lora_slots: int = 0,
+    lora_rank: int = DEFAULT_LORA_RANK,
 ) -> ModelConfig:
     """The demo model directory, with its checkpoint bundled in `out/checkpoint/` for parity tests.
 
@@ -76,4 +78,6 @@ def build_demo(
             dtype=dtype,
             activations=activations,
             weights=(decoder_shape(config), weights),
+            lora_slots=lora_slots,
+            lora_rank=lora_rank,
         )

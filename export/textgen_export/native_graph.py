@@ -12,6 +12,14 @@ About 15 nodes a layer:
   gate and up projections;
 - the LM head runs on the last position only; logits leave as float32 whatever the dtype.
 
+With LoRA slots (`lora`, a LoraLayout), every target projection also adds its row's adapter:
+`x @ Gather(A_all, lora_index) @ Gather(B_all, lora_index)`, where A_all [slots + 1, in, r] and
+B_all [slots + 1, r, out] are graph inputs the engine binds once and `lora_index` [batch] picks each
+row's slot (slot 0 is all zeros: the base model). Any mix of adapters and the base model runs in one
+forward pass, with plain ONNX ops (Gather, batched MatMul), as vLLM's CPU path does. The packed q/k/v
+and gate/up MatMuls get packed adapters too: A concatenated along the rank, B block-diagonal
+(model_config.LORA_GROUPS). The adapters stay in the activation dtype whatever the weights' dtype.
+
 Standard ONNX operators (opset 18) plus two ONNX Runtime contrib ops that both its CPU and CUDA
 providers implement (GroupQueryAttention, SimplifiedLayerNormalization); IR version 8, which
 onnxruntime 1.32 and onnxruntime-gpu 1.31.1 both load. Tensor layouts are noted next to each op.
@@ -26,7 +34,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from onnx import GraphProto, ModelProto, NodeProto, TensorProto, ValueInfoProto, helper, numpy_helper
-from textgen_server.model_config import ModelIO
+from textgen_server.model_config import LoraLayout, ModelIO
 
 OPSET = 18
 IR_VERSION = 8
@@ -72,6 +80,7 @@ class _Builder:
         self.np_dtype = _NUMPY_DTYPES[dtype]
         self.nodes: list[NodeProto] = []
         self.initializers: list[TensorProto] = []
+        self._constants: set[str] = set()
         self._count = 0
 
     def op(self, op_type: str, inputs: list[str], name: str = "", node: str = "", **attrs: Any) -> str:
@@ -99,6 +108,10 @@ class _Builder:
         return name
 
     def ints(self, name: str, values: list[int]) -> str:
+        """An int64 constant; asking again for the same name reuses it."""
+        if name in self._constants:
+            return name
+        self._constants.add(name)
         return self.weight(name, np.array(values, dtype=np.int64), cast=False)
 
 
@@ -106,13 +119,54 @@ def _value_info(name: str, elem: int, dims: list[str | int]) -> ValueInfoProto:
     return helper.make_tensor_value_info(name, elem, dims)
 
 
+def lora_layout(shape: DecoderShape, slots: int, rank: int) -> LoraLayout:
+    """The adapter slots of a decoder of this shape: every target projection, `rank` at most."""
+    s = shape
+    q_out, kv_out = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+    modules = {
+        "q_proj": (s.hidden_size, q_out),
+        "k_proj": (s.hidden_size, kv_out),
+        "v_proj": (s.hidden_size, kv_out),
+        "o_proj": (q_out, s.hidden_size),
+        "gate_proj": (s.hidden_size, s.intermediate_size),
+        "up_proj": (s.hidden_size, s.intermediate_size),
+        "down_proj": (s.intermediate_size, s.hidden_size),
+    }
+    return LoraLayout(slots=slots, rank=rank, modules=modules)
+
+
 def build_decoder_graph(
-    shape: DecoderShape, weights: dict[str, npt.NDArray[Any]], dtype: str, io: ModelIO | None = None
+    shape: DecoderShape,
+    weights: dict[str, npt.NDArray[Any]],
+    dtype: str,
+    io: ModelIO | None = None,
+    lora: LoraLayout | None = None,
 ) -> ModelProto:
-    """The decoder as an ONNX model; `weights` are the checkpoint's tensors by their HF names."""
+    """The decoder as an ONNX model; `weights` are the checkpoint's tensors by their HF names.
+    With `lora`, the target projections carry adapter slots (module docstring)."""
     io = io or ModelIO()
     g = _Builder(dtype)
     s = shape
+    lora_inputs: list[ValueInfoProto] = []
+
+    def projection(x: str, weight: str, layer: int, group: str) -> str:
+        """x @ weight, plus each row's adapter for this group when the graph has slots."""
+        base = g.op("MatMul", [x, weight])  # [b, seq, out]
+        if lora is None:
+            return base
+        fan_in, rank, fan_out = lora.group_shape(group)
+        a_name, b_name = io.lora_a.format(layer, group), io.lora_b.format(layer, group)
+        lora_inputs.append(_value_info(a_name, g.elem, ["lora_slots", fan_in, rank]))
+        lora_inputs.append(_value_info(b_name, g.elem, ["lora_slots", rank, fan_out]))
+        # Every bound slot's A on every token, then each token keeps its own slot's product: one GEMM
+        # per slot over all tokens, reading each adapter once (no per-row copies of the weights).
+        tokens = g.op("Reshape", [x, g.ints(f"c_flat_{fan_in}", [-1, fan_in])])  # [b*seq, in]
+        xa = g.op("MatMul", [tokens, a_name])  # [k, b*seq, rank]
+        xa = g.op("Transpose", [g.op("Mul", [xa, "lora_mask"])], perm=[1, 0, 2])  # [b*seq, k, rank]
+        xa = g.op("Reshape", [xa, "lora_rows_shape"])  # [b, seq, k*rank]
+        b_flat = g.op("Reshape", [b_name, g.ints(f"c_bflat_{fan_out}", [-1, fan_out])])  # [k*rank, out]
+        return g.op("Add", [base, g.op("MatMul", [xa, b_flat])])  # [b, seq, out]
+
     g.ints("c_m1", [-1])
     g.ints("c_end", [2**63 - 1])
     g.ints("axes_1", [1])
@@ -131,6 +185,8 @@ def build_decoder_graph(
         w = g.weight(weight_name, weights[weight_name])
         return g.op("SimplifiedLayerNormalization", [x, w], axis=-1, epsilon=s.rms_norm_eps, stash_type=1)
 
+    if lora is not None:
+        _lora_mask(g, io, lora_a=io.lora_a.format(0, "o"))
     hidden = g.op(
         "Gather", [g.weight("model.embed_tokens.weight", weights["model.embed_tokens.weight"]), io.input_ids]
     )  # [b, seq, hidden]
@@ -139,7 +195,7 @@ def build_decoder_graph(
         # -- attention: one packed q/k/v MatMul, then GroupQueryAttention with the cache in place ----
         normed = rms_norm(hidden, p + "input_layernorm.weight")
         qkv_w = np.concatenate([weights[p + f"self_attn.{n}_proj.weight"] for n in "qkv"], axis=0).T
-        qkv = g.op("MatMul", [normed, g.weight(p + "qkv.weight", qkv_w)])  # [b, seq, (h + 2 kv) d]
+        qkv = projection(normed, g.weight(p + "qkv.weight", qkv_w), layer, "qkv")  # [b, seq, (h + 2 kv) d]
         # Rotary inside the op at each row's own positions (derived from seqlens_k); the new keys and
         # values are written into the past buffers, which the engine binds as the presents too.
         attended, _, _ = g.op_n(
@@ -165,7 +221,7 @@ def build_decoder_graph(
             scale=float(1.0 / np.sqrt(s.head_dim)),
         )  # [b, seq, h d]
         o_w = g.weight(p + "self_attn.o_proj.weight", weights[p + "self_attn.o_proj.weight"].T)
-        hidden = g.op("Add", [hidden, g.op("MatMul", [attended, o_w])])  # [b, seq, hidden]
+        hidden = g.op("Add", [hidden, projection(attended, o_w, layer, "o")])  # [b, seq, hidden]
         # -- MLP: down(silu(gate(x)) * up(x)) ------------------------------------------------------
         normed = rms_norm(hidden, p + "post_attention_layernorm.weight")
         gate_up_w = np.concatenate(
@@ -173,13 +229,13 @@ def build_decoder_graph(
         ).T
         gate, up = g.op_n(
             "Split",
-            [g.op("MatMul", [normed, g.weight(p + "gate_up.weight", gate_up_w)]), "split_mlp"],
+            [projection(normed, g.weight(p + "gate_up.weight", gate_up_w), layer, "gate_up"), "split_mlp"],
             2,
             axis=-1,
         )  # [b, seq, intermediate] each
         activated = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])
         down_w = g.weight(p + "mlp.down_proj.weight", weights[p + "mlp.down_proj.weight"].T)
-        hidden = g.op("Add", [hidden, g.op("MatMul", [activated, down_w])])
+        hidden = g.op("Add", [hidden, projection(activated, down_w, layer, "down")])
 
     last = g.op("Slice", [hidden, "c_m1", "c_end", "axes_1"])  # [b, 1, hidden]
     normed = rms_norm(last, "model.norm.weight")
@@ -193,6 +249,9 @@ def build_decoder_graph(
         _value_info(io.seqlens_k, TensorProto.INT32, ["batch"]),
         _value_info(io.total_sequence_length, TensorProto.INT32, []),
     ]
+    if lora is not None:
+        inputs.append(_value_info(io.lora_index, TensorProto.INT64, ["batch"]))
+        inputs.extend(lora_inputs)
     outputs = [_value_info(io.logits, TensorProto.FLOAT, ["batch", 1, s.vocab_size])]
     for layer in range(s.num_layers):
         for past, present in ((io.past_key, io.present_key), (io.past_value, io.present_value)):
@@ -200,6 +259,21 @@ def build_decoder_graph(
             outputs.append(_value_info(present.format(layer), g.elem, kv_dims))
     graph = helper.make_graph(g.nodes, "textgen_decoder", inputs, outputs, initializer=g.initializers)
     return make_model(graph)
+
+
+def _lora_mask(g: _Builder, io: ModelIO, lora_a: str) -> None:
+    """`lora_mask` [k, b*seq, 1]: 1 where the token's row uses adapter slot j + 1 of the k slots bound,
+    else 0 (`lora_index` 0 is the base model: no slot matches); and `lora_rows_shape` = [b, seq, -1]."""
+    batch_seq = g.op("Shape", [io.input_ids])  # [2]: b, seq
+    g.op("Concat", [batch_seq, g.ints("c_m1", [-1])], name="lora_rows_shape", axis=0)
+    one = g.weight("c_scalar_1", np.array(1, dtype=np.int64), cast=False)
+    zero = g.weight("c_scalar_0", np.array(0, dtype=np.int64), cast=False)
+    k = g.op("Gather", [g.op("Shape", [lora_a]), zero], axis=0)  # []: slots bound this pass
+    slots = g.op("Range", [one, g.op("Add", [k, one]), one])  # [k]: 1..k
+    row_slot = g.op("Expand", [g.op("Unsqueeze", [io.lora_index, g.ints("axes_1", [1])]), batch_seq])  # [b, seq]
+    token_slot = g.op("Reshape", [row_slot, g.ints("c_1_m1_1", [1, -1, 1])])  # [1, b*seq, 1]
+    match = g.op("Equal", [g.op("Unsqueeze", [slots, g.ints("axes_12", [1, 2])]), token_slot])  # [k, b*seq, 1]
+    g.op("Cast", [match], name="lora_mask", to=g.elem)
 
 
 def make_model(graph: GraphProto) -> ModelProto:

@@ -18,17 +18,19 @@ from typing import Any
 import onnx
 from textgen_server.model_config import (
     CONFIG_FILE,
+    DEFAULT_LORA_RANK,
     FORMAT_VERSION,
     KV_COPY_FILE,
     MODEL_FILE,
     TOKENIZER_FILE,
+    LoraLayout,
     ModelConfig,
 )
 
 from .checkpoint import Architecture, read_architecture
 from .errors import ExportError
 from .kv_graphs import write_kv_copy_graph
-from .native_graph import LM_HEAD_NODE, DecoderShape, build_decoder_graph, save_decoder
+from .native_graph import LM_HEAD_NODE, DecoderShape, build_decoder_graph, lora_layout, save_decoder
 from .progress import Progress
 from .quantize import BITS, measure_quality, quantize_decoder
 from .tokenizer import checkpoint_tokenizer
@@ -51,6 +53,8 @@ def export_checkpoint(
     overwrite: bool = False,
     bundle_checkpoint: bool = False,
     weights: tuple[DecoderShape, dict[str, Any]] | None = None,
+    lora_slots: int = 0,
+    lora_rank: int = DEFAULT_LORA_RANK,
 ) -> ModelConfig:
     """Export a local Mistral/Llama checkpoint folder into the model directory `out`.
 
@@ -62,6 +66,8 @@ def export_checkpoint(
     theirs so that tests can compare with transformers on the same weights).
     `weights`: the checkpoint's shape and tensors already in memory (the demo draws them with
     numpy), so that neither torch nor transformers is needed to load them.
+    `lora_slots` adapters of rank up to `lora_rank` can be resident at once (0: a graph without
+    adapter slots, exactly as before; native_graph.py says how the slots work).
     """
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
@@ -70,6 +76,10 @@ def export_checkpoint(
         raise ExportError(
             f"--activations {activations}: expected {' or '.join(ACTIVATION_DTYPES)}, and the same as "
             f"--dtype for fp32/fp16 weights (got --dtype {dtype})"
+        )
+    if lora_slots < 0 or (lora_slots and lora_rank < 1):
+        raise ExportError(
+            f"--lora-slots {lora_slots} --lora-rank {lora_rank}: slots must be 0 or more and rank 1 or more"
         )
     quantized = dtype in BITS
     arch = read_architecture(checkpoint)
@@ -86,7 +96,8 @@ def export_checkpoint(
                 weights = _load_weights(checkpoint, activations)
         shape, tensors = weights
         with progress.step(f"writing the decoder graph ({shape.num_layers} layers)"):
-            decoder = build_decoder_graph(shape, tensors, activations)
+            lora = lora_layout(shape, lora_slots, lora_rank) if lora_slots else None
+            decoder = build_decoder_graph(shape, tensors, activations, lora=lora)
             del weights, tensors
             # The unquantized graph is kept aside until the quantized one has been measured against it.
             reference = staging / ".unquantized" if quantized else staging
@@ -99,6 +110,7 @@ def export_checkpoint(
             weight_dtype=dtype,
             name=name or checkpoint.name,
             source=source or str(checkpoint),
+            lora=lora,
         )
         if quantized:
             with progress.step(f"quantizing the weights to {dtype} (MatMulNBits)"):
@@ -169,7 +181,7 @@ def _load_weights(checkpoint: Path, dtype: str) -> tuple[DecoderShape, dict[str,
 
 
 def _model_config(
-    arch: Architecture, *, dtype: str, weight_dtype: str, name: str, source: str
+    arch: Architecture, *, dtype: str, weight_dtype: str, name: str, source: str, lora: LoraLayout | None
 ) -> ModelConfig:
     return ModelConfig(
         name=name,
@@ -183,6 +195,7 @@ def _model_config(
         eos_token_id=arch.eos_token_id,
         source=source,
         format_version=FORMAT_VERSION,
+        lora=lora,
     )
 
 

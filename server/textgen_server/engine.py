@@ -14,9 +14,12 @@ Two passes, as in gpt-fast:
 - `decode(tokens, lengths)`: one new token for each of rows 0..n-1, which sit in slots 0..n-1 (the
   scheduler keeps running rows in the first slots; `move_slot` fills the gap a leaving row leaves).
 
-Only the logits come to the host. Where per-request LoRA adapters will go: stacked adapter weights as
-graph inputs bound once, and an adapter index per row (ARCHITECTURE.md). Grammar masks need nothing
-here: they act on the logits rows (sampling's `allowed_mask`).
+With adapter slots in the graph (exported with --lora-slots), each row also names its adapter slot
+(`adapter`, `adapters`; 0 is the base model) and `load_adapter` writes an adapter into a slot of the
+stacked weights (lora_stacks.py), which every pass binds by pointer: any mix of adapters in one pass.
+
+Only the logits come to the host. Grammar masks need nothing here: they act on the logits rows
+(sampling's `allowed_mask`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from .kv_cache import KVCache
+from .lora_format import AdapterWeights
+from .lora_stacks import LoraStacks
 from .model_config import FORMAT_VERSION, KV_COPY_FILE, MODEL_FILE, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -114,6 +119,7 @@ class Engine:
             providers=self.session.get_providers(),
             host_arrays=host_arrays,
         )
+        self.lora = LoraStacks(self.config, self.device) if self.config.lora is not None else None
         io = self.config.io
         layers = range(self.config.num_layers)
         self._past_names = [name for i in layers for name in (io.past_key.format(i), io.past_value.format(i))]
@@ -132,15 +138,37 @@ class Engine:
             self.max_len,
             self.cache.nbytes / 2**20,
         )
+        if self.lora is not None:
+            log.info(
+                "adapter slots: %d of rank up to %d (q/k/v/o and MLP), stacked weights %.1f MiB",
+                self.lora.slots,
+                self.lora.layout.rank,
+                self.lora.nbytes / 2**20,
+            )
 
     @property
     def slots(self) -> int:
         return self.cache.slots
 
+    @property
+    def adapter_slots(self) -> int:
+        """Adapters the graph holds at once (slots 1..n; 0 is the base model); 0 without LoRA."""
+        return self.lora.slots if self.lora is not None else 0
+
+    def load_adapter(self, slot: int, weights: AdapterWeights | None) -> None:
+        """Write an adapter into adapter slot `slot` (None clears it). Not while a pass runs, and not
+        into a slot a running row uses: the scheduler calls this between steps."""
+        if self.lora is None:
+            raise ValueError(f"{self.config.name} was exported without adapter slots")
+        self.lora.write(slot, weights)
+
     # -- forward passes -------------------------------------------------------------------------
 
-    def prefill(self, slot: int, tokens: Sequence[int], start: int = 0) -> npt.NDArray[np.float32]:
-        """Append `tokens` to the sequence in `slot`, which holds `start` positions; logits [vocab]."""
+    def prefill(
+        self, slot: int, tokens: Sequence[int], start: int = 0, adapter: int = 0
+    ) -> npt.NDArray[np.float32]:
+        """Append `tokens` to the sequence in `slot`, which holds `start` positions, through adapter slot
+        `adapter` (0: the base model); logits [vocab]."""
         if not tokens:
             raise ValueError("prefill needs at least one token")
         end = start + len(tokens)
@@ -148,31 +176,58 @@ class Engine:
             raise ValueError(f"positions {start}..{end - 1} outside this cache's {self.max_len}")
         input_ids = np.asarray(tokens, dtype=np.int64).reshape(1, -1)  # [1, seq]
         seqlens = np.array([end - 1], dtype=np.int32)  # [1]
-        logits: npt.NDArray[np.float32] = self._run(input_ids, seqlens, first_slot=slot)[0]
+        adapters = np.array([adapter], dtype=np.int64)  # [1]
+        logits: npt.NDArray[np.float32] = self._run(input_ids, seqlens, adapters, first_slot=slot)[0]
         return logits
 
     def decode(
-        self, tokens: npt.NDArray[np.int64], lengths: npt.NDArray[np.int64]
+        self,
+        tokens: npt.NDArray[np.int64],
+        lengths: npt.NDArray[np.int64],
+        adapters: npt.NDArray[np.int64] | None = None,
     ) -> npt.NDArray[np.float32]:
         """One token per row for rows 0..n-1 (`tokens` [n]); `lengths` [n] are the positions each row
-        already holds (its new token's position). Logits [n, vocab]."""
+        already holds (its new token's position); `adapters` [n] each row's adapter slot (default: all
+        the base model). Logits [n, vocab]."""
         n = int(tokens.shape[0])
         if lengths.shape != (n,) or int(lengths.max()) >= self.max_len:
             raise ValueError(f"lengths must be [{n}] and below {self.max_len}, got {lengths}")
+        if adapters is None:
+            adapters = np.zeros(n, dtype=np.int64)
+        elif adapters.shape != (n,):
+            raise ValueError(f"adapters must be [{n}], got {adapters.shape}")
         input_ids = tokens.astype(np.int64, copy=False).reshape(n, 1)  # [n, 1]
-        return self._run(input_ids, lengths.astype(np.int32), first_slot=0)
+        return self._run(input_ids, lengths.astype(np.int32), adapters.astype(np.int64), first_slot=0)
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
         """Move a sequence of `length` positions from slot `src` to slot `dst`."""
         self.cache.move(src, dst, length)
 
     def _run(
-        self, input_ids: npt.NDArray[np.int64], seqlens: npt.NDArray[np.int32], first_slot: int
+        self,
+        input_ids: npt.NDArray[np.int64],
+        seqlens: npt.NDArray[np.int32],
+        adapters: npt.NDArray[np.int64],
+        first_slot: int,
     ) -> npt.NDArray[np.float32]:
         io = self.config.io
         rows = int(input_ids.shape[0])
         binding = self.session.io_binding()
         binding.bind_cpu_input(io.input_ids, input_ids)
+        if self.lora is not None:
+            # Out-of-range indices would make Gather fail (CPU) or read anything (CUDA): refuse here.
+            if int(adapters.min()) < 0 or int(adapters.max()) > self.lora.slots:
+                raise ValueError(f"adapter slots must be in 0..{self.lora.slots}, got {adapters.tolist()}")
+            # Bind only the range of slots in use (the graph's adapter work grows with it), with each
+            # row's index relative to the range's first slot; no slot at all when every row is base.
+            used = adapters[adapters > 0]
+            first = int(used.min()) if used.size else 1
+            count = int(used.max()) - first + 1 if used.size else 0
+            relative = np.where(adapters > 0, adapters - (first - 1), 0).astype(np.int64)  # [rows]
+            binding.bind_cpu_input(io.lora_index, relative)
+            self.lora.bind(binding, first, count)
+        elif adapters.any():
+            raise ValueError(f"{self.config.name} was exported without adapter slots")
         binding.bind_cpu_input(io.seqlens_k, seqlens)
         # Host memory on every provider: CUDA's kernel reads it on the host.
         binding.bind_cpu_input(io.total_sequence_length, np.array(int(seqlens.max()) + 1, dtype=np.int32))

@@ -26,6 +26,21 @@ CARD_MAX_INPUT_LENGTH = 3072
 CARD_MAX_TOTAL_TOKENS = 4096
 CARD_MAX_BATCH_PREFILL_TOKENS = 8192
 
+# LoRA: the projections the graph has adapter slots for, grouped as the graph packs them (q/k/v are
+# one MatMul, so are gate/up): a group's adapters are concatenated along the rank (A) and placed
+# block-diagonally (B), each member in its own `rank`-wide block.
+LORA_GROUPS: dict[str, tuple[str, ...]] = {
+    "qkv": ("q_proj", "k_proj", "v_proj"),
+    "o": ("o_proj",),
+    "gate_up": ("gate_proj", "up_proj"),
+    "down": ("down_proj",),
+}
+LORA_MODULES = tuple(module for members in LORA_GROUPS.values() for module in members)
+# The largest adapter rank an export's slots hold unless told otherwise (--lora-rank). Ranks 8 and 16
+# are the common PEFT choices and Workers AI's older limit was 8; its newer one, 32, costs twice the
+# adapter work in every pass that uses an adapter.
+DEFAULT_LORA_RANK = 16
+
 
 @dataclass(frozen=True)
 class ModelIO:
@@ -40,6 +55,34 @@ class ModelIO:
     past_value: str = "past_key_values.{}.value"
     present_key: str = "present.{}.key"
     present_value: str = "present.{}.value"
+    # With LoRA slots: each row's adapter slot (0 = the base model), and per layer and group (formatted
+    # with both) the stacked adapter weights, A [slots + 1, in, group rank] and B [slots + 1, group rank, out].
+    lora_index: str = "lora_index"  # [batch] int64
+    lora_a: str = "lora.{}.{}.A"
+    lora_b: str = "lora.{}.{}.B"
+
+
+@dataclass(frozen=True)
+class LoraLayout:
+    """The adapter slots a graph was exported with (`textgen-export ... --lora-slots N --lora-rank R`)."""
+
+    slots: int  # adapters resident at once; the stacks have slots + 1 rows, row 0 all zeros (the base model)
+    rank: int  # the largest rank an adapter may have on any projection
+    modules: dict[str, tuple[int, int]]  # projection (q_proj, ...) -> (in features, out features)
+
+    def group_shape(self, group: str) -> tuple[int, int, int]:
+        """(in, rank, out) of a group's stacked matrices: members side by side along rank and out."""
+        members = LORA_GROUPS[group]
+        return (
+            self.modules[members[0]][0],
+            self.rank * len(members),
+            sum(self.modules[m][1] for m in members),
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LoraLayout:
+        modules = {name: (int(dims[0]), int(dims[1])) for name, dims in data["modules"].items()}
+        return cls(slots=int(data["slots"]), rank=int(data["rank"]), modules=modules)
 
 
 @dataclass(frozen=True)
@@ -65,6 +108,8 @@ class ModelConfig:
     weight_dtype: str = "fp32"  # "fp32", "fp16", "int4" or "int8" (MatMulNBits)
     # For int4/int8: block size, accuracy level and the measured agreement with the unquantized model.
     quantization: dict[str, Any] = field(default_factory=dict)
+    # Adapter slots in the graph; None: exported without (requests cannot name an adapter).
+    lora: LoraLayout | None = None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
@@ -73,7 +118,8 @@ class ModelConfig:
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         data = dict(data)
         io = ModelIO(**data.pop("io", {}))
-        return cls(io=io, **data)
+        lora = data.pop("lora", None)
+        return cls(io=io, lora=LoraLayout.from_dict(lora) if lora else None, **data)
 
     def save(self, model_dir: Path) -> None:
         (model_dir / CONFIG_FILE).write_text(self.to_json(), encoding="utf-8")

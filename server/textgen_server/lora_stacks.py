@@ -1,0 +1,109 @@
+"""The adapter slots' weights: per layer and target group, A and B stacks allocated once, bound by pointer.
+
+For each layer and group (model_config.LORA_GROUPS) the graph takes A [k, in, rank] and B [k, rank, out]
+(native_graph.py): k consecutive adapter slots, from the lowest to the highest a row of the pass uses
+(none when every row is the base model). Adapter slot i (1-based; 0 is the base model and has no
+weights) is row i - 1 of each stack. The graph computes every bound slot's product on every token and
+keeps each token's own, so binding only the range in use keeps the adapter work in proportion to the
+adapters in the batch: nothing for the base model alone, one adapter's worth for a prefill.
+
+Writing an adapter into a slot packs its matrices the way the graph packs the projections: in a group of
+several members (q/k/v, gate/up), member j's A goes into columns j*R..j*R+r of the slot's A and its B
+into rows j*R..j*R+r of the slot's B, under that member's own output columns (block-diagonal), where R
+is the layout's rank and r the adapter's; the rest of the slot is zeros, so smaller ranks and missing
+modules add nothing.
+
+Where the stacks live: on the CPU they are numpy arrays, written in place. On a GPU they are device
+OrtValues with a host mirror: a slot is written into the mirror, then each stack is copied to the
+device whole (`update_inplace`; a slot load is rare, and the copy is a few hundred megabytes at most
+for Mistral-7B). Either way a write must not overlap a forward pass: the scheduler writes between its
+steps, from its own thread, and only into slots no running row uses.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+
+from .kv_cache import NUMPY_DTYPES
+from .lora_format import AdapterWeights
+from .model_config import LORA_GROUPS, ModelConfig
+
+
+class LoraStacks:
+    """A_all and B_all for every layer and group; slot i of every stack belongs to the same adapter."""
+
+    def __init__(self, config: ModelConfig, device: str) -> None:
+        if config.lora is None:
+            raise ValueError(f"{config.name}: the graph has no adapter slots")
+        self.layout = config.lora
+        self.slots = self.layout.slots  # adapter slots 1..slots (stack rows 0..slots - 1); 0 is the base
+        self.device = device
+        self.dtype = NUMPY_DTYPES[config.dtype]
+        io = config.io
+        # name -> host array: [slots, in, rank] for A, [slots, rank, out] for B
+        self._host: dict[str, npt.NDArray[Any]] = {}
+        for layer in range(config.num_layers):
+            for group in LORA_GROUPS:
+                fan_in, rank, fan_out = self.layout.group_shape(group)
+                self._host[io.lora_a.format(layer, group)] = np.zeros(
+                    (self.slots, fan_in, rank), dtype=self.dtype
+                )
+                self._host[io.lora_b.format(layer, group)] = np.zeros(
+                    (self.slots, rank, fan_out), dtype=self.dtype
+                )
+        self._io = io
+        self._layers = config.num_layers
+        self._device_values: dict[str, ort.OrtValue] = {}
+        if device != "cpu":
+            self._device_values = {
+                name: ort.OrtValue.ortvalue_from_numpy(array, device, 0) for name, array in self._host.items()
+            }
+        self._pointers = {
+            name: int(self._device_values[name].data_ptr()) if self._device_values else int(array.ctypes.data)
+            for name, array in self._host.items()
+        }
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all the stacks (on the device; as much again on the host for a GPU's mirror)."""
+        return sum(array.nbytes for array in self._host.values())
+
+    def bind(self, binding: ort.IOBinding, first: int, count: int) -> None:
+        """Bind adapter slots first..first + count - 1 of every stack (consecutive rows: one pointer
+        each) as the graph's inputs; count 0 binds empty stacks, and the pass adds no adapter work."""
+        if count < 0 or (count and not 1 <= first <= first + count - 1 <= self.slots):
+            raise ValueError(f"adapter slots {first}..{first + count - 1} outside 1..{self.slots}")
+        for name, array in self._host.items():
+            shape = [count, *array.shape[1:]]
+            offset = (first - 1) * array[0].nbytes if count else 0
+            binding.bind_input(name, self.device, 0, self.dtype, shape, self._pointers[name] + offset)
+
+    def write(self, slot: int, weights: AdapterWeights | None) -> None:
+        """Put `weights` in `slot` (1..slots); None clears it. The caller makes sure no pass runs."""
+        if not 1 <= slot <= self.slots:
+            raise ValueError(f"adapter slot {slot} outside 1..{self.slots}")
+        rank = self.layout.rank
+        matrices = weights.matrices if weights is not None else {}
+        for layer in range(self._layers):
+            for group, members in LORA_GROUPS.items():
+                a_name, b_name = self._io.lora_a.format(layer, group), self._io.lora_b.format(layer, group)
+                a_all, b_all = self._host[a_name][slot - 1], self._host[b_name][slot - 1]  # [in, R_g], [R_g, out]
+                a_all[...] = 0
+                b_all[...] = 0
+                out_offset = 0
+                for j, module in enumerate(members):
+                    fan_out = self.layout.modules[module][1]
+                    pair = matrices.get((layer, module))
+                    if pair is not None:
+                        a, b = pair  # [in, r], [r, out]
+                        r = a.shape[1]
+                        a_all[:, j * rank : j * rank + r] = a
+                        b_all[j * rank : j * rank + r, out_offset : out_offset + fan_out] = b
+                    out_offset += fan_out
+                if self._device_values:
+                    self._device_values[a_name].update_inplace(self._host[a_name])
+                    self._device_values[b_name].update_inplace(self._host[b_name])
