@@ -55,6 +55,13 @@ class FakeHandle:
             yield item
 
 
+class FakeAdapters:
+    """The adapter registry's view the servicer uses: the names it serves."""
+
+    def names(self) -> frozenset[str]:
+        return frozenset({"pirate"})
+
+
 class FakeScheduler:
     """Answers every request with the same script of events, or refuses it."""
 
@@ -172,7 +179,7 @@ def servicer(
         model_name="@hf/mistral/mistral-7b-instruct-v0.2", on_request_end=records.append
     )
     config = ModelConfig.load(tiny_model_dir)
-    service.model = ModelState(scheduler, tokenizer, config, "CPUExecutionProvider", frozenset({"pirate"}))  # type: ignore[arg-type]
+    service.model = ModelState(scheduler, tokenizer, config, "CPUExecutionProvider", FakeAdapters())  # type: ignore[arg-type]
     return service
 
 

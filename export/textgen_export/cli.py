@@ -54,12 +54,19 @@ def build_parser() -> argparse.ArgumentParser:
         "lora",
         help="convert a PEFT LoRA adapter for a model directory (the file textgen-server --lora-dir loads)",
     )
-    lora.add_argument("peft_dir", type=Path, help="PEFT adapter folder: adapter_config.json, adapter_model.safetensors")
+    lora.add_argument(
+        "peft_dir", type=Path, help="PEFT adapter folder: adapter_config.json, adapter_model.safetensors"
+    )
     lora.add_argument("--base", type=Path, required=True, help="the model directory it will be served with")
     lora.add_argument(
-        "--out", type=Path, required=True, help="file to write (.npz added when missing); its name is the adapter's"
+        "--out",
+        type=Path,
+        required=True,
+        help="file to write (.npz added when missing); its name is the adapter's",
     )
-    lora.add_argument("--debug", action="store_true", help="show the full traceback when the conversion fails")
+    lora.add_argument(
+        "--debug", action="store_true", help="show the full traceback when the conversion fails"
+    )
     return parser
 
 

@@ -101,7 +101,9 @@ def read_adapter_config(peft_dir: Path) -> dict[str, Any]:
         if config.get(key):
             raise ExportError(f"{peft_dir / CONFIG_NAME}: {key} is set; {what} cannot be served")
     if config.get("bias", "none") != "none":
-        raise ExportError(f"{peft_dir / CONFIG_NAME}: bias {config['bias']!r}; only bias 'none' can be served")
+        raise ExportError(
+            f"{peft_dir / CONFIG_NAME}: bias {config['bias']!r}; only bias 'none' can be served"
+        )
     return config
 
 
@@ -110,8 +112,13 @@ def _check_file_names(peft_dir: Path) -> None:
     for expected in (CONFIG_NAME, WEIGHTS_NAME):
         if expected in names:
             continue
-        stem = expected.split(".")[0]
-        near = [n for n in names if n.startswith(stem.split("_")[0]) or n.endswith(Path(expected).suffix)]
+        stem, suffix = expected.split(".", 1)
+        near = [
+            n
+            for n in names
+            if n not in (CONFIG_NAME, WEIGHTS_NAME)
+            and (n.lower().startswith(stem) or n.endswith(f".{suffix}"))
+        ]
         hint = f" (found {', '.join(near[:4])}; the file must be named exactly {expected})" if near else ""
         raise ExportError(f"{peft_dir}: {expected} is missing{hint}")
 
@@ -134,32 +141,39 @@ def _to_weights(
 ) -> AdapterWeights:
     halves: dict[tuple[int, str], dict[str, Matrix]] = {}
     paths: dict[tuple[int, str], str] = {}  # PEFT's module path, which alpha_pattern keys match
-    for name, tensor in tensors.items():
+    slots = ", ".join(LORA_MODULES)
+    for name, tensor in sorted(tensors.items()):
+        adapted = _MODULE.match(name)
+        if adapted is None:
+            continue  # not a LoRA matrix: refused below, once every LoRA module was checked
         match = _PEFT_KEY.fullmatch(name)
-        if match is None:
-            adapted = _MODULE.match(name)
-            what = f"module {adapted[1]!r}" if adapted else f"tensor {name[:120]!r}"
+        if match is None or match[3] not in LORA_MODULES:
             raise ExportError(
-                f"{peft_dir / WEIGHTS_NAME}: {what} has no adapter slot in the graph "
-                f"(slots: {', '.join(LORA_MODULES)})"
+                f"{peft_dir / WEIGHTS_NAME}: target module {adapted[1]!r} has no adapter slot in the graph "
+                f"(slots: {slots})"
             )
         module_path, layer, module, half = match[1], int(match[2]), match[3], match[4]
-        if module not in LORA_MODULES:
-            raise ExportError(
-                f"{peft_dir / WEIGHTS_NAME}: target module {module!r} has no adapter slot in the graph "
-                f"(slots: {', '.join(LORA_MODULES)})"
-            )
         if tensor.ndim != 2:
-            raise ExportError(f"{peft_dir / WEIGHTS_NAME}: {name} has shape {list(tensor.shape)}, expected 2-D")
+            raise ExportError(
+                f"{peft_dir / WEIGHTS_NAME}: {name} has shape {list(tensor.shape)}, expected 2-D"
+            )
         halves.setdefault((layer, module), {})[half] = tensor
         paths[(layer, module)] = module_path
+    others = sorted(name for name in tensors if _MODULE.match(name) is None)
+    if others:
+        raise ExportError(
+            f"{peft_dir / WEIGHTS_NAME}: tensor {others[0][:120]!r} is not a LoRA matrix; only LoRA A/B "
+            f"matrices of {slots} can be served"
+        )
     if not halves:
         raise ExportError(f"{peft_dir / WEIGHTS_NAME}: no LoRA matrices (lora_A / lora_B weights) in it")
     dtype = np.float16 if base.dtype == "fp16" else np.float32
     matrices: dict[tuple[int, str], tuple[Matrix, Matrix]] = {}
     for (layer, module), pair in sorted(halves.items()):
         if set(pair) != {"A", "B"}:
-            raise ExportError(f"{peft_dir / WEIGHTS_NAME}: layer {layer} {module} has lora_{''.join(pair)} only")
+            raise ExportError(
+                f"{peft_dir / WEIGHTS_NAME}: layer {layer} {module} has lora_{''.join(pair)} only"
+            )
         a, b = pair["A"], pair["B"]  # PEFT: A [r, in], B [out, r]
         if a.shape[0] != b.shape[1]:
             raise ExportError(

@@ -270,9 +270,13 @@ def _lora_mask(g: _Builder, io: ModelIO, lora_a: str) -> None:
     zero = g.weight("c_scalar_0", np.array(0, dtype=np.int64), cast=False)
     k = g.op("Gather", [g.op("Shape", [lora_a]), zero], axis=0)  # []: slots bound this pass
     slots = g.op("Range", [one, g.op("Add", [k, one]), one])  # [k]: 1..k
-    row_slot = g.op("Expand", [g.op("Unsqueeze", [io.lora_index, g.ints("axes_1", [1])]), batch_seq])  # [b, seq]
+    row_slot = g.op(
+        "Expand", [g.op("Unsqueeze", [io.lora_index, g.ints("axes_1", [1])]), batch_seq]
+    )  # [b, seq]
     token_slot = g.op("Reshape", [row_slot, g.ints("c_1_m1_1", [1, -1, 1])])  # [1, b*seq, 1]
-    match = g.op("Equal", [g.op("Unsqueeze", [slots, g.ints("axes_12", [1, 2])]), token_slot])  # [k, b*seq, 1]
+    match = g.op(
+        "Equal", [g.op("Unsqueeze", [slots, g.ints("axes_12", [1, 2])]), token_slot]
+    )  # [k, b*seq, 1]
     g.op("Cast", [match], name="lora_mask", to=g.elem)
 
 

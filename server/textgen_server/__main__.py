@@ -110,12 +110,21 @@ def parse_args(argv: list[str] | None) -> ServerSettings:
         action="store_true",
         help="serve reflection without a token (by default it needs one like the API)",
     )
+    parser.add_argument(
+        "--lora-dir",
+        type=Path,
+        default=None,
+        help="serve every NAME.npz in this directory (textgen-export lora) as LoRA adapter NAME; "
+        "SIGHUP rescans it",
+    )
     args = parser.parse_args(argv)
     if not (args.model_dir / "textgen.json").is_file():
         parser.error(
             f"--model-dir {args.model_dir}: not a model directory (no textgen.json); "
             "make one with `textgen-export demo --out DIR`"
         )
+    if args.lora_dir is not None and not args.lora_dir.is_dir():
+        parser.error(f"--lora-dir {args.lora_dir}: not a directory")
     for name in (
         "max_batch_size",
         "max_batch_prefill_tokens",
@@ -155,6 +164,7 @@ def parse_args(argv: list[str] | None) -> ServerSettings:
         auth_token_file=args.auth_token_file,
         reflection_public=args.reflection_public,
         max_message_bytes=args.max_message_bytes,
+        lora_dir=args.lora_dir,
     )
 
 
@@ -165,8 +175,18 @@ async def serve(settings: ServerSettings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
-    if settings.auth_token_file is not None:
-        loop.add_signal_handler(signal.SIGHUP, server.reload_tokens)
+    # SIGHUP: re-read the token file and serve what --lora-dir holds now, without a restart.
+    reloads: set[asyncio.Task[object]] = set()
+
+    def reload() -> None:
+        if settings.auth_token_file is not None:
+            server.reload_tokens()
+        task: asyncio.Task[object] = asyncio.ensure_future(server.rescan_adapters())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    if settings.auth_token_file is not None or settings.lora_dir is not None:
+        loop.add_signal_handler(signal.SIGHUP, reload)
     try:
         port = await server.start()
     except StartupError as exc:

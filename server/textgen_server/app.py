@@ -3,6 +3,7 @@
 `create_server` binds the port first and loads the model in the background, so health checks answer
 NOT_SERVING (and RPCs UNAVAILABLE) while a large model loads; `stop` flips health to NOT_SERVING,
 drains in-flight generations within the grace period and tells the rest why they end.
+`rescan_adapters` brings the served LoRA adapters in line with `--lora-dir` (start-up and SIGHUP).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from textgen.v1 import textgen_pb2, textgen_pb2_grpc
 
+from .adapters import Adapter, AdapterRegistry, ScanResult
 from .auth import BearerTokenInterceptor, TokenFile, TokenFileError
 from .engine import Engine
 from .grammar import GrammarCompiler
@@ -60,6 +62,7 @@ class ServerSettings:
     auth_token_file: Path | None = None
     reflection_public: bool = False
     max_message_bytes: int = MAX_MESSAGE_BYTES
+    lora_dir: Path | None = None  # every NAME.npz there is served as adapter NAME
 
 
 class TextgenServer:
@@ -69,6 +72,8 @@ class TextgenServer:
         self.service = TextGenerationService(settings.model_name, on_request_end=self._request_ended)
         self.scheduler: Scheduler | None = None
         self.tokens: TokenFile | None = None
+        self.adapters: AdapterRegistry | None = None
+        self._rescanning = asyncio.Lock()
         self.port = 0
         self.metrics_port: int | None = None
 
@@ -153,7 +158,13 @@ class TextgenServer:
 
     async def load_model(self) -> None:
         s = self.settings
-        max_len = ModelConfig.load(s.model_dir).max_total_tokens  # a slot holds the longest request
+        config = ModelConfig.load(s.model_dir)
+        max_len = config.max_total_tokens  # a slot holds the longest request
+        if s.lora_dir is not None and config.lora is None:  # before minutes of loading, not after
+            raise ValueError(
+                f"--lora-dir {s.lora_dir}: {s.model_dir} was exported without adapter slots "
+                "(export it again with --lora-slots N to serve LoRA adapters)"
+            )
         slots = s.limits.kv_slots(max_len)
         if slots < 1:
             raise ValueError(
@@ -170,16 +181,22 @@ class TextgenServer:
             eos_id=tokenizer.eos_id,
             vocab_size=engine.config.vocab_size,
         )
+        if s.lora_dir is not None:
+            self.adapters = AdapterRegistry(engine.config, s.lora_dir)
+            await self.rescan_adapters()
         # The model's own prefill limit (the card's 8192) caps whatever was configured.
         prefill = min(s.limits.max_batch_prefill_tokens, engine.config.max_batch_prefill_tokens)
         limits = dataclasses.replace(s.limits, max_batch_prefill_tokens=prefill)
-        self.scheduler = Scheduler(engine, tokenizer, limits, on_step=self.metrics.observe_step)
+        self.scheduler = Scheduler(
+            engine, tokenizer, limits, on_step=self.metrics.observe_step, adapters=self.adapters
+        )
         self.scheduler.start()
         self.service.model = ModelState(
             self.scheduler,
             tokenizer,
             engine.config,
             engine.execution_provider,
+            self.adapters,
             kv_slots=self.scheduler.slots,
             kv_cache_bytes=engine.cache.nbytes,
             grammars=grammars,
@@ -196,6 +213,25 @@ class TextgenServer:
             engine.cache.nbytes,
         )
 
+    async def rescan_adapters(self) -> ScanResult:
+        """Serve what --lora-dir holds now: new files added, deleted ones removed, changed ones
+        replaced, malformed ones refused (logged). Requests keep running meanwhile: files are read on
+        a worker thread, and a removed adapter's running requests finish with it."""
+        if self.adapters is None:
+            return ScanResult()
+        async with self._rescanning:
+            result = await asyncio.to_thread(self.adapters.scan)
+        for name in result.added:
+            log.info("lora-dir: serving adapter %s", _describe(self.adapters.get(name)))
+        for name in result.replaced:
+            log.info("lora-dir: replaced adapter %s", _describe(self.adapters.get(name)))
+        for name in result.removed:
+            log.info("lora-dir: removed adapter %s (its file is gone)", name)
+        for file_name, reason in result.refused.items():
+            log.error("lora-dir: refused %s: %s", file_name, reason)
+        log.info("lora-dir %s: adapters served: %d", self.adapters.directory, len(self.adapters.names()))
+        return result
+
     async def stop(self, grace: float | None = None) -> None:
         grace = self.settings.grace_seconds if grace is None else grace
         await self._set_serving(False)
@@ -210,6 +246,15 @@ class TextgenServer:
         )
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
+
+
+def _describe(adapter: Adapter | None) -> str:
+    if adapter is None:  # replaced again meanwhile
+        return "(gone)"
+    return (
+        f"{adapter.name} (rank {adapter.rank}, {', '.join(adapter.modules)}, "
+        f"{adapter.nbytes / 2**20:.1f} MiB, {adapter.path})"
+    )
 
 
 async def create_server(settings: ServerSettings) -> tuple[TextgenServer, int]:

@@ -106,7 +106,9 @@ def save_adapter(weights: AdapterWeights, path: Path) -> Path:
     server rescanning the directory never sees half a file. Returns the path written."""
     if path.suffix != ADAPTER_SUFFIX:
         path = path.with_name(path.name + ADAPTER_SUFFIX)
-    arrays: dict[str, Any] = {METADATA_KEY: np.array(json.dumps({"format": FORMAT_VERSION, **weights.metadata}))}
+    arrays: dict[str, Any] = {
+        METADATA_KEY: np.array(json.dumps({"format": FORMAT_VERSION, **weights.metadata}))
+    }
     for (layer, module), (a, b) in sorted(weights.matrices.items()):
         arrays[f"layers.{layer}.{module}.A"] = np.ascontiguousarray(a)
         arrays[f"layers.{layer}.{module}.B"] = np.ascontiguousarray(b)
@@ -149,9 +151,11 @@ def _read_arrays(
     path: Path, dtype: type[np.floating[Any]]
 ) -> tuple[dict[str, Any], dict[tuple[int, str], dict[str, Matrix]]]:
     """The archive's metadata, and its A and B arrays by (layer, module) in `dtype`."""
+    if not zipfile.is_zipfile(path):  # np.load would try it as a pickle
+        raise AdapterFormatError("not an .npz archive (convert the adapter with textgen-export lora)")
     archive = np.load(path, allow_pickle=False)
     if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise AdapterFormatError("not an .npz archive; convert the adapter with textgen-export lora")
+        raise AdapterFormatError("not an .npz archive (convert the adapter with textgen-export lora)")
     with archive:
         if METADATA_KEY not in archive.files:
             raise AdapterFormatError(

@@ -91,7 +91,10 @@ class LoraStacks:
         for layer in range(self._layers):
             for group, members in LORA_GROUPS.items():
                 a_name, b_name = self._io.lora_a.format(layer, group), self._io.lora_b.format(layer, group)
-                a_all, b_all = self._host[a_name][slot - 1], self._host[b_name][slot - 1]  # [in, R_g], [R_g, out]
+                a_all, b_all = (
+                    self._host[a_name][slot - 1],
+                    self._host[b_name][slot - 1],
+                )  # [in, R_g], [R_g, out]
                 a_all[...] = 0
                 b_all[...] = 0
                 out_offset = 0

@@ -20,6 +20,13 @@ sits just above them. Each iteration:
 The prefill budget is `prefill_chunk_tokens` while sequences are decoding (it bounds the stall
 every stream sees) and `max_batch_prefill_tokens` when none is. At most one prompt is ever part-way
 through its prefill: later requests wait for it (first come, first served).
+
+LoRA adapters (adapters.py): a request that names one is admitted once its adapter sits in one of
+the graph's adapter slots; until then it stays queued while the adapter is read on the loader thread,
+and later requests that can run go first. When every adapter slot is in use by running rows, the
+request waits for one to free, and only requests for the base model pass it meanwhile (so that the
+slots do drain). Loaded adapters are written into the engine at the start of a step, never during a
+pass, and each row passes its adapter slot to every forward pass.
 """
 
 from __future__ import annotations
@@ -34,10 +41,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .adapters import Adapter, AdapterRegistry, AdapterSlots, unknown_adapter_message
 from .engine import Engine
 from .generation import Generation, GenerationRequest, TokenEvent
 from .grammar import prefetch_token_masks
 from .tokenizer import Tokenizer
+from .validation import UnknownAdapterError
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +107,11 @@ _END = object()
 class RequestHandle:
     """The server's view of one submitted request: an async stream of TokenEvents."""
 
-    def __init__(self, generation: Generation, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, generation: Generation, loop: asyncio.AbstractEventLoop, adapter: Adapter | None = None
+    ) -> None:
         self.generation = generation
+        self.adapter = adapter  # the LoRA adapter it was accepted with (kept if the file goes away)
         self.submitted = time.monotonic()
         self.admitted: float | None = None  # when its prefill began (per-request queue/inference times)
         self._loop = loop
@@ -109,6 +121,7 @@ class RequestHandle:
         # The scheduler's bookkeeping: the KV slot it owns and how many positions it holds there.
         self.slot = -1
         self.cached = 0
+        self.adapter_slot = 0  # the graph's adapter slot its passes use; 0: the base model
 
     @property
     def request(self) -> GenerationRequest:
@@ -168,8 +181,15 @@ class Scheduler:
         tokenizer: Tokenizer,
         limits: SchedulerLimits | None = None,
         on_step: Callable[[StepStats], None] | None = None,
+        adapters: AdapterRegistry | None = None,
     ) -> None:
         self.engine = engine
+        self.adapters = adapters
+        self.adapter_slots = (
+            AdapterSlots(engine.adapter_slots, adapters.load, on_loaded=self._wake_up)
+            if adapters is not None and engine.adapter_slots
+            else None
+        )
         self.tokenizer = tokenizer
         self.limits = limits or SchedulerLimits()
         self.slots = min(self.limits.max_batch_size, engine.slots)
@@ -182,6 +202,7 @@ class Scheduler:
         self._outbox = _Outbox()
         self._accepting = True
         self._stopped = False
+        self._woken = False  # something changed since the loop last found nothing to do
         self._thread = threading.Thread(target=self._loop, name="textgen-scheduler", daemon=True)
 
     # -- the server's side ------------------------------------------------------------------------
@@ -199,9 +220,15 @@ class Scheduler:
                 f"{len(request.prompt_ids)} input tokens + max_tokens {request.max_new_tokens} exceed the "
                 f"{max_len} positions of this server's KV slots",
             )
+        adapter = None
+        if request.lora is not None:
+            adapter = self.adapters.get(request.lora) if self.adapter_slots and self.adapters else None
+            if adapter is None:  # removed since the request was validated, or no adapter slots
+                known = self.adapters.names() if self.adapter_slots and self.adapters else ()
+                raise UnknownAdapterError(unknown_adapter_message(request.lora, known))
         # Built here, on the caller's thread: a bad request fails alone, never inside a batch step.
         generation = Generation(request, self.tokenizer, self.engine.config.vocab_size)
-        handle = RequestHandle(generation, asyncio.get_running_loop())
+        handle = RequestHandle(generation, asyncio.get_running_loop(), adapter)
         limits = self.limits
         with self._lock:
             if not self._accepting:
@@ -213,6 +240,7 @@ class Scheduler:
                     f"max_concurrent_requests={limits.max_concurrent_requests}; retry later"
                 )
             self._waiting.append(handle)
+            self._woken = True
             self._lock.notify()
         return handle
 
@@ -244,6 +272,8 @@ class Scheduler:
             self._stopped = True
             self._lock.notify()
         self._thread.join(timeout=10)
+        if self.adapter_slots is not None:
+            self.adapter_slots.close()
         error = ShuttingDownError("the server shut down before this request finished")
         for handle in [*self._waiting, *self._running, *([self._prefilling] if self._prefilling else [])]:
             self._outbox.put(handle, error)
@@ -254,15 +284,27 @@ class Scheduler:
 
     # -- the loop -----------------------------------------------------------------------------------
 
+    def _wake_up(self) -> None:
+        """Another thread changed something the loop waits for (an adapter finished loading)."""
+        with self._lock:
+            self._woken = True
+            self._lock.notify()
+
     def _loop(self) -> None:
+        idle = False
         while True:
             with self._lock:
+                if idle and not self._woken and not self._stopped:
+                    # Every waiting request waits for an adapter to load: sleep until one is loaded or
+                    # a request comes (at most a moment, so that cancelled requests leave the queue).
+                    self._lock.wait(timeout=0.5)
                 while not self._stopped and not self._waiting and not self._running and not self._prefilling:
                     self._lock.wait()
+                self._woken = False
                 if self._stopped:
                     return
             try:
-                self._iteration()
+                idle = not self._iteration()
             except Exception:  # a bug in a forward pass must not take the server down
                 failed = [*self._running, *([self._prefilling] if self._prefilling else [])]
                 log.exception(
@@ -274,10 +316,12 @@ class Scheduler:
                 self._publish_stats(kv_peak=0)
                 self._outbox.flush()
 
-    def _iteration(self) -> None:
+    def _iteration(self) -> bool:
+        """One step; False when it found nothing it could do (everything waits for adapters)."""
         self.stats.prefill_seconds = self.stats.decode_seconds = 0.0
         self.stats.prefill_positions = self.stats.tokens = 0
         self.stats.first_token_seconds, self.stats.finished = [], []
+        installed = self._install_adapters()
         self._retire(lambda handle: handle.cancelled.is_set())
         started = time.monotonic()
         self._prefill()
@@ -293,8 +337,9 @@ class Scheduler:
             rows = self._running
             tokens = np.array([h.generation.last_token for h in rows], dtype=np.int64)  # [n]
             lengths = np.array([h.cached for h in rows], dtype=np.int64)  # [n] positions held
+            adapters = np.array([h.adapter_slot for h in rows], dtype=np.int64)  # [n] 0: base model
             prefetch_token_masks(h.generation for h in rows)  # constrained rows, during the pass
-            logits = self.engine.decode(tokens, lengths)  # [n, vocab]
+            logits = self.engine.decode(tokens, lengths, adapters)  # [n, vocab]
             self.stats.decode_seconds = time.monotonic() - started
             for row, handle in enumerate(rows):
                 handle.cached += 1
@@ -305,6 +350,7 @@ class Scheduler:
         self._publish_stats(kv_peak)
         # After the observer: by the time a client sees its last token, the step is in the metrics.
         self._outbox.flush()
+        return bool(installed or self.stats.prefill_positions or self._running)
 
     def _prefill(self) -> None:
         """Spend this step's prefill budget: the prompt part-way through first, then new requests."""
@@ -317,7 +363,9 @@ class Scheduler:
             self._prefilling = handle
             prompt = handle.request.prompt_ids
             chunk = prompt[handle.cached : handle.cached + budget]
-            logits = self.engine.prefill(handle.slot, chunk, start=handle.cached)  # [vocab]
+            logits = self.engine.prefill(
+                handle.slot, chunk, start=handle.cached, adapter=handle.adapter_slot
+            )  # [vocab]
             handle.cached += len(chunk)
             budget -= len(chunk)
             self.stats.prefill_positions += len(chunk)
@@ -328,19 +376,57 @@ class Scheduler:
             self._emit(handle, logits)
 
     def _admit(self) -> RequestHandle | None:
-        """The next queued request, given the free slot just above the running ones; None if none."""
+        """The next queued request that can run, given the free KV slot just above the running ones
+        (and its adapter's slot); None if none can."""
         if len(self._running) >= self.slots:
             return None
         with self._lock:
-            while self._waiting:
-                handle = self._waiting.popleft()
-                if handle.cancelled.is_set():
-                    self._outbox.put(handle, _END)
-                    continue
+            for handle in [h for h in self._waiting if h.cancelled.is_set()]:
+                self._waiting.remove(handle)
+                self._outbox.put(handle, _END)
+            blocked = False  # an earlier request waits for an adapter slot to free: only base ones pass
+            for handle in self._waiting:
+                if handle.adapter is not None:
+                    if blocked or self.adapter_slots is None:
+                        continue
+                    placement = self.adapter_slots.place(handle.adapter, self._adapter_slots_in_use())
+                    if placement.slot is None:
+                        blocked = blocked or placement.waiting_for_slot
+                        continue
+                    handle.adapter_slot = placement.slot
+                self._waiting.remove(handle)
                 handle.slot, handle.cached = len(self._running), 0
                 handle.admitted = time.monotonic()
                 return handle
         return None
+
+    def _adapter_slots_in_use(self) -> set[int]:
+        prefilling = [self._prefilling] if self._prefilling is not None else []
+        return {h.adapter_slot for h in [*self._running, *prefilling]}
+
+    def _install_adapters(self) -> bool:
+        """Write adapters that finished loading into the engine (between passes); fail the requests
+        waiting for one that could not be loaded. True if anything changed."""
+        if self.adapter_slots is None:
+            return False
+        loads = self.adapter_slots.loads
+        failed = self.adapter_slots.install(self.engine.load_adapter)
+        for adapter, error in failed:
+            log.error("adapter %s could not be loaded from %s: %s", adapter.name, adapter.path, error)
+            if self.adapters is not None:
+                self.adapters.forget(adapter)  # its file changed or went away: no longer served
+            with self._lock:
+                waiting = [h for h in self._waiting if h.adapter is adapter]
+                for handle in waiting:
+                    self._waiting.remove(handle)
+                    self._outbox.put(
+                        handle,
+                        UnknownAdapterError(
+                            f"lora: adapter {adapter.name!r} could not be loaded ({error}); "
+                            "it is no longer served"
+                        ),
+                    )
+        return bool(failed) or self.adapter_slots.loads != loads
 
     def _join(self, handle: RequestHandle) -> None:
         """A sequence whose prompt is in its slot joins the running ones, in the next slot."""

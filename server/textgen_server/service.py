@@ -21,6 +21,7 @@ from grpc_status import rpc_status
 from textgen.v1 import textgen_pb2 as pb
 from textgen.v1 import textgen_pb2_grpc
 
+from .adapters import AdapterRegistry
 from .generation import TokenEvent
 from .grammar import GrammarCompiler
 from .model_config import ModelConfig
@@ -74,7 +75,7 @@ class ModelState:
         tokenizer: Tokenizer,
         config: ModelConfig,
         execution_provider: str,
-        adapters: frozenset[str] = frozenset(),
+        adapters: AdapterRegistry | None = None,
         *,
         kv_slots: int = 0,
         kv_cache_bytes: int = 0,
@@ -84,10 +85,13 @@ class ModelState:
         self.tokenizer = tokenizer
         self.config = config
         self.execution_provider = execution_provider
-        self.adapters = adapters
+        self.adapters = adapters  # --lora-dir's registry; it changes while serving (SIGHUP)
         self.kv_slots = kv_slots
         self.kv_cache_bytes = kv_cache_bytes
         self.grammars = grammars  # tools and response_format; without it they are UNIMPLEMENTED
+
+    def adapter_names(self) -> frozenset[str]:
+        return self.adapters.names() if self.adapters is not None else frozenset()
 
 
 class TextGenerationService(textgen_pb2_grpc.TextGenerationServicer):
@@ -155,7 +159,7 @@ class TextGenerationService(textgen_pb2_grpc.TextGenerationServicer):
             max_total_tokens=c.max_total_tokens,
             max_batch_prefill_tokens=c.max_batch_prefill_tokens,
             vocab_size=c.vocab_size,
-            adapters=sorted(model.adapters),
+            adapters=sorted(model.adapter_names()),
             kv_slots=model.kv_slots,
             kv_cache_bytes=model.kv_cache_bytes,
         )
@@ -202,7 +206,7 @@ class TextGenerationService(textgen_pb2_grpc.TextGenerationServicer):
                 request,
                 tokenizer=model.tokenizer,
                 config=model.config,
-                adapters=model.adapters,
+                adapters=model.adapter_names(),
                 request_id=request_id,
                 grammars=model.grammars,
             )
@@ -240,6 +244,8 @@ class TextGenerationService(textgen_pb2_grpc.TextGenerationServicer):
                 yield event
         except ShuttingDownError as exc:
             await _abort(context, record, grpc.StatusCode.UNAVAILABLE, str(exc))
+        except UnknownAdapterError as exc:  # its adapter could not be loaded while it waited
+            await _abort(context, record, grpc.StatusCode.NOT_FOUND, str(exc))
         except GenerationFailedError as exc:
             log.error("request %s failed: %s", handle.request.request_id, exc)
             await _abort(context, record, grpc.StatusCode.INTERNAL, str(exc))

@@ -17,6 +17,7 @@ from typing import Any
 from google.protobuf import json_format, struct_pb2
 from textgen.v1 import textgen_pb2 as pb
 
+from .adapters import unknown_adapter_message
 from .generation import GenerationRequest
 from .grammar import GrammarCompiler, GrammarError, OutputConstraint
 from .model_config import ModelConfig
@@ -93,8 +94,7 @@ def build_request(
         raise InvalidRequestError(violations)
     assert prompt_ids is not None  # no violations means the input was tokenized
     if message.lora and message.lora not in adapters:
-        known = ", ".join(sorted(adapters)) or "none are loaded"
-        raise UnknownAdapterError(f"lora: no adapter named {message.lora!r} ({known})")
+        raise UnknownAdapterError(unknown_adapter_message(message.lora, adapters))
     return GenerationRequest(
         request_id=request_id,
         prompt_ids=tuple(prompt_ids),
