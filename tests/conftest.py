@@ -47,6 +47,19 @@ def quantized_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[s
 
 
 @pytest.fixture(scope="session")
+def lora_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny demo's weights exported with LORA_SLOTS adapter slots of rank up to LORA_RANK."""
+    from random_adapters import LORA_RANK, LORA_SLOTS
+    from textgen_export.onnx_export import export_checkpoint
+
+    out = tmp_path_factory.mktemp("models") / "tiny-lora"
+    export_checkpoint(
+        tiny_model_dir / "checkpoint", out, name="tiny-lora", lora_slots=LORA_SLOTS, lora_rank=LORA_RANK
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
 def server(tiny_model_dir: Path) -> Iterator[ServerThread]:
     """One in-process server on a free port for the whole session."""
     harness = ServerThread(tiny_model_dir)

@@ -24,10 +24,13 @@ def random_prompt(length: int, seed: int) -> list[int]:
     return [1, *rng.integers(3, 32000, length - 1).tolist()]
 
 
-def prefill_in_chunks(engine: Engine, slot: int, prompt: list[int], chunk: int) -> npt.NDArray[np.float32]:
-    """The prompt into `slot` in chunks of `chunk` tokens; the last chunk's logits [vocab]."""
+def prefill_in_chunks(
+    engine: Engine, slot: int, prompt: list[int], chunk: int, adapter: int = 0
+) -> npt.NDArray[np.float32]:
+    """The prompt into `slot` in chunks of `chunk` tokens (through adapter slot `adapter`); the last
+    chunk's logits [vocab]."""
     for start in range(0, len(prompt), chunk):
-        logits = engine.prefill(slot, prompt[start : start + chunk], start=start)
+        logits = engine.prefill(slot, prompt[start : start + chunk], start=start, adapter=adapter)
     return logits
 
 
@@ -37,14 +40,26 @@ def engine_greedy(engine: Engine, prompt: list[int], new_tokens: int, chunk: int
 
 
 def engine_greedy_rows(
-    engine: Engine, prompts: Sequence[list[int]], new_tokens: int, chunk: int = 10_000
+    engine: Engine,
+    prompts: Sequence[list[int]],
+    new_tokens: int,
+    chunk: int = 10_000,
+    adapters: Sequence[int] | None = None,
 ) -> list[list[int]]:
     """`new_tokens` argmax tokens for each prompt: prompt i prefilled into slot i, then all rows
-    decoded together, each at its own position."""
-    generated = [[int(prefill_in_chunks(engine, slot, p, chunk).argmax())] for slot, p in enumerate(prompts)]
+    decoded together, each at its own position (row i through adapter slot adapters[i], default 0)."""
+    row_adapters = np.array(
+        adapters if adapters is not None else [0] * len(prompts), dtype=np.int64
+    )  # [rows]
+    generated = [
+        [int(prefill_in_chunks(engine, slot, p, chunk, int(row_adapters[slot])).argmax())]
+        for slot, p in enumerate(prompts)
+    ]
     lengths = np.array([len(p) for p in prompts], dtype=np.int64)  # [rows]
     for _ in range(new_tokens - 1):
-        logits = engine.decode(np.array([row[-1] for row in generated], dtype=np.int64), lengths)
+        logits = engine.decode(
+            np.array([row[-1] for row in generated], dtype=np.int64), lengths, row_adapters
+        )
         for row, row_logits in zip(generated, logits, strict=True):  # [rows, vocab]
             row.append(int(row_logits.argmax()))
         lengths += 1
@@ -52,17 +67,26 @@ def engine_greedy_rows(
 
 
 def engine_forced_logits(
-    engine: Engine, prompts: Sequence[list[int]], tokens: Sequence[Sequence[int]]
+    engine: Engine,
+    prompts: Sequence[list[int]],
+    tokens: Sequence[Sequence[int]],
+    adapters: Sequence[int] | None = None,
 ) -> npt.NDArray[np.float32]:
-    """The logits before each of `tokens` when the engine is fed those tokens (teacher forcing).
+    """The logits before each of `tokens` when the engine is fed those tokens (teacher forcing),
+    row i through adapter slot adapters[i] (default 0, the base model).
 
     Returns [steps, rows, vocab]: step 0 is the prefills', step i follows tokens[row][:i].
     """
-    steps = [np.stack([engine.prefill(slot, p) for slot, p in enumerate(prompts)])]  # [rows, vocab]
+    row_adapters = np.array(
+        adapters if adapters is not None else [0] * len(prompts), dtype=np.int64
+    )  # [rows]
+    steps = [
+        np.stack([engine.prefill(slot, p, adapter=int(row_adapters[slot])) for slot, p in enumerate(prompts)])
+    ]  # [rows, vocab]
     lengths = np.array([len(p) for p in prompts], dtype=np.int64)  # [rows]
     for step in range(len(tokens[0]) - 1):
         fed = np.array([row[step] for row in tokens], dtype=np.int64)  # [rows]
-        steps.append(engine.decode(fed, lengths))
+        steps.append(engine.decode(fed, lengths, row_adapters))
         lengths += 1
     return np.stack(steps)
 

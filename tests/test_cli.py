@@ -207,6 +207,13 @@ def test_run_refuses_a_bad_body(
     assert fake.calls == 0
 
 
+def test_adapters_lists_one_name_a_line(fake: FakeTextGeneration, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(fake, "adapters") == 0
+    assert capsys.readouterr().out == "pirate\n"
+    assert run(fake, "adapters", "--json") == 0
+    assert json.loads(capsys.readouterr().out) == {"adapters": ["pirate"]}
+
+
 def test_info(fake: FakeTextGeneration, capsys: pytest.CaptureFixture[str]) -> None:
     assert run(fake, "info") == 0
     out = capsys.readouterr().out

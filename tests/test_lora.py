@@ -22,13 +22,13 @@ import onnx
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from random_adapters import LORA_RANK, LORA_SLOTS, random_adapter
 from safetensors.torch import load_file, save_file
 from server_harness import ServerThread
 from test_server_process import ServerProcess
 from textgen.v1 import textgen_pb2 as pb
 from textgen.v1 import textgen_pb2_grpc as rpc
 from textgen_export.cli import main as export_main
-from textgen_export.onnx_export import export_checkpoint
 from textgen_server.adapters import Adapter, AdapterSlots
 from textgen_server.app import ServerSettings, TextgenServer
 from textgen_server.lora_format import AdapterWeights, save_adapter
@@ -37,8 +37,7 @@ from textgen_server.prompt import ChatMessage, encode_chat, encode_prompt
 from textgen_server.tokenizer import Tokenizer
 from transformers import MistralForCausalLM
 
-SLOTS = 3
-RANK = 16
+SLOTS, RANK = LORA_SLOTS, LORA_RANK
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 # name: (rank, target modules, seed, extra LoraConfig fields)
 ADAPTERS: dict[str, tuple[int, list[str], int, dict[str, Any]]] = {
@@ -50,14 +49,6 @@ ADAPTERS: dict[str, tuple[int, list[str], int, dict[str, Any]]] = {
 }
 PROMPTS = ["Tell me about rivers", "Write a poem about the sea", "1 2 3 4 5", "Why is the sky blue?"]
 NEW_TOKENS = 32  # acceptance: at least 32 tokens equal transformers + peft
-
-
-@pytest.fixture(scope="module")
-def lora_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny demo's weights exported with SLOTS adapter slots of rank up to RANK."""
-    out = tmp_path_factory.mktemp("lora-model") / "tiny-lora"
-    export_checkpoint(tiny_model_dir / "checkpoint", out, lora_slots=SLOTS, lora_rank=RANK, name="tiny-lora")
-    return out
 
 
 def _peft_adapter(
@@ -452,21 +443,6 @@ def test_malformed_peft_adapters_are_refused_at_conversion_in_one_line(
     assert not out.exists() or not any(out.iterdir()), "a refused adapter left a file behind"
 
 
-def _adapter_matrices(config: ModelConfig, rank: int, **override: tuple[int, int]) -> AdapterWeights:
-    """Random matrices for every module of every layer; `override` replaces a module's (in, out)."""
-    assert config.lora is not None
-    rng = np.random.default_rng(rank)
-    matrices = {}
-    for layer in range(config.num_layers):
-        for module, (fan_in, fan_out) in config.lora.modules.items():
-            fan_in, fan_out = override.get(module, (fan_in, fan_out))
-            matrices[(layer, module)] = (
-                rng.standard_normal((fan_in, rank)).astype(np.float32),
-                rng.standard_normal((rank, fan_out)).astype(np.float32),
-            )
-    return AdapterWeights(matrices, {"rank": rank})
-
-
 def test_malformed_adapter_files_are_refused_at_load_and_the_rest_serve(
     lora_model_dir: Path, lora_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -478,12 +454,12 @@ def test_malformed_adapter_files_are_refused_at_load_and_the_rest_serve(
     good_bytes = (lora_dir / "r8.npz").read_bytes()
     (directory / "truncated.npz").write_bytes(good_bytes[: len(good_bytes) // 2])
     np.savez(directory / "plain-numpy.npz", weights=np.zeros(3))
-    save_adapter(_adapter_matrices(config, 8, q_proj=(48, 64)), directory / "shapes")
-    save_adapter(_adapter_matrices(config, 32), directory / "rank")
-    nan = _adapter_matrices(config, 4)
+    save_adapter(random_adapter(config, 8, seed=1, shapes={"q_proj": (48, 64)}), directory / "shapes")
+    save_adapter(random_adapter(config, 32, seed=2), directory / "rank")
+    nan = random_adapter(config, 4, seed=3)
     nan.matrices[(0, "down_proj")][1][0, 0] = np.nan
     save_adapter(nan, directory / "nan")
-    weights = _adapter_matrices(config, 4)
+    weights = random_adapter(config, 4, seed=4)
     weights.matrices[(0, "lm_head")] = weights.matrices[(0, "o_proj")]
     save_adapter(weights, directory / "lm-head")
     (directory / "notes.txt").write_text("ignored: not an .npz")

@@ -7,7 +7,8 @@ and is refused by the other, so `--provider cuda` would fail on every model; 1.3
 GroupQueryAttention also has inputs 1.31.1's lacks. The GPU wheel's side runs in a subprocess
 (tests/ort_gpu_probe.py) over every `*.onnx` in each model directory: the demo in fp32, whose
 greedy tokens must equal transformers', and with int4 and int8 weights (MatMulNBits), whose tokens
-must equal the CPU wheel's.
+must equal the CPU wheel's, and with LoRA adapter slots, whose tokens with a mix of random adapters
+and the base model in one batch must equal the CPU wheel's too.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ import torch
 from greedy import engine_greedy, engine_greedy_rows, random_prompt, transformers_greedy
 from onnx import helper
 from ort_runtimes import REPO, assert_server_refuses_cuda, code_env, gpu_venv_python, pinned_version
+from random_adapters import random_adapter
 from textgen_server.engine import Engine
-from textgen_server.model_config import KV_COPY_FILE, MODEL_FILE
+from textgen_server.lora_format import load_adapter, save_adapter
+from textgen_server.model_config import KV_COPY_FILE, MODEL_FILE, ModelConfig
 from transformers import MistralForCausalLM
 
 # IR 10 is ONNX 1.16's; both runtimes load it (onnxruntime-gpu 1.31.1 stops at 13).
@@ -40,13 +43,30 @@ PROMPTS = [random_prompt(length, seed=length) for length in (1, 17, 300)]
 NEW_TOKENS = 32
 
 
+# With adapter slots: two random adapters in slots 1 and 2, rows through slots 1, 0 and 2.
+ADAPTER_ROWS = [1, 0, 2]
+
+
 @pytest.fixture(scope="module")
-def model_dirs(tiny_model_dir: Path, quantized_model_dir: Callable[[str], Path]) -> dict[str, Path]:
-    """The demo model as the exporter writes it, by weight dtype."""
-    return {"fp32": tiny_model_dir, **{dtype: quantized_model_dir(dtype) for dtype in ("int4", "int8")}}
+def model_dirs(
+    tiny_model_dir: Path, quantized_model_dir: Callable[[str], Path], lora_model_dir: Path
+) -> dict[str, Path]:
+    """The demo model as the exporter writes it, by weight dtype, and with LoRA adapter slots."""
+    return {
+        "fp32": tiny_model_dir,
+        **{dtype: quantized_model_dir(dtype) for dtype in ("int4", "int8")},
+        "lora": lora_model_dir,
+    }
 
 
-@pytest.mark.parametrize("weight_dtype", ["fp32", "int4", "int8"])
+@pytest.fixture(scope="module")
+def adapter_files(lora_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    config = ModelConfig.load(lora_model_dir)
+    directory = tmp_path_factory.mktemp("adapters")
+    return [save_adapter(random_adapter(config, rank, seed=rank), directory / f"r{rank}") for rank in (4, 16)]
+
+
+@pytest.mark.parametrize("weight_dtype", ["fp32", "int4", "int8", "lora"])
 def test_every_graph_declares_an_ir_version_and_opsets_both_runtimes_load(
     model_dirs: dict[str, Path], weight_dtype: str
 ) -> None:
@@ -66,12 +86,14 @@ def test_every_graph_declares_an_ir_version_and_opsets_both_runtimes_load(
 
 
 @pytest.fixture(scope="module")
-def gpu_wheel_report(model_dirs: dict[str, Path]) -> dict[str, Any]:
+def gpu_wheel_report(model_dirs: dict[str, Path], adapter_files: list[Path]) -> dict[str, Any]:
     """tests/ort_gpu_probe.py's report from .venv-ort-gpu: graph load errors and greedy tokens."""
     request = {
         "model_dirs": [str(model_dir) for model_dir in model_dirs.values()],
         "prompts": PROMPTS,
         "new_tokens": NEW_TOKENS,
+        "adapters": {str(model_dirs["lora"]): [str(path) for path in adapter_files]},
+        "adapter_rows": ADAPTER_ROWS,
     }
     result = subprocess.run(
         [str(gpu_venv_python()), str(REPO / "tests" / "ort_gpu_probe.py")],
@@ -100,7 +122,7 @@ def test_cpu_virtualenv_runs_the_pinned_onnxruntime() -> None:
     assert ort.__version__ == pinned_version("onnxruntime", "server")
 
 
-@pytest.mark.parametrize("weight_dtype", ["fp32", "int4", "int8"])
+@pytest.mark.parametrize("weight_dtype", ["fp32", "int4", "int8", "lora"])
 def test_every_graph_loads_under_onnxruntime_gpu(
     gpu_wheel_report: dict[str, Any], model_dirs: dict[str, Path], weight_dtype: str
 ) -> None:
@@ -132,6 +154,23 @@ def test_quantized_greedy_equals_the_cpu_wheels_under_onnxruntime_gpu(
     assert "engine_error" not in result, result.get("engine_error")
     assert result["alone"] == expected
     assert result["batched"] == engine_greedy_rows(engine, PROMPTS, NEW_TOKENS) == expected
+
+
+def test_adapters_mixed_with_the_base_model_decode_the_same_under_onnxruntime_gpu(
+    gpu_wheel_report: dict[str, Any], model_dirs: dict[str, Path], adapter_files: list[Path]
+) -> None:
+    """Adapter slots bound by pointer, a base-only pass binding the zero slot, and rows of different
+    adapters in one pass: the GPU wheel's tokens equal the CPU wheel's."""
+    engine = Engine(model_dirs["lora"], provider="cpu", slots=len(PROMPTS), host_arrays=False)
+    for slot, path in enumerate(adapter_files, start=1):
+        engine.load_adapter(slot, load_adapter(path, engine.config))
+    expected = engine_greedy_rows(engine, PROMPTS, NEW_TOKENS, adapters=ADAPTER_ROWS)
+    base = engine_greedy_rows(engine, PROMPTS, NEW_TOKENS)
+    assert [expected[i] != base[i] for i in range(len(PROMPTS))] == [True, False, True]
+    result = gpu_wheel_report["models"][str(model_dirs["lora"])]
+    assert "engine_error" not in result, result.get("engine_error")
+    assert result["batched"] == base
+    assert result["with_adapters"] == expected
 
 
 def test_server_under_onnxruntime_gpu_refuses_cuda_it_cannot_start(tiny_model_dir: Path) -> None:

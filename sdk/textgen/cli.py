@@ -6,6 +6,7 @@
     textgen chat --message user:"Weather in Paris?" --tools tools.json --tool-choice required
     textgen run '{"prompt": "Hi", "max_tokens": 16, "stream": true}'
     textgen info
+    textgen adapters
 
 Text goes to stdout (streamed text as it arrives), the finish reason and usage to stderr;
 --json prints one JSON object instead (one per chunk when streaming); tool calls print as
@@ -146,6 +147,18 @@ def _info(client: Client, args: argparse.Namespace) -> int:
             if isinstance(value, list):
                 value = ", ".join(value) or "(none)"
             print(f"{field.name}: {value}")
+    return 0
+
+
+def _adapters(client: Client, args: argparse.Namespace) -> int:
+    adapters = client.model_info().adapters
+    if args.json:
+        _print_json({"adapters": adapters})
+    else:
+        for name in adapters:
+            print(name)
+        if not adapters:
+            print("(no adapters: the server was started without --lora-dir, or it is empty)", file=sys.stderr)
     return 0
 
 
@@ -393,6 +406,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("body", help="the JSON body, or - to read it from stdin")
 
     command("info", _info, "show the served model, its limits and adapters")
+    command("adapters", _adapters, "list the LoRA adapters the server serves (names for --lora)")
     return parser
 
 

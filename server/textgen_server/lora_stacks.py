@@ -1,11 +1,13 @@
 """The adapter slots' weights: per layer and target group, A and B stacks allocated once, bound by pointer.
 
-For each layer and group (model_config.LORA_GROUPS) the graph takes A [k, in, rank] and B [k, rank, out]
-(native_graph.py): k consecutive adapter slots, from the lowest to the highest a row of the pass uses
-(none when every row is the base model). Adapter slot i (1-based; 0 is the base model and has no
-weights) is row i - 1 of each stack. The graph computes every bound slot's product on every token and
-keeps each token's own, so binding only the range in use keeps the adapter work in proportion to the
-adapters in the batch: nothing for the base model alone, one adapter's worth for a prefill.
+Each stack has a row per adapter slot: row 0 is all zeros (the base model), rows 1..slots hold the
+loaded adapters. For each layer and group (model_config.LORA_GROUPS) the graph takes A [k, in, rank]
+and B [k, rank, out] (native_graph.py): k consecutive rows, from the lowest to the highest adapter slot
+a row of the pass uses, or row 0 alone when every row is the base model. The graph computes every bound
+slot's product on every token and keeps each token's own, so binding only the range in use keeps the
+adapter work in proportion to the adapters in the batch: one adapter's worth for a prefill, one slot's
+(of zeros) for the base model alone. (An empty range would cost nothing, but onnxruntime-gpu 1.31.1's
+MatMul refuses to broadcast a batch of 0, so the zero row stands in.)
 
 Writing an adapter into a slot packs its matrices the way the graph packs the projections: in a group of
 several members (q/k/v, gate/up), member j's A goes into columns j*R..j*R+r of the slot's A and its B
@@ -40,20 +42,20 @@ class LoraStacks:
         if config.lora is None:
             raise ValueError(f"{config.name}: the graph has no adapter slots")
         self.layout = config.lora
-        self.slots = self.layout.slots  # adapter slots 1..slots (stack rows 0..slots - 1); 0 is the base
+        self.slots = self.layout.slots  # adapter slots 1..slots; row 0 of every stack is the base model
         self.device = device
         self.dtype = NUMPY_DTYPES[config.dtype]
         io = config.io
-        # name -> host array: [slots, in, rank] for A, [slots, rank, out] for B
+        # name -> host array: [slots + 1, in, rank] for A, [slots + 1, rank, out] for B
         self._host: dict[str, npt.NDArray[Any]] = {}
         for layer in range(config.num_layers):
             for group in LORA_GROUPS:
                 fan_in, rank, fan_out = self.layout.group_shape(group)
                 self._host[io.lora_a.format(layer, group)] = np.zeros(
-                    (self.slots, fan_in, rank), dtype=self.dtype
+                    (self.slots + 1, fan_in, rank), dtype=self.dtype
                 )
                 self._host[io.lora_b.format(layer, group)] = np.zeros(
-                    (self.slots, rank, fan_out), dtype=self.dtype
+                    (self.slots + 1, rank, fan_out), dtype=self.dtype
                 )
         self._io = io
         self._layers = config.num_layers
@@ -73,13 +75,13 @@ class LoraStacks:
         return sum(array.nbytes for array in self._host.values())
 
     def bind(self, binding: ort.IOBinding, first: int, count: int) -> None:
-        """Bind adapter slots first..first + count - 1 of every stack (consecutive rows: one pointer
-        each) as the graph's inputs; count 0 binds empty stacks, and the pass adds no adapter work."""
-        if count < 0 or (count and not 1 <= first <= first + count - 1 <= self.slots):
-            raise ValueError(f"adapter slots {first}..{first + count - 1} outside 1..{self.slots}")
+        """Bind rows first..first + count - 1 of every stack (consecutive: one pointer each) as the
+        graph's inputs."""
+        if count < 1 or not 0 <= first <= first + count - 1 <= self.slots:
+            raise ValueError(f"adapter slots {first}..{first + count - 1} outside 0..{self.slots}")
         for name, array in self._host.items():
             shape = [count, *array.shape[1:]]
-            offset = (first - 1) * array[0].nbytes if count else 0
+            offset = first * array[0].nbytes
             binding.bind_input(name, self.device, 0, self.dtype, shape, self._pointers[name] + offset)
 
     def write(self, slot: int, weights: AdapterWeights | None) -> None:
@@ -91,10 +93,7 @@ class LoraStacks:
         for layer in range(self._layers):
             for group, members in LORA_GROUPS.items():
                 a_name, b_name = self._io.lora_a.format(layer, group), self._io.lora_b.format(layer, group)
-                a_all, b_all = (
-                    self._host[a_name][slot - 1],
-                    self._host[b_name][slot - 1],
-                )  # [in, R_g], [R_g, out]
+                a_all, b_all = self._host[a_name][slot], self._host[b_name][slot]  # [in, R_g], [R_g, out]
                 a_all[...] = 0
                 b_all[...] = 0
                 out_offset = 0
