@@ -14,8 +14,10 @@ PORT ?= 50051
 GPU_VENV := .venv-ort-gpu
 GPU_PY := $(GPU_VENV)/bin/python
 GPU_INSTALLED := $(GPU_VENV)/.installed
-# The CUDA checks run on these: the demo model in fp32 and the same weights exported in fp16.
+# The CUDA checks run on these: the demo model in fp32 and the same weights exported in fp16, and
+# exported with LoRA adapter slots.
 GPU_MODEL_DIRS := models/tiny models/tiny-fp16
+GPU_LORA_DIR := models/tiny-lora
 
 .PHONY: install gpu-venv serve test test-gpu proto lint typecheck bench demo clean
 
@@ -58,11 +60,14 @@ test: $(INSTALLED) $(GPU_INSTALLED)
 models/tiny-fp16/textgen.json: models/tiny/textgen.json | $(INSTALLED)
 	$(VENV)/bin/textgen-export model models/tiny/checkpoint --out models/tiny-fp16 --dtype fp16 --overwrite
 
+$(GPU_LORA_DIR)/textgen.json: models/tiny/textgen.json | $(INSTALLED)
+	$(VENV)/bin/textgen-export model models/tiny/checkpoint --out $(GPU_LORA_DIR) --lora-slots 3 --lora-rank 16 --overwrite
+
 # The CUDA checks under onnxruntime-gpu: tests marked gpu are skipped, with the reason, without CUDA;
 # the --provider cuda refusal runs everywhere. conftest.py is the main venv's (it builds models with
 # the exporter); pytest-asyncio's options in pyproject.toml mean nothing here.
-test-gpu: $(GPU_INSTALLED) $(addsuffix /textgen.json,$(GPU_MODEL_DIRS))
-	TEXTGEN_GPU_MODEL_DIRS="$(GPU_MODEL_DIRS)" PYTHONPATH=server:sdk \
+test-gpu: $(GPU_INSTALLED) $(addsuffix /textgen.json,$(GPU_MODEL_DIRS) $(GPU_LORA_DIR))
+	TEXTGEN_GPU_MODEL_DIRS="$(GPU_MODEL_DIRS)" TEXTGEN_GPU_LORA_DIR="$(GPU_LORA_DIR)" PYTHONPATH=server:sdk \
 		$(GPU_PY) -m pytest --noconftest -p no:cacheprovider -W ignore::pytest.PytestConfigWarning -rs -q \
 		tests/test_gpu.py
 

@@ -2,7 +2,7 @@
 silent fallback.
 
 `make test-gpu` runs this file under onnxruntime-gpu (.venv-ort-gpu) on the demo model in fp32 and
-fp16 (TEXTGEN_GPU_MODEL_DIRS). Tests marked `gpu` need a CUDA device: without one they are skipped,
+fp16 (TEXTGEN_GPU_MODEL_DIRS) and exported with LoRA adapter slots (TEXTGEN_GPU_LORA_DIR). Tests marked `gpu` need a CUDA device: without one they are skipped,
 with the reason (`-rs`); TEXTGEN_REQUIRE_CUDA=1 turns those skips into failures, for a run on a
 machine that must have one. The refusal tests need no GPU and run in `make test` too.
 """
@@ -20,6 +20,7 @@ import onnxruntime as ort
 import pytest
 from greedy import engine_forced_logits, engine_greedy_rows, random_prompt
 from ort_runtimes import REPO, assert_server_refuses_cuda
+from random_adapters import random_adapter
 from textgen_server.engine import Engine, ProviderError
 from textgen_server.model_config import MODEL_FILE, ModelConfig
 
@@ -89,11 +90,16 @@ def engines(request: pytest.FixtureRequest, model_dirs: dict[str, Path]) -> tupl
 @pytest.mark.gpu
 @pytest.mark.parametrize("prompts", PROMPT_BATCHES, ids=["prompt-1", "prompt-300", "batch-3-40-11"])
 def test_cuda_greedy_choices_equal_the_cpus(engines: tuple[Engine, Engine], prompts: list[list[int]]) -> None:
-    cuda, cpu = engines
-    tokens = engine_greedy_rows(cpu, prompts, NEW_TOKENS)  # [rows][step]
+    _assert_cuda_chooses_as_the_cpu(*engines, prompts)
+
+
+def _assert_cuda_chooses_as_the_cpu(
+    cuda: Engine, cpu: Engine, prompts: list[list[int]], adapters: list[int] | None = None
+) -> None:
+    tokens = engine_greedy_rows(cpu, prompts, NEW_TOKENS, adapters=adapters)  # [rows][step]
     # Both engines are fed the CPU's tokens, so every step compares logits after the same prefix.
-    cpu_logits = engine_forced_logits(cpu, prompts, tokens)  # [steps, rows, vocab]
-    cuda_logits = engine_forced_logits(cuda, prompts, tokens)
+    cpu_logits = engine_forced_logits(cpu, prompts, tokens, adapters)  # [steps, rows, vocab]
+    cuda_logits = engine_forced_logits(cuda, prompts, tokens, adapters)
     tolerance = RELATIVE_TOLERANCE[cpu.config.dtype] * float(np.abs(cpu_logits).max())
     assert float(np.abs(cuda_logits - cpu_logits).max()) <= tolerance
     # CUDA's greedy choice is the CPU's wherever the CPU's best two are further apart than rounding.
@@ -101,6 +107,37 @@ def test_cuda_greedy_choices_equal_the_cpus(engines: tuple[Engine, Engine], prom
     decided = top2[..., 1] - top2[..., 0] > 2 * tolerance  # [steps, rows]
     expected = np.array(tokens).T  # [steps, rows]
     assert np.array_equal(cuda_logits.argmax(axis=-1)[decided], expected[decided])
+
+
+@pytest.fixture(scope="module")
+def lora_engines(request: pytest.FixtureRequest) -> tuple[Engine, Engine]:
+    """CUDA and CPU engines on a model with adapter slots (TEXTGEN_GPU_LORA_DIR, make test-gpu; else the
+    session's), random adapters of ranks 4 and 16 in slots 1 and 2 of both."""
+    name = os.environ.get("TEXTGEN_GPU_LORA_DIR")
+    model_dir = REPO / name if name else Path(request.getfixturevalue("lora_model_dir"))
+    _skip_without_cuda(model_dir)
+    engines = Engine(model_dir, provider="cuda", slots=SLOTS), Engine(model_dir, provider="cpu", slots=SLOTS)
+    for slot, rank in ((1, 4), (2, 16)):
+        weights = random_adapter(engines[1].config, rank, seed=rank)
+        for engine in engines:
+            engine.load_adapter(slot, weights)
+    return engines
+
+
+@pytest.mark.gpu
+def test_cuda_adapters_mixed_with_the_base_model_choose_as_the_cpu(lora_engines: tuple[Engine, Engine]) -> None:
+    """Adapter stacks on the device, bound by pointer, a slot range per pass, the zero slot for base rows."""
+    cuda, cpu = lora_engines
+    assert cuda.lora is not None and {v.device_name() for v in cuda.lora._device_values.values()} == {"cuda"}
+    prompts = PROMPT_BATCHES[2]
+    _assert_cuda_chooses_as_the_cpu(cuda, cpu, prompts, adapters=[1, 0, 2])  # slots 1..2 bound
+    _assert_cuda_chooses_as_the_cpu(cuda, cpu, prompts, adapters=[2, 2, 0])  # slot 2 alone
+    _assert_cuda_chooses_as_the_cpu(cuda, cpu, prompts)  # the zero slot alone
+    # A slot rewritten between passes (a new adapter loaded) reaches the device.
+    replacement = random_adapter(cpu.config, 8, seed=8)
+    for engine in (cuda, cpu):
+        engine.load_adapter(1, replacement)
+    _assert_cuda_chooses_as_the_cpu(cuda, cpu, prompts, adapters=[1, 2, 1])
 
 
 @pytest.mark.gpu

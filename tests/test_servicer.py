@@ -33,6 +33,7 @@ from textgen_server.service import (
 from textgen_server.stopping import FinishReason
 from textgen_server.tokenizer import Tokenizer
 from textgen_server.tools import ToolCall
+from textgen_server.validation import UnknownAdapterError
 
 T = TypeVar("T")
 SERVICE = pb.DESCRIPTOR.services_by_name["TextGeneration"]
@@ -346,6 +347,14 @@ def test_grammar_failure_mid_generation_is_internal(
     messages, code, details = _stream(server, pb.GenerateRequest(prompt="Hi"))
     assert [m.response for m in messages] == ['{"a"']  # the cut JSON never ends as if it were whole
     assert code == grpc.StatusCode.INTERNAL and "step limit reached" in details
+
+
+def test_adapter_that_cannot_be_loaded_while_the_request_waits_is_not_found(
+    server: grpc_testing.Server, scheduler: FakeScheduler
+) -> None:
+    scheduler.script = [UnknownAdapterError("lora: adapter 'pirate' could not be loaded (gone)")]
+    _, _, code, details = _unary(server, pb.GenerateRequest(prompt="Hi", lora="pirate"))
+    assert code == grpc.StatusCode.NOT_FOUND and "'pirate' could not be loaded" in details
 
 
 def test_known_adapter_reaches_the_scheduler(server: grpc_testing.Server, scheduler: FakeScheduler) -> None:
