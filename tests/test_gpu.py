@@ -125,7 +125,9 @@ def lora_engines(request: pytest.FixtureRequest) -> tuple[Engine, Engine]:
 
 
 @pytest.mark.gpu
-def test_cuda_adapters_mixed_with_the_base_model_choose_as_the_cpu(lora_engines: tuple[Engine, Engine]) -> None:
+def test_cuda_adapters_mixed_with_the_base_model_choose_as_the_cpu(
+    lora_engines: tuple[Engine, Engine],
+) -> None:
     """Adapter stacks on the device, bound by pointer, a slot range per pass, the zero slot for base rows."""
     cuda, cpu = lora_engines
     assert cuda.lora is not None and {v.device_name() for v in cuda.lora._device_values.values()} == {"cuda"}
