@@ -51,6 +51,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "the cores) or libgomp's default spin-then-sleep, which is faster only on an otherwise idle machine",
     )
     parser.add_argument(
+        "--only-lora",
+        action="store_true",
+        help="only the LoRA section (16 streams, all base vs four adapters mixed), to bench/results/lora/",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         default=None,
@@ -80,24 +85,28 @@ def main(argv: list[str] | None = None) -> int:
     config = dataclasses.replace(
         config,
         threads=args.threads,
-        peers=peers,
+        peers=() if args.only_lora else peers,
         cases=cases,
         sweep_reps=args.reps or config.sweep_reps,
         llamacpp_omp_wait=args.llamacpp_omp_wait,
+        lora_reps=args.reps or config.lora_reps,
+        only_lora=args.only_lora,
     )
-    out = args.out or (REPO / "bench/results" / ("quick" if args.quick else ""))
+    folder = "quick" if args.quick else "lora" if args.only_lora else ""
+    out = args.out or (REPO / "bench/results" / folder)
     out.mkdir(parents=True, exist_ok=True)
 
+    from .lora import markdown_lines as lora_lines
     from .plots import plot_all
     from .report import markdown, summarize
     from .run import Runner
 
     raw = Runner(config, REPO, REPO / "bench/logs", args.budget_s).run()
     summary = summarize(raw)
-    table = markdown(summary)
+    table = "\n".join(lora_lines(summary["lora"])).strip() + "\n" if args.only_lora else markdown(summary)
     (out / "latest.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     (out / "latest.md").write_text(table, encoding="utf-8")
-    plots = plot_all(summary, out)
+    plots = [] if args.only_lora else plot_all(summary, out)
     print()
     print(table)
     print(f"wrote {out / 'latest.json'}, {out / 'latest.md'}" + "".join(f", {p}" for p in plots))

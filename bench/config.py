@@ -36,6 +36,10 @@ class BenchConfig:
     peers: tuple[str, ...] = field(default=("engine", "transformers", "genai", "llamacpp"))
     # OMP_WAIT_POLICY for llama-bench, or "default" to leave it unset (see bench/peers/llamacpp_peer.py).
     llamacpp_omp_wait: str = "passive"
+    # LoRA (bench/lora.py): the sweep's prompt and length at this many streams, all base vs mixed.
+    lora_streams: int = 16
+    lora_reps: int = 3
+    only_lora: bool = False  # python -m bench --only-lora: that section alone
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -50,4 +54,5 @@ QUICK = BenchConfig(
     grammar_reps=1,
     bandwidth_bytes=GIB // 4,
     bandwidth_reps=2,
+    lora_reps=1,
 )

@@ -18,14 +18,19 @@ from textgen_server.app import ServerSettings, TextgenServer, create_server
 
 
 class GrpcPeer:
-    def __init__(self, model_dir: str, threads: int) -> None:
+    def __init__(self, model_dir: str, threads: int, lora_dir: str | None = None) -> None:
         self.threads = threads
         self.loop = asyncio.new_event_loop()
         self.server: TextgenServer
         self.server, port = self.loop.run_until_complete(
             create_server(
                 ServerSettings(
-                    model_dir=Path(model_dir), host="127.0.0.1", port=0, provider="cpu", threads=threads
+                    model_dir=Path(model_dir),
+                    host="127.0.0.1",
+                    port=0,
+                    provider="cpu",
+                    threads=threads,
+                    lora_dir=Path(lora_dir) if lora_dir else None,
                 )
             )
         )
@@ -41,11 +46,16 @@ class GrpcPeer:
         return {"grpc": grpc.__version__, "threads": self.threads, "target": self.target}
 
     def streams(
-        self, prompts: list[str], new_tokens: int, json_schema: dict[str, Any] | None = None
+        self,
+        prompts: list[str],
+        new_tokens: int,
+        json_schema: dict[str, Any] | None = None,
+        loras: list[str] | None = None,
     ) -> list[dict[str, Any]]:
         """One concurrent stream per prompt; per stream: sent time, token arrival times, usage.
-        With `json_schema` every stream is constrained to it (response_format)."""
-        return self.loop.run_until_complete(self._streams(prompts, new_tokens, json_schema))
+        With `json_schema` every stream is constrained to it (response_format); with `loras`, stream i
+        uses adapter loras[i]."""
+        return self.loop.run_until_complete(self._streams(prompts, new_tokens, json_schema, loras))
 
     def generate_text(self, prompt: str, new_tokens: int) -> list[float]:
         """One stream as `[sent, token_1, ..., token_n]`, comparable with the in-process peers."""
@@ -57,10 +67,22 @@ class GrpcPeer:
         self.loop.run_until_complete(self.server.stop(1.0))
 
     async def _streams(
-        self, prompts: list[str], new_tokens: int, json_schema: dict[str, Any] | None = None
+        self,
+        prompts: list[str],
+        new_tokens: int,
+        json_schema: dict[str, Any] | None = None,
+        loras: list[str] | None = None,
     ) -> list[dict[str, Any]]:
         stub = rpc.TextGenerationStub(self.channel)
-        return list(await asyncio.gather(*(self._one(stub, p, new_tokens, json_schema) for p in prompts)))
+        adapters = loras or [""] * len(prompts)
+        return list(
+            await asyncio.gather(
+                *(
+                    self._one(stub, p, new_tokens, json_schema, lora)
+                    for p, lora in zip(prompts, adapters, strict=True)
+                )
+            )
+        )
 
     async def _one(
         self,
@@ -68,8 +90,9 @@ class GrpcPeer:
         prompt: str,
         new_tokens: int,
         json_schema: dict[str, Any] | None = None,
+        lora: str = "",
     ) -> dict[str, Any]:
-        request = pb.GenerateRequest(prompt=prompt, raw=True, max_tokens=new_tokens, temperature=0)
+        request = pb.GenerateRequest(prompt=prompt, raw=True, max_tokens=new_tokens, temperature=0, lora=lora)
         if json_schema is not None:
             request.response_format.type = "json_schema"
             request.response_format.json_schema.update(json_schema)

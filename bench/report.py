@@ -9,6 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 from .llamacpp_env import SDIST
+from .lora import TARGET_MIXED_VS_BASE
+from .lora import markdown_lines as lora_lines
+from .lora import summarize as summarize_lora
 from .roofline import roofline_applies, roofline_share, roofline_tok_s
 from .run import LLAMACPP_PEERS, RawResults
 from .stats import (
@@ -51,6 +54,7 @@ TARGETS = {
     "engine/llama.cpp f32 decode": 1.0,  # issue 9
     "json schema vs none, 1 stream": 0.9,
     "json schema vs none, 16 streams": 0.9,
+    "LoRA 4 adapters mixed vs all base, 16 streams": TARGET_MIXED_VS_BASE,
 }
 
 
@@ -103,6 +107,9 @@ def summarize(raw: RawResults) -> dict[str, Any]:
         "grpc": _grpc(batch1),
         "concurrency": _sweep(raw),
         "constrained": constrained(raw.grammar, raw.config.grammar_new_tokens),
+        "lora": summarize_lora(raw.lora, c.sweep_new_tokens)
+        if raw.lora
+        else {"unavailable": raw.unavailable.get("lora", "not measured")},
         "gpu": raw.gpu,
     }
     summary["targets"] = _targets(summary)
@@ -258,6 +265,7 @@ def _targets(summary: dict[str, Any]) -> dict[str, Any]:
         "engine/llama.cpp f32 decode": first["speedup"].get("llamacpp-f32", {}).get("decode"),
         "json schema vs none, 1 stream": _worst_schema(summary, "1"),
         "json schema vs none, 16 streams": _worst_schema(summary, "16"),
+        "LoRA 4 adapters mixed vs all base, 16 streams": summary["lora"].get("lora_mixed_vs_lora_base"),
     }
     if not summary["bandwidth"]["roofline_applies"]:
         values["roofline share"] = None  # no memory bound to share where the weights sit in the cache
@@ -367,11 +375,12 @@ def markdown(summary: dict[str, Any]) -> str:
         )
     lines += _sweep_lines(summary["concurrency"])
     lines += _constrained_lines(summary["constrained"])
+    lines += lora_lines(summary["lora"])
     gpu = summary["gpu"]
     lines += ["", f"GPU: {gpu['skipped']}." if "skipped" in gpu else "GPU: see `gpu` in latest.json."]
     lines += [
         "",
-        "Targets (issues 6, 5, 9 and 12): "
+        "Targets (issues 6, 5, 9, 11 and 12): "
         + "; ".join(f"{name} {_fmt_target(t)}" for name, t in summary["targets"].items())
         + ".",
     ]

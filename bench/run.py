@@ -32,6 +32,9 @@ SETTLE_S = 0.1  # between runs: lets the previous peer's spinning thread pool go
 # Time kept back while batch-1 repetitions run: one sweep repetition (~40 s quiet, twice that under load)
 # and the closing bandwidth reading. Repetitions past the budget are skipped, never the first.
 SWEEP_RESERVE_S = 100.0
+# Kept back while the sweep runs: the LoRA section's set-up (a first run exports models/bench-lora) and
+# one repetition of its three configurations.
+LORA_RESERVE_S = 90.0
 T = TypeVar("T")
 # One peer per GGUF variant, all driven by the same llama-bench binary.
 LLAMACPP_PEERS = {f"llamacpp-{variant}": variant for variant in VARIANTS}
@@ -88,6 +91,8 @@ class RawResults:
     sweep: dict[int, list[list[dict[str, Any]]]] = field(default_factory=dict)
     # concurrency -> "none" or a GRAMMAR_SCHEMAS name -> one list of stream records per repetition
     grammar: dict[int, dict[str, list[list[dict[str, Any]]]]] = field(default_factory=dict)
+    # LoRA configuration (bench/lora.py) -> one list of stream records per repetition
+    lora: dict[str, list[list[dict[str, Any]]]] = field(default_factory=dict)
     gpu: dict[str, Any] = field(default_factory=dict)
     cut_short: dict[str, str] = field(default_factory=dict)  # what ran fewer repetitions, and why
     load: dict[str, float] = field(default_factory=dict)  # 1-minute load average as each phase began
@@ -181,21 +186,24 @@ class Runner:
             raw.unavailable["llamacpp"] = llamacpp.unavailable
         raw.setup_s = time.perf_counter() - started
         try:
-            self._read_bandwidth(raw)
-            self._start_workers(raw, model_dir, genai)
-            self._start_llamacpp(llamacpp)
-            self._warm_up(raw)
-            for case in c.cases:
-                self._batch1(raw, case, model_dir)
-            self._sweep(raw, model_dir)
-            self._grammar(raw)
-            self._read_bandwidth(raw)
+            if not c.only_lora:
+                self._read_bandwidth(raw)
+                self._start_workers(raw, model_dir, genai)
+                self._start_llamacpp(llamacpp)
+                self._warm_up(raw)
+                for case in c.cases:
+                    self._batch1(raw, case, model_dir)
+                self._sweep(raw, model_dir)
+                self._grammar(raw)
+            self._lora(raw, model_dir)
+            if not c.only_lora:
+                self._read_bandwidth(raw)
         finally:
             for worker in self.workers.values():
                 worker.close()
         from .gpu import gpu_section
 
-        raw.gpu = gpu_section(self.repo, c.threads)
+        raw.gpu = {"skipped": "--only-lora"} if c.only_lora else gpu_section(self.repo, c.threads)
         raw.machine["load_average_at_end"] = list(os.getloadavg())
         raw.wall_s = time.perf_counter() - started
         return raw
@@ -286,7 +294,7 @@ class Runner:
         results = raw.batch1.setdefault(key, {p: [] for p in peers if p not in LLAMACPP_PEERS})
         rates = raw.decode_rates.setdefault(key, {p: [] for p in peers if p in LLAMACPP_PEERS})
         for rep in range(case.reps):
-            if self._out_of_time(raw, f"batch-1 {key}", rep, case.reps, SWEEP_RESERVE_S):
+            if self._out_of_time(raw, f"batch-1 {key}", rep, case.reps, SWEEP_RESERVE_S + LORA_RESERVE_S):
                 break
             if with_grpc:  # text for the server; its exact ids for the in-process peers
                 text = self._texts(rng, case.prompt_tokens, 1)[0]
@@ -326,7 +334,7 @@ class Runner:
         raw.load["concurrency sweep"] = os.getloadavg()[0]
         rng = random.Random(f"{c.seed}-sweep")
         for rep in range(c.sweep_reps):
-            if self._out_of_time(raw, "concurrency sweep", rep, c.sweep_reps, 15.0):
+            if self._out_of_time(raw, "concurrency sweep", rep, c.sweep_reps, LORA_RESERVE_S):
                 break
             texts = self._texts(rng, c.sweep_prompt_tokens, max(c.concurrency))
             for level in rotated(list(c.concurrency), rep):
@@ -350,7 +358,7 @@ class Runner:
         raw.load["constrained decoding"] = os.getloadavg()[0]
         rng = random.Random(f"{c.seed}-grammar")
         for rep in range(c.grammar_reps):
-            if self._out_of_time(raw, "constrained decoding", rep, c.grammar_reps, 15.0):
+            if self._out_of_time(raw, "constrained decoding", rep, c.grammar_reps, LORA_RESERVE_S):
                 break
             texts = self._texts(rng, c.sweep_prompt_tokens, max(c.grammar_concurrency))
             for level in c.grammar_concurrency:
@@ -370,6 +378,62 @@ class Runner:
                         return
                     raw.grammar.setdefault(level, {}).setdefault(mode, []).append(streams)
                     time.sleep(SETTLE_S)
+
+    def _lora(self, raw: RawResults, model_dir: Path) -> None:
+        """16 streams: the plain graph all base, the slotted graph all base, and four adapters mixed."""
+        from .lora import CONFIGURATIONS, adapter_names, ensure_lora_model
+
+        c = self.config
+        log("LoRA: models/bench-lora and four converted PEFT adapters (built when missing)")
+        lora_model, adapters = ensure_lora_model(self.repo, model_dir)
+        raw.load["lora"] = os.getloadavg()[0]
+        started: list[Worker] = []
+        try:
+            plain = self.workers.get("grpc")
+            if plain is None:
+                log("starting the grpc worker")
+                plain = Worker(
+                    "grpc", Path(sys.executable), model_dir, c.threads, self.repo, self.logs / "grpc.log"
+                )
+                started.append(plain)
+            log("starting the grpc worker with adapter slots")
+            slotted = Worker(
+                "grpc",
+                Path(sys.executable),
+                lora_model,
+                c.threads,
+                self.repo,
+                self.logs / "grpc-lora.log",
+                lora_dir=adapters,
+            )
+            started.append(slotted)
+            raw.peer_info["grpc-lora"] = slotted.info
+            names = adapter_names()
+            mixed = [names[i % len(names)] for i in range(c.lora_streams)]
+            rng = random.Random(f"{c.seed}-lora")
+            warm = self._texts(rng, c.sweep_prompt_tokens, c.lora_streams)
+            plain.call("streams", prompts=warm, new_tokens=4)
+            slotted.call("streams", prompts=warm, new_tokens=4, loras=mixed)  # loads the adapters
+            for rep in range(c.lora_reps):
+                if self._out_of_time(raw, "lora", rep, c.lora_reps, 15.0):
+                    break
+                texts = self._texts(rng, c.sweep_prompt_tokens, c.lora_streams)
+                for name in rotated(CONFIGURATIONS, rep):
+                    log(f"LoRA rep {rep + 1}/{c.lora_reps}: {c.lora_streams} streams, {name}")
+                    streams = (plain if name == "plain" else slotted).call(
+                        "streams",
+                        prompts=texts,
+                        new_tokens=c.sweep_new_tokens,
+                        loras=mixed if name == "lora_mixed" else None,
+                    )
+                    raw.lora.setdefault(name, []).append(streams)
+                    time.sleep(SETTLE_S)
+        except WorkerError as exc:
+            raw.unavailable["lora"] = _first_lines(str(exc))
+            log(f"LoRA section failed: {raw.unavailable['lora']}")
+        finally:
+            for worker in started:
+                worker.close()
 
     # -- helpers -------------------------------------------------------------------------------------
 

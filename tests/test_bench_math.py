@@ -18,6 +18,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.llamacpp_env import build_percent, cmake_options, cpu_flags, vendored_commit
+from bench.lora import markdown_lines as lora_markdown
+from bench.lora import summarize as summarize_lora
 from bench.machine import Cache, cpu_model, last_level_cache, parse_cache_size, read_caches
 from bench.peers.llamacpp_peer import LlamaBenchError, LlamacppPeer, decode_rate, parse_llama_bench_jsonl
 from bench.prompts import FIRST_TEXT_ID, prompt_ids, text_of_length
@@ -233,6 +235,26 @@ def test_sweep_level_pools_streams_and_counts_short_ones() -> None:
     assert level["streams_ended_early"] == 1
 
 
+def test_lora_summary_compares_mixed_with_all_base_within_each_repetition() -> None:
+    def rep(seconds: float) -> list[dict[str, Any]]:
+        """Two streams of 5 tokens, first tokens at 1 s, last at 1 + seconds: 8 decode tokens."""
+        times = [1.0 + seconds * i / 4 for i in range(5)]
+        return [{"sent": 0.0, "token_times": times, "completion_tokens": 5}] * 2
+
+    runs = {
+        "plain": [rep(1.0), rep(2.0)],
+        "lora_base": [rep(1.0), rep(4.0)],
+        "lora_mixed": [rep(2.0), rep(5.0)],
+    }
+    summary = summarize_lora(runs, new_tokens=5)
+    assert summary["configurations"]["lora_mixed"]["aggregate_decode_tok_s"]["samples"] == [4.0, 1.6]
+    assert summary["lora_mixed_vs_lora_base_per_repetition"] == pytest.approx([0.5, 0.8])
+    assert summary["lora_mixed_vs_lora_base"] == pytest.approx(2.8 / 5.0)  # medians 2.8 and 5.0
+    assert summary["lora_base_vs_plain_per_repetition"] == pytest.approx([1.0, 0.5])
+    assert summary["streams"] == 2
+    assert "0.56×" in "\n".join(lora_markdown(summary))
+
+
 def test_speedups_from_medians_pairs_and_best_repetitions() -> None:
     engine = {
         "decode_tok_s": {"median": 75.0, "max": 100.0, "samples": [100.0, 50.0]},
@@ -285,7 +307,13 @@ def test_constrained_decoding_ratios_are_schema_over_none() -> None:
     assert one["worst"] == pytest.approx(0.5)  # the target is held to the costlier schema
     assert set(out["levels"]) == {"1"}
     assert constrained({}, new_tokens=5) == {"unavailable": "not measured"}
-    summary = {"batch1": {}, "grpc": {}, "concurrency": {}, "bandwidth": {"roofline_applies": True}, "constrained": out}
+    summary = {
+        "batch1": {},
+        "grpc": {},
+        "concurrency": {},
+        "bandwidth": {"roofline_applies": True},
+        "constrained": out,
+    }
     targets = _targets(summary)
     one_stream = targets["json schema vs none, 1 stream"]
     assert one_stream["value"] == pytest.approx(0.5) and one_stream["met"] is False

@@ -37,6 +37,7 @@ class Worker:
         log_path: Path,
         start_timeout_s: float = 300,
         provider: str = "cpu",
+        lora_dir: Path | None = None,
     ) -> None:
         self.name = name
         self.log_path = log_path
@@ -55,6 +56,7 @@ class Worker:
                 str(threads),
                 "--provider",
                 provider,
+                *(["--lora-dir", str(lora_dir)] if lora_dir is not None else []),
             ],
             cwd=repo,
             env=thread_env(threads, repo),

@@ -25,7 +25,9 @@ class Peer(Protocol):
 PEERS = ("engine", "transformers", "genai", "grpc")
 
 
-def load_peer(name: str, model_dir: str, threads: int, provider: str = "cpu") -> Peer:
+def load_peer(
+    name: str, model_dir: str, threads: int, provider: str = "cpu", lora_dir: str | None = None
+) -> Peer:
     # Imported by name: each virtualenv has only its own peer's libraries.
     if name == "engine":
         from .engine_peer import EnginePeer
@@ -42,7 +44,7 @@ def load_peer(name: str, model_dir: str, threads: int, provider: str = "cpu") ->
     if name == "grpc":
         from ..grpc_load import GrpcPeer
 
-        return GrpcPeer(model_dir, threads)
+        return GrpcPeer(model_dir, threads, lora_dir)
     raise ValueError(f"unknown peer {name!r}; expected one of {', '.join(PEERS)}")
 
 
@@ -67,12 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-dir", required=True)
     parser.add_argument("--threads", type=int, required=True)
     parser.add_argument("--provider", choices=["cpu", "cuda"], default="cpu", help="the engine's only")
+    parser.add_argument("--lora-dir", default=None, help="the grpc peer's only: the server's --lora-dir")
     args = parser.parse_args(argv)
     # Keep the protocol on a private copy of stdout; library prints (progress bars, warnings) go to stderr.
     replies = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
     try:
-        peer = load_peer(args.peer, args.model_dir, args.threads, args.provider)
+        peer = load_peer(args.peer, args.model_dir, args.threads, args.provider, args.lora_dir)
     except Exception:  # noqa: BLE001 - any load failure goes to the orchestrator as text
         _send(replies, {"error": traceback.format_exc()})
         return 1
