@@ -11,6 +11,7 @@ import logging
 import shutil
 import signal
 import time
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -21,6 +22,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from greedy import engine_greedy_rows
 from peft import LoraConfig, PeftModel, get_peft_model
 from random_adapters import LORA_RANK, LORA_SLOTS, random_adapter
 from safetensors.torch import load_file, save_file
@@ -29,9 +31,11 @@ from test_server_process import ServerProcess
 from textgen.v1 import textgen_pb2 as pb
 from textgen.v1 import textgen_pb2_grpc as rpc
 from textgen_export.cli import main as export_main
+from textgen_export.onnx_export import export_checkpoint
 from textgen_server.adapters import Adapter, AdapterSlots
 from textgen_server.app import ServerSettings, TextgenServer
-from textgen_server.lora_format import AdapterWeights, save_adapter
+from textgen_server.engine import Engine
+from textgen_server.lora_format import AdapterWeights, load_adapter, save_adapter
 from textgen_server.model_config import LORA_MODULES, ModelConfig
 from textgen_server.prompt import ChatMessage, encode_chat, encode_prompt
 from textgen_server.tokenizer import Tokenizer
@@ -524,6 +528,26 @@ def test_without_slots_the_graph_has_no_adapter_path(tiny_model_dir: Path, lora_
     assert lora_nodes > plain_nodes
     model = onnx.load(str(lora_model_dir / "model.onnx"))
     assert model.ir_version == 8 and {o.domain: o.version for o in model.opset_import}[""] == 18
+
+
+def test_int4_weights_keep_the_adapters_in_the_activation_dtype(
+    tiny_model_dir: Path, lora_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "int4-lora"
+    export_checkpoint(tiny_model_dir / "checkpoint", out, dtype="int4", lora_slots=SLOTS, lora_rank=RANK)
+    graph = onnx.load(str(out / "model.onnx")).graph
+    ops = Counter(node.op_type for node in graph.node)
+    assert ops["MatMulNBits"] == 2 * 4 and ops["Gemm"] == 2 * 4  # 2 layers x 4 projections, each
+    stacks = [i for i in graph.input if i.name.startswith("lora.")]
+    assert len(stacks) == 2 * 4 * 2 and {i.type.tensor_type.elem_type for i in stacks} == {
+        onnx.TensorProto.FLOAT
+    }
+    engine = Engine(out, provider="cpu", slots=2, max_len=128)
+    engine.load_adapter(1, load_adapter(lora_dir / "r8.npz", engine.config))
+    prompt = [1, *range(400, 420)]
+    with_adapter = engine_greedy_rows(engine, [prompt, prompt], 16, adapters=[1, 0])
+    assert with_adapter[0] != with_adapter[1]
+    assert with_adapter[1] == engine_greedy_rows(engine, [prompt], 16)[0]
 
 
 def _adapter(name: str) -> Adapter:

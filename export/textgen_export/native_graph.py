@@ -91,6 +91,7 @@ class _Builder:
         self.nodes: list[NodeProto] = []
         self.initializers: list[TensorProto] = []
         self._constants: set[str] = set()
+        self.names: set[str] = set()  # outputs of single-output nodes so far
         self._count = 0
 
     def op(self, op_type: str, inputs: list[str], name: str = "", node: str = "", **attrs: Any) -> str:
@@ -99,6 +100,7 @@ class _Builder:
         out = name or f"{op_type.lower()}_{self._count}"
         node_name = node or f"n{self._count}_{op_type}"
         self.nodes.append(helper.make_node(op_type, inputs, [out], name=node_name, **attrs))
+        self.names.add(out)
         return out
 
     def op_n(
@@ -166,17 +168,19 @@ def build_decoder_graph(
             return base
         fan_in, rank, fan_out = lora.group_shape(group)
         a_name, b_name = io.lora_a.format(layer, group), io.lora_b.format(layer, group)
-        lora_inputs.append(_value_info(a_name, g.elem, ["lora_slots", fan_in, rank]))
-        lora_inputs.append(_value_info(b_name, g.elem, ["lora_slots", rank, fan_out]))
-        # Every bound slot's A on every token, then each token keeps its own slot's product: one GEMM
-        # per slot over all tokens, reading each adapter once (no per-row copies of the weights).
-        # [k, ...] inputs: k slots bound this pass.
+        rows = f"lora_{group}_rows"  # k * rank: the k slots bound this pass, `rank` rows each
+        lora_inputs.append(_value_info(a_name, g.elem, [rows, fan_in]))  # A transposed, slot after slot
+        lora_inputs.append(_value_info(b_name, g.elem, [rows, fan_out]))
+        shape = f"lora_shape_{group}"  # [b*seq, k, rank]
+        if shape not in g.names:
+            g.op("Concat", ["lora_tokens", "lora_k", g.ints(f"c_rank_{group}", [rank])], name=shape, axis=0)
+        # Every bound slot's A on every token (one GEMM over all tokens, each adapter read once), then
+        # each token keeps its own slot's products and one GEMM applies the Bs.
         tokens = g.op("Reshape", [x, g.ints(f"c_flat_{fan_in}", [-1, fan_in])])  # [b*seq, in]
-        xa = g.op("MatMul", [tokens, a_name])  # [k, b*seq, rank]
-        xa = g.op("Transpose", [g.op("Mul", [xa, "lora_mask"])], perm=[1, 0, 2])  # [b*seq, k, rank]
+        xa = g.op("Gemm", [tokens, a_name], transB=1)  # [b*seq, k*rank]
+        xa = g.op("Mul", [g.op("Reshape", [xa, shape]), "lora_mask"])  # [b*seq, k, rank]
         xa = g.op("Reshape", [xa, "lora_rows_shape"])  # [b, seq, k*rank]
-        b_flat = g.op("Reshape", [b_name, g.ints(f"c_bflat_{fan_out}", [-1, fan_out])])  # [k*rank, out]
-        return g.op("Add", [base, g.op("MatMul", [xa, b_flat])])  # [b, seq, out]
+        return g.op("Add", [base, g.op("MatMul", [xa, b_name])])  # [b, seq, out]
 
     g.ints("c_m1", [-1])
     g.ints("c_end", [2**63 - 1])
@@ -197,7 +201,7 @@ def build_decoder_graph(
         return g.op("SimplifiedLayerNormalization", [x, w], axis=-1, epsilon=s.rms_norm_eps, stash_type=1)
 
     if lora is not None:
-        _lora_mask(g, io, lora_a=io.lora_a.format(0, "o"))
+        _lora_mask(g, io, lora_a=io.lora_a.format(0, "o"), rank=lora.group_shape("o")[1])
     hidden = g.op(
         "Gather", [g.weight("model.embed_tokens.weight", weights["model.embed_tokens.weight"]), io.input_ids]
     )  # [b, seq, hidden]
@@ -272,22 +276,26 @@ def build_decoder_graph(
     return make_model(graph)
 
 
-def _lora_mask(g: _Builder, io: ModelIO, lora_a: str) -> None:
-    """`lora_mask` [k, b*seq, 1]: 1 where the token's row uses adapter slot j + 1 of the k slots bound,
-    else 0 (`lora_index` 0 is the base model: no slot matches); and `lora_rows_shape` = [b, seq, -1]."""
+def _lora_mask(g: _Builder, io: ModelIO, lora_a: str, rank: int) -> None:
+    """What every projection's adapter part shares: `lora_mask` [b*seq, k, 1], 1 where the token's
+    row uses the j-th of the k slots bound (`lora_index` j + 1; 0, the base model, matches none);
+    `lora_tokens` [1] = b*seq; `lora_k` [1] = k, from `lora_a` whose rows are k * `rank`; and
+    `lora_rows_shape` = [b, seq, -1]."""
     batch_seq = g.op("Shape", [io.input_ids])  # [2]: b, seq
     g.op("Concat", [batch_seq, g.ints("c_m1", [-1])], name="lora_rows_shape", axis=0)
+    g.op("ReduceProd", [batch_seq], name="lora_tokens", keepdims=1)  # [1]
+    zero = g.ints("c_0", [0])
+    rows = g.op("Gather", [g.op("Shape", [lora_a]), zero], axis=0)  # [1]
+    k = g.op("Div", [rows, g.ints("c_lora_rank", [rank])], name="lora_k")  # [1]
     one = g.weight("c_scalar_1", np.array(1, dtype=np.int64), cast=False)
-    zero = g.weight("c_scalar_0", np.array(0, dtype=np.int64), cast=False)
-    k = g.op("Gather", [g.op("Shape", [lora_a]), zero], axis=0)  # []: slots bound this pass
-    slots = g.op("Range", [one, g.op("Add", [k, one]), one])  # [k]: 1..k
+    slots = g.op("Range", [one, g.op("Add", [g.op("Squeeze", [k, zero]), one]), one])  # [k]: 1..k
     row_slot = g.op(
         "Expand", [g.op("Unsqueeze", [io.lora_index, g.ints("axes_1", [1])]), batch_seq]
     )  # [b, seq]
-    token_slot = g.op("Reshape", [row_slot, g.ints("c_1_m1_1", [1, -1, 1])])  # [1, b*seq, 1]
+    token_slot = g.op("Reshape", [row_slot, g.ints("c_m1_1_1", [-1, 1, 1])])  # [b*seq, 1, 1]
     match = g.op(
-        "Equal", [g.op("Unsqueeze", [slots, g.ints("axes_12", [1, 2])]), token_slot]
-    )  # [k, b*seq, 1]
+        "Equal", [token_slot, g.op("Unsqueeze", [slots, g.ints("axes_02", [0, 2])])]
+    )  # [b*seq, k, 1]
     g.op("Cast", [match], name="lora_mask", to=g.elem)
 
 

@@ -218,12 +218,11 @@ class Engine:
             # Out-of-range indices would make Gather fail (CPU) or read anything (CUDA): refuse here.
             if int(adapters.min()) < 0 or int(adapters.max()) > self.lora.slots:
                 raise ValueError(f"adapter slots must be in 0..{self.lora.slots}, got {adapters.tolist()}")
-            # Bind only the range of slots in use (the graph's adapter work grows with it), with each
-            # row's index relative to the range's first slot (0: none, the base model); the zero slot
-            # alone when every row is the base model.
+            # Bind only the range of slots in use (the graph's adapter work grows with it; none when
+            # every row is the base model), each row's index relative to the range (0: the base model).
             used = adapters[adapters > 0]
-            first = int(used.min()) if used.size else 0
-            count = int(used.max()) - first + 1 if used.size else 1
+            first = int(used.min()) if used.size else 1
+            count = int(used.max()) - first + 1 if used.size else 0
             relative = np.where(adapters > 0, adapters - first + 1, 0).astype(np.int64)  # [rows]
             binding.bind_cpu_input(io.lora_index, relative)
             self.lora.bind(binding, first, count)

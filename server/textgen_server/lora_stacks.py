@@ -1,19 +1,19 @@
 """The adapter slots' weights: per layer and target group, A and B stacks allocated once, bound by pointer.
 
-Each stack has a row per adapter slot: row 0 is all zeros (the base model), rows 1..slots hold the
-loaded adapters. For each layer and group (model_config.LORA_GROUPS) the graph takes A [k, in, rank]
-and B [k, rank, out] (native_graph.py): k consecutive rows, from the lowest to the highest adapter slot
-a row of the pass uses, or row 0 alone when every row is the base model. The graph computes every bound
-slot's product on every token and keeps each token's own, so binding only the range in use keeps the
-adapter work in proportion to the adapters in the batch: one adapter's worth for a prefill, one slot's
-(of zeros) for the base model alone. (An empty range would cost nothing, but onnxruntime-gpu 1.31.1's
-MatMul refuses to broadcast a batch of 0, so the zero row stands in.)
+Each stack holds one block per adapter slot, slot after slot: for slot i (1..slots; 0 is the base
+model and has none) rows (i - 1) * R_g .. i * R_g of A^T [slots * R_g, in] and of B [slots * R_g, out],
+where R_g is the group's rank (model_config.LORA_GROUPS: the layout's rank times its members). For each
+layer and group the graph takes A^T [k * R_g, in] and B [k * R_g, out] (native_graph.py): the blocks of
+k consecutive slots, from the lowest to the highest a row of the pass uses, one pointer each; none
+(k = 0) when every row is the base model, so such a pass does no adapter work at all. The graph
+computes every bound slot's product on every token and keeps each token's own, so the work grows with
+the slots in the batch, not with the rows: one adapter's worth for a prefill.
 
 Writing an adapter into a slot packs its matrices the way the graph packs the projections: in a group of
-several members (q/k/v, gate/up), member j's A goes into columns j*R..j*R+r of the slot's A and its B
-into rows j*R..j*R+r of the slot's B, under that member's own output columns (block-diagonal), where R
-is the layout's rank and r the adapter's; the rest of the slot is zeros, so smaller ranks and missing
-modules add nothing.
+several members (q/k/v, gate/up), member j's A^T goes into rows j*R..j*R+r of the slot's block of A^T,
+and its B into the same rows of the slot's block of B, under that member's own output columns
+(block-diagonal), where R is the layout's rank and r the adapter's; the rest of the slot is zeros, so
+smaller ranks and missing modules add nothing.
 
 Where the stacks live: on the CPU they are numpy arrays, written in place. On a GPU they are device
 OrtValues with a host mirror: a slot is written into the mirror, then each stack is copied to the
@@ -42,20 +42,20 @@ class LoraStacks:
         if config.lora is None:
             raise ValueError(f"{config.name}: the graph has no adapter slots")
         self.layout = config.lora
-        self.slots = self.layout.slots  # adapter slots 1..slots; row 0 of every stack is the base model
+        self.slots = self.layout.slots  # adapter slots 1..slots; 0, the base model, has no block
         self.device = device
         self.dtype = NUMPY_DTYPES[config.dtype]
         io = config.io
-        # name -> host array: [slots + 1, in, rank] for A, [slots + 1, rank, out] for B
+        # name -> host array, by slot: [slots, R_g, in] for A^T, [slots, R_g, out] for B
         self._host: dict[str, npt.NDArray[Any]] = {}
         for layer in range(config.num_layers):
             for group in LORA_GROUPS:
                 fan_in, rank, fan_out = self.layout.group_shape(group)
                 self._host[io.lora_a.format(layer, group)] = np.zeros(
-                    (self.slots + 1, fan_in, rank), dtype=self.dtype
+                    (self.slots, rank, fan_in), dtype=self.dtype
                 )
                 self._host[io.lora_b.format(layer, group)] = np.zeros(
-                    (self.slots + 1, rank, fan_out), dtype=self.dtype
+                    (self.slots, rank, fan_out), dtype=self.dtype
                 )
         self._io = io
         self._layers = config.num_layers
@@ -75,13 +75,14 @@ class LoraStacks:
         return sum(array.nbytes for array in self._host.values())
 
     def bind(self, binding: ort.IOBinding, first: int, count: int) -> None:
-        """Bind rows first..first + count - 1 of every stack (consecutive: one pointer each) as the
-        graph's inputs."""
-        if count < 1 or not 0 <= first <= first + count - 1 <= self.slots:
-            raise ValueError(f"adapter slots {first}..{first + count - 1} outside 0..{self.slots}")
+        """Bind the blocks of slots first..first + count - 1 of every stack (consecutive: one pointer
+        each) as the graph's inputs, [count * R_g, in] and [count * R_g, out]; count 0 binds none."""
+        if count < 0 or (count and not 1 <= first <= first + count - 1 <= self.slots):
+            raise ValueError(f"adapter slots {first}..{first + count - 1} outside 1..{self.slots}")
         for name, array in self._host.items():
-            shape = [count, *array.shape[1:]]
-            offset = first * array[0].nbytes
+            block = array[0]  # one slot: [R_g, in] or [R_g, out]
+            shape = [count * block.shape[0], block.shape[1]]
+            offset = (first - 1) * block.nbytes if count else 0
             binding.bind_input(name, self.device, 0, self.dtype, shape, self._pointers[name] + offset)
 
     def write(self, slot: int, weights: AdapterWeights | None) -> None:
@@ -93,8 +94,11 @@ class LoraStacks:
         for layer in range(self._layers):
             for group, members in LORA_GROUPS.items():
                 a_name, b_name = self._io.lora_a.format(layer, group), self._io.lora_b.format(layer, group)
-                a_all, b_all = self._host[a_name][slot], self._host[b_name][slot]  # [in, R_g], [R_g, out]
-                a_all[...] = 0
+                a_t, b_all = (
+                    self._host[a_name][slot - 1],
+                    self._host[b_name][slot - 1],
+                )  # [R_g, in], [R_g, out]
+                a_t[...] = 0
                 b_all[...] = 0
                 out_offset = 0
                 for j, module in enumerate(members):
@@ -103,7 +107,7 @@ class LoraStacks:
                     if pair is not None:
                         a, b = pair  # [in, r], [r, out]
                         r = a.shape[1]
-                        a_all[:, j * rank : j * rank + r] = a
+                        a_t[j * rank : j * rank + r, :] = a.T
                         b_all[j * rank : j * rank + r, out_offset : out_offset + fan_out] = b
                     out_offset += fan_out
                 if self._device_values:
