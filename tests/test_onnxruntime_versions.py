@@ -159,7 +159,7 @@ def test_quantized_greedy_equals_the_cpu_wheels_under_onnxruntime_gpu(
 def test_adapters_mixed_with_the_base_model_decode_the_same_under_onnxruntime_gpu(
     gpu_wheel_report: dict[str, Any], model_dirs: dict[str, Path], adapter_files: list[Path]
 ) -> None:
-    """Adapter slots bound by pointer, a base-only pass binding the zero slot, and rows of different
+    """Adapter slots bound by pointer, a base-only pass binding none (K = 0), and rows of different
     adapters in one pass: the GPU wheel's tokens equal the CPU wheel's."""
     engine = Engine(model_dirs["lora"], provider="cpu", slots=len(PROMPTS), host_arrays=False)
     for slot, path in enumerate(adapter_files, start=1):

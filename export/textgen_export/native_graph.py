@@ -13,22 +13,22 @@ About 15 nodes a layer:
 - the LM head runs on the last position only; logits leave as float32 whatever the dtype.
 
 With LoRA slots (`lora`, a LoraLayout), every target projection also adds its row's adapter. Per
-layer and group the graph takes A [k, in, r] and B [k, r, out]: k consecutive adapter slots the engine
-binds by pointer into stacks it allocates once (server lora_stacks.py), and `lora_index` [batch]
-gives each row's slot within them (1..k; 0: none, the base model). Each projection computes
-x @ A[j] for every bound slot j over all tokens (one GEMM per slot), zeroes each token's products but
-its own slot's (`lora_mask`), and multiplies the result, laid out [tokens, k*r], by B flattened to
-[k*r, out] (one GEMM): any mix of adapters and the base model in one pass, plain ONNX ops (MatMul,
-Mul, Transpose, Reshape). The packed q/k/v and gate/up MatMuls get packed adapters too: A
-concatenated along the rank, B block-diagonal (model_config.LORA_GROUPS). The adapters stay in the
-activation dtype whatever the weights' dtype.
+layer and group the graph takes A^T [k*r, in] and B [k*r, out]: the blocks of k consecutive adapter
+slots (r rows each) that the engine binds by pointer into stacks it allocates once (server
+lora_stacks.py); `lora_index` [batch] gives each row's slot among them (1..k; 0: none, the base
+model). Each projection computes x @ A for all k slots at once over all tokens (one Gemm, transB),
+zeroes each token's products but its own slot's (`lora_mask`) and applies B (one MatMul): any mix of
+adapters and the base model in one pass, with plain ONNX ops. A pass of the base model alone binds
+k = 0 and does no adapter work (a MatMul with K = 0 gives zeros: onnxruntime since 1.19 on CUDA).
+The packed q/k/v and gate/up MatMuls get packed adapters too: A concatenated along the rank, B
+block-diagonal (model_config.LORA_GROUPS). The adapters stay in the activation dtype whatever the
+weights' dtype (the int4/int8 quantizer leaves a MatMul whose weight is a graph input alone).
 
 Why not one adapter per row, gathered (A_all[lora_index], as vLLM's CPU path does): at 16 rows that
-copies each row's adapter every step. On the bench demo model (one thread, CPU time of a 16-row
-decode step, four rank-16 adapters mixed) the gathered form cost about 24 ms and this one about 21 ms,
-the plain graph 16.5 ms; a step of base rows alone costs about 18 ms here and 23 ms gathered. The work
-grows with the number of slots bound rather than with the rows, and a pass of the base model alone
-binds one slot of zeros.
+copies each row's adapter every step. On the bench demo model (one thread, CPU time of a 16-row decode
+step, four rank-16 adapters mixed) the gathered form cost about 24 ms and this one 20 ms, the plain
+graph 16.3 ms; a step of base rows alone costs 16.6 ms here and 23 ms gathered. The work grows with
+the number of slots bound rather than with the rows.
 
 Standard ONNX operators (opset 18) plus two ONNX Runtime contrib ops that both its CPU and CUDA
 providers implement (GroupQueryAttention, SimplifiedLayerNormalization); IR version 8, which

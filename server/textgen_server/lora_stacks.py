@@ -36,7 +36,7 @@ from .model_config import LORA_GROUPS, ModelConfig
 
 
 class LoraStacks:
-    """A_all and B_all for every layer and group; slot i of every stack belongs to the same adapter."""
+    """A^T and B stacks for every layer and group; block i of every stack belongs to the same adapter."""
 
     def __init__(self, config: ModelConfig, device: str) -> None:
         if config.lora is None:
