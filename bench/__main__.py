@@ -96,14 +96,13 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or (REPO / "bench/results" / folder)
     out.mkdir(parents=True, exist_ok=True)
 
-    from .lora import markdown_lines as lora_lines
     from .plots import plot_all
-    from .report import markdown, summarize
+    from .report import lora_only_markdown, markdown, summarize
     from .run import Runner
 
     raw = Runner(config, REPO, REPO / "bench/logs", args.budget_s).run()
     summary = summarize(raw)
-    table = "\n".join(lora_lines(summary["lora"])).strip() + "\n" if args.only_lora else markdown(summary)
+    table = lora_only_markdown(summary) if args.only_lora else markdown(summary)
     (out / "latest.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     (out / "latest.md").write_text(table, encoding="utf-8")
     plots = [] if args.only_lora else plot_all(summary, out)

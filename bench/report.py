@@ -598,6 +598,17 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{value * 100:.0f}%"
 
 
+def lora_only_markdown(summary: dict[str, Any]) -> str:
+    """`python -m bench --only-lora`: the LoRA section with when and where it was measured."""
+    m = summary["machine"]
+    header = (
+        f"Measured {m['date']} on {m['cpu']}, {m['cores']} cores, {summary['config']['threads']} threads "
+        f"(onnxruntime {m['versions'].get('onnxruntime')}); bench model fp32, greedy; median (min–max) "
+        f"of the repetitions; load average {_load(m)} during the run."
+    )
+    return "\n".join([header, *lora_lines(summary["lora"])]) + "\n"
+
+
 def _load(m: dict[str, Any]) -> str:
     start = m.get("load_average_at_start", [None])[0]
     end = m.get("load_average_at_end", [None])[0]
