@@ -500,6 +500,35 @@ def test_malformed_adapter_files_are_refused_at_load_and_the_rest_serve(
         harness.stop(grace=1)
 
 
+def test_an_adapter_whose_file_went_away_fails_its_request_and_is_unregistered(
+    lora_model_dir: Path, lora_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Checked at registration, gone when a request needs it loaded: that request is NOT_FOUND (the
+    reason, which names the server's files, only in the log), the adapter is no longer listed, and
+    the server goes on serving the others."""
+    directory = tmp_path / "adapters"
+    directory.mkdir()
+    for name in ("good", "doomed"):
+        shutil.copyfile(lora_dir / "r8.npz", directory / f"{name}.npz")
+    harness = ServerThread(lora_model_dir, lora_dir=directory)
+    try:
+        (directory / "doomed.npz").unlink()  # no SIGHUP: the server still lists it
+        with grpc.insecure_channel(harness.target) as channel:
+            stub = rpc.TextGenerationStub(channel)
+            assert list(stub.GetModelInfo(pb.GetModelInfoRequest()).adapters) == ["doomed", "good"]
+            with pytest.raises(grpc.RpcError) as error:
+                stub.Generate(_request("Hi", "doomed"))
+            assert error.value.code() == grpc.StatusCode.NOT_FOUND
+            assert (
+                error.value.details() == "lora: adapter 'doomed' could not be loaded; it is no longer served"
+            )
+            assert list(stub.GetModelInfo(pb.GetModelInfoRequest()).adapters) == ["good"]
+            assert len(_tokens(stub, _request("Hi", "good", max_tokens=8))) == 8
+        assert any("adapter doomed could not be loaded from" in r.getMessage() for r in caplog.records)
+    finally:
+        harness.stop(grace=1)
+
+
 async def test_lora_dir_on_a_model_without_slots_fails_at_start_up(
     tiny_model_dir: Path, lora_dir: Path
 ) -> None:

@@ -421,9 +421,9 @@ class Scheduler:
                     self._waiting.remove(handle)
                     self._outbox.put(
                         handle,
+                        # The reason stays in the log: it names the server's files.
                         UnknownAdapterError(
-                            f"lora: adapter {adapter.name!r} could not be loaded ({error}); "
-                            "it is no longer served"
+                            f"lora: adapter {adapter.name!r} could not be loaded; it is no longer served"
                         ),
                     )
         return bool(failed) or self.adapter_slots.loads != loads
