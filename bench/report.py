@@ -265,7 +265,7 @@ def _targets(summary: dict[str, Any]) -> dict[str, Any]:
         "engine/llama.cpp f32 decode": first["speedup"].get("llamacpp-f32", {}).get("decode"),
         "json schema vs none, 1 stream": _worst_schema(summary, "1"),
         "json schema vs none, 16 streams": _worst_schema(summary, "16"),
-        "LoRA 4 adapters mixed vs all base, 16 streams": summary["lora"].get("lora_mixed_vs_lora_base"),
+        "LoRA 4 adapters mixed vs all base, 16 streams": summary.get("lora", {}).get("lora_mixed_vs_lora_base"),
     }
     if not summary["bandwidth"]["roofline_applies"]:
         values["roofline share"] = None  # no memory bound to share where the weights sit in the cache

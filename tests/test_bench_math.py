@@ -307,13 +307,7 @@ def test_constrained_decoding_ratios_are_schema_over_none() -> None:
     assert one["worst"] == pytest.approx(0.5)  # the target is held to the costlier schema
     assert set(out["levels"]) == {"1"}
     assert constrained({}, new_tokens=5) == {"unavailable": "not measured"}
-    summary = {
-        "batch1": {},
-        "grpc": {},
-        "concurrency": {},
-        "bandwidth": {"roofline_applies": True},
-        "constrained": out,
-    }
+    summary = {"batch1": {}, "grpc": {}, "concurrency": {}, "bandwidth": {"roofline_applies": True}, "constrained": out}
     targets = _targets(summary)
     one_stream = targets["json schema vs none, 1 stream"]
     assert one_stream["value"] == pytest.approx(0.5) and one_stream["met"] is False
