@@ -260,7 +260,6 @@ def test_deadline_during_a_long_prefill_leaves_running_requests_alone(stub: rpc.
                 )
             except grpc.RpcError as error:
                 assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert not running.done(), "the steady request should outlast the sweep"
         assert running.result(timeout=120).response == expected.response
 
 
