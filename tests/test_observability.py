@@ -73,17 +73,20 @@ def test_metrics_after_a_known_workload(harness: ServerThread, caplog: pytest.Lo
         ):
             with pytest.raises(grpc.RpcError):
                 stub.Generate(request)
-        # A stream the client cancels mid-way; while it runs, the gauges show it. (The scheduler's
-        # step is in the metrics before its decode tokens go out: after the second chunk, at least
-        # one step with this request in the batch is.)
-        stream = stub.GenerateStream(pb.GenerateRequest(prompt=SECRET_PROMPT, max_tokens=3000))
+        # A stream the client cancels mid-way (greedy, it would run to its 3000 tokens: sampled, it
+        # could end on EOS first); while it runs, the gauges show it. (The scheduler's step is in the
+        # metrics before its decode tokens go out: after the second chunk, at least one step with this
+        # request in the batch is.)
+        stream = stub.GenerateStream(pb.GenerateRequest(prompt=SECRET_PROMPT, max_tokens=3000, temperature=0))
         for _ in range(3):
             next(stream)
         running = scrape(metrics_port)
         stream.cancel()
         # A call whose deadline passes mid-generation.
         with pytest.raises(grpc.RpcError) as caught:
-            stub.Generate(pb.GenerateRequest(prompt=SECRET_PROMPT, max_tokens=3000), timeout=0.3)
+            stub.Generate(
+                pb.GenerateRequest(prompt=SECRET_PROMPT, max_tokens=3000, temperature=0), timeout=0.3
+            )
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     _wait_for(lambda: value(scrape(metrics_port), "textgen_request_count_total") == 9)
     _wait_for(lambda: scheduler.running_count == 0)

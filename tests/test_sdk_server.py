@@ -17,6 +17,12 @@ from server_harness import ServerThread
 from textgen import AsyncClient, Client, Message, ResourceExhaustedError
 from textgen_server.scheduler import Scheduler, SchedulerLimits
 
+# Greedy on the seeded tiny demo, this request runs to its max_tokens (about 0.7 s on 2 quiet cores):
+# long enough that a stream dropped after one chunk is still running when the test looks. Sampled, it
+# may end on EOS early, and the test would see an idle server for the wrong reason.
+LONG_PROMPT = "Count to a thousand"
+LONG_MAX_TOKENS = 3000
+
 
 def _wait_idle(scheduler: Scheduler, timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
@@ -36,7 +42,9 @@ def test_an_abandoned_stream_stops_the_server(server: ServerThread, scheduler: S
     with Client(server.target) as client:
 
         def read_one_chunk() -> None:
-            for _chunk in client.generate("Count to a thousand", max_tokens=3000, stream=True):
+            for _chunk in client.generate(
+                LONG_PROMPT, max_tokens=LONG_MAX_TOKENS, temperature=0, stream=True
+            ):
                 break  # no `with`, no close(): the stream is dropped when this frame ends
 
         steps = scheduler.stats.steps
@@ -44,6 +52,13 @@ def test_an_abandoned_stream_stops_the_server(server: ServerThread, scheduler: S
         _wait_idle(scheduler)
         assert scheduler.running_count == 0
         assert scheduler.stats.steps - steps < 200  # far from its 3000 tokens
+
+
+def test_the_long_request_runs_to_its_max_tokens(server: ServerThread) -> None:
+    with Client(server.target) as client:
+        assert (
+            client.generate(LONG_PROMPT, max_tokens=LONG_MAX_TOKENS, temperature=0).finish_reason == "length"
+        )
 
 
 @pytest.fixture
@@ -57,9 +72,11 @@ def no_automatic_gc() -> Iterator[None]:
 
 
 @pytest.mark.usefixtures("no_automatic_gc")
-def test_a_stream_in_a_reference_cycle_stops_when_collected(server: ServerThread, scheduler: Scheduler) -> None:
+def test_a_stream_in_a_reference_cycle_stops_when_collected(
+    server: ServerThread, scheduler: Scheduler
+) -> None:
     with Client(server.target) as client:
-        stream = client.generate("Count to a thousand", max_tokens=3000, stream=True)
+        stream = client.generate(LONG_PROMPT, max_tokens=LONG_MAX_TOKENS, temperature=0, stream=True)
         next(stream)
         holder: dict[str, object] = {"stream": stream}
         holder["self"] = holder  # only the cyclic collector can free this one
@@ -75,7 +92,9 @@ async def test_an_abandoned_async_stream_stops_the_server(server: ServerThread, 
     async with AsyncClient(server.target) as client:
 
         async def read_one_chunk() -> None:
-            async for _chunk in await client.generate("Count to a thousand", max_tokens=3000, stream=True):
+            async for _chunk in await client.generate(
+                LONG_PROMPT, max_tokens=LONG_MAX_TOKENS, temperature=0, stream=True
+            ):
                 break
 
         await read_one_chunk()
@@ -89,7 +108,7 @@ async def test_an_async_stream_in_a_reference_cycle_stops_when_collected(
     server: ServerThread, scheduler: Scheduler
 ) -> None:
     async with AsyncClient(server.target) as client:
-        stream = await client.generate("Count to a thousand", max_tokens=3000, stream=True)
+        stream = await client.generate(LONG_PROMPT, max_tokens=LONG_MAX_TOKENS, temperature=0, stream=True)
         await stream.__anext__()
         holder: dict[str, object] = {"stream": stream}
         holder["self"] = holder
@@ -110,7 +129,7 @@ def full_server(tiny_model_dir: Path) -> Iterator[ServerThread]:
 
 def test_a_full_server_pushes_back_and_the_sdk_comes_back(full_server: ServerThread) -> None:
     with Client(full_server.target, max_retries=0) as client:
-        stream = client.generate("Keep going", max_tokens=3000, stream=True)
+        stream = client.generate("Keep going", max_tokens=3000, temperature=0, stream=True)
         next(stream)
         with pytest.raises(ResourceExhaustedError) as caught:  # no retries allowed: the refusal itself
             client.generate("Hi", max_tokens=2)
