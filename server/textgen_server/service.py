@@ -220,7 +220,7 @@ class TextGenerationService(textgen_pb2_grpc.TextGenerationServicer):
                 if isinstance(exc, InvalidRequestError)
                 else [FieldViolation(exc.field, exc.description)]
             )
-            await _abort_bad_request(context, record, violations)
+            await abort_bad_request(context, record, violations)
         except QueueFullError as exc:
             pushback = ((RETRY_PUSHBACK_HEADER, str(QUEUE_FULL_PUSHBACK_MS)),)
             await _abort(context, record, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), pushback)
@@ -291,19 +291,20 @@ async def _abort(
     raise AssertionError("unreachable: abort raises")
 
 
-async def _abort_bad_request(
-    context: AnyContext, record: RequestRecord, violations: list[FieldViolation]
+async def abort_bad_request(
+    context: AnyContext, record: RequestRecord | None, violations: list[FieldViolation]
 ) -> NoReturn:
-    record.code = grpc.StatusCode.INVALID_ARGUMENT
+    """INVALID_ARGUMENT with a google.rpc.BadRequest; a violation of the whole request has no field."""
+    if record is not None:
+        record.code = grpc.StatusCode.INVALID_ARGUMENT
     details = error_details_pb2.BadRequest(
         field_violations=[
             error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
             for v in violations
         ]
     )
-    status = status_pb2.Status(
-        code=code_pb2.INVALID_ARGUMENT, message="; ".join(f"{v.field}: {v.description}" for v in violations)
-    )
+    message = "; ".join(f"{v.field}: {v.description}" if v.field else v.description for v in violations)
+    status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=message)
     status.details.add().Pack(details)
     await context.abort_with_status(rpc_status.to_status(status))
     raise AssertionError("unreachable: abort raises")
