@@ -128,7 +128,9 @@ def test_depth_limit_is_protobufs_own(depth: int) -> None:
 
 def test_depth_limit_is_reached_in_that_range() -> None:
     """The parametrized range straddles protobuf's limit, so both sides are exercised."""
-    assert _undecodable(pb.GenerateRequest.DESCRIPTOR, _nested(MAX_DEPTH // 3 - 6).SerializeToString()) is None
+    assert (
+        _undecodable(pb.GenerateRequest.DESCRIPTOR, _nested(MAX_DEPTH // 3 - 6).SerializeToString()) is None
+    )
     assert _undecodable(pb.GenerateRequest.DESCRIPTOR, _nested(MAX_DEPTH // 3 + 5).SerializeToString())
 
 
@@ -200,7 +202,9 @@ def test_get_model_info_and_health_refuse_corrupt_bytes(channel: grpc.Channel) -
         assert "truncated or corrupt" in (error.details() or "")
     # Unknown fields are not errors: GetModelInfo still answers.
     assert channel.unary_unary("/textgen.v1.TextGeneration/GetModelInfo")(b"\x0a\x02ab", timeout=30)
-    bad_service = health_pb2.HealthCheckRequest(service=MARK).SerializeToString().replace(MARK.encode(), BAD_UTF8)
+    bad_service = (
+        health_pb2.HealthCheckRequest(service=MARK).SerializeToString().replace(MARK.encode(), BAD_UTF8)
+    )
     error = _call(channel, "/grpc.health.v1.Health/Check", bad_service)
     assert _violations(error) == {"service": "is not valid UTF-8 (invalid byte at offset 0)"}
 

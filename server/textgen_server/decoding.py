@@ -99,7 +99,9 @@ def _join(path: str, field: FieldDescriptor, index: int) -> str:
     return f"{name}[{index}]" if field.is_repeated else name
 
 
-def tolerant_deserializer(descriptor: Descriptor, deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+def tolerant_deserializer(
+    descriptor: Descriptor, deserialize: Callable[[bytes], Any]
+) -> Callable[[bytes], Any]:
     def tolerant(data: bytes) -> Any:
         try:
             return deserialize(data)
@@ -143,14 +145,18 @@ class UndecodableRequestInterceptor(grpc.aio.ServerInterceptor):
         if handler.response_streaming and inspect.isasyncgenfunction(handler.unary_stream):
             stream_behaviour = handler.unary_stream
 
-            async def unary_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            async def unary_stream(
+                request: Any, context: grpc.aio.ServicerContext[Any, Any]
+            ) -> AsyncIterator[Any]:
                 if isinstance(request, UndecodableRequest):
                     await refuse(request, context)
                 async for response in stream_behaviour(request, context):
                     yield response
 
             return grpc.unary_stream_rpc_method_handler(
-                unary_stream, request_deserializer=deserialize, response_serializer=handler.response_serializer
+                unary_stream,
+                request_deserializer=deserialize,
+                response_serializer=handler.response_serializer,
             )
         if not handler.response_streaming and inspect.iscoroutinefunction(handler.unary_unary):
             unary_behaviour = handler.unary_unary
