@@ -109,6 +109,35 @@ def test_full_queue_refuses_the_next_and_serves_the_rest(tiny_model_dir: Path) -
         harness.stop(grace=0)
 
 
+def test_clients_that_left_the_queue_free_their_places(tiny_model_dir: Path) -> None:
+    """Queued requests whose deadline passed must not hold places under max_concurrent_requests."""
+    limits = SchedulerLimits(max_batch_size=1, max_concurrent_requests=4)
+    harness = ServerThread(tiny_model_dir, limits=limits)
+    try:
+        scheduler = harness.server.scheduler
+        assert scheduler is not None
+        with grpc.insecure_channel(harness.target) as channel:
+            stub = rpc.TextGenerationStub(channel)
+            busy = stub.GenerateStream(pb.GenerateRequest(prompt="Busy", max_tokens=3500, temperature=0))
+            next(busy)  # the one slot is taken: what comes next waits in the queue
+            for _ in range(3):
+                with pytest.raises(grpc.RpcError) as caught:
+                    stub.Generate(pb.GenerateRequest(prompt="Impatient", max_tokens=2), timeout=0.05)
+                assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            # Within a step or two, while the busy request still holds the slot (so no admission
+            # could have emptied the queue):
+            assert _wait_for(lambda: scheduler.queued_count == 0, timeout=1), (
+                "the queue holds clients that left"
+            )
+            assert scheduler.running_count == 1
+            waiting = stub.GenerateStream(pb.GenerateRequest(prompt="Patient", max_tokens=2))
+            busy.cancel()
+            chunks = list(waiting)  # admitted, not refused with RESOURCE_EXHAUSTED
+            assert chunks[-1].usage.completion_tokens == 2
+    finally:
+        harness.stop(grace=0)
+
+
 # -- a broken model directory at start: one line saying what is wrong, a non-zero exit -----------------
 
 
