@@ -16,7 +16,7 @@ The oracle derives the allowed codes from the body alone: jsonschema's errors (m
 proto's field paths) and the rules the card's schema cannot say (a conversation is system*, then
 user (assistant user)*; token limits; NaN) make INVALID_ARGUMENT required or possible and name the
 fields it may report; tools allow UNIMPLEMENTED, an adapter name NOT_FOUND; a message over gRPC's
-4 MiB receive limit gets RESOURCE_EXHAUSTED. For raw bytes, protobuf itself is the reference: what
+message cap (--max-message-bytes) gets RESOURCE_EXHAUSTED. For raw bytes, protobuf itself is the reference: what
 it cannot decode must be INVALID_ARGUMENT, what it can is judged as the body it decodes to.
 INTERNAL and UNKNOWN are never allowed.
 """
@@ -57,7 +57,6 @@ PROMPT_BRANCH, CHAT_BRANCH = (
 BRANCHES = (PROMPT_BRANCH, CHAT_BRANCH)
 VALIDATORS = tuple(jsonschema.Draft202012Validator(branch) for branch in BRANCHES)
 
-MAX_RECEIVE_BYTES = 4 * 1024 * 1024  # gRPC's default server receive limit
 MAX_DETAILS_CHARS = 2048  # no status message may be longer: it quotes excerpts only (issue 14, cause 4)
 DEFAULT_MAX_TOKENS = 256
 ROLES = ("system", "user", "assistant")
@@ -72,10 +71,11 @@ OK = Code.OK
 
 @dataclass(frozen=True)
 class Limits:
-    """The served model's token limits, as GetModelInfo reports them."""
+    """The served model's token limits, as GetModelInfo reports them, and the server's message cap."""
 
     max_input_length: int
     max_total_tokens: int
+    max_message_bytes: int  # the server's --max-message-bytes: a larger request is RESOURCE_EXHAUSTED
 
 
 @dataclass(frozen=True)
@@ -323,7 +323,7 @@ def prompt_tokens(body: dict[str, Any]) -> int:
 
 
 def expect_for_body(body: dict[str, Any], encoded_size: int, limits: Limits) -> Expectation:
-    if encoded_size > MAX_RECEIVE_BYTES:
+    if encoded_size > limits.max_message_bytes:
         return Expectation(frozenset({Code.RESOURCE_EXHAUSTED}))
     certain: set[str] = set()  # fields the server must refuse (it names at least one)
     possible: set[str] = set()  # fields it may name besides
@@ -377,7 +377,7 @@ def expect_for_body(body: dict[str, Any], encoded_size: int, limits: Limits) -> 
 
 def expect_for_bytes(data: bytes, limits: Limits) -> Expectation:
     """protobuf decides: undecodable is INVALID_ARGUMENT, decodable is judged as its body."""
-    if len(data) > MAX_RECEIVE_BYTES:
+    if len(data) > limits.max_message_bytes:
         return Expectation(frozenset({Code.RESOURCE_EXHAUSTED}))
     try:
         message = pb.GenerateRequest.FromString(data)
@@ -531,7 +531,7 @@ def _replace(body: Any, path: tuple[Any, ...], value: Any) -> None:
     body[path[-1]] = value
 
 
-HUGE_SIZES = [10_000, 100_000, 1_000_000, 4_500_000]  # characters; the last is over 4 MiB
+HUGE_SIZES = [10_000, 100_000, 1_000_000, 4_500_000]  # characters: under and over the message cap
 
 
 def huge_string_cases(limits: Limits, path: str) -> st.SearchStrategy[Case]:

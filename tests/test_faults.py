@@ -103,7 +103,7 @@ def test_full_queue_refuses_the_next_and_serves_the_rest(tiny_model_dir: Path) -
                 assert len(chunks) == chunks[-1].usage.completion_tokens
             # The refused request held nothing: once the two are done, the next one is served.
             assert stub.Generate(pb.GenerateRequest(prompt="Now", max_tokens=2)).usage.completion_tokens == 2
-        rejected = harness.server.metrics.rejected.labels("RESOURCE_EXHAUSTED")._value.get()
+        rejected = harness.server.metrics.request_failure.labels("RESOURCE_EXHAUSTED")._value.get()
         assert rejected == 1
     finally:
         harness.stop(grace=0)

@@ -6,13 +6,14 @@ Each of the streams sends one request after another, each with a behaviour drawn
 run to the end (streamed or unary), cancel after a few tokens, set a deadline (log-uniform from 2 ms
 to 1 s, so some end during the prefill), or disconnect (close its own channel mid-stream). Every few
 seconds it records the server's RSS, its running and queued counts (the Prometheus gauges
-textgen_batch_size and textgen_queue_size) and the errors so far. It writes `soak.json` and
-`soak_memory.png` to --out and exits 1 when:
+textgen_batch_current_size and textgen_queue_size) and the errors so far. It writes `soak.json`,
+`soak_memory.png` and `server.log` (the server's log less its one line per request, which are
+counted by status in soak.json) to --out and exits 1 when:
 
 - any request ends with a status its behaviour did not ask for (only CANCELLED for cancels and
   disconnects, DEADLINE_EXCEEDED for deadlines; OK always), or a completed one is inconsistent;
-- the server logs an ERROR or a traceback (except grpc's own line about a send racing a client
-  that just left: counted in the report);
+- the server logs an ERROR, a traceback or a request that ended INTERNAL or UNKNOWN (except
+  grpc's own line about a send racing a client that just left: counted in the report);
 - a slot leaks: once the clients stop, running and queued are not back to 0;
 - memory grows after warm-up (the rule in `memory_verdict`).
 """
@@ -57,6 +58,7 @@ BEHAVIOURS: dict[str, tuple[int, frozenset[grpc.StatusCode]]] = {
 # unhandled task error). With cancels, deadlines and disconnects it happens now and then; it is
 # counted and reported, not failed on: the call was over for that client, and no other is touched.
 _GRPC_RACE = "ExecuteBatchError raised in core by servicer method"
+_REQUEST_LINE = re.compile(r"textgen_server\.requests: request .*? status=(\w+)")
 _TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")
 WARMUP_FRACTION = 0.2
 # Allowed growth after warm-up: allocator noise is a few MiB; a leak of 1 kB per request at the
@@ -144,6 +146,7 @@ class ServerProcess:
         self.problems: list[str] = []
         self.lines: list[str] = []
         self.grpc_races = 0
+        self.request_statuses: Counter[str] = Counter()  # from the server's request log lines
         self._ready = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -156,6 +159,12 @@ class ServerProcess:
                 self.port = int(match.group(1))
             if "ready on" in line or "cannot" in line:
                 self._ready.set()
+            if request := _REQUEST_LINE.search(line):  # the server's one line per request
+                self.lines.pop()  # 100,000 of them: counted, not kept
+                self.request_statuses[request.group(1)] += 1
+                if request.group(1) in ("INTERNAL", "UNKNOWN"):
+                    self.problems.append(line.rstrip())
+                continue
             if _TIMESTAMP.match(line):
                 in_race = _GRPC_RACE in line
                 if in_race:
@@ -179,7 +188,7 @@ class ServerProcess:
     def gauges(self) -> dict[str, float]:
         with urllib.request.urlopen(self.metrics_url, timeout=10) as response:
             text = response.read().decode()
-        wanted = {"textgen_batch_size", "textgen_queue_size", "textgen_kv_positions"}
+        wanted = {"textgen_batch_current_size", "textgen_queue_size", "textgen_kv_positions"}
         return {
             family.name: family.samples[0].value
             for family in text_string_to_metric_families(text)
@@ -327,7 +336,7 @@ async def _sample_until(
             Sample(
                 seconds=time.monotonic() - started,
                 rss_mib=server.rss_mib(),
-                running=gauges.get("textgen_batch_size", math.nan),
+                running=gauges.get("textgen_batch_current_size", math.nan),
                 queued=gauges.get("textgen_queue_size", math.nan),
                 kv_positions=gauges.get("textgen_kv_positions", math.nan),
                 in_flight=soak.in_flight,
@@ -354,7 +363,9 @@ def _settle(server: ServerProcess) -> dict[str, float]:
     then one more request: the server still answers."""
     deadline = time.monotonic() + 30
     gauges = server.gauges()
-    while (gauges["textgen_batch_size"] or gauges["textgen_queue_size"]) and time.monotonic() < deadline:
+    while (
+        gauges["textgen_batch_current_size"] or gauges["textgen_queue_size"]
+    ) and time.monotonic() < deadline:
         time.sleep(0.2)
         gauges = server.gauges()
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
@@ -381,7 +392,7 @@ def _plot(samples: list[Sample], verdict: MemoryVerdict, title: str, path: Path)
     memory.set_ylabel("RSS (MiB)")
     memory.set_title(title)
     memory.legend(loc="lower right", fontsize=8)
-    slots.plot(minutes, [s.running for s in samples], lw=1, label="running (textgen_batch_size)")
+    slots.plot(minutes, [s.running for s in samples], lw=1, label="running (textgen_batch_current_size)")
     slots.plot(minutes, [s.queued for s in samples], lw=1, label="queued (textgen_queue_size)")
     slots.set_xlabel("minutes")
     slots.set_ylabel("requests")
@@ -408,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         exit_code = server.stop() if server.process.poll() is None else server.process.returncode
     verdict = memory_verdict([s.seconds for s in samples], [s.rss_mib for s in samples])
-    leaked = {"running": final["textgen_batch_size"], "queued": final["textgen_queue_size"]}
+    leaked = {"running": final["textgen_batch_current_size"], "queued": final["textgen_queue_size"]}
     by_code = Counter[str]()
     for (_, code), count in soak.tally.by_behaviour.items():
         by_code[code] += count
@@ -442,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         "errors": soak.tally.errors,
         "server_errors": server.problems,
         "grpc_send_races": server.grpc_races,
+        "server_request_log_by_status": dict(server.request_statuses.most_common()),
         "slots_at_end": leaked,
         "memory": asdict(verdict),
         "server_exit_code": exit_code,
