@@ -750,7 +750,11 @@ def send(channel: grpc.Channel, case: Case) -> Outcome:
             messages.append(channel.unary_unary(method)(case.data, timeout=timeout))
     except grpc.RpcError as error:
         outcome = Outcome(error.code(), error.details() or "", messages)
-        status = rpc_status.from_call(error)  # type: ignore[arg-type]
+        # Only an INVALID_ARGUMENT carries a BadRequest. (A call we cancelled can hold the server's
+        # INVALID_ARGUMENT details in its trailers with the code CANCELLED: from_call refuses that.)
+        status = None
+        if outcome.code == Code.INVALID_ARGUMENT:
+            status = rpc_status.from_call(error)  # type: ignore[arg-type]
         if status is not None:
             for detail in status.details:
                 bad = error_details_pb2.BadRequest()
