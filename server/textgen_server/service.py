@@ -175,9 +175,7 @@ class TextGenerationService(textgen_pb2_grpc.TextGenerationServicer):
             if record.finish_reason is None:  # a stream that ended without its last token
                 record.code = grpc.StatusCode.CANCELLED
         except (asyncio.CancelledError, GeneratorExit):  # the client cancelled, or its deadline passed
-            remaining = context.time_remaining()
-            expired = remaining is not None and remaining <= 0
-            record.code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            record.code = _client_left(context)
             raise
         except BaseException:
             if record.code == grpc.StatusCode.OK:  # not an abort of ours: grpc reports it as UNKNOWN
@@ -200,7 +198,14 @@ class TextGenerationService(textgen_pb2_grpc.TextGenerationServicer):
     ) -> RequestHandle:
         model = await self._loaded(context, record)
         record.request_id = request_id = _request_id(context)
-        await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
+        try:
+            await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
+        except Exception:
+            # Sending fails only when the call is already over on the wire (the client cancelled, its
+            # deadline passed, its connection dropped) but grpc has not yet told the servicer: the
+            # client left, no server fault. grpc logs the failed send itself.
+            record.code = _client_left(context)
+            raise
         try:
             typed = build_request(
                 request,
@@ -251,6 +256,13 @@ class TextGenerationService(textgen_pb2_grpc.TextGenerationServicer):
             await _abort(context, record, grpc.StatusCode.INTERNAL, str(exc))
         finally:
             record.admitted = handle.admitted
+
+
+def _client_left(context: AnyContext) -> grpc.StatusCode:
+    """How a call the client walked away from ends: DEADLINE_EXCEEDED once its deadline passed."""
+    remaining = context.time_remaining()
+    expired = remaining is not None and remaining <= 0
+    return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
 
 
 def _request_id(context: AnyContext) -> str:
