@@ -1,22 +1,25 @@
 """Fuzz cases for the textgen API, and the oracle that says which status codes each may get.
 
 Bodies are drawn from the Workers AI card's input schema (tests/data/input.schema.json) plus the
-proto's one extension (`stop`, with the bounds the README documents); every body drawn as valid is
+proto's extension `stop` (with the bounds the README documents); every body drawn as valid is
 checked valid by jsonschema. From them come:
 
 - valid bodies, with a deadline or a cancel now and then;
 - just-invalid bodies: one bound of the schema crossed by the least step (every minimum, maximum,
   minLength, maxLength and maxItems, enumerated from the schema), or a number that is not finite;
-- huge fields: one string or array of a body blown up to 10 kB .. 5 MB;
+- huge fields: one string or array of a body blown up to 10 kB .. 4.5 MB;
 - raw bytes no stub could send: invalid UTF-8 in each string field of the proto, truncated and
   bit-flipped encodings, JSON nested past protobuf's depth limit in tool parameters, and random
   bytes for GetModelInfo.
 
 The oracle derives the allowed codes from the body alone: jsonschema's errors (mapped to the
-proto's field paths) and the rules the card's schema cannot say (a conversation is system*, then
-user (assistant user)*; token limits; NaN) make INVALID_ARGUMENT required or possible and name the
-fields it may report; tools allow UNIMPLEMENTED, an adapter name NOT_FOUND; a message over gRPC's
-message cap (--max-message-bytes) gets RESOURCE_EXHAUSTED. For raw bytes, protobuf itself is the reference: what
+proto's field paths) and the rules the card's schema cannot say (the README's: a conversation
+without tools is system*, then user (assistant user)*; tool names, tool_choice, response_format;
+token limits, counted by mistral-common; NaN) make INVALID_ARGUMENT required or possible and name
+the fields it may report; where the oracle cannot tell (a schema llguidance may refuse, a
+conversation with tool results, a prompt with tools in it) it allows both answers, naming only
+those fields. An adapter name allows NOT_FOUND (this server has none); a message over the server's
+--max-message-bytes gets RESOURCE_EXHAUSTED. For raw bytes, protobuf itself is the reference: what
 it cannot decode must be INVALID_ARGUMENT, what it can is judged as the body it decodes to.
 INTERNAL and UNKNOWN are never allowed.
 """
@@ -27,6 +30,7 @@ import copy
 import functools
 import json
 import math
+import re
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -60,6 +64,7 @@ VALIDATORS = tuple(jsonschema.Draft202012Validator(branch) for branch in BRANCHE
 MAX_DETAILS_CHARS = 2048  # no status message may be longer: it quotes excerpts only (issue 14, cause 4)
 DEFAULT_MAX_TOKENS = 256
 ROLES = ("system", "user", "assistant")
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # the README's rule for function names (OpenAI's)
 INT32 = (-(2**31), 2**31 - 1)
 INT64 = (-(2**63), 2**63 - 1)
 SAMPLING_NUMBERS = ("temperature", "top_p", "repetition_penalty", "frequency_penalty", "presence_penalty")
@@ -121,7 +126,7 @@ def _string(schema: dict[str, Any]) -> st.SearchStrategy[str]:
     at_bound = st.tuples(st.text(min_size=1, max_size=4), st.sampled_from([high, high - 1])).map(
         lambda unit_length: _exact_length(*unit_length)
     )
-    return st.one_of(short, short, at_bound)
+    return st.one_of(short, short, short, short, at_bound)
 
 
 def _number(schema: dict[str, Any]) -> st.SearchStrategy[float]:
@@ -164,10 +169,21 @@ def _overrides() -> dict[tuple[str, ...], Callable[[dict[str, Any]], st.SearchSt
                 st.integers(0, 2),
             ),
         ),
-        # Tools and adapters end a request early (UNIMPLEMENTED, NOT_FOUND): present, but not often.
+        # Tools: present in a third of the chats; names and types valid more often than chance.
         ("tools",): lambda schema: st.one_of(
             st.just([]), st.just([]), st.lists(from_schema(schema["items"], ("tools", "*")), max_size=2)
         ),
+        ("tools", "*", "type"): lambda _: st.one_of(st.just("function"), st.text(max_size=8)),
+        ("tools", "*", "function", "name"): lambda _: st.one_of(
+            st.from_regex(TOOL_NAME, fullmatch=True), st.text(max_size=12)
+        ),
+        ("tools", "*", "function", "parameters", "type"): lambda _: st.one_of(
+            st.just("object"), st.text(max_size=8)
+        ),
+        ("tools", "*", "function", "parameters", "properties", "*", "type"): lambda _: st.one_of(
+            st.sampled_from(["string", "number", "integer", "boolean"]), st.text(max_size=8)
+        ),
+        # An adapter name ends a request early (NOT_FOUND): present, but not often.
         ("lora",): lambda _: st.one_of(st.just(""), st.just(""), st.just(""), st.text(max_size=16)),
     }
 
@@ -231,13 +247,16 @@ def to_message(body: dict[str, Any]) -> pb.GenerateRequest:
     if "messages" in body:
         message.chat.SetInParent()
         for m in body["messages"]:
-            message.chat.messages.add(role=m["role"], content=m["content"])
+            message.chat.messages.add(role=m["role"], content=m["content"], name=m.get("name", ""))
         for tool in body.get("tools", ()):
             json_format.ParseDict(tool, message.chat.tools.add())
+        message.chat.tool_choice = body.get("tool_choice", "")
     for name in ("raw", "lora", "max_tokens", *SAMPLING_NUMBERS, *SAMPLING_INTEGERS):
         if name in body:
             setattr(message, name, body[name])
     message.stop.extend(body.get("stop", ()))
+    if "response_format" in body:
+        json_format.ParseDict(body["response_format"], message.response_format)
     return message
 
 
@@ -248,11 +267,16 @@ def to_body(message: pb.GenerateRequest) -> dict[str, Any]:
     if which == "prompt":
         body["prompt"] = message.prompt
     elif which == "chat":
-        body["messages"] = [{"role": m.role, "content": m.content} for m in message.chat.messages]
+        body["messages"] = [
+            {"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})}
+            for m in message.chat.messages
+        ]
         if message.chat.tools:
             body["tools"] = [
                 json_format.MessageToDict(t, preserving_proto_field_name=True) for t in message.chat.tools
             ]
+        if message.chat.tool_choice:
+            body["tool_choice"] = message.chat.tool_choice
     if message.raw:
         body["raw"] = True
     if message.lora:
@@ -262,6 +286,10 @@ def to_body(message: pb.GenerateRequest) -> dict[str, Any]:
             body[name] = getattr(message, name)
     if message.stop:
         body["stop"] = list(message.stop)
+    if message.HasField("response_format"):
+        body["response_format"] = json_format.MessageToDict(
+            message.response_format, preserving_proto_field_name=True
+        )
     return body
 
 
@@ -280,7 +308,7 @@ def _proto_path(path: Iterator[Any] | list[Any]) -> str:
 
 
 def conversation_is_well_formed(messages: list[dict[str, str]]) -> bool:
-    """The README's rule: system*, then user (assistant user)*, assistants never empty."""
+    """The README's rule without tools: system*, then user (assistant user)*, assistants never empty."""
     roles = [m["role"] for m in messages]
     system = 0
     while system < len(roles) and roles[system] == "system":
@@ -322,12 +350,66 @@ def prompt_tokens(body: dict[str, Any]) -> int:
     return len(mistral.encode_chat_completion(request).tokens)
 
 
+def _looks_like_calls(content: str) -> bool:
+    """An assistant message the server may read as tool calls (JSON), not as text."""
+    return content.strip().startswith(("{", "["))
+
+
+def _tool_rules(body: dict[str, Any], certain: set[str], possible: set[str]) -> bool:
+    """The README's rules for tools and tool_choice; returns whether tools are offered."""
+    tools = body.get("tools") or []
+    names: set[str] = set()
+    for index, tool in enumerate(tools):
+        where = f"chat.tools[{index}]"
+        flat = any(key in tool for key in ("name", "description", "parameters"))
+        if "function" in tool and flat:
+            certain.add(where)  # one form or the other, not both
+            continue
+        if tool.get("type", "") not in ("", "function"):
+            certain.add(f"{where}.type")
+        if "function" in tool:
+            where += ".function"
+        spec = tool.get("function", tool)
+        name = spec.get("name", "")
+        if not TOOL_NAME.fullmatch(name) or name in names:
+            certain.add(f"{where}.name")
+        names.add(name)
+        parameters = spec.get("parameters")
+        if parameters is not None and parameters.get("type", "object") != "object":
+            certain.add(f"{where}.parameters")
+        elif parameters is not None:
+            possible.add(f"{where}.parameters")  # a schema llguidance may refuse
+    if tools:
+        possible.add("chat.tools")  # a grammar that fails without a tool to blame
+    choice = body.get("tool_choice", "")
+    if choice not in ("", "auto", "none") and (not tools or (choice != "required" and choice not in names)):
+        certain.add("chat.tool_choice")
+    return bool(tools) and choice != "none"
+
+
+def _response_format_rules(
+    body: dict[str, Any], offers_tools: bool, certain: set[str], possible: set[str]
+) -> None:
+    response_format = body.get("response_format")
+    if response_format is None:
+        return
+    kind = response_format.get("type", "")
+    has_schema = "json_schema" in response_format
+    if kind not in ("json_object", "json_schema") or (kind == "json_object") == has_schema:
+        certain.add("response_format")  # .type or .json_schema
+    elif kind == "json_schema":
+        possible.add("response_format.json_schema")  # too long, or refused by llguidance
+    if offers_tools:
+        certain.add("response_format")
+    if body.get("stop"):
+        certain.add("stop")
+
+
 def expect_for_body(body: dict[str, Any], encoded_size: int, limits: Limits) -> Expectation:
     if encoded_size > limits.max_message_bytes:
         return Expectation(frozenset({Code.RESOURCE_EXHAUSTED}))
     certain: set[str] = set()  # fields the server must refuse (it names at least one)
     possible: set[str] = set()  # fields it may name besides
-    tools = bool(body.get("tools"))
     if "prompt" in body:
         branch = 0
     elif "messages" in body:
@@ -338,7 +420,7 @@ def expect_for_body(body: dict[str, Any], encoded_size: int, limits: Limits) -> 
     for error in VALIDATORS[branch].iter_errors(body):
         where = list(error.absolute_path)
         if where and where[0] == "tools":
-            continue  # tools are refused whole (UNIMPLEMENTED) before their contents are read
+            continue  # the card's shape of a tool; what the server requires of one is in _tool_rules
         if error.validator == "required":
             continue  # the missing input, counted above
         certain.add(_proto_path(where))
@@ -348,16 +430,30 @@ def expect_for_body(body: dict[str, Any], encoded_size: int, limits: Limits) -> 
     max_tokens = body.get("max_tokens", DEFAULT_MAX_TOKENS)
     if max_tokens < 1:
         certain.add("max_tokens")
+    offers_tools = _tool_rules(body, certain, possible) if "messages" in body else False
+    _response_format_rules(body, offers_tools, certain, possible)
+    messages = body.get("messages", [])
     if "messages" in body and body.get("raw"):
         certain.add("raw")
-    if "messages" in body and not conversation_is_well_formed(body["messages"]):
-        possible.add("chat.messages")  # certain, but a content violation is reported first
-        if not any(f.startswith("chat.messages") for f in certain):
+    roles = {m["role"] for m in messages}
+    # Tool results and assistant messages holding calls follow rules of their own (the README's
+    # Tools section): with those, the shape can be right or wrong; without, the plain rule decides.
+    plain = "tool" not in roles and not any(
+        m["role"] == "assistant" and _looks_like_calls(m["content"]) for m in messages
+    )
+    if "messages" in body and not roles <= {"system", "user", "assistant", "tool"}:
+        certain.add("chat.messages")
+    elif "messages" in body and not conversation_is_well_formed(messages):
+        possible.add("chat.messages")  # a content violation is reported first, or tools make it valid
+        if plain and not any(f.startswith("chat.messages") for f in certain):
             certain.add("chat.messages")
     # Token limits count the prompt the server would build: only once it is built, after the checks
-    # of lengths and of the conversation's shape.
+    # of lengths and of the conversation's shape. Offered tools and tool results add text of the
+    # server's own to the prompt: then the oracle cannot count, and either answer may come.
     too_long = {f for f in certain if f in ("prompt", "input") or f.startswith("chat.messages")}
-    if not too_long:
+    if not too_long and (offers_tools or not plain or any("name" in m for m in messages)):
+        possible.update({"input", "max_tokens"})
+    elif not too_long:
         tokens = prompt_tokens(body)
         if tokens > limits.max_input_length:
             certain.add("input")
@@ -366,11 +462,9 @@ def expect_for_body(body: dict[str, Any], encoded_size: int, limits: Limits) -> 
     codes: set[grpc.StatusCode] = set()
     if certain or possible:
         codes.add(Code.INVALID_ARGUMENT)
-    if tools:
-        codes.add(Code.UNIMPLEMENTED)
     if body.get("lora"):
         codes.add(Code.NOT_FOUND)
-    if not (certain or tools or body.get("lora")):
+    if not (certain or body.get("lora")):
         codes.add(OK)
     return Expectation(frozenset(codes), frozenset(certain | possible), frozenset(certain))
 
