@@ -19,7 +19,7 @@ GPU_INSTALLED := $(GPU_VENV)/.installed
 GPU_MODEL_DIRS := models/tiny models/tiny-fp16
 GPU_LORA_DIR := models/tiny-lora
 
-.PHONY: install gpu-venv serve test test-gpu proto lint typecheck bench demo clean
+.PHONY: install gpu-venv serve test test-gpu stress proto lint typecheck bench demo clean
 
 install: $(INSTALLED)
 
@@ -70,6 +70,15 @@ test-gpu: $(GPU_INSTALLED) $(addsuffix /textgen.json,$(GPU_MODEL_DIRS) $(GPU_LOR
 	TEXTGEN_GPU_MODEL_DIRS="$(GPU_MODEL_DIRS)" TEXTGEN_GPU_LORA_DIR="$(GPU_LORA_DIR)" PYTHONPATH=server:sdk \
 		$(GPU_PY) -m pytest --noconftest -p no:cacheprovider -W ignore::pytest.PytestConfigWarning -rs -q \
 		tests/test_gpu.py
+
+# Long runs: the fuzz suite with 12,000 requests, then the soak (SOAK_MINUTES of 32 streams against a
+# textgen-server process). Figures, memory curve and server log go to docs/reliability/.
+SOAK_MINUTES ?= 30
+FUZZ_EXAMPLES ?= 12000
+stress: $(INSTALLED) $(MODEL_DIR)/textgen.json
+	TEXTGEN_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) TEXTGEN_FUZZ_REPORT=docs/reliability/fuzz.json \
+		$(PY) -m pytest -q -p no:cacheprovider tests/test_fuzz.py
+	$(PY) tests/stress/soak.py --model-dir $(MODEL_DIR) --minutes $(SOAK_MINUTES) --out docs/reliability
 
 proto: $(INSTALLED)
 	PATH=$(VENV)/bin:$$PATH bash scripts/gen_proto.sh

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from .app import MAX_MESSAGE_BYTES, ServerSettings, StartupError, TextgenServer
+from .model_config import CONFIG_FILE
 from .scheduler import SchedulerLimits
 from .tls import TlsFiles
 
@@ -118,10 +119,12 @@ def parse_args(argv: list[str] | None) -> ServerSettings:
         "SIGHUP rescans it",
     )
     args = parser.parse_args(argv)
-    if not (args.model_dir / "textgen.json").is_file():
-        parser.error(
-            f"--model-dir {args.model_dir}: not a model directory (no textgen.json); "
-            "make one with `textgen-export demo --out DIR`"
+    if not (args.model_dir / CONFIG_FILE).is_file():
+        # One line, without argparse's usage block: the arguments were right, the directory is not.
+        parser.exit(
+            2,
+            f"{parser.prog}: error: --model-dir {args.model_dir}: not a model directory (no {CONFIG_FILE}); "
+            "make one with `textgen-export demo --out DIR`\n",
         )
     if args.lora_dir is not None and not args.lora_dir.is_dir():
         parser.error(f"--lora-dir {args.lora_dir}: not a directory")

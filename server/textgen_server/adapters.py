@@ -24,13 +24,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .excerpt import excerpt
 from .lora_format import ADAPTER_SUFFIX, AdapterFormatError, AdapterWeights, load_adapter
 from .model_config import ModelConfig
 
 log = logging.getLogger(__name__)
 
 MAX_NAMES_LISTED = 20  # in a NOT_FOUND message: the known names, up to this many
-MAX_NAME_EXCERPT = 64
 
 
 @dataclass(frozen=True, eq=False)
@@ -55,12 +55,11 @@ class ScanResult:
 
 def unknown_adapter_message(name: str, known: Collection[str]) -> str:
     """`lora: no adapter named 'x' (known: a, b)`, with the name and the list cut short when long."""
-    excerpt = name if len(name) <= MAX_NAME_EXCERPT else name[:MAX_NAME_EXCERPT] + "..."
     names = sorted(known)
     listed = ", ".join(names[:MAX_NAMES_LISTED])
     if len(names) > MAX_NAMES_LISTED:
         listed += f" and {len(names) - MAX_NAMES_LISTED} more"
-    return f"lora: no adapter named {excerpt!r} (known: {listed or 'none; this server has no adapters'})"
+    return f"lora: no adapter named {excerpt(name)} (known: {listed or 'none; this server has no adapters'})"
 
 
 class AdapterRegistry:

@@ -23,6 +23,7 @@ from textgen.v1 import textgen_pb2, textgen_pb2_grpc
 
 from .adapters import Adapter, AdapterRegistry, ScanResult
 from .auth import BearerTokenInterceptor, TokenFile, TokenFileError
+from .decoding import UndecodableRequestInterceptor
 from .engine import Engine
 from .grammar import GrammarCompiler
 from .metrics import Metrics
@@ -86,7 +87,7 @@ class TextgenServer:
             self.tokens = None if s.auth_token_file is None else TokenFile(s.auth_token_file)
         except (TlsConfigError, TokenFileError) as exc:
             raise StartupError(str(exc)) from exc
-        interceptors = []
+        interceptors: list[grpc.aio.ServerInterceptor] = []
         if self.tokens is not None:
             interceptors.append(
                 BearerTokenInterceptor(
@@ -95,6 +96,8 @@ class TextgenServer:
                     on_refused=self.metrics.observe_auth_failure,
                 )
             )
+        # After authentication: a caller without a token learns nothing, not even what fails to decode.
+        interceptors.append(UndecodableRequestInterceptor(on_refused=self._undecodable))
         # grpc.aio objects belong to the event loop they are made on: make them here, not in __init__.
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(
@@ -155,6 +158,15 @@ class TextgenServer:
     def _request_ended(self, record: RequestRecord) -> None:
         self.metrics.observe_request(record)
         log_request(record)
+
+    def _undecodable(self, method: str) -> None:
+        """A Generate/GenerateStream call refused before the servicer because its message does not
+        decode: counted and logged as the servicer's own refusals are."""
+        name = method.rpartition("/")[2]
+        if name in ("Generate", "GenerateStream"):
+            record = RequestRecord(name, code=grpc.StatusCode.INVALID_ARGUMENT)
+            record.ended = record.started
+            self._request_ended(record)
 
     async def load_model(self) -> None:
         s = self.settings

@@ -129,4 +129,26 @@ class ModelConfig:
         path = model_dir / CONFIG_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{model_dir} is not a textgen model directory: {CONFIG_FILE} is missing")
-        return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        again = "export it again (textgen-export ... --overwrite)"
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc}); {again}") from exc
+        if not isinstance(data, dict):
+            raise TypeError(f"{path}: expected a JSON object, got {type(data).__name__}; {again}")
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        required = [
+            name
+            for name, f in known.items()
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
+        missing = [name for name in required if name not in data]
+        unknown = sorted(set(data) - set(known))
+        if missing or unknown:
+            problems = [f"lacks {', '.join(missing)}"] if missing else []
+            problems += [f"has fields this server does not know: {', '.join(unknown)}"] if unknown else []
+            raise ValueError(f"{path}: {'; '.join(problems)}; {again}")
+        try:
+            return cls.from_dict(data)
+        except TypeError as exc:  # e.g. an unknown graph IO name
+            raise ValueError(f"{path}: {exc}; {again}") from exc

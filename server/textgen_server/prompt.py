@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .excerpt import excerpt
 from .tokenizer import Tokenizer
 from .tools import ToolCall, parse_call_message, render_calls, render_results
 
@@ -108,7 +109,7 @@ def _turns(messages: Sequence[ChatMessage]) -> tuple[str, list[_Turn]]:
         role = message.role
         if role not in ROLES:
             raise PromptError(
-                f"messages[{index}].role: unknown role {role!r}; "
+                f"messages[{index}].role: unknown role {excerpt(role)}; "
                 "expected 'system', 'user', 'assistant' or 'tool'"
             )
         if index < first_turn:
@@ -154,7 +155,7 @@ def _turns(messages: Sequence[ChatMessage]) -> tuple[str, list[_Turn]]:
             last.content = render_calls(last.calls)
             continue
         if last is None or not last.user:
-            after = f"after {messages[index - 1].role!r}" if index > 0 else "as the first message"
+            after = f"after {excerpt(messages[index - 1].role)}" if index > 0 else "as the first message"
             raise PromptError(f"messages[{index}].role: expected 'user' {after}, got 'assistant'")
         if not message.content:
             # mistral-common refuses it too: an empty reply has no tokens before its </s>.
@@ -168,7 +169,7 @@ def _turns(messages: Sequence[ChatMessage]) -> tuple[str, list[_Turn]]:
     if not turns or not turns[-1].user:
         raise PromptError(
             f"messages[{len(messages) - 1}].role: the conversation must end with a 'user' or 'tool' "
-            f"message, got {last_message.role!r}"
+            f"message, got {excerpt(last_message.role)}"
         )
     system = _SYSTEM_JOIN.join(m.content for m in messages[:first_turn] if m.content)
     return system, turns

@@ -233,6 +233,7 @@ class Scheduler:
         with self._lock:
             if not self._accepting:
                 raise ShuttingDownError("the server is shutting down; retry on another replica")
+            self._forget_cancelled_waiting()
             in_flight = len(self._waiting) + len(self._running) + (self._prefilling is not None)
             if in_flight >= limits.max_concurrent_requests:
                 raise QueueFullError(
@@ -243,6 +244,16 @@ class Scheduler:
             self._woken = True
             self._lock.notify()
         return handle
+
+    def _forget_cancelled_waiting(self) -> None:
+        """Drop queued requests whose client has gone (call with the lock held).
+
+        Nobody reads their events any more; left in the queue until a slot frees up, they would take
+        places under max_concurrent_requests (refusing live clients with RESOURCE_EXHAUSTED) and
+        count in the queue gauge.
+        """
+        if any(handle.cancelled.is_set() for handle in self._waiting):
+            self._waiting = collections.deque(h for h in self._waiting if not h.cancelled.is_set())
 
     @property
     def running_count(self) -> int:
@@ -323,6 +334,8 @@ class Scheduler:
         self.stats.first_token_seconds, self.stats.finished = [], []
         installed = self._install_adapters()
         self._retire(lambda handle: handle.cancelled.is_set())
+        with self._lock:
+            self._forget_cancelled_waiting()
         started = time.monotonic()
         self._prefill()
         self.stats.prefill_seconds = time.monotonic() - started

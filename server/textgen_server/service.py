@@ -175,9 +175,7 @@ class TextGenerationService(textgen_pb2_grpc.TextGenerationServicer):
             if record.finish_reason is None:  # a stream that ended without its last token
                 record.code = grpc.StatusCode.CANCELLED
         except (asyncio.CancelledError, GeneratorExit):  # the client cancelled, or its deadline passed
-            remaining = context.time_remaining()
-            expired = remaining is not None and remaining <= 0
-            record.code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            record.code = _client_left(context)
             raise
         except BaseException:
             if record.code == grpc.StatusCode.OK:  # not an abort of ours: grpc reports it as UNKNOWN
@@ -200,7 +198,14 @@ class TextGenerationService(textgen_pb2_grpc.TextGenerationServicer):
     ) -> RequestHandle:
         model = await self._loaded(context, record)
         record.request_id = request_id = _request_id(context)
-        await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
+        try:
+            await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
+        except Exception:
+            # Sending fails only when the call is already over on the wire (the client cancelled, its
+            # deadline passed, its connection dropped) but grpc has not yet told the servicer: the
+            # client left, no server fault. grpc logs the failed send itself.
+            record.code = _client_left(context)
+            raise
         try:
             typed = build_request(
                 request,
@@ -220,7 +225,7 @@ class TextGenerationService(textgen_pb2_grpc.TextGenerationServicer):
                 if isinstance(exc, InvalidRequestError)
                 else [FieldViolation(exc.field, exc.description)]
             )
-            await _abort_bad_request(context, record, violations)
+            await abort_bad_request(context, record, violations)
         except QueueFullError as exc:
             pushback = ((RETRY_PUSHBACK_HEADER, str(QUEUE_FULL_PUSHBACK_MS)),)
             await _abort(context, record, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), pushback)
@@ -251,6 +256,13 @@ class TextGenerationService(textgen_pb2_grpc.TextGenerationServicer):
             await _abort(context, record, grpc.StatusCode.INTERNAL, str(exc))
         finally:
             record.admitted = handle.admitted
+
+
+def _client_left(context: AnyContext) -> grpc.StatusCode:
+    """How a call the client walked away from ends: DEADLINE_EXCEEDED once its deadline passed."""
+    remaining = context.time_remaining()
+    expired = remaining is not None and remaining <= 0
+    return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
 
 
 def _request_id(context: AnyContext) -> str:
@@ -291,19 +303,20 @@ async def _abort(
     raise AssertionError("unreachable: abort raises")
 
 
-async def _abort_bad_request(
-    context: AnyContext, record: RequestRecord, violations: list[FieldViolation]
+async def abort_bad_request(
+    context: AnyContext, record: RequestRecord | None, violations: list[FieldViolation]
 ) -> NoReturn:
-    record.code = grpc.StatusCode.INVALID_ARGUMENT
+    """INVALID_ARGUMENT with a google.rpc.BadRequest; a violation of the whole request has no field."""
+    if record is not None:
+        record.code = grpc.StatusCode.INVALID_ARGUMENT
     details = error_details_pb2.BadRequest(
         field_violations=[
             error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
             for v in violations
         ]
     )
-    status = status_pb2.Status(
-        code=code_pb2.INVALID_ARGUMENT, message="; ".join(f"{v.field}: {v.description}" for v in violations)
-    )
+    message = "; ".join(f"{v.field}: {v.description}" if v.field else v.description for v in violations)
+    status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=message)
     status.details.add().Pack(details)
     await context.abort_with_status(rpc_status.to_status(status))
     raise AssertionError("unreachable: abort raises")

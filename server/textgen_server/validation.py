@@ -18,6 +18,7 @@ from google.protobuf import json_format, struct_pb2
 from textgen.v1 import textgen_pb2 as pb
 
 from .adapters import unknown_adapter_message
+from .excerpt import excerpt, excerpt_list
 from .generation import GenerationRequest
 from .grammar import GrammarCompiler, GrammarError, OutputConstraint
 from .model_config import ModelConfig
@@ -28,6 +29,7 @@ from .tools import ToolChoice, ToolChoiceMode, ToolSpec, dumps, tools_prompt
 
 MAX_PROMPT_CHARS = 6144
 MAX_CONTENT_CHARS = 6144
+MAX_REPORTED_VIOLATIONS = 8
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 256
 DEFAULT_MAX_TOKENS = 256
@@ -56,9 +58,19 @@ class FieldViolation:
 
 
 class InvalidRequestError(Exception):
-    """INVALID_ARGUMENT, with one violation per offending field."""
+    """INVALID_ARGUMENT, with one violation per offending field (the first few of them).
+
+    A status travels in trailers of a few kilobytes: a request with 150 oversized messages reports
+    the first MAX_REPORTED_VIOLATIONS and how many more there were, never all of them.
+    """
 
     def __init__(self, violations: list[FieldViolation]) -> None:
+        if len(violations) > MAX_REPORTED_VIOLATIONS:
+            kept = violations[: MAX_REPORTED_VIOLATIONS - 1]
+            last = violations[MAX_REPORTED_VIOLATIONS - 1]
+            more = len(violations) - MAX_REPORTED_VIOLATIONS
+            summary = FieldViolation(last.field, f"{last.description} (and {more} more violations)")
+            violations = [*kept, summary]
         self.violations = violations
         super().__init__("; ".join(f"{v.field}: {v.description}" for v in violations))
 
@@ -167,7 +179,7 @@ def _tools(chat: pb.Chat, violations: list[FieldViolation]) -> tuple[tuple[ToolS
             continue
         if tool.type not in ("", "function"):
             violations.append(
-                FieldViolation(f"{where}.type", f"must be 'function', got {_excerpt(tool.type)}")
+                FieldViolation(f"{where}.type", f"must be 'function', got {excerpt(tool.type)}")
             )
         if tool.HasField("function"):
             where += ".function"
@@ -180,18 +192,18 @@ def _tools(chat: pb.Chat, violations: list[FieldViolation]) -> tuple[tuple[ToolS
         if not TOOL_NAME.fullmatch(name):
             violations.append(
                 FieldViolation(
-                    f"{where}.name", f"must be 1 to 64 letters, digits, '_' or '-', got {_excerpt(name)}"
+                    f"{where}.name", f"must be 1 to 64 letters, digits, '_' or '-', got {excerpt(name)}"
                 )
             )
         elif name in names:
-            violations.append(FieldViolation(f"{where}.name", f"{name!r} names two tools"))
+            violations.append(FieldViolation(f"{where}.name", f"{excerpt(name)} names two tools"))
         names.add(name)
         if parameters is not None and parameters.get("type", "object") != "object":
             violations.append(
                 FieldViolation(
                     f"{where}.parameters",
                     f"must be the JSON Schema of an object (type 'object'), got type "
-                    f"{_excerpt(dumps(parameters['type']))}",
+                    f"{excerpt(dumps(parameters['type']))}",
                 )
             )
         specs.append(ToolSpec(name, description, parameters))
@@ -205,16 +217,16 @@ def _tool_choice(value: str, tools: tuple[ToolSpec, ...], violations: list[Field
     if value == "none":
         return ToolChoice(ToolChoiceMode.NONE)
     if not tools:
-        violations.append(FieldViolation("chat.tool_choice", f"{_excerpt(value)} needs chat.tools"))
+        violations.append(FieldViolation("chat.tool_choice", f"{excerpt(value)} needs chat.tools"))
         return ToolChoice()
     if value == "required":
         return ToolChoice(ToolChoiceMode.REQUIRED)
     if value not in {tool.name for tool in tools}:
-        known = ", ".join(tool.name for tool in tools)
+        known = excerpt_list([tool.name for tool in tools])
         violations.append(
             FieldViolation(
                 "chat.tool_choice",
-                f"must be 'auto', 'none', 'required' or a tool's name ({known}), got {_excerpt(value)}",
+                f"must be 'auto', 'none', 'required' or a tool's name ({known}), got {excerpt(value)}",
             )
         )
         return ToolChoice()
@@ -229,7 +241,7 @@ def _response_format(
     if kind not in RESPONSE_FORMATS:
         violations.append(
             FieldViolation(
-                "response_format.type", f"must be 'json_object' or 'json_schema', got {_excerpt(kind)}"
+                "response_format.type", f"must be 'json_object' or 'json_schema', got {excerpt(kind)}"
             )
         )
         return None
@@ -321,11 +333,6 @@ def _canonical(value: Any) -> Any:
             name: properties[name] for name in [*first, *properties] if name in properties
         }
     return ordered
-
-
-def _excerpt(value: str, limit: int = 40) -> str:
-    """A short quote of what was sent."""
-    return repr(value if len(value) <= limit else value[: limit - 1] + "…")
 
 
 def _sampling(message: pb.GenerateRequest, violations: list[FieldViolation]) -> SamplingParams:

@@ -1,0 +1,207 @@
+"""Faults from outside: a client killed mid-stream, a full queue, a broken model directory (issue 14)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+from server_harness import ServerThread
+from textgen.v1 import textgen_pb2 as pb
+from textgen.v1 import textgen_pb2_grpc as rpc
+from textgen_server.scheduler import SchedulerLimits
+
+SERVER = Path(sys.executable).parent / "textgen-server"
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return condition()
+
+
+@pytest.fixture(scope="module")
+def own_server(tiny_model_dir: Path) -> Iterator[ServerThread]:
+    """A server of its own: slot counts here are this module's alone."""
+    harness = ServerThread(tiny_model_dir)
+    yield harness
+    harness.stop(grace=1)
+
+
+CLIENT = textwrap.dedent(
+    """
+    import sys
+    import grpc
+    from textgen.v1 import textgen_pb2 as pb, textgen_pb2_grpc as rpc
+
+    channel = grpc.insecure_channel(sys.argv[1])
+    request = pb.GenerateRequest(prompt="Keep talking", max_tokens=3500, temperature=0)
+    for index, _ in enumerate(rpc.TextGenerationStub(channel).GenerateStream(request)):
+        if index == 2:
+            print("streaming", flush=True)
+    """
+)
+
+
+def test_client_killed_mid_stream_frees_its_slot(own_server: ServerThread) -> None:
+    scheduler = own_server.server.scheduler
+    assert scheduler is not None
+    with grpc.insecure_channel(own_server.target) as channel:
+        stub = rpc.TextGenerationStub(channel)
+        client = subprocess.Popen(
+            [sys.executable, "-c", CLIENT, own_server.target], stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert client.stdout is not None and client.stdout.readline().strip() == "streaming"
+            bystander = stub.GenerateStream(
+                pb.GenerateRequest(prompt="I stay", max_tokens=300, temperature=0)
+            )
+            first = next(bystander)
+            assert scheduler.running_count == 2
+            steps_at_kill = scheduler.stats.steps
+            client.send_signal(signal.SIGKILL)  # its socket closes with no goodbye
+        finally:
+            client.wait(timeout=30)
+        assert _wait_for(lambda: scheduler.running_count <= 1), "the killed client's request still runs"
+        # Far short of its 3500 tokens: the server noticed the closed socket, not the end of the work.
+        assert scheduler.stats.steps - steps_at_kill < 1000
+        chunks = [first, *bystander]
+        assert chunks[-1].finish_reason != pb.FINISH_REASON_UNSPECIFIED
+        assert len(chunks) == chunks[-1].usage.completion_tokens
+        assert _wait_for(
+            lambda: (scheduler.running_count, scheduler.queued_count, scheduler.kv_positions) == (0, 0, 0)
+        )
+        assert stub.Generate(pb.GenerateRequest(prompt="Next", max_tokens=3)).usage.completion_tokens == 3
+
+
+def test_full_queue_refuses_the_next_and_serves_the_rest(tiny_model_dir: Path) -> None:
+    harness = ServerThread(tiny_model_dir, limits=SchedulerLimits(max_concurrent_requests=2))
+    try:
+        with grpc.insecure_channel(harness.target) as channel:
+            stub = rpc.TextGenerationStub(channel)
+            streams = [
+                stub.GenerateStream(pb.GenerateRequest(prompt=f"Stream {i}", max_tokens=200, temperature=0))
+                for i in range(2)
+            ]
+            firsts = [next(stream) for stream in streams]  # both admitted and generating
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.Generate(pb.GenerateRequest(prompt="One too many", max_tokens=2), timeout=30)
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "max_concurrent_requests=2" in (caught.value.details() or "")
+            for first, stream in zip(firsts, streams, strict=True):
+                chunks = [first, *stream]
+                assert chunks[-1].finish_reason != pb.FINISH_REASON_UNSPECIFIED
+                assert len(chunks) == chunks[-1].usage.completion_tokens
+            # The refused request held nothing: once the two are done, the next one is served.
+            assert stub.Generate(pb.GenerateRequest(prompt="Now", max_tokens=2)).usage.completion_tokens == 2
+        rejected = harness.server.metrics.request_failure.labels("RESOURCE_EXHAUSTED")._value.get()
+        assert rejected == 1
+    finally:
+        harness.stop(grace=0)
+
+
+def test_clients_that_left_the_queue_free_their_places(tiny_model_dir: Path) -> None:
+    """Queued requests whose deadline passed must not hold places under max_concurrent_requests."""
+    limits = SchedulerLimits(max_batch_size=1, max_concurrent_requests=4)
+    harness = ServerThread(tiny_model_dir, limits=limits)
+    try:
+        scheduler = harness.server.scheduler
+        assert scheduler is not None
+        with grpc.insecure_channel(harness.target) as channel:
+            stub = rpc.TextGenerationStub(channel)
+            busy = stub.GenerateStream(pb.GenerateRequest(prompt="Busy", max_tokens=3500, temperature=0))
+            next(busy)  # the one slot is taken: what comes next waits in the queue
+            for _ in range(3):
+                with pytest.raises(grpc.RpcError) as caught:
+                    stub.Generate(pb.GenerateRequest(prompt="Impatient", max_tokens=2), timeout=0.05)
+                assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            # Within a step or two, while the busy request still holds the slot (so no admission
+            # could have emptied the queue):
+            assert _wait_for(lambda: scheduler.queued_count == 0, timeout=1), (
+                "the queue holds clients that left"
+            )
+            assert scheduler.running_count == 1
+            waiting = stub.GenerateStream(pb.GenerateRequest(prompt="Patient", max_tokens=2))
+            busy.cancel()
+            chunks = list(waiting)  # admitted, not refused with RESOURCE_EXHAUSTED
+            assert chunks[-1].usage.completion_tokens == 2
+    finally:
+        harness.stop(grace=0)
+
+
+# -- a broken model directory at start: one line saying what is wrong, a non-zero exit -----------------
+
+
+def _break(model_dir: Path, tmp: Path, how: str) -> tuple[Path, str]:
+    """A copy of `model_dir` broken `how`; returns it and a fragment the error line must contain."""
+    broken = tmp / how
+    if how == "missing":
+        return broken, "not a model directory"
+    broken.mkdir()
+    if how == "empty":
+        return broken, "not a model directory"
+    for item in model_dir.iterdir():
+        if item.is_file():
+            (broken / item.name).write_bytes(item.read_bytes())
+    if how == "no-graph":
+        (broken / "model.onnx").unlink()
+        return broken, "model.onnx missing"
+    if how == "truncated-graph":
+        data = (broken / "model.onnx").read_bytes()
+        (broken / "model.onnx").write_bytes(data[: len(data) // 3])
+        return broken, "model.onnx"
+    if how == "config-not-json":
+        (broken / "textgen.json").write_text("{not json")
+        return broken, "textgen.json: not valid JSON"
+    if how == "config-lacks-a-field":
+        config = json.loads((broken / "textgen.json").read_text())
+        del config["num_layers"]
+        (broken / "textgen.json").write_text(json.dumps(config))
+        return broken, "textgen.json: lacks num_layers"
+    if how == "no-tokenizer":
+        (broken / "tokenizer.json").unlink()
+        return broken, "tokenizer.json"
+    if how == "corrupt-tokenizer":
+        (broken / "tokenizer.json").write_text("garbage")
+        return broken, "tokenizer.json"
+    raise AssertionError(how)
+
+
+BREAKAGES = [
+    "missing",
+    "empty",
+    "no-graph",
+    "truncated-graph",
+    "config-not-json",
+    "config-lacks-a-field",
+    "no-tokenizer",
+    "corrupt-tokenizer",
+]
+
+
+def test_broken_model_directory_is_one_line_and_a_failed_exit(tiny_model_dir: Path, tmp_path: Path) -> None:
+    cases = [_break(tiny_model_dir, tmp_path, how) for how in BREAKAGES]
+
+    def start(model_dir: Path) -> subprocess.CompletedProcess[str]:
+        args = [str(SERVER), "--model-dir", str(model_dir), "--port", "0"]
+        return subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:  # each start imports onnxruntime: run them side by side
+        results = list(pool.map(start, [model_dir for model_dir, _ in cases]))
+    for how, (model_dir, fragment), result in zip(BREAKAGES, cases, results, strict=True):
+        lines = result.stderr.strip().splitlines()
+        errors = [line for line in lines if " ERROR " in line or ": error: " in line]
+        assert result.returncode != 0, (how, result.stderr)
+        assert "Traceback" not in result.stderr, (how, result.stderr)
+        assert len(errors) == 1, (how, result.stderr)
+        assert str(model_dir) in errors[0] and fragment in errors[0], (how, errors[0])
+        assert not result.stdout, (how, result.stdout)
