@@ -16,6 +16,7 @@ import llguidance
 import numpy as np
 import numpy.typing as npt
 import pytest
+from json_schemas import SCHEMAS
 from textgen_server.generation import Generation, GenerationRequest, TokenEvent
 from textgen_server.grammar import (
     Grammar,
@@ -52,15 +53,7 @@ WEATHER = ToolSpec(
 )
 TOOLS = [ADD, WEATHER]
 AUTO, REQUIRED = ToolChoice(ToolChoiceMode.AUTO), ToolChoice(ToolChoiceMode.REQUIRED)
-PERSON = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 10},
-        "age": {"type": "integer", "minimum": 0, "maximum": 130},
-    },
-    "required": ["name", "age"],
-    "additionalProperties": False,
-}
+PERSON = SCHEMAS["person"]
 
 
 @pytest.fixture(scope="module")
@@ -220,31 +213,6 @@ def test_schemas_llguidance_refuses_name_the_field(
 
 # -- generations driven by random logits --------------------------------------------------------
 
-SCHEMAS: list[dict[str, Any]] = [
-    PERSON,
-    {
-        "type": "object",
-        "properties": {
-            "items": {
-                "type": "array",
-                "minItems": 1,
-                "maxItems": 3,
-                "items": {
-                    "type": "object",
-                    "properties": {
-                        "sku": {"enum": ["A1", "B2", "C3"]},
-                        "qty": {"type": "integer", "minimum": 1, "maximum": 500},
-                    },
-                    "required": ["sku", "qty"],
-                    "additionalProperties": False,
-                },
-            },
-            "express": {"type": "boolean"},
-        },
-        "required": ["items", "express"],
-        "additionalProperties": False,  # else random keys with free-form strings run to max_tokens
-    },
-]
 SAMPLINGS = [
     SamplingParams(temperature=0.0),
     SamplingParams(temperature=1.0, seed=7),
@@ -275,7 +243,7 @@ def _request(
     return GenerationRequest("r", (1, 733), max_new_tokens, sampling, constraint=constraint)
 
 
-@pytest.mark.parametrize("schema", SCHEMAS, ids=["person", "order"])
+@pytest.mark.parametrize("schema", [SCHEMAS["person"], SCHEMAS["order"]], ids=["person", "order"])
 @pytest.mark.parametrize("sampling", SAMPLINGS, ids=["greedy", "t1", "topk-topp", "penalties"])
 def test_json_mode_output_validates_whatever_the_sampling(
     grammars: GrammarCompiler, tok: Tokenizer, schema: dict[str, Any], sampling: SamplingParams
