@@ -15,7 +15,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from _certs import Certs, make_certs
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from server_harness import ServerProcess, ServerThread
@@ -26,6 +25,7 @@ from textgen.v1 import textgen_pb2_grpc as rpc
 from textgen_server.app import ServerSettings, StartupError, TextgenServer
 from textgen_server.auth import TokenFile, TokenFileError
 from textgen_server.tls import TlsFiles
+from tls_health import Certs, make_certs
 
 BIN = Path(sys.executable).parent
 TOKENS = "# textgen tokens\n\n  token-one  \ntoken-two\n"

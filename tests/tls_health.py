@@ -1,10 +1,11 @@
-"""Certificates from a throwaway CA (trustme) and a gRPC health server that requires client certificates."""
+"""Certificates from throwaway CAs (trustme) and a gRPC health server that requires client certificates."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
 from concurrent import futures
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -26,6 +27,35 @@ def write_tls_files(ca: trustme.CA, directory: Path, *names: str, prefix: str = 
     cert.private_key_pem.write_to_path(str(files["key"]))
     files["cert"].write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
     return files
+
+
+@dataclass(frozen=True)
+class Certs:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    rogue_client_cert: Path  # signed by another CA: one the server must refuse
+    rogue_client_key: Path
+
+
+def make_certs(directory: Path) -> Certs:
+    """A CA, a server certificate for localhost and 127.0.0.1, a client certificate it signed, and a
+    client certificate from a second CA."""
+    ca = trustme.CA()
+    server = write_tls_files(ca, directory / "server", "localhost", "127.0.0.1")
+    client = write_tls_files(ca, directory / "client", "a-client")
+    rogue = write_tls_files(trustme.CA(), directory / "rogue", "a-rogue-client")
+    return Certs(
+        ca=server["ca"],
+        server_cert=server["cert"],
+        server_key=server["key"],
+        client_cert=client["cert"],
+        client_key=client["key"],
+        rogue_client_cert=rogue["cert"],
+        rogue_client_key=rogue["key"],
+    )
 
 
 @contextlib.contextmanager
