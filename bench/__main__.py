@@ -34,14 +34,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--budget-s",
         type=float,
-        default=14 * 60,
+        default=30 * 60,
         help="wall-time budget from start, setup included except the one-time llama.cpp build: "
-        "repetitions past it are skipped (the first of each is always run; default 840)",
+        "repetitions past it are skipped (the first of each is always run; default 1800)",
     )
     parser.add_argument("--no-genai", action="store_true", help="skip onnxruntime-genai (no virtualenv made)")
     parser.add_argument("--no-transformers", action="store_true", help="skip transformers")
     parser.add_argument(
         "--no-llamacpp", action="store_true", help="skip llama.cpp (nothing downloaded or built)"
+    )
+    parser.add_argument(
+        "--no-before",
+        action="store_true",
+        help="skip the engine before v2 (no old source tree taken from git, no export in its format)",
     )
     parser.add_argument(
         "--llamacpp-omp-wait",
@@ -76,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (p == "genai" and args.no_genai)
         and not (p == "transformers" and args.no_transformers)
         and not (p == "llamacpp" and args.no_llamacpp)
+        and not (p == "before" and args.no_before)
     )
     cases = (
         config.cases

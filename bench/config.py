@@ -29,11 +29,29 @@ class BenchConfig:
     grammar_concurrency: tuple[int, ...] = (1, 16)
     grammar_new_tokens: int = 128
     grammar_reps: int = 5
+    # Quantized weights (issue 10): models/bench-int4 and -int8 in the batch-1 cases, and through gRPC at
+    # this many streams beside fp32.
+    quantized: tuple[str, ...] = ("int4", "int8")
+    quantized_streams: int = 16
+    quantized_reps: int = 3
+    # Mixed prompt lengths (issue 9): this many requests of 1 to mixed_max_words words, all at once vs
+    # one after another, on today's engine and the one before v2.
+    mixed_requests: int = 16
+    mixed_max_words: int = 300
+    mixed_new_tokens: int = 64
+    mixed_reps: int = 3
+    # Long-prompt arrivals (issue 9): inter-token gaps of this many running streams while prompts of
+    # arrival_prompt_tokens keep arriving, one after another.
+    arrival_streams: int = 8
+    arrival_new_tokens: int = 128
+    arrival_prompt_tokens: int = 3000
+    arrival_reps: int = 2
     bandwidth_bytes: int = GIB
     bandwidth_reps: int = 5
     seed: int = 20240216
-    # "llamacpp" stands for its three GGUF variants (f32, Q8_0, Q4_0), measured by llama-bench.
-    peers: tuple[str, ...] = field(default=("engine", "transformers", "genai", "llamacpp"))
+    # "llamacpp" stands for its three GGUF variants (f32, Q8_0, Q4_0), measured by llama-bench; "before"
+    # for the engine before v2 (bench/variants.py) through gRPC.
+    peers: tuple[str, ...] = field(default=("engine", "transformers", "genai", "llamacpp", "before"))
     # OMP_WAIT_POLICY for llama-bench, or "default" to leave it unset (see bench/peers/llamacpp_peer.py).
     llamacpp_omp_wait: str = "passive"
     # LoRA (bench/lora.py): the sweep's prompt and length at this many streams, all base vs mixed.
@@ -52,6 +70,14 @@ QUICK = BenchConfig(
     sweep_reps=1,
     grammar_new_tokens=16,
     grammar_reps=1,
+    quantized_reps=1,
+    mixed_requests=4,
+    mixed_max_words=40,
+    mixed_new_tokens=8,
+    mixed_reps=1,
+    arrival_new_tokens=16,
+    arrival_prompt_tokens=600,
+    arrival_reps=1,
     bandwidth_bytes=GIB // 4,
     bandwidth_reps=2,
     lora_reps=1,

@@ -28,20 +28,22 @@ REQUIREMENTS = (
     "numpy>=1.26",
 )
 VENV = Path("bench/.venv-genai")
-MODEL = Path("bench/models/genai-bench-fp32")
+# Its builder's precisions measured: fp32 beside this engine's fp32, int4 (`-p int4`: MatMulNBits with
+# the builder's own CPU defaults) beside this engine's int4.
+MODELS = {precision: Path(f"bench/models/genai-bench-{precision}") for precision in ("fp32", "int4")}
 STAMP = ".bench-stamp"
 
 
 @dataclass(frozen=True)
 class GenaiSetup:
     python: Path | None
-    model_dir: Path | None
+    model_dirs: dict[str, Path]  # precision -> its genai model folder
     unavailable: str | None  # why genai cannot be measured here; None when it can
 
 
 def ensure_genai(repo: Path, checkpoint: Path, log_path: Path) -> GenaiSetup:
-    """Make the virtualenv and the genai model where missing or stale; report why not when that fails."""
-    venv, model = repo / VENV, repo / MODEL
+    """Make the virtualenv and the genai models where missing or stale; report why not when that fails."""
+    venv = repo / VENV
     python = venv / "bin" / "python"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("a", encoding="utf-8") as log:
@@ -66,30 +68,8 @@ def ensure_genai(repo: Path, checkpoint: Path, log_path: Path) -> GenaiSetup:
                 )
                 + want
             )
-            if _stamp(model) != weights:
-                print(f"bench: building the genai model from {checkpoint} (fp32, cpu) ...", flush=True)
-                shutil.rmtree(model, ignore_errors=True)
-                _run(
-                    [
-                        str(python),
-                        "-m",
-                        "onnxruntime_genai.models.builder",
-                        "-i",
-                        str(checkpoint),
-                        "-o",
-                        str(model),
-                        "-p",
-                        "fp32",
-                        "-e",
-                        "cpu",
-                        "-c",
-                        str(model.parent / "genai-cache"),
-                    ],
-                    log,
-                    300,
-                )
-                shutil.rmtree(model.parent / "genai-cache", ignore_errors=True)
-                (model / STAMP).write_text(weights, encoding="utf-8")
+            for precision, folder in MODELS.items():
+                _build_model(python, checkpoint, repo / folder, precision, weights, log)
         except subprocess.CalledProcessError as exc:
             log.flush()
             last = [
@@ -98,19 +78,49 @@ def ensure_genai(repo: Path, checkpoint: Path, log_path: Path) -> GenaiSetup:
                 if line.strip()
             ]
             step = " ".join(Path(exc.cmd[0]).name if i == 0 else a for i, a in enumerate(exc.cmd[:4]))
-            return GenaiSetup(
-                None, None, f"`{step} ...` failed: {last[-1] if last else exc} (log: {log_path})"
-            )
+            return GenaiSetup(None, {}, f"`{step} ...` failed: {last[-1] if last else exc} (log: {log_path})")
         except subprocess.TimeoutExpired as exc:
             return GenaiSetup(
                 None,
-                None,
+                {},
                 f"`{Path(exc.cmd[0]).name} {' '.join(exc.cmd[1:4])} ...` took over "
                 f"{exc.timeout:.0f} s (log: {log_path})",
             )
         except OSError as exc:
-            return GenaiSetup(None, None, f"{exc} (log: {log_path})")
-    return GenaiSetup(python, model, None)
+            return GenaiSetup(None, {}, f"{exc} (log: {log_path})")
+    return GenaiSetup(python, {precision: repo / folder for precision, folder in MODELS.items()}, None)
+
+
+def _build_model(
+    python: Path, checkpoint: Path, model: Path, precision: str, weights: str, log: TextIO
+) -> None:
+    """The builder's model of `checkpoint` at `precision` for the CPU, unless its stamp says it is current."""
+    if _stamp(model) == weights:
+        return
+    print(f"bench: building the genai model from {checkpoint} ({precision}, cpu) ...", flush=True)
+    shutil.rmtree(model, ignore_errors=True)
+    cache = model.parent / f"genai-cache-{precision}"
+    _run(
+        [
+            str(python),
+            "-m",
+            "onnxruntime_genai.models.builder",
+            "-i",
+            str(checkpoint),
+            "-o",
+            str(model),
+            "-p",
+            precision,
+            "-e",
+            "cpu",
+            "-c",
+            str(cache),
+        ],
+        log,
+        300,
+    )
+    shutil.rmtree(cache, ignore_errors=True)
+    (model / STAMP).write_text(weights, encoding="utf-8")
 
 
 def _run(command: list[str], log: TextIO, timeout_s: float) -> None:

@@ -22,18 +22,13 @@ class GrpcPeer:
         self.threads = threads
         self.loop = asyncio.new_event_loop()
         self.server: TextgenServer
-        self.server, port = self.loop.run_until_complete(
-            create_server(
-                ServerSettings(
-                    model_dir=Path(model_dir),
-                    host="127.0.0.1",
-                    port=0,
-                    provider="cpu",
-                    threads=threads,
-                    lora_dir=Path(lora_dir) if lora_dir else None,
-                )
-            )
+        # lora_dir only when asked: the engine before v2 (bench/before.py) runs this peer too, and its
+        # settings have no such field.
+        adapters = {"lora_dir": Path(lora_dir)} if lora_dir else {}
+        settings = ServerSettings(
+            model_dir=Path(model_dir), host="127.0.0.1", port=0, provider="cpu", threads=threads, **adapters
         )
+        self.server, port = self.loop.run_until_complete(create_server(settings))
         self.target = f"127.0.0.1:{port}"
         self.channel = self.loop.run_until_complete(self._open_channel())
 
@@ -56,6 +51,23 @@ class GrpcPeer:
         With `json_schema` every stream is constrained to it (response_format); with `loras`, stream i
         uses adapter loras[i]."""
         return self.loop.run_until_complete(self._streams(prompts, new_tokens, json_schema, loras))
+
+    def one_by_one(self, prompts: list[str], new_tokens: int) -> list[dict[str, Any]]:
+        """The same streams as `streams`, each sent when the one before has ended."""
+
+        async def in_turn() -> list[dict[str, Any]]:
+            stub = rpc.TextGenerationStub(self.channel)
+            return [await self._one(stub, prompt, new_tokens) for prompt in prompts]
+
+        return self.loop.run_until_complete(in_turn())
+
+    def arrivals(
+        self, prompts: list[str], new_tokens: int, long_prompt: str, long_new_tokens: int = 1
+    ) -> dict[str, Any]:
+        """`prompts` as concurrent streams; once every one has its first token, `long_prompt` is sent
+        again and again (each when the last has ended) until they are done. Returns the streams and
+        `long`: one `{"sent", "ended"}` per long request."""
+        return self.loop.run_until_complete(self._arrivals(prompts, new_tokens, long_prompt, long_new_tokens))
 
     def generate_text(self, prompt: str, new_tokens: int) -> list[float]:
         """One stream as `[sent, token_1, ..., token_n]`, comparable with the in-process peers."""
@@ -84,6 +96,22 @@ class GrpcPeer:
             )
         )
 
+    async def _arrivals(
+        self, prompts: list[str], new_tokens: int, long_prompt: str, long_new_tokens: int
+    ) -> dict[str, Any]:
+        stub = rpc.TextGenerationStub(self.channel)
+        started = [asyncio.Event() for _ in prompts]
+        streams = asyncio.gather(
+            *(self._one(stub, p, new_tokens, first_token=e) for p, e in zip(prompts, started, strict=True))
+        )
+        await asyncio.wait([asyncio.ensure_future(e.wait()) for e in started])
+        long: list[dict[str, float]] = []
+        while not streams.done():
+            sent = time.perf_counter()
+            await self._one(stub, long_prompt, long_new_tokens)
+            long.append({"sent": sent, "ended": time.perf_counter()})
+        return {"streams": list(await streams), "long": long}
+
     async def _one(
         self,
         stub: rpc.TextGenerationStub,
@@ -91,7 +119,9 @@ class GrpcPeer:
         new_tokens: int,
         json_schema: dict[str, Any] | None = None,
         lora: str = "",
+        first_token: asyncio.Event | None = None,
     ) -> dict[str, Any]:
+        """One stream; `first_token` is set when its first token arrives."""
         request = pb.GenerateRequest(prompt=prompt, raw=True, max_tokens=new_tokens, temperature=0, lora=lora)
         if json_schema is not None:
             request.response_format.type = "json_schema"
@@ -100,12 +130,18 @@ class GrpcPeer:
         times: list[float] = []
         usage = None
         # The generated stubs are typed for the sync API; on an aio channel the call is async-iterable.
-        async for message in stub.GenerateStream(request):  # type: ignore[attr-defined]
-            now = time.perf_counter()
-            if message.HasField("token"):  # a closing message may carry no token
-                times.append(now)
-            if message.HasField("usage"):
-                usage = message.usage
+        try:
+            async for message in stub.GenerateStream(request):  # type: ignore[attr-defined]
+                now = time.perf_counter()
+                if message.HasField("token"):  # a closing message may carry no token
+                    times.append(now)
+                    if first_token is not None:
+                        first_token.set()
+                if message.HasField("usage"):
+                    usage = message.usage
+        finally:
+            if first_token is not None:  # also for a stream that ends or fails before any token
+                first_token.set()
         if usage is None:
             raise RuntimeError("the stream ended without usage")
         return {

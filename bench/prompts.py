@@ -50,3 +50,8 @@ def text_of_length(
             else encoded + random_ids(length - len(encoded), rng, vocab_size)
         )
     raise ValueError(f"no text of exactly {length} tokens after {tries} tries")
+
+
+def words_prompt(count: int, rng: random.Random, words: Sequence[str]) -> str:
+    """`count` words drawn from `words`, joined by spaces: a prompt measured in words, as people write."""
+    return " ".join(rng.choice(words) for _ in range(count))

@@ -1,11 +1,14 @@
 """One benchmark run: set up, measure every peer interleaved, and collect the raw timings.
 
-Order of work: build what is missing (bench model, genai virtualenv and model, llama.cpp and its GGUF
-files), read bandwidth, start one worker per peer, warm each up, then the batch-1 cases (peers rotated
-every repetition, so no peer always runs right after the same neighbour), the concurrency sweep
-(levels rotated the same way), the same streams with and without a JSON schema on every row (the two
-back to back, order rotated), and bandwidth once more: the machine is shared, and two readings show
-how much it drifted. llama.cpp runs in the same rotation as one `llama-bench` process per call.
+Order of work: build what is missing (bench model and its int4/int8 exports, genai virtualenv and
+models, llama.cpp and its GGUF files, the engine before v2 and its export), read bandwidth, start one
+worker per peer, warm each up, then the batch-1 cases (peers rotated every repetition, so no peer
+always runs right after the same neighbour), the concurrency sweep (levels rotated the same way, today's
+server and the one before v2 back to back at each), fp32 vs int4 vs int8 streams, mixed prompt
+lengths all at once vs one by one, running streams under long-prompt arrivals, the same streams with
+and without a JSON schema on every row (the two back to back, order rotated), LoRA, and bandwidth once
+more: the machine is shared, and two readings show how much it drifted. llama.cpp runs in the same
+rotation as one `llama-bench` process per call.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from .llamacpp_env import VARIANTS, LlamacppSetup, ensure_llamacpp
 from .membw import read_bandwidth
 from .peers.client import Worker, WorkerError
 from .peers.llamacpp_peer import LlamaBenchError, LlamacppPeer
-from .prompts import BOS_ID, prompt_ids, text_of_length
+from .prompts import BOS_ID, prompt_ids, text_of_length, words_prompt
+from .variants import BeforeSetup, ensure_before, ensure_quantized
 
 BENCH_MODEL = Path("models/bench")
 SETTLE_S = 0.1  # between runs: lets the previous peer's spinning thread pool go idle
@@ -38,6 +42,12 @@ LORA_RESERVE_S = 90.0
 T = TypeVar("T")
 # One peer per GGUF variant, all driven by the same llama-bench binary.
 LLAMACPP_PEERS = {f"llamacpp-{variant}": variant for variant in VARIANTS}
+# In-process peers of the batch-1 cases, in rotation order; each runs where its worker started.
+BATCH1_PEERS = ("engine", "engine-int4", "engine-int8", "transformers", "genai", "genai-int4")
+# Servers driven through gRPC: today's (fp32, int4, int8) and the engine before v2 (fp32).
+SERVERS = ("grpc", "grpc-int4", "grpc-int8", "grpc-before")
+# The two engines the before/after sections set side by side, both fp32.
+BEFORE_AFTER = ("grpc", "grpc-before")
 
 
 def _records(name: dict[str, Any]) -> dict[str, Any]:
@@ -89,6 +99,14 @@ class RawResults:
     decode_rates: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     # concurrency -> one list of stream records per repetition
     sweep: dict[int, list[list[dict[str, Any]]]] = field(default_factory=dict)
+    # the same for the engine before v2
+    sweep_before: dict[int, list[list[dict[str, Any]]]] = field(default_factory=dict)
+    # "grpc", "grpc-int4", "grpc-int8" -> one list of stream records per repetition (quantized_streams)
+    dtype_streams: dict[str, list[list[dict[str, Any]]]] = field(default_factory=dict)
+    # server -> "concurrent" | "sequential" -> one list of stream records per repetition
+    mixed: dict[str, dict[str, list[list[dict[str, Any]]]]] = field(default_factory=dict)
+    # server -> one {"streams": [...], "long": [{"sent", "ended"}]} per repetition
+    arrivals: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     # concurrency -> "none" or a GRAMMAR_SCHEMAS name -> one list of stream records per repetition
     grammar: dict[int, dict[str, list[list[dict[str, Any]]]]] = field(default_factory=dict)
     # LoRA configuration (bench/lora.py) -> one list of stream records per repetition
@@ -166,13 +184,19 @@ class Runner:
         genai = (
             ensure_genai(self.repo, model_dir / "checkpoint", self.logs / "genai-setup.log")
             if "genai" in c.peers
-            else GenaiSetup(None, None, "left out (--no-genai)")
+            else GenaiSetup(None, {}, "left out (--no-genai)")
         )
         llamacpp = (
             ensure_llamacpp(self.repo, model_dir / "checkpoint", self.logs / "llamacpp-setup.log")
             if "llamacpp" in c.peers
             else LlamacppSetup(None, unavailable="left out (--no-llamacpp)")
         )
+        before = (
+            ensure_before(self.repo, model_dir / "checkpoint", self.logs / "before-setup.log")
+            if "before" in c.peers
+            else BeforeSetup((), None, "left out (--no-before)")
+        )
+        quantized = {dtype: ensure_quantized(self.repo, model_dir, dtype) for dtype in c.quantized}
         # A one-time build (minutes) is not measuring time, which is what the budget is for.
         self.deadline += llamacpp.built_s
         raw = RawResults(
@@ -184,16 +208,21 @@ class Runner:
             raw.unavailable["genai"] = genai.unavailable
         if llamacpp.unavailable:
             raw.unavailable["llamacpp"] = llamacpp.unavailable
+        if before.unavailable:
+            raw.unavailable["grpc-before"] = before.unavailable
         raw.setup_s = time.perf_counter() - started
         try:
             if not c.only_lora:
                 self._read_bandwidth(raw)
-                self._start_workers(raw, model_dir, genai)
+                self._start_workers(raw, model_dir, genai, quantized, before)
                 self._start_llamacpp(llamacpp)
                 self._warm_up(raw)
                 for case in c.cases:
                     self._batch1(raw, case, model_dir)
                 self._sweep(raw, model_dir)
+                self._dtype_streams(raw)
+                self._mixed(raw)
+                self._arrivals(raw)
                 self._grammar(raw)
             self._lora(raw, model_dir)
             if not c.only_lora:
@@ -218,18 +247,44 @@ class Runner:
                 read_bandwidth(threads, c.bandwidth_bytes, c.bandwidth_reps)
             )
 
-    def _start_workers(self, raw: RawResults, model_dir: Path, genai: GenaiSetup) -> None:
+    def _start_workers(
+        self,
+        raw: RawResults,
+        model_dir: Path,
+        genai: GenaiSetup,
+        quantized: dict[str, Path],
+        before: BeforeSetup,
+    ) -> None:
         c = self.config
-        wanted: list[tuple[str, Path, Path]] = [("engine", Path(sys.executable), model_dir)]
+        here = Path(sys.executable)
+        # name, peer kind, python, model folder, source paths
+        wanted: list[tuple[str, str, Path, Path, tuple[Path, ...]]] = [
+            ("engine", "engine", here, model_dir, ())
+        ]
+        wanted += [(f"engine-{dtype}", "engine", here, folder, ()) for dtype, folder in quantized.items()]
         if "transformers" in c.peers:
-            wanted.append(("transformers", Path(sys.executable), model_dir))
-        if genai.python is not None and genai.model_dir is not None:
-            wanted.append(("genai", genai.python, genai.model_dir))
-        wanted.append(("grpc", Path(sys.executable), model_dir))
-        for name, python, directory in wanted:
+            wanted.append(("transformers", "transformers", here, model_dir, ()))
+        if genai.python is not None:
+            for precision, folder in genai.model_dirs.items():
+                name = "genai" if precision == "fp32" else f"genai-{precision}"
+                wanted.append((name, "genai", genai.python, folder, ()))
+        wanted.append(("grpc", "grpc", here, model_dir, ()))
+        wanted += [(f"grpc-{dtype}", "grpc", here, folder, ()) for dtype, folder in quantized.items()]
+        if before.model_dir is not None:
+            wanted.append(("grpc-before", "grpc", here, before.model_dir, before.source_paths))
+        for name, peer, python, directory, source_paths in wanted:
             log(f"starting the {name} worker")
             try:
-                worker = Worker(name, python, directory, c.threads, self.repo, self.logs / f"{name}.log")
+                worker = Worker(
+                    name,
+                    python,
+                    directory,
+                    c.threads,
+                    self.repo,
+                    self.logs / f"{name}.log",
+                    peer=peer,
+                    source_paths=source_paths,
+                )
             except WorkerError as exc:
                 if name == "engine":
                     raise
@@ -265,10 +320,12 @@ class Runner:
         for name in list(self.workers):
             log(f"warming up {name}")
             try:
-                if name == "grpc":
+                if name in SERVERS:
                     texts = self._texts(rng, c.sweep_prompt_tokens, max(c.concurrency))
                     self.workers[name].call("streams", prompts=texts[:1], new_tokens=8)
                     self.workers[name].call("streams", prompts=texts, new_tokens=2)
+                    if name != "grpc":
+                        continue
                     for schema in GRAMMAR_SCHEMAS.values():  # the grammar's thread pools and compiles
                         self.workers[name].call(
                             "streams", prompts=texts[:16], new_tokens=8, json_schema=schema
@@ -288,8 +345,8 @@ class Runner:
         with_grpc = case.prompt_tokens == c.sweep_prompt_tokens
         peers = [
             p
-            for p in ("engine", "transformers", "genai", "grpc")
-            if p in self.workers and (p != "grpc" or with_grpc)
+            for p in (*BATCH1_PEERS, *BEFORE_AFTER)
+            if p in self.workers and (p not in BEFORE_AFTER or with_grpc)
         ] + self.llamacpp_peers
         results = raw.batch1.setdefault(key, {p: [] for p in peers if p not in LLAMACPP_PEERS})
         rates = raw.decode_rates.setdefault(key, {p: [] for p in peers if p in LLAMACPP_PEERS})
@@ -313,7 +370,7 @@ class Runner:
                     time.sleep(SETTLE_S)
                     continue
                 try:
-                    if name == "grpc":
+                    if name in BEFORE_AFTER:
                         times = self.workers[name].call(
                             "generate_text", prompt=text, new_tokens=case.new_tokens
                         )
@@ -328,6 +385,7 @@ class Runner:
                 time.sleep(SETTLE_S)
 
     def _sweep(self, raw: RawResults, model_dir: Path) -> None:
+        """Each level on today's server and, back to back on the same prompts, the one before v2."""
         c = self.config
         if "grpc" not in self.workers:
             return
@@ -338,15 +396,81 @@ class Runner:
                 break
             texts = self._texts(rng, c.sweep_prompt_tokens, max(c.concurrency))
             for level in rotated(list(c.concurrency), rep):
-                log(f"sweep rep {rep + 1}/{c.sweep_reps}: {level} concurrent streams")
-                try:
-                    streams = self.workers["grpc"].call(
-                        "streams", prompts=texts[:level], new_tokens=c.sweep_new_tokens
+                for name in rotated(self._present(BEFORE_AFTER), rep):
+                    log(f"sweep rep {rep + 1}/{c.sweep_reps}: {level} concurrent streams, {name}")
+                    streams = self._call(
+                        raw, name, "streams", prompts=texts[:level], new_tokens=c.sweep_new_tokens
                     )
-                except WorkerError as exc:
-                    self._drop(raw, "grpc", exc)
-                    return
-                raw.sweep.setdefault(level, []).append(streams)
+                    if streams is not None:
+                        target = raw.sweep if name == "grpc" else raw.sweep_before
+                        target.setdefault(level, []).append(streams)
+                    time.sleep(SETTLE_S)
+
+    def _dtype_streams(self, raw: RawResults) -> None:
+        """fp32, int4 and int8 servers on the same streams, back to back, the order rotated."""
+        c = self.config
+        servers = self._present(("grpc", *(f"grpc-{dtype}" for dtype in c.quantized)))
+        if len(servers) < 2:
+            return
+        raw.load["quantized streams"] = os.getloadavg()[0]
+        rng = random.Random(f"{c.seed}-dtypes")
+        for rep in range(c.quantized_reps):
+            if self._out_of_time(raw, "quantized streams", rep, c.quantized_reps, LORA_RESERVE_S):
+                break
+            texts = self._texts(rng, c.sweep_prompt_tokens, c.quantized_streams)
+            for name in rotated(servers, rep):
+                log(f"quantized rep {rep + 1}/{c.quantized_reps}: {c.quantized_streams} streams, {name}")
+                streams = self._call(raw, name, "streams", prompts=texts, new_tokens=c.sweep_new_tokens)
+                if streams is not None:
+                    raw.dtype_streams.setdefault(name, []).append(streams)
+                time.sleep(SETTLE_S)
+
+    def _mixed(self, raw: RawResults) -> None:
+        """Requests of 1 to mixed_max_words words: all at once, then the same one after another (the order
+        of the two and of the servers rotated)."""
+        c = self.config
+        raw.load["mixed lengths"] = os.getloadavg()[0]
+        rng = random.Random(f"{c.seed}-mixed")
+        for rep in range(c.mixed_reps):
+            if self._out_of_time(raw, "mixed lengths", rep, c.mixed_reps, LORA_RESERVE_S):
+                break
+            prompts = [
+                words_prompt(rng.randint(1, c.mixed_max_words), rng, self._vocab())
+                for _ in range(c.mixed_requests)
+            ]
+            for name in rotated(self._present(BEFORE_AFTER), rep):
+                for how in rotated(("concurrent", "sequential"), rep):
+                    log(
+                        f"mixed lengths rep {rep + 1}/{c.mixed_reps}: {c.mixed_requests} requests {how}, {name}"
+                    )
+                    op = "streams" if how == "concurrent" else "one_by_one"
+                    streams = self._call(raw, name, op, prompts=prompts, new_tokens=c.mixed_new_tokens)
+                    if streams is not None:
+                        raw.mixed.setdefault(name, {}).setdefault(how, []).append(streams)
+                    time.sleep(SETTLE_S)
+
+    def _arrivals(self, raw: RawResults) -> None:
+        """arrival_streams running streams while arrival_prompt_tokens-token prompts keep arriving."""
+        c = self.config
+        raw.load["long-prompt arrivals"] = os.getloadavg()[0]
+        rng = random.Random(f"{c.seed}-arrivals")
+        for rep in range(c.arrival_reps):
+            if self._out_of_time(raw, "long-prompt arrivals", rep, c.arrival_reps, LORA_RESERVE_S):
+                break
+            texts = self._texts(rng, c.sweep_prompt_tokens, c.arrival_streams)
+            long_prompt = self._texts(rng, c.arrival_prompt_tokens, 1)[0]
+            for name in rotated(self._present(BEFORE_AFTER), rep):
+                log(f"arrivals rep {rep + 1}/{c.arrival_reps}: {c.arrival_streams} streams, {name}")
+                result = self._call(
+                    raw,
+                    name,
+                    "arrivals",
+                    prompts=texts,
+                    new_tokens=c.arrival_new_tokens,
+                    long_prompt=long_prompt,
+                )
+                if result is not None:
+                    raw.arrivals.setdefault(name, []).append(result)
                 time.sleep(SETTLE_S)
 
     def _grammar(self, raw: RawResults) -> None:
@@ -441,6 +565,34 @@ class Runner:
         """Raw prompts of `prompt_tokens` tokens once the server puts BOS in front."""
         tok = self._tokenizer(self.repo / BENCH_MODEL)
         return [text_of_length(prompt_tokens - 1, tok.encode, tok.decode, rng) for _ in range(count)]
+
+    def _present(self, names: Sequence[str]) -> list[str]:
+        """The workers among `names` still running (one may have failed and been dropped)."""
+        return [name for name in names if name in self.workers]
+
+    def _call(self, raw: RawResults, name: str, op: str, **args: Any) -> Any:
+        """The worker's answer, or None once it failed (it is then dropped from the rest of the run)."""
+        if name not in self.workers:
+            return None
+        try:
+            return self.workers[name].call(op, **args)
+        except WorkerError as exc:
+            self._drop(raw, name, exc)
+            return None
+
+    def _vocab(self) -> list[str]:
+        """Whole lowercase words of the bench tokenizer's vocabulary, for prompts measured in words."""
+        if not hasattr(self, "_words"):
+            from tokenizers import Tokenizer
+
+            vocab = Tokenizer.from_file(str(self.repo / BENCH_MODEL / "tokenizer.json")).get_vocab()
+            self._words = sorted(
+                word
+                for word in (piece.removeprefix("▁") for piece in vocab if piece.startswith("▁"))
+                if word.isalpha() and word.islower()
+            )
+        words: list[str] = self._words
+        return words
 
     def _tokenizer(self, model_dir: Path) -> Any:
         if not hasattr(self, "_tok"):

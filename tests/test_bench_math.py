@@ -22,7 +22,9 @@ from bench.lora import markdown_lines as lora_markdown
 from bench.lora import summarize as summarize_lora
 from bench.machine import Cache, cpu_model, last_level_cache, parse_cache_size, read_caches
 from bench.peers.llamacpp_peer import LlamaBenchError, LlamacppPeer, decode_rate, parse_llama_bench_jsonl
-from bench.prompts import FIRST_TEXT_ID, prompt_ids, text_of_length
+from bench.prompts import FIRST_TEXT_ID, prompt_ids, text_of_length, words_prompt
+from bench.quantized import summarize as summarize_quantized
+from bench.quantized import target_values as quantized_target_values
 from bench.report import (
     _fmt_target,
     _llamacpp_lines,
@@ -43,6 +45,9 @@ from bench.roofline import (
     weight_traffic,
 )
 from bench.run import rotated
+from bench.serving import arrival_gaps, throughput_tok_s
+from bench.serving import arrivals as arrivals_summary
+from bench.serving import mixed as mixed_summary
 from bench.stats import (
     aggregate_decode_tok_s,
     aggregate_tok_s,
@@ -307,7 +312,13 @@ def test_constrained_decoding_ratios_are_schema_over_none() -> None:
     assert one["worst"] == pytest.approx(0.5)  # the target is held to the costlier schema
     assert set(out["levels"]) == {"1"}
     assert constrained({}, new_tokens=5) == {"unavailable": "not measured"}
-    summary = {"batch1": {}, "grpc": {}, "concurrency": {}, "bandwidth": {"roofline_applies": True}, "constrained": out}
+    summary = {
+        "batch1": {},
+        "grpc": {},
+        "concurrency": {},
+        "bandwidth": {"roofline_applies": True},
+        "constrained": out,
+    }
     targets = _targets(summary)
     one_stream = targets["json schema vs none, 1 stream"]
     assert one_stream["value"] == pytest.approx(0.5) and one_stream["met"] is False
@@ -617,3 +628,106 @@ def test_llamacpp_wait_policy_is_passive_unless_asked_for_gomps_default(
         "bench/models/f32.gguf",
         "/opt/llama-bench",
     )
+
+
+# -- engine v2 against the engine before it, quantized weights (issues 9 and 10) ---------------------
+
+
+def _stream(sent: float, times: list[float], prompt_tokens: int = 4) -> dict[str, Any]:
+    return {
+        "sent": sent,
+        "token_times": times,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": len(times),
+    }
+
+
+def test_throughput_counts_every_token_from_the_first_request_to_the_last_token() -> None:
+    streams = [_stream(0.0, [1.0, 2.0]), _stream(0.5, [1.5, 2.5, 4.0])]
+    assert throughput_tok_s(streams) == pytest.approx(5 / 4.0)
+
+
+def test_mixed_lengths_compare_at_once_with_one_after_another_within_each_repetition() -> None:
+    at_once = [[_stream(0.0, [1.0, 2.0]), _stream(0.0, [1.0, 2.0])], [_stream(0.0, [2.0, 4.0])] * 2]
+    in_turn = [
+        [_stream(0.0, [1.0, 2.0]), _stream(2.0, [3.0, 8.0])],
+        [_stream(0.0, [1.0, 2.0]), _stream(2.0, [3.0, 4.0])],
+    ]
+    out = mixed_summary({"concurrent": at_once, "sequential": in_turn})
+    # at once: 4 tokens in 2 s and in 4 s; one after another: 4 tokens in 8 s and in 4 s
+    assert out["concurrent_tok_s"]["samples"] == pytest.approx([2.0, 1.0])
+    assert out["sequential_tok_s"]["samples"] == pytest.approx([0.5, 1.0])
+    assert out["ratio"] == pytest.approx(1.5 / 0.75)
+    assert out["ratio_per_repetition"] == pytest.approx([4.0, 1.0])
+    assert mixed_summary({"concurrent": at_once}) == {"unavailable": "not measured"}
+
+
+def test_arrival_gaps_start_once_the_first_long_prompt_is_sent() -> None:
+    run = {
+        "streams": [_stream(0.0, [1.0, 1.1, 1.2, 3.2, 3.3]), _stream(0.0, [1.0, 1.2, 3.3])],
+        "long": [{"sent": 1.15, "ended": 3.1}, {"sent": 3.1, "ended": 3.4}],
+    }
+    # gaps whose later token came after 1.15 s: 0.1 (1.2), 2.0 (3.2), 0.1 (3.3); 0.2 (1.2), 2.1 (3.3)
+    assert sorted(arrival_gaps(run)) == pytest.approx([0.1, 0.1, 0.2, 2.0, 2.1])
+    out = arrivals_summary([run])
+    assert out["inter_token_s"]["p50"] == pytest.approx(0.2)
+    assert out["inter_token_s"]["max"] == pytest.approx(2.1)
+    assert out["p99_over_p50"] == pytest.approx(percentile([0.1, 0.1, 0.2, 2.0, 2.1], 99) / 0.2)
+    assert out["long_requests"] == 2 and out["long_request_s"] == pytest.approx((1.95 + 0.3) / 2)
+    assert arrival_gaps({**run, "long": []}) == []
+
+
+def test_an_at_most_target_is_met_below_it() -> None:
+    summary = {
+        "batch1": {},
+        "grpc": {},
+        "concurrency": {},
+        "bandwidth": {"roofline_applies": True},
+        "constrained": {},
+        "serving": {
+            "mixed": {"servers": {"grpc": {"ratio": 5.0}}},
+            "arrivals": {"servers": {"grpc": {"p99_over_p50": 2.5}}},
+        },
+    }
+    targets = _targets(summary)
+    itl = targets["inter-token p99 ÷ p50 under long-prompt arrivals (at most)"]
+    assert itl["met"] is True and itl["at_most"] is True
+    assert _fmt_target(itl) == "2.50× vs at most 3.0× met"
+    summary["serving"]["arrivals"]["servers"]["grpc"]["p99_over_p50"] = 3.5
+    assert _targets(summary)["inter-token p99 ÷ p50 under long-prompt arrivals (at most)"]["met"] is False
+    assert _targets(summary)["16 mixed-length requests at once vs one by one"]["met"] is True
+
+
+def test_quantized_ratios_set_int4_against_q4_0_genai_int4_and_fp32() -> None:
+    def peer(rate: float) -> dict[str, Any]:
+        return {"decode_tok_s": {"median": rate, "min": rate, "max": rate, "n": 1}}
+
+    batch1 = {
+        "128/128": {
+            "peers": {
+                "engine": peer(100.0),
+                "engine-int4": peer(300.0),
+                "engine-int8": peer(200.0),
+                "genai-int4": peer(250.0),
+                "llamacpp-q4_0": peer(400.0),
+            }
+        }
+    }
+    levels = {
+        "grpc": {"aggregate_decode_tok_s": {"median": 160.0}},
+        "grpc-int4": {"aggregate_decode_tok_s": {"median": 400.0}},
+    }
+    out = summarize_quantized(batch1, levels, streams=16)
+    ratios = out["ratios"]["128/128"]
+    assert ratios["int4 ÷ Q4_0"] == pytest.approx(0.75)
+    assert ratios["int4 ÷ genai int4"] == pytest.approx(1.2)
+    assert ratios["int4 ÷ fp32"] == pytest.approx(3.0)
+    assert ratios["int8 ÷ Q8_0"] is None  # no llama.cpp Q8_0 in this run
+    assert out["aggregate_vs_fp32"]["grpc-int4"] == pytest.approx(2.5)
+    targets = quantized_target_values(out)
+    assert targets["engine int4 ÷ fp32 decode"] == pytest.approx(3.0)
+
+
+def test_words_prompt_has_exactly_the_words_asked_for() -> None:
+    text = words_prompt(7, random.Random(3), ["alpha", "beta", "gamma"])
+    assert len(text.split(" ")) == 7 and set(text.split(" ")) <= {"alpha", "beta", "gamma"}

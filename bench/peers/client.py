@@ -7,6 +7,7 @@ import os
 import select
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +16,16 @@ class WorkerError(RuntimeError):
     """The worker failed to start or a request failed; the message carries its traceback or log tail."""
 
 
-def thread_env(threads: int, repo: Path) -> dict[str, str]:
-    """Every library's pool pinned to the same size, so no peer gets more cores than another."""
+def thread_env(threads: int, repo: Path, source_paths: Sequence[Path] = ()) -> dict[str, str]:
+    """Every library's pool pinned to the same size, so no peer gets more cores than another.
+    `source_paths` go on PYTHONPATH after the repository, ahead of the installed packages: how the
+    engine before v2 (bench/variants.py) runs from its own source tree in this virtualenv."""
     env = dict(os.environ)
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         env[name] = str(threads)
     env["OPENBLAS_NUM_THREADS"] = "1"  # numpy only picks argmax in the workers; no BLAS pool spinning
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(repo), env.get("PYTHONPATH", "")) if p)
+    paths = (str(repo), *map(str, source_paths), env.get("PYTHONPATH", ""))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     env["TOKENIZERS_PARALLELISM"] = "false"
     return env
 
@@ -38,7 +42,10 @@ class Worker:
         start_timeout_s: float = 300,
         provider: str = "cpu",
         lora_dir: Path | None = None,
+        peer: str | None = None,
+        source_paths: Sequence[Path] = (),
     ) -> None:
+        """`name` labels the results; `peer` (default: the name) is the kind the worker runs."""
         self.name = name
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -49,7 +56,7 @@ class Worker:
                 "-m",
                 "bench.peers.worker",
                 "--peer",
-                name,
+                peer or name,
                 "--model-dir",
                 str(model_dir),
                 "--threads",
@@ -59,7 +66,7 @@ class Worker:
                 *(["--lora-dir", str(lora_dir)] if lora_dir is not None else []),
             ],
             cwd=repo,
-            env=thread_env(threads, repo),
+            env=thread_env(threads, repo, source_paths),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._log,

@@ -1,0 +1,123 @@
+"""The bench model's other forms, made on first use from its checkpoint: int4 and int8 exports for the
+quantized rows, and the engine before engine v2 with its own export, for the before/after rows.
+
+The engine before v2 is commit `BEFORE_COMMIT` (left-padded batches, a KV cache concatenated every
+step and copied when a request joins or leaves). Its `server`, `sdk` and `export` folders are taken
+from git into build/before-engine; its workers run in this virtualenv with those folders on
+PYTHONPATH ahead of the installed packages, and it exports the same checkpoint in its own format.
+Anything that fails here makes that variant "unavailable" with the reason, never the whole bench.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+BEFORE_COMMIT = "4c1f449"
+BEFORE_SOURCE = Path("build/before-engine")
+BEFORE_MODEL = Path("models/bench-before")
+QUANTIZED_MODELS = {"int4": Path("models/bench-int4"), "int8": Path("models/bench-int8")}
+STAMP = ".bench-commit"
+
+
+@dataclass(frozen=True)
+class BeforeSetup:
+    source_paths: tuple[Path, ...]  # on the workers' PYTHONPATH: the old server and SDK
+    model_dir: Path | None
+    unavailable: str | None  # why it cannot be measured here; None when it can
+
+
+def ensure_quantized(repo: Path, bench_model: Path, dtype: str) -> Path:
+    """models/bench-int4 or -int8: the bench checkpoint exported with `--dtype DTYPE` (a minute or so,
+    the quality measurement included), rebuilt when missing or not loadable by this engine."""
+    model_dir = repo / QUANTIZED_MODELS[dtype]
+    why = "missing"
+    if (model_dir / "textgen.json").is_file():
+        from textgen_server.engine import Engine
+
+        try:
+            Engine(model_dir, provider="cpu", threads=1)
+            return model_dir
+        except Exception as exc:  # noqa: BLE001 - any load failure: ORT's own error types, an older export
+            why = f"not loadable by this engine ({type(exc).__name__})"
+    print(f"bench: exporting {QUANTIZED_MODELS[dtype]} from the bench checkpoint ({why}) ...", flush=True)
+    from textgen_export.onnx_export import export_checkpoint
+
+    export_checkpoint(
+        bench_model / "checkpoint", model_dir, dtype=dtype, name=f"textgen-demo-bench-{dtype}", overwrite=True
+    )
+    return model_dir
+
+
+def ensure_before(repo: Path, checkpoint: Path, log_path: Path) -> BeforeSetup:
+    """The old engine's source tree and its export of `checkpoint`, made where missing or stale."""
+    source = repo / BEFORE_SOURCE
+    model = repo / BEFORE_MODEL
+    paths = (source / "server", source / "sdk")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("a", encoding="utf-8") as log:
+        try:
+            if _stamp(source) != BEFORE_COMMIT:
+                print(
+                    f"bench: taking the engine before v2 ({BEFORE_COMMIT}) into {BEFORE_SOURCE} ...",
+                    flush=True,
+                )
+                _extract(repo, source)
+            weights = "".join(
+                f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(checkpoint.glob("*"))
+            )
+            if _stamp(model) != BEFORE_COMMIT + weights:
+                print(f"bench: exporting {BEFORE_MODEL} with the engine before v2 ...", flush=True)
+                export = (
+                    "import sys; from pathlib import Path; "
+                    "from textgen_export.onnx_export import export_checkpoint; "
+                    "export_checkpoint(Path(sys.argv[1]), Path(sys.argv[2]), name='textgen-demo-bench-before', "
+                    "overwrite=True)"
+                )
+                subprocess.run(
+                    [sys.executable, "-c", export, str(checkpoint), str(model)],
+                    check=True,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    timeout=600,
+                    env=_env_with(source / "export", *paths),
+                )
+                (model / STAMP).write_text(BEFORE_COMMIT + weights, encoding="utf-8")
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError, tarfile.TarError) as exc:
+            return BeforeSetup(paths, None, f"{type(exc).__name__}: {exc} (log: {log_path})")
+    return BeforeSetup(paths, model, None)
+
+
+def _extract(repo: Path, source: Path) -> None:
+    """`git archive` of the old commit's packages into `source`, replacing what was there."""
+    shutil.rmtree(source, ignore_errors=True)
+    source.mkdir(parents=True)
+    with tempfile.TemporaryFile() as archive:
+        subprocess.run(
+            ["git", "archive", "--format=tar", BEFORE_COMMIT, "server", "sdk", "export"],
+            cwd=repo,
+            check=True,
+            stdout=archive,
+            timeout=120,
+        )
+        archive.seek(0)
+        with tarfile.open(fileobj=archive) as tar:
+            tar.extractall(source, filter="data")
+    (source / STAMP).write_text(BEFORE_COMMIT, encoding="utf-8")
+
+
+def _env_with(*paths: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([*map(str, paths), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def _stamp(directory: Path) -> str | None:
+    path = directory / STAMP
+    return path.read_text(encoding="utf-8") if path.is_file() else None
