@@ -10,6 +10,7 @@ Anything that fails here makes that variant "unavailable" with the reason, never
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -23,7 +24,7 @@ BEFORE_COMMIT = "4c1f449"
 BEFORE_SOURCE = Path("build/before-engine")
 BEFORE_MODEL = Path("models/bench-before")
 QUANTIZED_MODELS = {"int4": Path("models/bench-int4"), "int8": Path("models/bench-int8")}
-STAMP = ".bench-commit"
+STAMP = ".bench-stamp"  # what a folder was made from: a commit, or a digest of the exporter
 
 
 @dataclass(frozen=True)
@@ -35,24 +36,27 @@ class BeforeSetup:
 
 def ensure_quantized(repo: Path, bench_model: Path, dtype: str) -> Path:
     """models/bench-int4 or -int8: the bench checkpoint exported with `--dtype DTYPE` (a minute or so,
-    the quality measurement included), rebuilt when missing or not loadable by this engine."""
+    the quality measurement included), rebuilt when missing or made by other exporter code."""
     model_dir = repo / QUANTIZED_MODELS[dtype]
-    why = "missing"
-    if (model_dir / "textgen.json").is_file():
-        from textgen_server.engine import Engine
-
-        try:
-            Engine(model_dir, provider="cpu", threads=1)
-            return model_dir
-        except Exception as exc:  # noqa: BLE001 - any load failure: ORT's own error types, an older export
-            why = f"not loadable by this engine ({type(exc).__name__})"
-    print(f"bench: exporting {QUANTIZED_MODELS[dtype]} from the bench checkpoint ({why}) ...", flush=True)
+    exporter = _exporter_digest(repo)
+    if _stamp(model_dir) == exporter:
+        return model_dir
+    print(f"bench: exporting {QUANTIZED_MODELS[dtype]} from the bench checkpoint ({dtype}) ...", flush=True)
     from textgen_export.onnx_export import export_checkpoint
 
     export_checkpoint(
         bench_model / "checkpoint", model_dir, dtype=dtype, name=f"textgen-demo-bench-{dtype}", overwrite=True
     )
+    (model_dir / STAMP).write_text(exporter, encoding="utf-8")
     return model_dir
+
+
+def _exporter_digest(repo: Path) -> str:
+    """A digest of the exporter's source: a quantized model is current while that has not changed."""
+    digest = hashlib.sha256()
+    for path in sorted((repo / "export" / "textgen_export").glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def ensure_before(repo: Path, checkpoint: Path, log_path: Path) -> BeforeSetup:

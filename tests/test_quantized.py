@@ -46,12 +46,12 @@ def test_export_reports_its_quality_and_quantizes_the_linear_layers(quantized_di
     graph = onnx.load(str(quantized_dir / "model.onnx")).graph
     nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
     plain = [n.name for n in graph.node if n.op_type == "MatMul"]
-    # Per layer: qkv, o, gate_up, down (2 layers); the LM head only for int8.
-    assert len(nbits) == 2 * 4 + (weight_dtype == "int8")
-    assert plain == ([] if weight_dtype == "int8" else [LM_HEAD_NODE])
-    bits = {a.i for n in nbits for a in n.attribute if a.name == "bits"}
+    # Per layer: qkv, o, gate_up, down (2 layers), and the LM head, always in 8 bits.
+    assert len(nbits) == 2 * 4 + 1 and plain == []
+    bits = {n.name: a.i for n in nbits for a in n.attribute if a.name == "bits"}
     accuracy = {a.i for n in nbits for a in n.attribute if a.name == "accuracy_level"}
-    assert bits == {int(weight_dtype[3:])} and accuracy == {4}
+    assert bits.pop(LM_HEAD_NODE + "_Q8") == 8 and report["lm_head_bits"] == 8
+    assert set(bits.values()) == {int(weight_dtype[3:])} and accuracy == {4}
 
 
 @pytest.fixture(scope="module")
