@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 from textgen_server.engine import Engine
 from textgen_server.generation import GenerationRequest
+from textgen_server.handles import RequestHandle
 from textgen_server.sampling import SamplingParams
-from textgen_server.scheduler import GenerationFailedError, RequestHandle, Scheduler, StepStats
+from textgen_server.scheduler import GenerationFailedError, Scheduler, StepStats
 from textgen_server.tokenizer import Tokenizer
 
 

@@ -1,8 +1,8 @@
 """Continuous batching: one loop admits, prefills, decodes and retires sequences between passes.
 
 The loop runs in its own thread (ONNX Runtime releases the GIL while it computes) and talks to
-the asyncio server through thread-safe hand-offs: `submit` queues a request and returns a handle
-whose events arrive on the server's event loop.
+the asyncio server through the hand-offs of handles.py: `submit` queues a request and returns a
+handle whose events arrive on the submitting event loop; this module never touches asyncio itself.
 
 Every sequence owns a slot of the engine's KV cache (kv_cache.py). Running sequences sit in slots
 0..n-1, so that one decode pass binds the first n slots; a sequence whose prompt is being prefilled
@@ -31,20 +31,20 @@ pass, and each row passes its adapter slot to every forward pass.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .adapters import Adapter, AdapterRegistry, AdapterSlots, unknown_adapter_message
+from .adapters import AdapterRegistry, AdapterSlots, unknown_adapter_message
 from .engine import Engine
-from .generation import Generation, GenerationRequest, TokenEvent
+from .generation import Generation, GenerationRequest
 from .grammar import prefetch_token_masks
+from .handles import END, Outbox, RequestHandle
 from .tokenizer import Tokenizer
 from .validation import UnknownAdapterError
 
@@ -101,77 +101,9 @@ class StepStats:
     steps: int = 0
 
 
-_END = object()
-
-
-class RequestHandle:
-    """The server's view of one submitted request: an async stream of TokenEvents."""
-
-    def __init__(
-        self, generation: Generation, loop: asyncio.AbstractEventLoop, adapter: Adapter | None = None
-    ) -> None:
-        self.generation = generation
-        self.adapter = adapter  # the LoRA adapter it was accepted with (kept if the file goes away)
-        self.submitted = time.monotonic()
-        self.admitted: float | None = None  # when its prefill began (per-request queue/inference times)
-        self._loop = loop
-        self._events: asyncio.Queue[object] = asyncio.Queue()
-        self.cancelled = threading.Event()
-        self.failed = False  # its own per-row work raised: it leaves the batch, the others go on
-        # The scheduler's bookkeeping: the KV slot it owns and how many positions it holds there.
-        self.slot = -1
-        self.cached = 0
-        self.adapter_slot = 0  # the graph's adapter slot its passes use; 0: the base model
-
-    @property
-    def request(self) -> GenerationRequest:
-        return self.generation.request
-
-    def cancel(self) -> None:
-        """Ask the scheduler to drop this request at its next step."""
-        self.cancelled.set()
-
-    async def events(self) -> AsyncIterator[TokenEvent]:
-        while True:
-            item = await self._events.get()
-            if item is _END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            assert isinstance(item, TokenEvent)
-            yield item
-
-
-class _Outbox:
-    """Events bound for the server's event loops, handed over in one call per loop.
-
-    One wake-up of the event loop per batch step instead of one per token: at 16 sequences the
-    per-token hand-offs cost the loop thread more than the tokens themselves.
-    """
-
-    def __init__(self) -> None:
-        self._pending: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[object], object]]] = {}
-
-    def put(self, handle: RequestHandle, item: object) -> None:
-        self._pending.setdefault(handle._loop, []).append((handle._events, item))
-
-    def flush(self) -> None:
-        pending, self._pending = self._pending, {}
-        for loop, items in pending.items():
-            try:
-                loop.call_soon_threadsafe(_deliver, items)
-            except RuntimeError:  # the event loop is closed: nobody is listening any more
-                pass
-
-
 def _leaves(handle: RequestHandle) -> bool:
     """Whether a running sequence leaves the batch now: finished, cancelled, or failed on its own."""
     return handle.generation.finished or handle.cancelled.is_set() or handle.failed
-
-
-def _deliver(items: list[tuple[asyncio.Queue[object], object]]) -> None:
-    for queue, item in items:
-        queue.put_nowait(item)
 
 
 class Scheduler:
@@ -199,7 +131,7 @@ class Scheduler:
         self._waiting: collections.deque[RequestHandle] = collections.deque()
         self._running: list[RequestHandle] = []  # running[i] owns slot i
         self._prefilling: RequestHandle | None = None  # part-way through its prompt, above the running
-        self._outbox = _Outbox()
+        self._outbox = Outbox()
         self._accepting = True
         self._stopped = False
         self._woken = False  # something changed since the loop last found nothing to do
@@ -228,7 +160,7 @@ class Scheduler:
                 raise UnknownAdapterError(unknown_adapter_message(request.lora, known))
         # Built here, on the caller's thread: a bad request fails alone, never inside a batch step.
         generation = Generation(request, self.tokenizer, self.engine.config.vocab_size)
-        handle = RequestHandle(generation, asyncio.get_running_loop(), adapter)
+        handle = RequestHandle.on_running_loop(generation, adapter)
         limits = self.limits
         with self._lock:
             if not self._accepting:
@@ -396,7 +328,7 @@ class Scheduler:
         with self._lock:
             for handle in [h for h in self._waiting if h.cancelled.is_set()]:
                 self._waiting.remove(handle)
-                self._outbox.put(handle, _END)
+                self._outbox.put(handle, END)
             blocked = False  # an earlier request waits for an adapter slot to free: only base ones pass
             for handle in self._waiting:
                 if handle.adapter is not None:
@@ -474,7 +406,7 @@ class Scheduler:
             self.stats.first_token_seconds.append(time.monotonic() - handle.submitted)
         if event.finish_reason is not None:
             self.stats.finished.append(event.finish_reason.value)
-            self._outbox.put(handle, _END)
+            self._outbox.put(handle, END)
 
     def _fail(self, handle: RequestHandle) -> None:
         handle.failed = True
@@ -505,4 +437,4 @@ class Scheduler:
 
     def _close(self, handle: RequestHandle) -> None:
         if not handle.generation.finished and not handle.failed:
-            self._outbox.put(handle, _END)  # cancelled: the client is gone, close its stream quietly
+            self._outbox.put(handle, END)  # cancelled: the client is gone, close its stream quietly

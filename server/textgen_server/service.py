@@ -24,12 +24,12 @@ from textgen.v1 import textgen_pb2_grpc
 from .adapters import AdapterRegistry
 from .generation import TokenEvent
 from .grammar import GrammarCompiler
+from .handles import RequestHandle
 from .model_config import ModelConfig
 from .request_log import RequestRecord
 from .scheduler import (
     GenerationFailedError,
     QueueFullError,
-    RequestHandle,
     RequestTooLargeError,
     Scheduler,
     ShuttingDownError,
