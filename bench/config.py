@@ -45,7 +45,7 @@ class BenchConfig:
     arrival_streams: int = 8
     arrival_new_tokens: int = 128
     arrival_prompt_tokens: int = 3000
-    arrival_reps: int = 2
+    arrival_reps: int = 3
     bandwidth_bytes: int = GIB
     bandwidth_reps: int = 5
     seed: int = 20240216
@@ -56,7 +56,7 @@ class BenchConfig:
     llamacpp_omp_wait: str = "passive"
     # LoRA (bench/lora.py): the sweep's prompt and length at this many streams, all base vs mixed.
     lora_streams: int = 16
-    lora_reps: int = 3
+    lora_reps: int = 5
     only_lora: bool = False  # python -m bench --only-lora: that section alone
 
     def to_dict(self) -> dict[str, Any]:

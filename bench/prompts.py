@@ -55,3 +55,16 @@ def text_of_length(
 def words_prompt(count: int, rng: random.Random, words: Sequence[str]) -> str:
     """`count` words drawn from `words`, joined by spaces: a prompt measured in words, as people write."""
     return " ".join(rng.choice(words) for _ in range(count))
+
+
+def digits_of_length(length: int, encode: Callable[[str], list[int]], rng: random.Random) -> str:
+    """Random digits that `encode` turns into exactly `length` ids: this tokenizer gives each digit a
+    token of its own (and one for the leading space), so a long prompt fits the card's 6,144
+    characters: about 6,000 tokens at most, where random text pieces average about 5 characters."""
+    text = "".join(rng.choice("0123456789") for _ in range(length - 1))
+    got = len(encode(text))
+    if got != length:
+        raise ValueError(
+            f"{length - 1} digits encode to {got} ids, not {length}: a tokenizer without digit splitting"
+        )
+    return text

@@ -28,7 +28,7 @@ from .llamacpp_env import VARIANTS, LlamacppSetup, ensure_llamacpp
 from .membw import read_bandwidth
 from .peers.client import Worker, WorkerError
 from .peers.llamacpp_peer import LlamaBenchError, LlamacppPeer
-from .prompts import BOS_ID, prompt_ids, text_of_length, words_prompt
+from .prompts import BOS_ID, digits_of_length, prompt_ids, text_of_length, words_prompt
 from .variants import BeforeSetup, ensure_before, ensure_quantized
 
 BENCH_MODEL = Path("models/bench")
@@ -458,7 +458,10 @@ class Runner:
             if self._out_of_time(raw, "long-prompt arrivals", rep, c.arrival_reps, LORA_RESERVE_S):
                 break
             texts = self._texts(rng, c.sweep_prompt_tokens, c.arrival_streams)
-            long_prompt = self._texts(rng, c.arrival_prompt_tokens, 1)[0]
+            # Digits: random text of 3000 tokens would pass the card's 6,144-character limit on `prompt`.
+            long_prompt = digits_of_length(
+                c.arrival_prompt_tokens - 1, self._tokenizer(self.repo / BENCH_MODEL).encode, rng
+            )
             for name in rotated(self._present(BEFORE_AFTER), rep):
                 log(f"arrivals rep {rep + 1}/{c.arrival_reps}: {c.arrival_streams} streams, {name}")
                 result = self._call(

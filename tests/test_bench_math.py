@@ -22,7 +22,7 @@ from bench.lora import markdown_lines as lora_markdown
 from bench.lora import summarize as summarize_lora
 from bench.machine import Cache, cpu_model, last_level_cache, parse_cache_size, read_caches
 from bench.peers.llamacpp_peer import LlamaBenchError, LlamacppPeer, decode_rate, parse_llama_bench_jsonl
-from bench.prompts import FIRST_TEXT_ID, prompt_ids, text_of_length, words_prompt
+from bench.prompts import FIRST_TEXT_ID, digits_of_length, prompt_ids, text_of_length, words_prompt
 from bench.quantized import summarize as summarize_quantized
 from bench.quantized import target_values as quantized_target_values
 from bench.report import (
@@ -731,3 +731,16 @@ def test_quantized_ratios_set_int4_against_q4_0_genai_int4_and_fp32() -> None:
 def test_words_prompt_has_exactly_the_words_asked_for() -> None:
     text = words_prompt(7, random.Random(3), ["alpha", "beta", "gamma"])
     assert len(text.split(" ")) == 7 and set(text.split(" ")) <= {"alpha", "beta", "gamma"}
+
+
+def test_digits_give_one_token_each_and_a_long_prompt_fits_the_card() -> None:
+    import mistral_common
+    import sentencepiece
+
+    spm = sentencepiece.SentencePieceProcessor(
+        model_file=str(Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1")
+    )
+    text = digits_of_length(3000, spm.encode, random.Random(5))
+    assert len(spm.encode(text)) == 3000 and len(text) == 2999 and text.isdigit()
+    with pytest.raises(ValueError, match="digit splitting"):
+        digits_of_length(3000, lambda text: [0] * (len(text) // 2), random.Random(5))
