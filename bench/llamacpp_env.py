@@ -2,7 +2,7 @@
 
 The sdist on PyPI vendors llama.cpp with its `convert_hf_to_gguf.py` and gguf-py, so one download
 from the index this project already uses gives the binaries and the converter. First use downloads
-it, builds only `llama-bench` and `llama-quantize` (static; 5 to 30 minutes on 2 cores here, by
+it, builds only `llama-bench`, `llama-batched-bench` and `llama-quantize` (static; 5 to 30 minutes on 2 cores here, by
 load) into bench/.llamacpp, converts the checkpoint to GGUF f32 with this project's own interpreter
 (torch, transformers, numpy and sentencepiece are already there; gguf-py comes from the sdist), and
 quantizes that to Q8_0 and Q4_0. Anything that fails makes llama.cpp "unavailable" with the reason,
@@ -31,7 +31,7 @@ from typing import TextIO
 SDIST = "llama-cpp-python==0.3.36"
 ROOT = Path("bench/.llamacpp")
 MODELS = Path("bench/models/llamacpp")
-TARGETS = ("llama-bench", "llama-quantize")
+TARGETS = ("llama-bench", "llama-batched-bench", "llama-quantize")
 # The GGUF variants measured: the f32 conversion of the checkpoint, then llama-quantize's types.
 VARIANTS = ("f32", "q8_0", "q4_0")
 QUANT_TYPES = {"q8_0": "Q8_0", "q4_0": "Q4_0"}
@@ -60,6 +60,7 @@ ALWAYS_OFF = ("GGML_AMX_TILE", "GGML_AMX_INT8", "GGML_AMX_BF16")  # SIGILL on qu
 class LlamacppSetup:
     llama_bench: Path | None
     models: dict[str, Path] = field(default_factory=dict)  # variant -> GGUF file
+    batched_bench: Path | None = None  # llama-batched-bench: parallel sequences, aggregate rates
     unavailable: str | None = None  # why llama.cpp cannot be measured here; None when it can
     built_s: float = 0.0  # time spent building or converting in this call (0 when all was there)
 
@@ -74,7 +75,7 @@ def cpu_flags(cpuinfo: str) -> set[str]:
 
 
 def cmake_options(flags: set[str]) -> list[str]:
-    """cmake -D options for a portable static build of the two tools, for a CPU with these flags."""
+    """cmake -D options for a portable static build of the tools, for a CPU with these flags."""
     options = [
         "-DCMAKE_BUILD_TYPE=Release",
         "-DBUILD_SHARED_LIBS=OFF",
@@ -121,7 +122,7 @@ def ensure_llamacpp(repo: Path, checkpoint: Path, log_path: Path) -> LlamacppSet
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("a", encoding="utf-8") as log:
         try:
-            want = _digest("\n".join([SDIST, *options]))
+            want = _digest("\n".join([SDIST, *TARGETS, *options]))
             if _stamp(root) != want:
                 _build(root, src, bin_dir, options, log)
                 built = True
@@ -146,6 +147,7 @@ def ensure_llamacpp(repo: Path, checkpoint: Path, log_path: Path) -> LlamacppSet
     return LlamacppSetup(
         bin_dir / "llama-bench",
         {v: models / f"bench-{v}.gguf" for v in VARIANTS},
+        bin_dir / "llama-batched-bench",
         None,
         time.perf_counter() - started if built else 0.0,
     )

@@ -1,13 +1,13 @@
 """Quantized weights side by side (issue 10): this engine's int4 and int8 exports of the bench checkpoint
 against its fp32, onnxruntime-genai's int4 (its builder's `-p int4`) and llama.cpp's Q4_0 and Q8_0, in
-the batch-1 cases of the same run; and through gRPC at `quantized_streams` streams, fp32 vs int8 vs int4.
+the batch-1 cases of the same run, and at `quantized_streams` sequences decoded together.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from .stats import ratio
+from .stats import ratio, spread
 
 # The batch-1 peers whose weights are not the checkpoint's fp32: no roofline share from fp32 bytes.
 QUANTIZED_PEERS = ("engine-int4", "engine-int8", "genai-int4", "llamacpp-q8_0", "llamacpp-q4_0")
@@ -27,26 +27,41 @@ RATIOS = (
     ("engine-int8", "llamacpp-q8_0", "int8 ÷ Q8_0"),
 )
 TARGETS = {"int4 ÷ Q4_0": 1.0, "int4 ÷ genai int4": 1.0, "int4 ÷ fp32": 3.0}
-SERVERS = {"grpc": "fp32", "grpc-int8": "int8", "grpc-int4": "int4"}
+# The servers through gRPC, as the columns they fill at `quantized_streams` streams.
+SERVER_COLUMNS = {"grpc": "engine", "grpc-int8": "engine-int8", "grpc-int4": "engine-int4"}
 
 
-def summarize(batch1: dict[str, Any], dtype_streams: dict[str, Any], streams: int) -> dict[str, Any]:
-    """Decode ratios per batch-1 case, and the servers' stream levels (already summarized)."""
-    cases = {}
-    for key, case in batch1.items():
-        peers = case["peers"]
-        cases[key] = {
-            label: ratio(_decode(peers, numerator), _decode(peers, denominator))
-            for numerator, denominator, label in RATIOS
+def summarize(
+    batch1: dict[str, Any],
+    dtype_streams: dict[str, Any],
+    parallel_rates: dict[str, list[float]],
+    streams: int,
+) -> dict[str, Any]:
+    """Per measure (each batch-1 case's decode, and the aggregate decode at `streams` sequences):
+    every column's tok/s and the RATIOS. `dtype_streams`: the servers' stream levels, summarized;
+    `parallel_rates`: the peers' aggregate rates per repetition."""
+    measures: dict[str, dict[str, Any]] = {
+        key: {
+            peer: case["peers"][peer]["decode_tok_s"]
+            for peer in COLUMNS
+            if "decode_tok_s" in case["peers"].get(peer, {})
         }
-    fp32 = dtype_streams.get("grpc", {}).get("aggregate_decode_tok_s", {}).get("median")
+        for key, case in batch1.items()
+    }
+    aggregate = {
+        SERVER_COLUMNS[server]: level["aggregate_decode_tok_s"]
+        for server, level in dtype_streams.items()
+        if server in SERVER_COLUMNS
+    }
+    aggregate.update({peer: _dist(rates) for peer, rates in parallel_rates.items() if rates})
+    if aggregate:
+        measures[f"{streams} streams"] = aggregate
     return {
-        "ratios": cases,
         "streams": streams,
-        "servers": dtype_streams,
-        "aggregate_vs_fp32": {
-            server: ratio(level["aggregate_decode_tok_s"]["median"], fp32)
-            for server, level in dtype_streams.items()
+        "tok_s": measures,
+        "ratios": {
+            key: {label: ratio(_median(values, num), _median(values, den)) for num, den, label in RATIOS}
+            for key, values in measures.items()
         },
     }
 
@@ -58,50 +73,40 @@ def target_values(quantized: dict[str, Any]) -> dict[str, float | None]:
 
 
 def markdown_lines(quantized: dict[str, Any], batch1: dict[str, Any]) -> list[str]:
-    if not any(p in case["peers"] for case in batch1.values() for p in ("engine-int4", "engine-int8")):
+    if not any(p in values for values in quantized["tok_s"].values() for p in ("engine-int4", "engine-int8")):
         return []
     labels = [label for _, _, label in RATIOS]
     lines = [
         "",
         (
             "Quantized weights, same run: this engine's `--dtype int4` and `int8` exports of the bench "
-            "checkpoint (MatMulNBits, block 32, accuracy_level 4), onnxruntime-genai's `-p int4` build of it, "
-            "and llama.cpp's Q8_0 and Q4_0 of it; batch-1 decode tok/s, median (min–max):"
+            "checkpoint (MatMulNBits, block 32, accuracy_level 4, LM head int8), onnxruntime-genai's "
+            "`-p int4` build of it, and llama.cpp's Q8_0 and Q4_0 of it; decode tok/s, median (min–max). "
+            f"At {quantized['streams']} streams: this engine through its gRPC server (prompt 128, 128 new "
+            "tokens each), genai as one static batch of as many prompts, llama.cpp's "
+            "`llama-batched-bench -npp 128 -ntg 128 -npl N` (its `speed_tg`); all aggregate decode rates, "
+            "prefill excluded:"
         ),
         "",
         f"| measure | {' | '.join(COLUMNS.values())} | {' | '.join(labels)} |",
         "|---|" + "---|" * (len(COLUMNS) + len(labels)),
     ]
-    for key, case in batch1.items():
-        prompt, new = key.split("/")
-        cells = [_spread(case["peers"].get(peer, {}).get("decode_tok_s")) for peer in COLUMNS]
-        ratios = [_times(quantized["ratios"][key].get(label)) for label in labels]
-        lines.append(f"| decode tok/s, prompt {prompt}, {new} new | {' | '.join(cells + ratios)} |")
-    servers = quantized["servers"]
-    if servers:
-        cells = [
-            _spread(servers[server]["aggregate_decode_tok_s"]) if server in servers else "n/a"
-            for server in SERVERS
-        ]
-        shown = ", ".join(
-            f"{SERVERS[server]} {_times(quantized['aggregate_vs_fp32'].get(server))}"
-            for server in SERVERS
-            if server in servers and server != "grpc"
-        )
-        lines += [
-            "",
-            (
-                f"Through gRPC, {quantized['streams']} concurrent streams (prompt 128, 128 new tokens), aggregate "
-                f"decode tok/s: fp32 {cells[0]}, int8 {cells[1]}, int4 {cells[2]}; ÷ fp32: {shown}. "
-                "(onnxruntime-genai and llama-bench have no server with continuous batching to compare here.)"
-            ),
-        ]
+    for key, values in quantized["tok_s"].items():
+        prompt, _, new = key.partition("/")  # a batch-1 case "128/128", or "16 streams"
+        label = f"decode tok/s, prompt {prompt}, {new} new" if new else f"aggregate decode tok/s, {key}"
+        cells = [_spread(values.get(peer)) for peer in COLUMNS]
+        ratios = [_times(quantized["ratios"][key].get(label_)) for label_ in labels]
+        lines.append(f"| {label} | {' | '.join(cells + ratios)} |")
     return lines
 
 
-def _decode(peers: dict[str, Any], peer: str) -> float | None:
-    value = peers.get(peer, {}).get("decode_tok_s")
+def _median(values: dict[str, Any], peer: str) -> float | None:
+    value = values.get(peer)
     return None if value is None else float(value["median"])
+
+
+def _dist(values: list[float]) -> dict[str, Any]:
+    return {**spread(values).to_dict(), "samples": values}
 
 
 def _spread(value: dict[str, Any] | None) -> str:

@@ -130,6 +130,7 @@ def summarize(raw: RawResults) -> dict[str, Any]:
         "quantized": summarize_quantized(
             batch1,
             {name: sweep_level(reps, c.sweep_new_tokens) for name, reps in raw.dtype_streams.items()},
+            raw.parallel_rates,
             c.quantized_streams,
         ),
         "serving": summarize_serving(raw),

@@ -103,6 +103,9 @@ class RawResults:
     sweep_before: dict[int, list[list[dict[str, Any]]]] = field(default_factory=dict)
     # "grpc", "grpc-int4", "grpc-int8" -> one list of stream records per repetition (quantized_streams)
     dtype_streams: dict[str, list[list[dict[str, Any]]]] = field(default_factory=dict)
+    # the peers beside them at as many sequences: genai (one static batch) and llama.cpp
+    # (llama-batched-bench) -> one aggregate decode tok/s per repetition
+    parallel_rates: dict[str, list[float]] = field(default_factory=dict)
     # server -> "concurrent" | "sequential" -> one list of stream records per repetition
     mixed: dict[str, dict[str, list[list[dict[str, Any]]]]] = field(default_factory=dict)
     # server -> one {"streams": [...], "long": [{"sent", "ended"}]} per repetition
@@ -300,7 +303,12 @@ class Runner:
         if setup.llama_bench is None:
             return
         self.llamacpp = LlamacppPeer(
-            setup.llama_bench, setup.models, self.config.threads, self.repo, self.config.llamacpp_omp_wait
+            setup.llama_bench,
+            setup.models,
+            self.config.threads,
+            self.repo,
+            self.config.llamacpp_omp_wait,
+            batched_bench=setup.batched_bench,
         )
         self.llamacpp_peers = list(LLAMACPP_PEERS)
 
@@ -407,22 +415,45 @@ class Runner:
                     time.sleep(SETTLE_S)
 
     def _dtype_streams(self, raw: RawResults) -> None:
-        """fp32, int4 and int8 servers on the same streams, back to back, the order rotated."""
+        """fp32, int4 and int8 servers on the same streams, and the peers at as many sequences: genai
+        as one static batch, llama.cpp's variants with llama-batched-bench; the order rotated."""
         c = self.config
         servers = self._present(("grpc", *(f"grpc-{dtype}" for dtype in c.quantized)))
+        genai = self._present(("genai", "genai-int4"))
+        llamacpp = list(self.llamacpp_peers) if self.llamacpp and self.llamacpp.batched_bench else []
         if len(servers) < 2:
             return
         raw.load["quantized streams"] = os.getloadavg()[0]
         rng = random.Random(f"{c.seed}-dtypes")
+        n = c.quantized_streams
         for rep in range(c.quantized_reps):
             if self._out_of_time(raw, "quantized streams", rep, c.quantized_reps, LORA_RESERVE_S):
                 break
-            texts = self._texts(rng, c.sweep_prompt_tokens, c.quantized_streams)
-            for name in rotated(servers, rep):
-                log(f"quantized rep {rep + 1}/{c.quantized_reps}: {c.quantized_streams} streams, {name}")
-                streams = self._call(raw, name, "streams", prompts=texts, new_tokens=c.sweep_new_tokens)
-                if streams is not None:
-                    raw.dtype_streams.setdefault(name, []).append(streams)
+            texts = self._texts(rng, c.sweep_prompt_tokens, n)
+            ids = [prompt_ids(c.sweep_prompt_tokens, rng) for _ in range(n)]
+            for name in rotated([*servers, *genai, *llamacpp], rep):
+                log(f"quantized rep {rep + 1}/{c.quantized_reps}: {n} streams, {name}")
+                if name in servers:
+                    streams = self._call(raw, name, "streams", prompts=texts, new_tokens=c.sweep_new_tokens)
+                    if streams is not None:
+                        raw.dtype_streams.setdefault(name, []).append(streams)
+                elif name in genai:
+                    times = self._call(
+                        raw, name, "generate_batch", prompts=ids, new_tokens=c.sweep_new_tokens
+                    )
+                    if times is not None:  # every row gets a token per step; the first step is prefill's
+                        rate = n * (len(times) - 2) / (times[-1] - times[1])
+                        raw.parallel_rates.setdefault(name, []).append(rate)
+                else:
+                    assert self.llamacpp is not None
+                    try:
+                        rate = self.llamacpp.parallel_decode_tok_s(
+                            LLAMACPP_PEERS[name], c.sweep_prompt_tokens, c.sweep_new_tokens, n
+                        )
+                        raw.parallel_rates.setdefault(name, []).append(rate)
+                    except LlamaBenchError as exc:
+                        raw.unavailable[f"{name} parallel"] = _first_lines(str(exc))
+                        llamacpp.remove(name)
                 time.sleep(SETTLE_S)
 
     def _mixed(self, raw: RawResults) -> None:

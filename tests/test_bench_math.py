@@ -21,8 +21,15 @@ from bench.llamacpp_env import build_percent, cmake_options, cpu_flags, vendored
 from bench.lora import markdown_lines as lora_markdown
 from bench.lora import summarize as summarize_lora
 from bench.machine import Cache, cpu_model, last_level_cache, parse_cache_size, read_caches
-from bench.peers.llamacpp_peer import LlamaBenchError, LlamacppPeer, decode_rate, parse_llama_bench_jsonl
+from bench.peers.llamacpp_peer import (
+    LlamaBenchError,
+    LlamacppPeer,
+    decode_rate,
+    parallel_decode_rate,
+    parse_llama_bench_jsonl,
+)
 from bench.prompts import FIRST_TEXT_ID, digits_of_length, prompt_ids, text_of_length, words_prompt
+from bench.quantized import markdown_lines as quantized_markdown
 from bench.quantized import summarize as summarize_quantized
 from bench.quantized import target_values as quantized_target_values
 from bench.report import (
@@ -714,18 +721,42 @@ def test_quantized_ratios_set_int4_against_q4_0_genai_int4_and_fp32() -> None:
         }
     }
     levels = {
-        "grpc": {"aggregate_decode_tok_s": {"median": 160.0}},
-        "grpc-int4": {"aggregate_decode_tok_s": {"median": 400.0}},
+        "grpc": {"aggregate_decode_tok_s": peer(160.0)["decode_tok_s"]},
+        "grpc-int4": {"aggregate_decode_tok_s": peer(400.0)["decode_tok_s"]},
     }
-    out = summarize_quantized(batch1, levels, streams=16)
+    out = summarize_quantized(
+        batch1, levels, {"llamacpp-q4_0": [200.0, 300.0, 500.0], "genai-int4": []}, streams=16
+    )
     ratios = out["ratios"]["128/128"]
     assert ratios["int4 ÷ Q4_0"] == pytest.approx(0.75)
     assert ratios["int4 ÷ genai int4"] == pytest.approx(1.2)
     assert ratios["int4 ÷ fp32"] == pytest.approx(3.0)
     assert ratios["int8 ÷ Q8_0"] is None  # no llama.cpp Q8_0 in this run
-    assert out["aggregate_vs_fp32"]["grpc-int4"] == pytest.approx(2.5)
+    # At 16 streams: the servers' levels and the peers' median rate (300) side by side.
+    assert out["tok_s"]["16 streams"]["engine-int4"]["median"] == 400.0
+    assert out["ratios"]["16 streams"]["int4 ÷ Q4_0"] == pytest.approx(400 / 300)
+    assert out["ratios"]["16 streams"]["int4 ÷ fp32"] == pytest.approx(2.5)
+    assert "genai-int4" not in out["tok_s"]["16 streams"]  # no repetition measured
     targets = quantized_target_values(out)
     assert targets["engine int4 ÷ fp32 decode"] == pytest.approx(3.0)
+    table = "\n".join(quantized_markdown(out, batch1))
+    assert (
+        "| aggregate decode tok/s, 16 streams | 160 | n/a | 400 | n/a | n/a | 300 (200–500) | 1.33× |"
+        in table
+    )
+
+
+def test_llama_batched_bench_gives_the_aggregate_decode_rate_of_its_one_matching_result() -> None:
+    line = (
+        '{"n_kv_max": 4096, "n_threads": 2, "pp": 128, "tg": 128, "pl": 16, "n_kv": 4096, '
+        '"t_pp": 1.0, "speed_pp": 2048.0, "t_tg": 4.0, "speed_tg": 512.0, "t": 5.0, "speed": 819.2}'
+    )
+    text = f"llama_model_loader: loaded\n{line}\nmain: done\n"
+    assert parallel_decode_rate(text, 128, 128, 16, threads=2) == 512.0
+    with pytest.raises(LlamaBenchError, match="pl 8"):
+        parallel_decode_rate(text, 128, 128, 8, threads=2)
+    with pytest.raises(LlamaBenchError, match="threads"):
+        parallel_decode_rate(text, 128, 128, 16, threads=4)
 
 
 def test_words_prompt_has_exactly_the_words_asked_for() -> None:

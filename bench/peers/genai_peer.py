@@ -63,3 +63,24 @@ class GenaiPeer:
         if generated != new_tokens:
             raise RuntimeError(f"genai generated {generated} tokens, expected {new_tokens}")
         return times
+
+    def generate_batch(self, prompts: list[list[int]], new_tokens: int) -> list[float]:
+        """Equal-length prompts as one static batch (genai has no continuous batching): timestamps
+        `[start, step_1, ..., step_n]`, each step giving every row its next token."""
+        rows, length = len(prompts), len(prompts[0])
+        if any(len(p) != length for p in prompts):
+            raise ValueError("a genai batch needs prompts of one length")
+        total = length + new_tokens
+        start = time.perf_counter()
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(do_sample=False, max_length=total, min_length=total, batch_size=rows)
+        generator = og.Generator(self.model, params)
+        generator.append_tokens(np.asarray(prompts, dtype=np.int32))  # [rows, length]
+        times = [start]
+        for _ in range(new_tokens):
+            generator.generate_next_token()
+            times.append(time.perf_counter())
+        generated = [len(generator.get_sequence(row)) - length for row in range(rows)]
+        if generated != [new_tokens] * rows:
+            raise RuntimeError(f"genai generated {generated} tokens per row, expected {new_tokens}")
+        return times

@@ -86,6 +86,23 @@ def decode_rate(tests: list[LlamaBenchTest], depth: int, new_tokens: int, thread
     return test.samples_ts[0]
 
 
+def parallel_decode_rate(text: str, prompt: int, new_tokens: int, parallel: int, threads: int) -> float:
+    """The aggregate decode tok/s (`speed_tg`: parallel * new_tokens over the decode time, prefill
+    excluded) of the one `llama-batched-bench --output-format jsonl` result of this shape."""
+    results = [json.loads(line) for line in text.splitlines() if line.strip().startswith("{")]
+    matching = [r for r in results if (r["pp"], r["tg"], r["pl"]) == (prompt, new_tokens, parallel)]
+    if len(matching) != 1:
+        raise LlamaBenchError(
+            f"expected one llama-batched-bench result with pp {prompt}, tg {new_tokens}, pl {parallel}; "
+            f"got {len(matching)} of {len(results)}"
+        )
+    if int(matching[0]["n_threads"]) != threads:
+        raise LlamaBenchError(
+            f"llama-batched-bench ran {matching[0]['n_threads']} threads, asked for {threads}"
+        )
+    return float(matching[0]["speed_tg"])
+
+
 class LlamacppPeer:
     def __init__(
         self,
@@ -94,8 +111,10 @@ class LlamacppPeer:
         threads: int,
         repo: Path,
         omp_wait: str = "passive",
+        batched_bench: Path | None = None,
     ) -> None:
         self.llama_bench = llama_bench
+        self.batched_bench = batched_bench
         self.models = dict(models)
         self.threads = threads
         self.omp_wait = omp_wait
@@ -139,6 +158,50 @@ class LlamacppPeer:
         rate = decode_rate(tests, depth, new_tokens, self.threads)
         self.last[variant] = next(t for t in tests if t.n_depth == depth and t.n_gen == new_tokens)
         return rate
+
+    def parallel_decode_tok_s(
+        self, variant: str, prompt: int, new_tokens: int, parallel: int, timeout_s: float = 600
+    ) -> float:
+        """Aggregate decode tokens/s of `parallel` sequences decoded together (llama-batched-bench:
+        `prompt` random tokens each, prefilled, then `new_tokens` steps of one token per sequence)."""
+        if self.batched_bench is None:
+            raise LlamaBenchError("llama-batched-bench was not built")
+        command = [
+            str(self.batched_bench),
+            "-m",
+            str(self.models[variant]),
+            "-c",
+            str(parallel * (prompt + new_tokens)),
+            "-b",
+            "2048",
+            "-ub",
+            "512",
+            "-npp",
+            str(prompt),
+            "-ntg",
+            str(new_tokens),
+            "-npl",
+            str(parallel),
+            "-t",
+            str(self.threads),
+            "-tb",
+            str(self.threads),
+            "--output-format",
+            "jsonl",
+        ]
+        try:
+            done = subprocess.run(
+                command, capture_output=True, text=True, env=self.env, timeout=timeout_s, check=False
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise LlamaBenchError(f"llama-batched-bench {variant} took over {timeout_s:.0f} s") from exc
+        if done.returncode != 0:
+            tail = " | ".join(done.stderr.strip().splitlines()[-3:])
+            raise LlamaBenchError(f"llama-batched-bench {variant} exited with {done.returncode}: {tail}")
+        # It logs its results with the rest of its output: read both streams.
+        return parallel_decode_rate(
+            done.stdout + "\n" + done.stderr, prompt, new_tokens, parallel, self.threads
+        )
 
     def info(self, variant: str) -> dict[str, Any]:
         test = self.last.get(variant)
