@@ -184,14 +184,14 @@ def markdown_lines(serving: dict[str, Any], batch1: dict[str, Any]) -> list[str]
     )
     a = serving["arrivals"]
     arrivals_of = {server: a["servers"].get(server, {}) for server in SERVER_NAMES}
-    for label, percentile_name in (("p50", "p50"), ("p99", "p99"), ("max", "max")):
+    for name in ("p50", "p99", "max"):
         today, before = (
-            arrivals_of[server]["inter_token_s"][percentile_name] * 1000
+            arrivals_of[server]["inter_token_s"][name] * 1000
             if "inter_token_s" in arrivals_of[server]
             else None
             for server in SERVER_NAMES
         )
-        rows.append((f"inter-token {label} ms under long-prompt arrivals", today, before, "{:.1f}", "lower"))
+        rows.append((f"inter-token {name} ms under long-prompt arrivals", today, before, "{:.1f}", "lower"))
     rows.append(
         (
             "inter-token p99 ÷ p50 under arrivals",

@@ -144,16 +144,7 @@ class LlamacppPeer:
             "-o",
             "jsonl",
         ]
-        try:
-            done = subprocess.run(
-                command, capture_output=True, text=True, env=self.env, timeout=timeout_s, check=False
-            )
-        except subprocess.TimeoutExpired as exc:
-            raise LlamaBenchError(f"llama-bench {variant} took over {timeout_s:.0f} s") from exc
-        if done.returncode != 0:
-            # A negative code is a signal: -4 is SIGILL, an instruction this CPU lacks.
-            tail = " | ".join(done.stderr.strip().splitlines()[-3:])
-            raise LlamaBenchError(f"llama-bench {variant} exited with {done.returncode}: {tail}")
+        done = self._run(command, f"llama-bench {variant}", timeout_s)
         tests = parse_llama_bench_jsonl(done.stdout)
         rate = decode_rate(tests, depth, new_tokens, self.threads)
         self.last[variant] = next(t for t in tests if t.n_depth == depth and t.n_gen == new_tokens)
@@ -189,19 +180,24 @@ class LlamacppPeer:
             "--output-format",
             "jsonl",
         ]
+        done = self._run(command, f"llama-batched-bench {variant}", timeout_s)
+        # It logs its results with the rest of its output: read both streams.
+        return parallel_decode_rate(
+            done.stdout + "\n" + done.stderr, prompt, new_tokens, parallel, self.threads
+        )
+
+    def _run(self, command: list[str], what: str, timeout_s: float) -> subprocess.CompletedProcess[str]:
         try:
             done = subprocess.run(
                 command, capture_output=True, text=True, env=self.env, timeout=timeout_s, check=False
             )
         except subprocess.TimeoutExpired as exc:
-            raise LlamaBenchError(f"llama-batched-bench {variant} took over {timeout_s:.0f} s") from exc
+            raise LlamaBenchError(f"{what} took over {timeout_s:.0f} s") from exc
         if done.returncode != 0:
+            # A negative code is a signal: -4 is SIGILL, an instruction this CPU lacks.
             tail = " | ".join(done.stderr.strip().splitlines()[-3:])
-            raise LlamaBenchError(f"llama-batched-bench {variant} exited with {done.returncode}: {tail}")
-        # It logs its results with the rest of its output: read both streams.
-        return parallel_decode_rate(
-            done.stdout + "\n" + done.stderr, prompt, new_tokens, parallel, self.threads
-        )
+            raise LlamaBenchError(f"{what} exited with {done.returncode}: {tail}")
+        return done
 
     def info(self, variant: str) -> dict[str, Any]:
         test = self.last.get(variant)
