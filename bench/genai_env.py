@@ -7,13 +7,14 @@ that fails here makes genai "unavailable" with the reason, never the whole bench
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
+
+from . import stamps
 
 # What the builder needs: torch (2.13.0 is the local CPU wheel; any other spec pulls CUDA builds),
 # transformers 5 (the builder imports Qwen3.5 classes), onnx-ir, and sentencepiece to read the
@@ -31,7 +32,6 @@ VENV = Path("bench/.venv-genai")
 # Its builder's precisions measured: fp32 beside this engine's fp32, int4 (`-p int4`: MatMulNBits with
 # the builder's own CPU defaults) beside this engine's int4.
 MODELS = {precision: Path(f"bench/models/genai-bench-{precision}") for precision in ("fp32", "int4")}
-STAMP = ".bench-stamp"
 
 
 @dataclass(frozen=True)
@@ -48,8 +48,8 @@ def ensure_genai(repo: Path, checkpoint: Path, log_path: Path) -> GenaiSetup:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("a", encoding="utf-8") as log:
         try:
-            want = _digest("\n".join(REQUIREMENTS))
-            if _stamp(venv) != want:
+            want = stamps.digest("\n".join(REQUIREMENTS))
+            if stamps.read(venv) != want:
                 print(
                     f"bench: creating {VENV} for onnxruntime-genai (first run only, a few minutes) ...",
                     flush=True,
@@ -60,14 +60,8 @@ def ensure_genai(repo: Path, checkpoint: Path, log_path: Path) -> GenaiSetup:
                 pip = [str(python), "-m", "pip", "install", "--quiet", "--timeout", "60", "--retries", "2"]
                 _run([*pip, "--upgrade", "pip"], log, 180)
                 _run([*pip, *REQUIREMENTS], log, 480)
-                (venv / STAMP).write_text(want, encoding="utf-8")
-            weights = _digest(
-                "".join(
-                    f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
-                    for p in sorted(checkpoint.glob("*.safetensors"))
-                )
-                + want
-            )
+                stamps.write(venv, want)
+            weights = stamps.digest(stamps.files_fingerprint(checkpoint, "*.safetensors") + want)
             for precision, folder in MODELS.items():
                 _build_model(python, checkpoint, repo / folder, precision, weights, log)
         except subprocess.CalledProcessError as exc:
@@ -95,7 +89,7 @@ def _build_model(
     python: Path, checkpoint: Path, model: Path, precision: str, weights: str, log: TextIO
 ) -> None:
     """The builder's model of `checkpoint` at `precision` for the CPU, unless its stamp says it is current."""
-    if _stamp(model) == weights:
+    if stamps.read(model) == weights:
         return
     print(f"bench: building the genai model from {checkpoint} ({precision}, cpu) ...", flush=True)
     shutil.rmtree(model, ignore_errors=True)
@@ -120,17 +114,8 @@ def _build_model(
         300,
     )
     shutil.rmtree(cache, ignore_errors=True)
-    (model / STAMP).write_text(weights, encoding="utf-8")
+    stamps.write(model, weights)
 
 
 def _run(command: list[str], log: TextIO, timeout_s: float) -> None:
     subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s)
-
-
-def _stamp(directory: Path) -> str | None:
-    path = directory / STAMP
-    return path.read_text(encoding="utf-8") if path.is_file() else None
-
-
-def _digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:16]

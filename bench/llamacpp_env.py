@@ -14,7 +14,6 @@ one, and AMX always off: a native build on a CPU with AMX dies with SIGILL on qu
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -28,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from . import stamps
+
 SDIST = "llama-cpp-python==0.3.36"
 ROOT = Path("bench/.llamacpp")
 MODELS = Path("bench/models/llamacpp")
@@ -35,7 +36,6 @@ TARGETS = ("llama-bench", "llama-batched-bench", "llama-quantize")
 # The GGUF variants measured: the f32 conversion of the checkpoint, then llama-quantize's types.
 VARIANTS = ("f32", "q8_0", "q4_0")
 QUANT_TYPES = {"q8_0": "Q8_0", "q4_0": "Q4_0"}
-STAMP = ".bench-stamp"
 
 # ggml's x86 options and the /proc/cpuinfo flags each one needs; an option is on only where every
 # flag is present, so the binary runs on this machine and never on a guess.
@@ -122,22 +122,16 @@ def ensure_llamacpp(repo: Path, checkpoint: Path, log_path: Path) -> LlamacppSet
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("a", encoding="utf-8") as log:
         try:
-            want = _digest("\n".join([SDIST, *TARGETS, *options]))
-            if _stamp(root) != want:
+            want = stamps.digest("\n".join([SDIST, *TARGETS, *options]))
+            if stamps.read(root) != want:
                 _build(root, src, bin_dir, options, log)
                 built = True
-                (root / STAMP).write_text(want, encoding="utf-8")
-            weights = _digest(
-                "".join(
-                    f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
-                    for p in sorted(checkpoint.glob("*.safetensors"))
-                )
-                + want
-            )
-            if _stamp(models) != weights:
+                stamps.write(root, want)
+            weights = stamps.digest(stamps.files_fingerprint(checkpoint, "*.safetensors") + want)
+            if stamps.read(models) != weights:
                 _convert(src, bin_dir, checkpoint, models, log)
                 built = True
-                (models / STAMP).write_text(weights, encoding="utf-8")
+                stamps.write(models, weights)
         except subprocess.CalledProcessError as exc:
             return _failed(exc.cmd, f"failed: {_last_line(log, log_path) or exc}", log_path)
         except subprocess.TimeoutExpired as exc:
@@ -249,12 +243,3 @@ def _last_line(log: TextIO, log_path: Path) -> str | None:
         line for line in log_path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()
     ]
     return lines[-1].strip() if lines else None
-
-
-def _stamp(directory: Path) -> str | None:
-    path = directory / STAMP
-    return path.read_text(encoding="utf-8") if path.is_file() else None
-
-
-def _digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:16]

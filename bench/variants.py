@@ -20,11 +20,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import stamps
+
 BEFORE_COMMIT = "4c1f449"
 BEFORE_SOURCE = Path("build/before-engine")
 BEFORE_MODEL = Path("models/bench-before")
 QUANTIZED_MODELS = {"int4": Path("models/bench-int4"), "int8": Path("models/bench-int8")}
-STAMP = ".bench-stamp"  # what a folder was made from: a commit, or a digest of the exporter
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ def ensure_quantized(repo: Path, bench_model: Path, dtype: str) -> Path:
     the quality measurement included), rebuilt when missing or made by other exporter code."""
     model_dir = repo / QUANTIZED_MODELS[dtype]
     exporter = _exporter_digest(repo)
-    if _stamp(model_dir) == exporter:
+    if stamps.read(model_dir) == exporter:
         return model_dir
     print(f"bench: exporting {QUANTIZED_MODELS[dtype]} from the bench checkpoint ({dtype}) ...", flush=True)
     from textgen_export.onnx_export import export_checkpoint
@@ -47,7 +48,7 @@ def ensure_quantized(repo: Path, bench_model: Path, dtype: str) -> Path:
     export_checkpoint(
         bench_model / "checkpoint", model_dir, dtype=dtype, name=f"textgen-demo-bench-{dtype}", overwrite=True
     )
-    (model_dir / STAMP).write_text(exporter, encoding="utf-8")
+    stamps.write(model_dir, exporter)
     return model_dir
 
 
@@ -67,16 +68,14 @@ def ensure_before(repo: Path, checkpoint: Path, log_path: Path) -> BeforeSetup:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("a", encoding="utf-8") as log:
         try:
-            if _stamp(source) != BEFORE_COMMIT:
+            if stamps.read(source) != BEFORE_COMMIT:
                 print(
                     f"bench: taking the engine before v2 ({BEFORE_COMMIT}) into {BEFORE_SOURCE} ...",
                     flush=True,
                 )
                 _extract(repo, source)
-            weights = "".join(
-                f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(checkpoint.glob("*"))
-            )
-            if _stamp(model) != BEFORE_COMMIT + weights:
+            weights = stamps.files_fingerprint(checkpoint, "*")
+            if stamps.read(model) != BEFORE_COMMIT + weights:
                 print(f"bench: exporting {BEFORE_MODEL} with the engine before v2 ...", flush=True)
                 export = (
                     "import sys; from pathlib import Path; "
@@ -92,7 +91,7 @@ def ensure_before(repo: Path, checkpoint: Path, log_path: Path) -> BeforeSetup:
                     timeout=600,
                     env=_env_with(source / "export", *paths),
                 )
-                (model / STAMP).write_text(BEFORE_COMMIT + weights, encoding="utf-8")
+                stamps.write(model, BEFORE_COMMIT + weights)
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError, tarfile.TarError) as exc:
             return BeforeSetup(paths, None, f"{type(exc).__name__}: {exc} (log: {log_path})")
     return BeforeSetup(paths, model, None)
@@ -113,15 +112,10 @@ def _extract(repo: Path, source: Path) -> None:
         archive.seek(0)
         with tarfile.open(fileobj=archive) as tar:
             tar.extractall(source, filter="data")
-    (source / STAMP).write_text(BEFORE_COMMIT, encoding="utf-8")
+    stamps.write(source, BEFORE_COMMIT)
 
 
 def _env_with(*paths: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([*map(str, paths), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return env
-
-
-def _stamp(directory: Path) -> str | None:
-    path = directory / STAMP
-    return path.read_text(encoding="utf-8") if path.is_file() else None
