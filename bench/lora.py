@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from .cells import times
 from .stats import median, paired_ratios, ratio
 
 LORA_MODEL = Path("models/bench-lora")
@@ -140,14 +141,10 @@ def markdown_lines(lora: dict[str, Any]) -> list[str]:
     lines += [
         "",
         (
-            f"Four adapters mixed ÷ all base, same server: **{_x(mixed)}** (medians; within each "
+            f"Four adapters mixed ÷ all base, same server: **{times(mixed)}** (medians; within each "
             f"repetition {', '.join(f'{r:.2f}×' for r in per_rep)}; issue 11 target: at least "
-            f"{TARGET_MIXED_VS_BASE}×). Against the plain graph: mixed {_x(plain)}, all base on the "
-            f"slotted graph {_x(lora.get('lora_base_vs_plain'))}."
+            f"{TARGET_MIXED_VS_BASE}×). Against the plain graph: mixed {times(plain)}, all base on the "
+            f"slotted graph {times(lora.get('lora_base_vs_plain'))}."
         ),
     ]
     return lines
-
-
-def _x(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}×"

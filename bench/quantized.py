@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .stats import ratio, spread
+from .cells import spread_cell, times
+from .stats import distribution, ratio
 
 # The batch-1 peers whose weights are not the checkpoint's fp32: no roofline share from fp32 bytes.
 QUANTIZED_PEERS = ("engine-int4", "engine-int8", "genai-int4", "llamacpp-q8_0", "llamacpp-q4_0")
@@ -53,7 +54,7 @@ def summarize(
         for server, level in dtype_streams.items()
         if server in SERVER_COLUMNS
     }
-    aggregate.update({peer: _dist(rates) for peer, rates in parallel_rates.items() if rates})
+    aggregate.update({peer: distribution(rates) for peer, rates in parallel_rates.items() if rates})
     if aggregate:
         measures[f"{streams} streams"] = aggregate
     return {
@@ -94,8 +95,8 @@ def markdown_lines(quantized: dict[str, Any], batch1: dict[str, Any]) -> list[st
     for key, values in quantized["tok_s"].items():
         prompt, _, new = key.partition("/")  # a batch-1 case "128/128", or "16 streams"
         label = f"decode tok/s, prompt {prompt}, {new} new" if new else f"aggregate decode tok/s, {key}"
-        cells = [_spread(values.get(peer)) for peer in COLUMNS]
-        ratios = [_times(quantized["ratios"][key].get(label_)) for label_ in labels]
+        cells = [spread_cell(values.get(peer)) for peer in COLUMNS]
+        ratios = [times(quantized["ratios"][key].get(label_)) for label_ in labels]
         lines.append(f"| {label} | {' | '.join(cells + ratios)} |")
     return lines
 
@@ -103,19 +104,3 @@ def markdown_lines(quantized: dict[str, Any], batch1: dict[str, Any]) -> list[st
 def _median(values: dict[str, Any], peer: str) -> float | None:
     value = values.get(peer)
     return None if value is None else float(value["median"])
-
-
-def _dist(values: list[float]) -> dict[str, Any]:
-    return {**spread(values).to_dict(), "samples": values}
-
-
-def _spread(value: dict[str, Any] | None) -> str:
-    if value is None:
-        return "n/a"
-    if value["n"] == 1:
-        return f"{value['median']:.0f}"
-    return f"{value['median']:.0f} ({value['min']:.0f}–{value['max']:.0f})"
-
-
-def _times(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}×"

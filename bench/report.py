@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .cells import spread_cell, times
 from .llamacpp_env import SDIST
 from .lora import TARGET_MIXED_VS_BASE
 from .lora import markdown_lines as lora_lines
@@ -26,6 +27,7 @@ from .serving import target_values as serving_target_values
 from .stats import (
     aggregate_decode_tok_s,
     aggregate_tok_s,
+    distribution,
     inter_token_gaps,
     median,
     paired_ratios,
@@ -103,6 +105,11 @@ def summarize(raw: RawResults) -> dict[str, Any]:
                 case["peers"][peer] = {"unavailable": why}
         case["speedup"] = _speedups(case["peers"])
         batch1[key] = case
+    # Each server's sweep summarized once: the concurrency table and the before/after one both read it.
+    sweeps = {
+        "grpc": _levels(raw.sweep, c.sweep_new_tokens),
+        "grpc-before": _levels(raw.sweep_before, c.sweep_new_tokens),
+    }
     summary: dict[str, Any] = {
         "schema": 1,
         "machine": raw.machine,
@@ -126,14 +133,17 @@ def summarize(raw: RawResults) -> dict[str, Any]:
         },
         "batch1": batch1,
         "grpc": _grpc(batch1),
-        "concurrency": _sweep(raw),
+        "concurrency": _sweep(raw, sweeps["grpc"]),
         "quantized": summarize_quantized(
             batch1,
             {name: sweep_level(reps, c.sweep_new_tokens) for name, reps in raw.dtype_streams.items()},
             raw.parallel_rates,
             c.quantized_streams,
         ),
-        "serving": summarize_serving(raw),
+        "serving": summarize_serving(
+            raw,
+            sweeps,
+        ),
         "constrained": constrained(raw.grammar, raw.config.grammar_new_tokens),
         "lora": summarize_lora(raw.lora, c.sweep_new_tokens)
         if raw.lora
@@ -154,9 +164,9 @@ def _peer_runs(runs: list[list[float]], per_token: int, bw: float | None) -> dic
     decode = spread([t.decode_tok_s for t in timings])
     return {
         "new_tokens": timings[0].tokens,
-        "decode_tok_s": _dist([t.decode_tok_s for t in timings]),
-        "ttft_s": _dist([t.ttft_s for t in timings]),
-        "end_to_end_tok_s": _dist([t.end_to_end_tok_s for t in timings]),
+        "decode_tok_s": distribution([t.decode_tok_s for t in timings]),
+        "ttft_s": distribution([t.ttft_s for t in timings]),
+        "end_to_end_tok_s": distribution([t.end_to_end_tok_s for t in timings]),
         "roofline_share": roofline_share(per_token, decode.median, bw) if bw else None,
     }
 
@@ -166,7 +176,7 @@ def _peer_rates(peer: str, rates: list[float], per_token: int, bw: float | None)
     decode = spread(rates)
     # Only f32 reads the checkpoint's bytes per token; quantized files read fewer, so no share for them.
     share = roofline_share(per_token, decode.median, bw) if bw and peer == "llamacpp-f32" else None
-    return {"decode_tok_s": _dist(rates), "roofline_share": share, "measured_by": "llama-bench"}
+    return {"decode_tok_s": distribution(rates), "roofline_share": share, "measured_by": "llama-bench"}
 
 
 def _speedups(peers: dict[str, Any]) -> dict[str, Any]:
@@ -216,21 +226,25 @@ def sweep_level(reps: list[list[dict[str, Any]]], new_tokens: int) -> dict[str, 
             gaps += inter_token_gaps(s["token_times"])
             short += s["completion_tokens"] < new_tokens
     return {
-        "aggregate_tok_s": _dist(aggregates),  # prefill included: all tokens / whole wall time
-        "aggregate_decode_tok_s": _dist(decodes or [0.0]),  # prefill excluded (issue 5's "decode throughput")
+        "aggregate_tok_s": distribution(aggregates),  # prefill included: all tokens / whole wall time
+        "aggregate_decode_tok_s": distribution(
+            decodes or [0.0]
+        ),  # prefill excluded (issue 5's "decode throughput")
         "ttft_s": {"p50": percentile(ttfts, 50), "p99": percentile(ttfts, 99), "n": len(ttfts)},
         "inter_token_s": {"p50": percentile(gaps, 50), "p99": percentile(gaps, 99), "n": len(gaps)},
         "streams_ended_early": short,
     }
 
 
-def _sweep(raw: RawResults) -> dict[str, Any]:
+def _levels(sweep: dict[int, list[list[dict[str, Any]]]], new_tokens: int) -> dict[str, Any]:
+    """Each concurrency level of a sweep, summarized, in ascending order."""
+    return {str(level): sweep_level(reps, new_tokens) for level, reps in sorted(sweep.items())}
+
+
+def _sweep(raw: RawResults, levels: dict[str, Any]) -> dict[str, Any]:
+    """Today's server's concurrency sweep (`levels`: its summarized levels) and its 16-vs-1 ratios."""
     if not raw.sweep:
         return {"unavailable": raw.unavailable.get("grpc", "not measured")}
-    levels = {
-        str(level): sweep_level(reps, raw.config.sweep_new_tokens)
-        for level, reps in sorted(raw.sweep.items())
-    }
     one, sixteen = levels.get("1"), levels.get("16")
     return {
         "prompt_tokens": raw.config.sweep_prompt_tokens,
@@ -322,11 +336,6 @@ def _worst_schema(summary: dict[str, Any], level: str) -> float | None:
     return worst
 
 
-def _dist(values: list[float]) -> dict[str, Any]:
-    """Median and spread, with the repetitions themselves for anyone who wants to look closer."""
-    return {**spread(values).to_dict(), "samples": values}
-
-
 def _paired_median(engine: dict[str, Any], other: dict[str, Any], measure: str) -> float | None:
     a, b = engine.get(measure, {}).get("samples"), other.get(measure, {}).get("samples")
     if not a or not b or len(a) != len(b):
@@ -396,7 +405,7 @@ def markdown(summary: dict[str, Any]) -> str:
     lines.append("")
     for measure, label in ROBUST_SPEEDUPS.items():
         cells = [
-            f"prompt {key.split('/')[0]} ÷ {_short(peer)} {_times(case['speedup'][peer][measure])}"
+            f"prompt {key.split('/')[0]} ÷ {_short(peer)} {times(case['speedup'][peer][measure])}"
             for key, case in summary["batch1"].items()
             for peer in RATIO_PEERS
             if case["speedup"][peer].get(measure) is not None
@@ -408,8 +417,8 @@ def markdown(summary: dict[str, Any]) -> str:
     if "ratio" in g and g["ratio"] is not None:
         lines.append(
             f"gRPC streaming, one client, prompt {g['case'].split('/')[0]}: "
-            f"{_spread(g['stream_decode_tok_s'], 1, '{:.0f}')} tok/s vs in-process "
-            f"{_spread(g['in_process_decode_tok_s'], 1, '{:.0f}')} tok/s = **{g['ratio']:.2f}×**."
+            f"{spread_cell(g['stream_decode_tok_s'], 1, '{:.0f}')} tok/s vs in-process "
+            f"{spread_cell(g['in_process_decode_tok_s'], 1, '{:.0f}')} tok/s = **{g['ratio']:.2f}×**."
         )
     lines += _sweep_lines(summary["concurrency"])
     lines += serving_lines(summary["serving"], summary["batch1"])
@@ -464,10 +473,10 @@ def _llamacpp_lines(summary: dict[str, Any]) -> list[str]:
         cells = [
             "n/a"
             if "decode_tok_s" not in case["peers"].get(p, {})
-            else _spread(case["peers"][p]["decode_tok_s"], 1, "{:.0f}")
+            else spread_cell(case["peers"][p]["decode_tok_s"], 1, "{:.0f}")
             for p in ("engine", *LLAMACPP_PEERS)
         ]
-        ratios = [_times(case["speedup"].get(p, {}).get("decode")) for p in LLAMACPP_PEERS]
+        ratios = [times(case["speedup"].get(p, {}).get("decode")) for p in LLAMACPP_PEERS]
         lines.append(f"| decode tok/s, prompt {prompt}, {new} new | {' | '.join(cells + ratios)} |")
     first = next(iter(summary["batch1"].values()))
     if summary["bandwidth"]["roofline_bytes_s"]:
@@ -530,8 +539,8 @@ def _row(
     cells = []
     for peer in ("engine", "transformers", "genai"):
         p = peers.get(peer, {})
-        cells.append("n/a" if measure not in p else _spread(p[measure], scale, fmt))
-    ratios = [_times(speed.get(peer, {}).get(speed_key)) for peer in ("transformers", "genai")]
+        cells.append("n/a" if measure not in p else spread_cell(p[measure], scale, fmt))
+    ratios = [times(speed.get(peer, {}).get(speed_key)) for peer in ("transformers", "genai")]
     return f"| {label} | {' | '.join(cells)} | {' | '.join(ratios)} |"
 
 
@@ -554,8 +563,8 @@ def _sweep_lines(sweep: dict[str, Any]) -> list[str]:
     ]
     for level, s in sweep["levels"].items():
         lines.append(
-            f"| {level} | {_spread(s['aggregate_decode_tok_s'], 1, '{:.0f}')} | "
-            f"{_spread(s['aggregate_tok_s'], 1, '{:.0f}')} | {s['ttft_s']['p50'] * 1000:.0f} | "
+            f"| {level} | {spread_cell(s['aggregate_decode_tok_s'], 1, '{:.0f}')} | "
+            f"{spread_cell(s['aggregate_tok_s'], 1, '{:.0f}')} | {s['ttft_s']['p50'] * 1000:.0f} | "
             f"{s['ttft_s']['p99'] * 1000:.0f} | {s['inter_token_s']['p50'] * 1000:.1f} | "
             f"{s['inter_token_s']['p99'] * 1000:.1f} |"
         )
@@ -597,8 +606,8 @@ def _constrained_lines(constrained: dict[str, Any]) -> list[str]:
         for name, s in entry["schemas"].items():
             per_rep = ", ".join(f"{x:.2f}×" for x in s["ratio_per_repetition"] or [])
             lines.append(
-                f"| {level} | {name} | {_spread(entry['none']['aggregate_decode_tok_s'], 1, '{:.0f}')} | "
-                f"{_spread(s['aggregate_decode_tok_s'], 1, '{:.0f}')} | **{_times(s['ratio'])}** | {per_rep} | "
+                f"| {level} | {name} | {spread_cell(entry['none']['aggregate_decode_tok_s'], 1, '{:.0f}')} | "
+                f"{spread_cell(s['aggregate_decode_tok_s'], 1, '{:.0f}')} | **{times(s['ratio'])}** | {per_rep} | "
                 f"{none_gap:.1f} → {s['inter_token_s']['p50'] * 1000:.1f} |"
             )
     return lines
@@ -619,18 +628,6 @@ def _bandwidth_line(summary: dict[str, Any]) -> str:
         f"{', '.join(parts)}. Weights read per token: {w['bytes_per_token'] / 1e6:.1f} MB "
         f"(all parameters incl. lm_head, embedding table as one row){roof}."
     )
-
-
-def _spread(s: dict[str, float], scale: float, fmt: str) -> str:
-    if s["n"] == 1:
-        return fmt.format(s["median"] * scale)
-    return (
-        f"{fmt.format(s['median'] * scale)} ({fmt.format(s['min'] * scale)}–{fmt.format(s['max'] * scale)})"
-    )
-
-
-def _times(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}×"
 
 
 def _pct(value: float | None) -> str:

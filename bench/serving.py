@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .stats import inter_token_gaps, median, paired_ratios, percentile, ratio, spread
+from .cells import times, value_cell
+from .stats import distribution, inter_token_gaps, median, paired_ratios, percentile, ratio
 from .variants import BEFORE_COMMIT
 
 SERVER_NAMES = {"grpc": "engine v2", "grpc-before": f"engine before v2 ({BEFORE_COMMIT})"}
@@ -38,8 +39,8 @@ def mixed(runs: dict[str, list[list[dict[str, Any]]]]) -> dict[str, Any]:
         return {"unavailable": "not measured"}
     prompt_tokens = [s["prompt_tokens"] for streams in runs["concurrent"] for s in streams]
     return {
-        "concurrent_tok_s": _dist(concurrent),
-        "sequential_tok_s": _dist(sequential),
+        "concurrent_tok_s": distribution(concurrent),
+        "sequential_tok_s": distribution(sequential),
         "ratio": ratio(median(concurrent), median(sequential)),
         "ratio_per_repetition": paired_ratios(concurrent, sequential)
         if len(concurrent) == len(sequential)
@@ -82,21 +83,13 @@ def arrivals(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def summarize(raw: Any) -> dict[str, Any]:
-    """The before/after sections of `raw` (a run.RawResults), keyed by server."""
-    from .report import sweep_level
-
+def summarize(raw: Any, sweeps: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The before/after sections of `raw` (a run.RawResults), keyed by server; `sweeps`: each server's
+    concurrency levels, already summarized (report.sweep_level)."""
     c = raw.config
-    sweeps = {"grpc": raw.sweep, "grpc-before": raw.sweep_before}
     return {
         "before_commit": BEFORE_COMMIT,
-        "sweep": {
-            server: {
-                str(level): sweep_level(reps, c.sweep_new_tokens) for level, reps in sorted(levels.items())
-            }
-            for server, levels in sweeps.items()
-            if levels
-        },
+        "sweep": {server: levels for server, levels in sweeps.items() if levels},
         "mixed": {
             "requests": c.mixed_requests,
             "max_words": c.mixed_max_words,
@@ -229,19 +222,7 @@ def markdown_lines(serving: dict[str, Any], batch1: dict[str, Any]) -> list[str]
         change = (
             ""
             if better is None
-            else _times(ratio(today, before) if better == "higher" else ratio(before, today))
+            else times(ratio(today, before) if better == "higher" else ratio(before, today))
         )
-        lines.append(f"| {label} | {_fmt(today, fmt)} | {_fmt(before, fmt)} | {change} |")
+        lines.append(f"| {label} | {value_cell(today, fmt)} | {value_cell(before, fmt)} | {change} |")
     return lines
-
-
-def _fmt(value: float | None, fmt: str) -> str:
-    return "n/a" if value is None else fmt.format(value)
-
-
-def _times(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}×"
-
-
-def _dist(values: list[float]) -> dict[str, Any]:
-    return {**spread(values).to_dict(), "samples": values}

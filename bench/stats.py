@@ -10,6 +10,7 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -121,3 +122,8 @@ def _rate(count: int, seconds: float) -> float:
     if seconds <= 0:
         raise ValueError(f"{count} events in {seconds} s: the interval must be positive")
     return count / seconds
+
+
+def distribution(values: list[float]) -> dict[str, Any]:
+    """Median and spread, with the repetitions themselves for anyone who wants to look closer."""
+    return {**spread(values).to_dict(), "samples": values}
