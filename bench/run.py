@@ -377,17 +377,11 @@ class Runner:
                         self._drop_llamacpp(raw, name, exc)
                     time.sleep(SETTLE_S)
                     continue
-                try:
-                    if name in BEFORE_AFTER:
-                        times = self.workers[name].call(
-                            "generate_text", prompt=text, new_tokens=case.new_tokens
-                        )
-                    else:
-                        times = self.workers[name].call(
-                            "generate", prompt_ids=ids, new_tokens=case.new_tokens
-                        )
-                except WorkerError as exc:
-                    self._drop(raw, name, exc)
+                if name in BEFORE_AFTER:
+                    times = self._call(raw, name, "generate_text", prompt=text, new_tokens=case.new_tokens)
+                else:
+                    times = self._call(raw, name, "generate", prompt_ids=ids, new_tokens=case.new_tokens)
+                if times is None:
                     continue
                 results[name].append(times)
                 time.sleep(SETTLE_S)
@@ -524,15 +518,15 @@ class Runner:
                     log(
                         f"constrained decoding rep {rep + 1}/{c.grammar_reps}: {level} streams, schema {mode}"
                     )
-                    try:
-                        streams = self.workers["grpc"].call(
-                            "streams",
-                            prompts=texts[:level],
-                            new_tokens=c.grammar_new_tokens,
-                            json_schema=GRAMMAR_SCHEMAS.get(mode),
-                        )
-                    except WorkerError as exc:
-                        self._drop(raw, "grpc", exc)
+                    streams = self._call(
+                        raw,
+                        "grpc",
+                        "streams",
+                        prompts=texts[:level],
+                        new_tokens=c.grammar_new_tokens,
+                        json_schema=GRAMMAR_SCHEMAS.get(mode),
+                    )
+                    if streams is None:
                         return
                     raw.grammar.setdefault(level, {}).setdefault(mode, []).append(streams)
                     time.sleep(SETTLE_S)
