@@ -27,7 +27,7 @@ from textgen_server.grammar import (
     fill_token_masks,
     prefetch_token_masks,
 )
-from textgen_server.sampling import SamplingParams
+from textgen_server.sampling import SamplingParams, TokenChooser
 from textgen_server.stopping import FinishReason
 from textgen_server.tokenizer import Tokenizer
 from textgen_server.tools import CALL_OPENING, ToolChoice, ToolChoiceMode, ToolSpec
@@ -319,3 +319,84 @@ def test_calls_cut_by_max_tokens_report_no_call(grammars: GrammarCompiler, tok: 
     events = _run(_tool_generation(grammars, tok, REQUIRED, 1, max_new_tokens=6), np.random.default_rng(1))
     assert events[-1].finish_reason is FinishReason.LENGTH
     assert events[-1].tool_calls == () and "".join(event.text for event in events) == ""
+
+
+# -- greedy rows without masks -----------------------------------------------------------------
+
+
+def _walk_grammars(grammars: GrammarCompiler) -> list[Grammar]:
+    return [
+        *(grammars.json_schema(schema, "f") for schema in SCHEMAS.values()),
+        grammars.tool_calls(TOOLS, AUTO, "chat.tools"),
+        grammars.tool_calls(TOOLS, REQUIRED, "chat.tools"),
+    ]
+
+
+def test_allows_answers_as_the_mask_does(
+    grammars: GrammarCompiler, raw_tokens: llguidance.LLTokenizer
+) -> None:
+    """Along random paths through every grammar, `allows` (which skips the mask where it can) agrees
+    with the mask on random tokens, allowed ones, EOS, and the first byte of forced text spelled as a
+    token of its own: the matcher consumes that spelling, the mask (canonical tokens only) does not."""
+    rng = np.random.default_rng(0)
+    checked_forced = 0
+    for grammar in _walk_grammars(grammars):
+        for _ in range(3):
+            path: list[int] = []
+            walker = grammar.start()
+            while not walker.finished and len(path) < 80:
+                forced = walker._matcher.compute_ff_bytes()
+                mask = walker.allowed_mask()
+                allowed = np.flatnonzero(mask)
+                candidates = [*rng.integers(0, 32000, 40), *rng.choice(allowed, min(10, allowed.size)), 2]
+                if forced:
+                    candidates += [3 + forced[0], *raw_tokens.tokenize_bytes(forced[:1])]
+                    checked_forced += 1
+                probe = grammar.start(greedy=True)
+                for token in path:
+                    probe.advance(token)
+                for token in candidates:
+                    assert probe.allows(int(token)) == mask[token], (path, token, forced)
+                token = int(rng.choice(allowed))
+                path.append(token)
+                walker.advance(token)
+    assert checked_forced > 50  # the case the mask and the matcher disagree on was exercised
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=0.0, repetition_penalty=1.3, presence_penalty=1.0),
+    ],
+    ids=["greedy", "greedy-penalties"],
+)
+def test_greedy_rows_pick_what_the_mask_would(
+    grammars: GrammarCompiler, tok: Tokenizer, sampling: SamplingParams, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A greedy generation, which skips the mask where the grammar allows its best token, picks step
+    by step the argmax over the mask (the reference computes every mask); and it skips masks."""
+    masks_computed = 0
+    allowed_mask = GrammarState.allowed_mask
+
+    def counted(state: GrammarState) -> npt.NDArray[np.bool_]:
+        nonlocal masks_computed
+        masks_computed += state._bitmask is None
+        mask: npt.NDArray[np.bool_] = allowed_mask(state)
+        return mask
+
+    steps = 0
+    for seed, grammar in enumerate(_walk_grammars(grammars)):
+        rng = np.random.default_rng(seed)
+        generation = Generation(_request(OutputConstraint(grammar), sampling, max_new_tokens=120), tok, 32000)
+        reference, chooser = grammar.start(), TokenChooser(sampling, (1, 733), 32000)
+        while not generation.finished:
+            logits: npt.NDArray[np.float32] = rng.normal(0.0, 3.0, 32000).astype(np.float32)
+            expected = chooser.choose(logits, reference.allowed_mask())
+            reference.advance(expected)
+            with monkeypatch.context() as patched:
+                patched.setattr(GrammarState, "allowed_mask", counted)
+                fill_token_masks([generation])
+                assert generation.step(logits).token_id == expected, steps
+            steps += 1
+    assert masks_computed < steps, (masks_computed, steps)

@@ -333,6 +333,39 @@ def test_allowed_mask() -> None:
     assert chooser.choose(x, mask) == 3
 
 
+@pytest.mark.parametrize("penalty", [1.0, 1.5], ids=["plain", "repetition-penalty"])
+def test_greedy_is_the_masked_argmax_and_leaves_the_logits_alone(penalty: float) -> None:
+    """Greedy with a mask (and `best` without one, which constrained greedy rows ask first): the
+    argmax over the allowed tokens after the penalty, lowest id among ties, NaN as -inf, +inf as the
+    largest float; the caller's logits (a row of the engine's output) are never written."""
+    rng = np.random.default_rng(12)
+    vocab = 50
+    for trial in range(300):
+        x = rng.integers(-3, 3, vocab).astype(np.float32)  # [vocab], ties on purpose
+        if trial % 5 == 0:
+            x[rng.integers(vocab, size=3)] = np.nan
+        if trial % 7 == 0:
+            x[rng.integers(vocab)] = np.inf
+        if trial % 11 == 0:
+            x[:] = NEG_INF
+        mask = rng.random(vocab) < 0.3
+        mask[rng.integers(vocab)] = True
+        before = x.copy()
+        expected_x = apply_repetition_penalty(
+            np.nan_to_num(x, nan=NEG_INF, posinf=float(np.finfo(np.float32).max), neginf=NEG_INF), [1, 2, 3], penalty
+        )
+        chooser = TokenChooser(SamplingParams(temperature=0.0, repetition_penalty=penalty), [1, 2, 3], vocab)
+        best = chooser.best(x)
+        assert best == (int(np.argmax(expected_x)) if expected_x.max() > NEG_INF else None)
+        masked = np.where(mask, expected_x, NEG_INF)
+        first_allowed = int(np.flatnonzero(mask)[0])
+        assert chooser.best(x, mask) == (int(np.argmax(masked)) if masked.max() > NEG_INF else None)
+        assert chooser.choose(x, mask) == (
+            int(np.argmax(masked)) if masked.max() > NEG_INF else first_allowed
+        )
+        assert np.array_equal(x, before, equal_nan=True)
+
+
 def test_choose_batch_matches_single_choosers() -> None:
     rng = np.random.default_rng(10)
     params = [SamplingParams(temperature=1.0, seed=s, top_k=20) for s in (1, 2, 3)]

@@ -62,7 +62,9 @@ class Generation:
         self._stopping = StoppingCriteria(tokenizer.eos_id, request.max_new_tokens, request.stop)
         self._detokenizer = IncrementalDetokenizer(tokenizer)
         constraint = request.constraint
-        self.grammar: GrammarState | None = constraint.grammar.start() if constraint is not None else None
+        self.grammar: GrammarState | None = (
+            constraint.grammar.start(greedy=request.sampling.greedy) if constraint is not None else None
+        )
         self._calls = (
             CallSplitter(calls_only=not constraint.text_allowed)
             if constraint is not None and constraint.tool_calls
@@ -75,8 +77,7 @@ class Generation:
     def step(self, logits: npt.NDArray[np.float32]) -> TokenEvent:
         """Pick the next token from `logits` [vocab] and say what to emit."""
         grammar = self.grammar
-        # The grammar's mask goes into sampling after the penalties; after a failure it allows EOS only.
-        token = self._chooser.choose(logits, grammar.allowed_mask() if grammar is not None else None)
+        token = self._chooser.choose(logits) if grammar is None else self._choose_allowed(logits, grammar)
         self.last_token = token
         self.completion_tokens += 1
         if grammar is not None:
@@ -112,6 +113,17 @@ class Generation:
             tool_calls=self._calls.calls if self._calls is not None and finish_reason is not None else (),
             error=error,
         )
+
+    def _choose_allowed(self, logits: npt.NDArray[np.float32], grammar: GrammarState) -> int:
+        """The next token among those the grammar allows (after a failure: EOS only)."""
+        if grammar.greedy:
+            # The best token overall, when the grammar allows it, is the best allowed one: no mask.
+            best = self._chooser.best(logits)
+            if best is not None and grammar.allows(best):
+                self._chooser.record(best)
+                return best
+        # The grammar's mask goes into sampling after the penalties.
+        return self._chooser.choose(logits, grammar.allowed_mask())
 
     def _visible(self, delta: str, final: bool) -> str:
         """The part of the text that belongs to the response (not to tool calls)."""

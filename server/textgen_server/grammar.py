@@ -14,6 +14,12 @@ scheduler runs meanwhile (llguidance and ONNX Runtime both release the GIL); eac
 its mask when sampling asks for it. Rows without a grammar are skipped and pay nothing. A state whose
 mask was not prefetched computes it alone when asked, so correctness never depends on the batch call.
 
+Greedy rows skip most masks: the best token overall is the answer whenever the grammar allows it,
+and `GrammarState.allows` asks the matcher about that one token (under a microsecond) where a mask
+costs up to a tenth of a millisecond a row (inside a string with a length bound), computed where the
+forward pass needs the cores. A greedy row is prefetched only where the grammar forces bytes: there
+the mask is narrower than what the matcher accepts, and usually a token or two.
+
 The grammars (Lark, with llguidance's `%json` for schemas):
 
     JSON mode    start: " "? value                value: %json {schema}
@@ -75,8 +81,10 @@ class Grammar:
         self._matcher = matcher
         self._compiler = compiler
 
-    def start(self) -> GrammarState:
-        return GrammarState(self._matcher.deep_copy(), self._compiler)
+    def start(self, *, greedy: bool = False) -> GrammarState:
+        """A state of its own; `greedy`: its generation takes the best token whenever the grammar
+        allows it, so it needs a mask only where the grammar refuses that token (`allows`)."""
+        return GrammarState(self._matcher.deep_copy(), self._compiler, greedy=greedy)
 
 
 @dataclass(frozen=True)
@@ -92,9 +100,12 @@ class OutputConstraint:
 class GrammarState:
     """One generation's position in its grammar: the allowed-token mask, and the tokens consumed."""
 
-    def __init__(self, matcher: llguidance.LLMatcher, compiler: GrammarCompiler) -> None:
+    def __init__(
+        self, matcher: llguidance.LLMatcher, compiler: GrammarCompiler, *, greedy: bool = False
+    ) -> None:
         self._matcher = matcher
         self._compiler = compiler
+        self.greedy = greedy
         self._bitmask: BitMask | None = None  # [words] for the current position, once computed
         self._pending: Future[None] | None = None  # a prefetch computing _bitmask on another thread
 
@@ -127,6 +138,30 @@ class GrammarState:
         mask: BoolArray = bits.view(np.bool_)
         return mask
 
+    @property
+    def has_mask(self) -> bool:
+        """The mask of this position is computed, or being computed by a prefetch."""
+        return self._bitmask is not None or self._pending is not None
+
+    def allows(self, token_id: int) -> bool:
+        """`allowed_mask()[token_id]`, without computing the mask where llguidance can say it more
+        cheaply: where the grammar forces no bytes, a token is allowed exactly when the matcher would
+        consume it. Where bytes are forced the mask is narrower (it keeps their canonical
+        tokenization only, while the matcher consumes any spelling of them), so the mask decides."""
+        if not self.has_mask and not self._matcher.is_stopped() and not self._forced():
+            return bool(self._matcher.validate_tokens([token_id]) == 1)
+        return bool(self.allowed_mask()[token_id])
+
+    def _forced(self) -> bool:
+        """The grammar allows only one continuation here for at least one byte."""
+        return bool(self._matcher.compute_ff_bytes())
+
+    @property
+    def _wants_mask(self) -> bool:
+        """The next mask is worth computing ahead of the logits: a sampled row always needs it; a
+        greedy row only where bytes are forced (elsewhere it asks `allows` first)."""
+        return not self.has_mask and not self._matcher.is_stopped() and (not self.greedy or self._forced())
+
     def advance(self, token_id: int) -> None:
         """Consume the token chosen (one the mask allowed; anything else puts the matcher in error)."""
         self._matcher.consume_token(token_id)
@@ -141,8 +176,9 @@ class _Constrained(Protocol):
 
 
 def prefetch_token_masks(rows: Iterable[_Constrained]) -> None:
-    """Start computing the next-token masks of every constrained row, in one parallel call on a
-    background thread; rows without a grammar are skipped. Call it once per step, before the forward
+    """Start computing the next-token masks of every constrained row that will need one, in one
+    parallel call on a background thread; rows without a grammar are skipped, and so are greedy rows
+    where nothing is forced (see the module docstring). Call it once per step, before the forward
     pass whose logits the masks apply to, and touch no row's grammar until its `allowed_mask`."""
     states = _needing_masks(rows)
     if not states:
@@ -160,8 +196,7 @@ def fill_token_masks(rows: Iterable[_Constrained]) -> None:
 
 
 def _needing_masks(rows: Iterable[_Constrained]) -> list[GrammarState]:
-    states = [row.grammar for row in rows if row.grammar is not None]
-    return [s for s in states if s._bitmask is None and s._pending is None and not s._matcher.is_stopped()]
+    return [row.grammar for row in rows if row.grammar is not None and row.grammar._wants_mask]
 
 
 def _fill(states: Sequence[GrammarState]) -> None:

@@ -439,39 +439,70 @@ class TokenChooser:
         with np.errstate(over="ignore"):  # overflow is expected and handled (clamped, or exp → 0)
             return self._distribution_unchecked(logits, allowed_mask)
 
+    def best(
+        self, logits: npt.NDArray[np.floating[Any]], allowed_mask: BoolArray | None = None
+    ) -> int | None:
+        """The greedy choice from logits [vocab]: the argmax after the penalties among the tokens
+        allowed_mask allows (lowest id among ties), or None when none of those logits is finite.
+        Records nothing.
+
+        Without a mask it serves a constrained greedy row: when the grammar allows this token, it is
+        also the best allowed one, and the mask need not be computed."""
+        with np.errstate(over="ignore"):
+            x = self._penalized(logits, writable=False)  # [vocab]
+        if allowed_mask is None:
+            top = int(np.argmax(x))
+        else:
+            ids = np.flatnonzero(self._checked(allowed_mask))  # [allowed] ascending
+            if ids.size == 0:
+                raise ValueError("allowed_mask allows no token")
+            top = int(ids[np.argmax(x[ids])])
+        return top if x[top] != _NEG_INF else None
+
+    def _penalized(self, logits: npt.NDArray[np.floating[Any]], *, writable: bool = True) -> FloatArray:
+        """Steps 1-2: logits [vocab] as float32, NaN as -inf and +inf as the largest float32. A copy
+        when `writable` or when anything changed; otherwise possibly the caller's array itself."""
+        x = np.asarray(logits, dtype=np.float32)  # [vocab]
+        if x.shape != (self.vocab_size,):
+            raise ValueError(f"logits must be [{self.vocab_size}], got shape {x.shape}")
+        p = self.params
+        penalize_seen = self._rep_penalty is not None and self._n_seen
+        penalize_generated = (p.frequency_penalty or p.presence_penalty) and self._n_gen
+        top_val = x.max()
+        nonfinite = np.isnan(top_val) or top_val == np.inf  # max propagates NaN: one check covers both
+        if writable or nonfinite or penalize_seen or penalize_generated:
+            x = np.array(x, copy=True)  # never write into the caller's logits
+        if nonfinite:
+            np.nan_to_num(x, copy=False, nan=-np.inf, posinf=float(_F32_MAX), neginf=-np.inf)
+        if penalize_seen:
+            _penalize_seen(x, self._seen_ids[: self._n_seen], np.float32(self._rep_penalty))
+        if penalize_generated:
+            gen = self._gen_ids[: self._n_gen]
+            _penalize_generated(x, gen, self._counts[gen], p.frequency_penalty, p.presence_penalty)
+        return x
+
+    def _checked(self, allowed_mask: BoolArray) -> BoolArray:
+        if allowed_mask.shape != (self.vocab_size,):
+            raise ValueError(f"allowed_mask must be [{self.vocab_size}], got shape {allowed_mask.shape}")
+        return allowed_mask
+
     def _distribution_unchecked(
         self, logits: npt.NDArray[np.floating[Any]], allowed_mask: BoolArray | None
     ) -> tuple[IntArray, npt.NDArray[np.floating[Any]]]:
-        x = np.array(logits, dtype=np.float32, copy=True)  # [vocab]
-        if x.shape != (self.vocab_size,):
-            raise ValueError(f"logits must be [{self.vocab_size}], got shape {x.shape}")
-        top_val = x.max()
-        if np.isnan(top_val) or top_val == np.inf:  # max propagates NaN, so one check covers both
-            np.nan_to_num(x, copy=False, nan=-np.inf, posinf=float(_F32_MAX), neginf=-np.inf)
-
         p = self.params
-        if self._rep_penalty is not None and self._n_seen:
-            _penalize_seen(x, self._seen_ids[: self._n_seen], np.float32(self._rep_penalty))
-        if (p.frequency_penalty or p.presence_penalty) and self._n_gen:
-            gen = self._gen_ids[: self._n_gen]
-            _penalize_generated(x, gen, self._counts[gen], p.frequency_penalty, p.presence_penalty)
+        if p.greedy:
+            greedy = self.best(logits, allowed_mask)
+            top = greedy if greedy is not None else _first_allowed(allowed_mask)
+            return np.array([top], dtype=np.intp), np.ones(1)
+        x = self._penalized(logits)  # [vocab]
         if allowed_mask is not None:
-            if allowed_mask.shape != (self.vocab_size,):
-                raise ValueError(f"allowed_mask must be [{self.vocab_size}], got shape {allowed_mask.shape}")
-            np.copyto(x, _NEG_INF, where=~allowed_mask)
+            np.copyto(x, _NEG_INF, where=~self._checked(allowed_mask))
 
         top = int(np.argmax(x))  # lowest id among ties, as torch.argmax
         if x[top] == _NEG_INF:
             # No finite logit left (NaN/-inf logits, or the mask allows only -inf ones): fall back to
             # the first allowed token rather than dividing 0 by 0.
-            if allowed_mask is not None:
-                allowed = np.flatnonzero(allowed_mask)
-                if allowed.size == 0:
-                    raise ValueError("allowed_mask allows no token")
-                top = int(allowed[0])
-            return np.array([top], dtype=np.intp), np.ones(1)
-        if p.greedy:
-            return np.array([top], dtype=np.intp), np.ones(1)
+            return np.array([_first_allowed(allowed_mask)], dtype=np.intp), np.ones(1)
 
         overflowed_before = x[top] == np.inf  # a tiny repetition penalty did it
         x /= np.float32(p.temperature)
@@ -497,6 +528,16 @@ class TokenChooser:
             ids = _nucleus_full(x, e, top_val, self._top_p)
             return ids, e[ids]
         return self._all_ids, e
+
+
+def _first_allowed(allowed_mask: BoolArray | None) -> int:
+    """The token a step with no finite logit falls back to: the first allowed one (0 without a mask)."""
+    if allowed_mask is None:
+        return 0
+    allowed = np.flatnonzero(allowed_mask)
+    if allowed.size == 0:
+        raise ValueError("allowed_mask allows no token")
+    return int(allowed[0])
 
 
 def choose_batch(
