@@ -56,9 +56,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "the cores) or libgomp's default spin-then-sleep, which is faster only on an otherwise idle machine",
     )
     parser.add_argument(
-        "--only-lora",
-        action="store_true",
-        help="only the LoRA section (16 streams, all base vs four adapters mixed), to bench/results/lora/",
+        "--only",
+        choices=["lora", "constrained"],
+        default=None,
+        help="one section alone, to bench/results/<section>/: lora (16 streams, all base vs four adapters "
+        "mixed) or constrained (1 and 16 streams with and without a JSON schema)",
     )
     parser.add_argument(
         "--out",
@@ -91,27 +93,27 @@ def main(argv: list[str] | None = None) -> int:
     config = dataclasses.replace(
         config,
         threads=args.threads,
-        peers=() if args.only_lora else peers,
+        peers=() if args.only else peers,
         cases=cases,
         sweep_reps=args.reps or config.sweep_reps,
         llamacpp_omp_wait=args.llamacpp_omp_wait,
         lora_reps=args.reps or config.lora_reps,
-        only_lora=args.only_lora,
+        only=args.only,
     )
-    folder = "quick" if args.quick else "lora" if args.only_lora else ""
+    folder = "quick" if args.quick else args.only or ""
     out = args.out or (REPO / "bench/results" / folder)
     out.mkdir(parents=True, exist_ok=True)
 
     from .plots import plot_all
-    from .report import lora_only_markdown, markdown, summarize
+    from .report import markdown, section_markdown, summarize
     from .run import Runner
 
     raw = Runner(config, REPO, REPO / "bench/logs", args.budget_s).run()
     summary = summarize(raw)
-    table = lora_only_markdown(summary) if args.only_lora else markdown(summary)
+    table = section_markdown(summary, args.only) if args.only else markdown(summary)
     (out / "latest.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     (out / "latest.md").write_text(table, encoding="utf-8")
-    plots = [] if args.only_lora else plot_all(summary, out)
+    plots = [] if args.only else plot_all(summary, out)
     print()
     print(table)
     print(f"wrote {out / 'latest.json'}, {out / 'latest.md'}" + "".join(f", {p}" for p in plots))

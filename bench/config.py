@@ -57,7 +57,7 @@ class BenchConfig:
     # LoRA (bench/lora.py): the sweep's prompt and length at this many streams, all base vs mixed.
     lora_streams: int = 16
     lora_reps: int = 5
-    only_lora: bool = False  # python -m bench --only-lora: that section alone
+    only: str | None = None  # python -m bench --only lora|constrained: that section alone
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

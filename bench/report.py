@@ -634,15 +634,16 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{value * 100:.0f}%"
 
 
-def lora_only_markdown(summary: dict[str, Any]) -> str:
-    """`python -m bench --only-lora`: the LoRA section with when and where it was measured."""
+def section_markdown(summary: dict[str, Any], section: str) -> str:
+    """`python -m bench --only lora|constrained`: that section with when and where it was measured."""
     m = summary["machine"]
     header = (
         f"Measured {m['date']} on {m['cpu']}, {m['cores']} cores, {summary['config']['threads']} threads "
         f"(onnxruntime {m['versions'].get('onnxruntime')}); bench model fp32, greedy; median (min–max) "
         f"of the repetitions; load average {_load(m)} during the run."
     )
-    return "\n".join([header, *lora_lines(summary["lora"])]) + "\n"
+    lines = lora_lines(summary["lora"]) if section == "lora" else _constrained_lines(summary["constrained"])
+    return "\n".join([header, *lines]) + "\n"
 
 
 def _load(m: dict[str, Any]) -> str:

@@ -199,7 +199,11 @@ class Runner:
             if "before" in c.peers
             else BeforeSetup((), None, "left out (--no-before)")
         )
-        quantized = {dtype: ensure_quantized(self.repo, model_dir, dtype) for dtype in c.quantized}
+        quantized = (
+            {dtype: ensure_quantized(self.repo, model_dir, dtype) for dtype in c.quantized}
+            if c.only is None
+            else {}
+        )
         # A one-time build (minutes) is not measuring time, which is what the budget is for.
         self.deadline += llamacpp.built_s
         raw = RawResults(
@@ -215,7 +219,7 @@ class Runner:
             raw.unavailable["grpc-before"] = before.unavailable
         raw.setup_s = time.perf_counter() - started
         try:
-            if not c.only_lora:
+            if c.only is None:
                 self._read_bandwidth(raw)
                 self._start_workers(raw, model_dir, genai, quantized, before)
                 self._start_llamacpp(llamacpp)
@@ -226,16 +230,21 @@ class Runner:
                 self._dtype_streams(raw)
                 self._mixed(raw)
                 self._arrivals(raw)
+            elif c.only == "constrained":
+                self._start_workers(raw, model_dir, genai, quantized, before, names=("grpc",))
+                self._warm_up(raw)
+            if c.only in (None, "constrained"):
                 self._grammar(raw)
-            self._lora(raw, model_dir)
-            if not c.only_lora:
+            if c.only in (None, "lora"):
+                self._lora(raw, model_dir)
+            if c.only is None:
                 self._read_bandwidth(raw)
         finally:
             for worker in self.workers.values():
                 worker.close()
         from .gpu import gpu_section
 
-        raw.gpu = {"skipped": "--only-lora"} if c.only_lora else gpu_section(self.repo, c.threads)
+        raw.gpu = {"skipped": f"--only {c.only}"} if c.only else gpu_section(self.repo, c.threads)
         raw.machine["load_average_at_end"] = list(os.getloadavg())
         raw.wall_s = time.perf_counter() - started
         return raw
@@ -257,7 +266,9 @@ class Runner:
         genai: GenaiSetup,
         quantized: dict[str, Path],
         before: BeforeSetup,
+        names: tuple[str, ...] | None = None,
     ) -> None:
+        """The in-process and gRPC workers (only those in `names`, when given)."""
         c = self.config
         here = Path(sys.executable)
         # name, peer kind, python, model folder, source paths
@@ -276,6 +287,8 @@ class Runner:
         if before.model_dir is not None:
             wanted.append(("grpc-before", "grpc", here, before.model_dir, before.source_paths))
         for name, peer, python, directory, source_paths in wanted:
+            if names is not None and name not in names:
+                continue
             log(f"starting the {name} worker")
             try:
                 worker = Worker(
