@@ -17,7 +17,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -169,13 +169,15 @@ class Runner:
         self.llamacpp_peers: list[str] = []  # the variants still measured (one may fail alone)
         self.deadline = time.perf_counter() + budget_s
 
-    def _out_of_time(self, raw: RawResults, what: str, rep: int, reps: int, reserve_s: float) -> bool:
-        """True once the budget minus `reserve_s` is spent; records the cut. The first repetition always runs."""
-        if rep == 0 or time.perf_counter() + reserve_s < self.deadline:
-            return False
-        raw.cut_short[what] = f"{rep} of {reps} repetitions: the time budget ran out"
-        log(f"{what}: stopping after {rep} of {reps} repetitions (time budget)")
-        return True
+    def _repetitions(self, raw: RawResults, what: str, reps: int, reserve_s: float) -> Iterator[int]:
+        """0 .. reps-1, until the budget minus `reserve_s` is spent (the cut is recorded); the first
+        repetition always runs."""
+        for rep in range(reps):
+            if rep > 0 and time.perf_counter() + reserve_s >= self.deadline:
+                raw.cut_short[what] = f"{rep} of {reps} repetitions: the time budget ran out"
+                log(f"{what}: stopping after {rep} of {reps} repetitions (time budget)")
+                return
+            yield rep
 
     def run(self) -> RawResults:
         from .machine import machine_info
@@ -371,9 +373,7 @@ class Runner:
         ] + self.llamacpp_peers
         results = raw.batch1.setdefault(key, {p: [] for p in peers if p not in LLAMACPP_PEERS})
         rates = raw.decode_rates.setdefault(key, {p: [] for p in peers if p in LLAMACPP_PEERS})
-        for rep in range(case.reps):
-            if self._out_of_time(raw, f"batch-1 {key}", rep, case.reps, SWEEP_RESERVE_S + LORA_RESERVE_S):
-                break
+        for rep in self._repetitions(raw, f"batch-1 {key}", case.reps, SWEEP_RESERVE_S + LORA_RESERVE_S):
             if with_grpc:  # text for the server; its exact ids for the in-process peers
                 text = self._texts(rng, case.prompt_tokens, 1)[0]
                 ids = [BOS_ID, *self._tokenizer(model_dir).encode(text)]
@@ -406,9 +406,7 @@ class Runner:
             return
         raw.load["concurrency sweep"] = os.getloadavg()[0]
         rng = random.Random(f"{c.seed}-sweep")
-        for rep in range(c.sweep_reps):
-            if self._out_of_time(raw, "concurrency sweep", rep, c.sweep_reps, LORA_RESERVE_S):
-                break
+        for rep in self._repetitions(raw, "concurrency sweep", c.sweep_reps, LORA_RESERVE_S):
             texts = self._texts(rng, c.sweep_prompt_tokens, max(c.concurrency))
             for level in rotated(list(c.concurrency), rep):
                 for name in rotated(self._present(BEFORE_AFTER), rep):
@@ -433,9 +431,7 @@ class Runner:
         raw.load["quantized streams"] = os.getloadavg()[0]
         rng = random.Random(f"{c.seed}-dtypes")
         n = c.quantized_streams
-        for rep in range(c.quantized_reps):
-            if self._out_of_time(raw, "quantized streams", rep, c.quantized_reps, LORA_RESERVE_S):
-                break
+        for rep in self._repetitions(raw, "quantized streams", c.quantized_reps, LORA_RESERVE_S):
             texts = self._texts(rng, c.sweep_prompt_tokens, n)
             ids = [prompt_ids(c.sweep_prompt_tokens, rng) for _ in range(n)]
             for name in rotated([*servers, *genai, *llamacpp], rep):
@@ -469,9 +465,7 @@ class Runner:
         c = self.config
         raw.load["mixed lengths"] = os.getloadavg()[0]
         rng = random.Random(f"{c.seed}-mixed")
-        for rep in range(c.mixed_reps):
-            if self._out_of_time(raw, "mixed lengths", rep, c.mixed_reps, LORA_RESERVE_S):
-                break
+        for rep in self._repetitions(raw, "mixed lengths", c.mixed_reps, LORA_RESERVE_S):
             prompts = [
                 words_prompt(rng.randint(1, c.mixed_max_words), rng, self._vocab())
                 for _ in range(c.mixed_requests)
@@ -492,9 +486,7 @@ class Runner:
         c = self.config
         raw.load["long-prompt arrivals"] = os.getloadavg()[0]
         rng = random.Random(f"{c.seed}-arrivals")
-        for rep in range(c.arrival_reps):
-            if self._out_of_time(raw, "long-prompt arrivals", rep, c.arrival_reps, LORA_RESERVE_S):
-                break
+        for rep in self._repetitions(raw, "long-prompt arrivals", c.arrival_reps, LORA_RESERVE_S):
             texts = self._texts(rng, c.sweep_prompt_tokens, c.arrival_streams)
             # Digits: random text of 3000 tokens would pass the card's 6,144-character limit on `prompt`.
             long_prompt = digits_of_length(
@@ -522,9 +514,7 @@ class Runner:
             return
         raw.load["constrained decoding"] = os.getloadavg()[0]
         rng = random.Random(f"{c.seed}-grammar")
-        for rep in range(c.grammar_reps):
-            if self._out_of_time(raw, "constrained decoding", rep, c.grammar_reps, LORA_RESERVE_S):
-                break
+        for rep in self._repetitions(raw, "constrained decoding", c.grammar_reps, LORA_RESERVE_S):
             texts = self._texts(rng, c.sweep_prompt_tokens, max(c.grammar_concurrency))
             for level in c.grammar_concurrency:
                 for mode in rotated(GRAMMAR_MODES, rep):
@@ -579,9 +569,7 @@ class Runner:
             warm = self._texts(rng, c.sweep_prompt_tokens, c.lora_streams)
             plain.call("streams", prompts=warm, new_tokens=4)
             slotted.call("streams", prompts=warm, new_tokens=4, loras=mixed)  # loads the adapters
-            for rep in range(c.lora_reps):
-                if self._out_of_time(raw, "lora", rep, c.lora_reps, 15.0):
-                    break
+            for rep in self._repetitions(raw, "lora", c.lora_reps, 15.0):
                 texts = self._texts(rng, c.sweep_prompt_tokens, c.lora_streams)
                 for name in rotated(CONFIGURATIONS, rep):
                     log(f"LoRA rep {rep + 1}/{c.lora_reps}: {c.lora_streams} streams, {name}")
