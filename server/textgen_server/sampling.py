@@ -453,9 +453,7 @@ class TokenChooser:
         if allowed_mask is None:
             top = int(np.argmax(x))
         else:
-            ids = np.flatnonzero(self._checked(allowed_mask))  # [allowed] ascending
-            if ids.size == 0:
-                raise ValueError("allowed_mask allows no token")
+            ids = _allowed_ids(self._checked(allowed_mask))  # [allowed] ascending
             top = int(ids[np.argmax(x[ids])])
         return top if x[top] != _NEG_INF else None
 
@@ -532,12 +530,15 @@ class TokenChooser:
 
 def _first_allowed(allowed_mask: BoolArray | None) -> int:
     """The token a step with no finite logit falls back to: the first allowed one (0 without a mask)."""
-    if allowed_mask is None:
-        return 0
-    allowed = np.flatnonzero(allowed_mask)
-    if allowed.size == 0:
+    return 0 if allowed_mask is None else int(_allowed_ids(allowed_mask)[0])
+
+
+def _allowed_ids(allowed_mask: BoolArray) -> IntArray:
+    """The ids allowed_mask [vocab] allows, ascending; a mask that allows none is an error."""
+    ids = np.flatnonzero(allowed_mask)
+    if ids.size == 0:
         raise ValueError("allowed_mask allows no token")
-    return int(allowed[0])
+    return ids
 
 
 def choose_batch(
