@@ -172,7 +172,8 @@ def profile_decode(
     from .membw import read_bandwidth
 
     bandwidth = read_bandwidth(threads, bandwidth_bytes, BANDWIDTH_REPS)
-    engine = Engine(model_dir, provider="cpu", threads=threads, slots=rows, max_len=prompt + steps + 1)
+    # Each row's slot as long as the server's (the model's max_total_tokens): attention sees the same buffers.
+    engine = Engine(model_dir, provider="cpu", threads=threads, slots=rows)
     with tempfile.TemporaryDirectory() as scratch:
         # The engine's own session options, with the profiler on.
         options = engine.session.get_session_options()

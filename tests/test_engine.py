@@ -99,6 +99,47 @@ def test_kv_cache_stays_put_and_never_passes_through_numpy(
     assert engine.cache._pointers == pointers
 
 
+@pytest.mark.parametrize("with_adapters", [False, True], ids=["plain", "adapter-slots"])
+def test_decode_bindings_reused_across_row_counts_match_passes_bound_alone(
+    tiny_model_dir: Path, lora_model_dir: Path, with_adapters: bool
+) -> None:
+    """Decode reuses one binding per row count and overwrites its inputs in place; every pass must
+    still see its own tokens, lengths and adapters. Each row is checked against the same token at the
+    same position through prefill, which binds each pass alone, on a second engine; and logits a
+    caller keeps are never overwritten by later passes."""
+    from random_adapters import random_adapter
+
+    model_dir = lora_model_dir if with_adapters else tiny_model_dir
+    engines = [Engine(model_dir, provider="cpu", slots=3, max_len=64) for _ in range(2)]
+    batched, alone = engines
+    if with_adapters:
+        for engine in engines:
+            for slot in (1, 2):
+                engine.load_adapter(slot, random_adapter(engine.config, rank=8, seed=slot))
+    prompts = [[1, 5, 9], [1, 7], [1, 3, 3, 8]]
+    for engine in engines:
+        for slot, prompt in enumerate(prompts):
+            engine.prefill(slot, prompt)
+    lengths = [len(p) for p in prompts]
+    # Row counts change back and forth (each count's binding is reused), and so do the adapters.
+    plan = [(3, [0, 1, 2]), (1, [2]), (2, [1, 0]), (3, [0, 0, 0]), (2, [2, 2]), (1, [0]), (3, [1, 0, 2])]
+    kept = []
+    for step, (rows, row_adapters) in enumerate(plan):
+        tokens = np.array([10 + 7 * step + row for row in range(rows)], dtype=np.int64)
+        adapters = np.array(row_adapters if with_adapters else [0] * rows, dtype=np.int64)
+        got = batched.decode(tokens, np.array(lengths[:rows], dtype=np.int64), adapters)  # [rows, vocab]
+        kept.append((got, got.copy()))
+        for row in range(rows):
+            expected = alone.prefill(row, [int(tokens[row])], start=lengths[row], adapter=int(adapters[row]))
+            np.testing.assert_allclose(
+                got[row], expected, rtol=1e-4, atol=1e-4, err_msg=f"step {step} row {row}"
+            )
+            assert int(got[row].argmax()) == int(expected.argmax())
+            lengths[row] += 1
+    for got, copy in kept:
+        np.testing.assert_array_equal(got, copy)
+
+
 def test_memory_does_not_grow_over_a_thousand_joins_and_leaves(tiny_model_dir: Path) -> None:
     engine = Engine(tiny_model_dir, provider="cpu", slots=4, host_arrays=False)
     prompts = [random_prompt(n, seed=n) for n in (3, 9, 40)]
