@@ -7,9 +7,11 @@ in place. Every row sits at its own position, given by `seqlens_k` [batch] (the 
 minus one); rotary embeddings are applied inside the op at those positions, from cos/sin tables
 stored in the graph. No attention mask, no position ids, no padding, no concatenation.
 
-About 15 nodes a layer:
+About 11 nodes a layer:
 - q, k, v are one MatMul whose packed output feeds GroupQueryAttention directly; so are the MLP's
   gate and up projections;
+- each residual add and the norm after it are one SkipSimplifiedLayerNormalization, as
+  onnxruntime-genai's builder writes them;
 - the LM head runs on the last position only; logits leave as float32 whatever the dtype.
 
 With LoRA slots (`lora`, a LoraLayout), every target projection also adds its row's adapter. Per
@@ -30,8 +32,9 @@ step, four rank-16 adapters mixed) the gathered form cost about 24 ms and this o
 graph 16.3 ms; a step of base rows alone costs 16.6 ms here and 23 ms gathered. The work grows with
 the number of slots bound rather than with the rows.
 
-Standard ONNX operators (opset 18) plus two ONNX Runtime contrib ops that both its CPU and CUDA
-providers implement (GroupQueryAttention, SimplifiedLayerNormalization); IR version 8, which
+Standard ONNX operators (opset 18) plus ONNX Runtime contrib ops that both its CPU and CUDA
+providers implement (GroupQueryAttention, SimplifiedLayerNormalization,
+SkipSimplifiedLayerNormalization); IR version 8, which
 onnxruntime 1.32 and onnxruntime-gpu 1.31.1 both load. Tensor layouts are noted next to each op.
 """
 
@@ -104,12 +107,20 @@ class _Builder:
         return out
 
     def op_n(
-        self, op_type: str, inputs: list[str], count: int, names: list[str] | None = None, **attrs: Any
+        self,
+        op_type: str,
+        inputs: list[str],
+        count: int,
+        names: list[str] | None = None,
+        omit: tuple[int, ...] = (),
+        **attrs: Any,
     ) -> list[str]:
-        """A node with `count` outputs; `names` gives some of them fixed names ("" = generated)."""
+        """A node with `count` outputs; `names` gives some of them fixed names ("" = generated), and the
+        optional outputs at the indices in `omit` are left out ("" in the node)."""
         self._count += 1
         outs = [
-            (names[i] if names and names[i] else f"{op_type.lower()}_{self._count}_{i}") for i in range(count)
+            "" if i in omit else (names[i] if names and names[i] else f"{op_type.lower()}_{self._count}_{i}")
+            for i in range(count)
         ]
         self.nodes.append(helper.make_node(op_type, inputs, outs, name=f"n{self._count}_{op_type}", **attrs))
         return outs
@@ -200,15 +211,34 @@ def build_decoder_graph(
         w = g.weight(weight_name, weights[weight_name])
         return g.op("SimplifiedLayerNormalization", [x, w], axis=-1, epsilon=s.rms_norm_eps, stash_type=1)
 
+    def add_and_rms_norm(residual: str, x: str, weight_name: str) -> tuple[str, str]:
+        """(rms_norm(residual + x), residual + x) in one op: one pass over the row, not an Add and then
+        a norm (16 fewer nodes on the bench model, whose decode steps are short enough to notice)."""
+        w = g.weight(weight_name, weights[weight_name])
+        normed, _, _, total = g.op_n(
+            "SkipSimplifiedLayerNormalization",
+            [x, residual, w],
+            4,
+            names=["", "", "", ""],
+            omit=(1, 2),  # mean and inv_std_var
+            domain="com.microsoft",
+            epsilon=s.rms_norm_eps,
+        )
+        return normed, total
+
     if lora is not None:
         _lora_mask(g, io, lora_a=io.lora_a.format(0, "o"), rank=lora.group_shape("o")[1])
     hidden = g.op(
         "Gather", [g.weight("model.embed_tokens.weight", weights["model.embed_tokens.weight"]), io.input_ids]
     )  # [b, seq, hidden]
+    mlp_out = ""  # the last layer's MLP output, not yet added to `hidden`
     for layer in range(s.num_layers):
         p = f"model.layers.{layer}."
         # -- attention: one packed q/k/v MatMul, then GroupQueryAttention with the cache in place ----
-        normed = rms_norm(hidden, p + "input_layernorm.weight")
+        if mlp_out:
+            normed, hidden = add_and_rms_norm(hidden, mlp_out, p + "input_layernorm.weight")
+        else:
+            normed = rms_norm(hidden, p + "input_layernorm.weight")
         qkv_w = np.concatenate([weights[p + f"self_attn.{n}_proj.weight"] for n in "qkv"], axis=0).T
         qkv = projection(normed, g.weight(p + "qkv.weight", qkv_w), layer, "qkv")  # [b, seq, (h + 2 kv) d]
         # Rotary inside the op at each row's own positions (derived from seqlens_k); the new keys and
@@ -236,9 +266,9 @@ def build_decoder_graph(
             scale=float(1.0 / np.sqrt(s.head_dim)),
         )  # [b, seq, h d]
         o_w = g.weight(p + "self_attn.o_proj.weight", weights[p + "self_attn.o_proj.weight"].T)
-        hidden = g.op("Add", [hidden, projection(attended, o_w, layer, "o")])  # [b, seq, hidden]
+        attn_out = projection(attended, o_w, layer, "o")  # [b, seq, hidden]
         # -- MLP: down(silu(gate(x)) * up(x)) ------------------------------------------------------
-        normed = rms_norm(hidden, p + "post_attention_layernorm.weight")
+        normed, hidden = add_and_rms_norm(hidden, attn_out, p + "post_attention_layernorm.weight")
         gate_up_w = np.concatenate(
             [weights[p + "mlp.gate_proj.weight"], weights[p + "mlp.up_proj.weight"]], 0
         ).T
@@ -250,10 +280,12 @@ def build_decoder_graph(
         )  # [b, seq, intermediate] each
         activated = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])
         down_w = g.weight(p + "mlp.down_proj.weight", weights[p + "mlp.down_proj.weight"].T)
-        hidden = g.op("Add", [hidden, projection(activated, down_w, layer, "down")])
+        mlp_out = projection(activated, down_w, layer, "down")  # [b, seq, hidden]
 
-    last = g.op("Slice", [hidden, "c_m1", "c_end", "axes_1"])  # [b, 1, hidden]
-    normed = rms_norm(last, "model.norm.weight")
+    # Only the last position's logits: slice before the final residual add and norm.
+    last_hidden = g.op("Slice", [hidden, "c_m1", "c_end", "axes_1"])  # [b, 1, hidden]
+    last_mlp = g.op("Slice", [mlp_out, "c_m1", "c_end", "axes_1"])  # [b, 1, hidden]
+    normed, _ = add_and_rms_norm(last_hidden, last_mlp, "model.norm.weight")
     lm_w = g.weight("lm_head.weight", weights["lm_head.weight"].T)
     logits = g.op("MatMul", [normed, lm_w], node=LM_HEAD_NODE)  # [b, 1, vocab]
     g.op("Cast", [logits], name=io.logits, to=TensorProto.FLOAT)
