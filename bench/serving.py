@@ -135,6 +135,10 @@ def markdown_lines(serving: dict[str, Any], batch1: dict[str, Any]) -> list[str]
             )
     sweep = {server: serving["sweep"].get(server, {}) for server in SERVER_NAMES}
 
+    def side_by_side(summaries: dict[str, dict[str, Any]], key: str) -> tuple[Any, Any]:
+        """`key` of v2's summary and of the one before it."""
+        return summaries["grpc"].get(key), summaries["grpc-before"].get(key)
+
     def aggregate(server: str, level: str) -> float | None:
         value: float | None = sweep[server].get(level, {}).get("aggregate_decode_tok_s", {}).get("median")
         return value
@@ -166,15 +170,7 @@ def markdown_lines(serving: dict[str, Any], batch1: dict[str, Any]) -> list[str]
     ):
         today, before = (mixed_of[server].get(measure, {}).get("median") for server in SERVER_NAMES)
         rows.append((label, today, before, "{:.0f}", "higher"))
-    rows.append(
-        (
-            "at once ÷ one after another",
-            mixed_of["grpc"].get("ratio"),
-            mixed_of["grpc-before"].get("ratio"),
-            "{:.2f}×",
-            None,
-        )
-    )
+    rows.append(("at once ÷ one after another", *side_by_side(mixed_of, "ratio"), "{:.2f}×", None))
     a = serving["arrivals"]
     arrivals_of = {server: a["servers"].get(server, {}) for server in SERVER_NAMES}
     for name in ("p50", "p99", "max"):
@@ -186,19 +182,12 @@ def markdown_lines(serving: dict[str, Any], batch1: dict[str, Any]) -> list[str]
         )
         rows.append((f"inter-token {name} ms under long-prompt arrivals", today, before, "{:.1f}", "lower"))
     rows.append(
-        (
-            "inter-token p99 ÷ p50 under arrivals",
-            arrivals_of["grpc"].get("p99_over_p50"),
-            arrivals_of["grpc-before"].get("p99_over_p50"),
-            "{:.2f}×",
-            None,
-        )
+        ("inter-token p99 ÷ p50 under arrivals", *side_by_side(arrivals_of, "p99_over_p50"), "{:.2f}×", None)
     )
     rows.append(
         (
             "long prompts served while the streams ran",
-            arrivals_of["grpc"].get("long_requests"),
-            arrivals_of["grpc-before"].get("long_requests"),
+            *side_by_side(arrivals_of, "long_requests"),
             "{:.0f}",
             None,
         )
