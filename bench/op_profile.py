@@ -166,7 +166,7 @@ def profile_decode(
     """Decode steps of `rows` rows after prompts of `prompt` tokens, under the profiler, between two
     bandwidth measurements over `bandwidth_bytes`."""
     import onnxruntime as ort
-    from textgen_server.engine import Engine
+    from textgen_server.engine import Engine, session_options
     from textgen_server.model_config import MODEL_FILE
 
     from .membw import read_bandwidth
@@ -176,16 +176,7 @@ def profile_decode(
     engine = Engine(model_dir, provider="cpu", threads=threads, slots=rows)
     with tempfile.TemporaryDirectory() as scratch:
         # The engine's own session options, with the profiler on.
-        options = engine.session.get_session_options()
-        profiled = ort.SessionOptions()
-        for name in (
-            "graph_optimization_level",
-            "intra_op_num_threads",
-            "inter_op_num_threads",
-            "execution_mode",
-            "enable_mem_pattern",
-        ):
-            setattr(profiled, name, getattr(options, name))
+        profiled = session_options(threads)
         profiled.enable_profiling = True
         profiled.profile_file_prefix = str(Path(scratch) / "decode")
         engine.session = ort.InferenceSession(

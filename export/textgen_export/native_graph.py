@@ -219,7 +219,6 @@ def build_decoder_graph(
             "SkipSimplifiedLayerNormalization",
             [x, residual, w],
             4,
-            names=["", "", "", ""],
             omit=(1, 2),  # mean and inv_std_var
             domain="com.microsoft",
             epsilon=s.rms_norm_eps,

@@ -71,6 +71,18 @@ def select_providers(provider: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def session_options(threads: int | None) -> ort.SessionOptions:
+    """The options the engine's session runs with (`threads` None or 0: one per physical core)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads or 0  # 0: ORT picks one per physical core
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # Batch and chunk sizes change between steps; pattern planning would only be redone each time.
+    options.enable_mem_pattern = False
+    return options
+
+
 @dataclass
 class _DecodeBinding:
     binding: ort.IOBinding
@@ -100,16 +112,9 @@ class Engine:
                 f"{model_dir}: {what}; this server reads format {FORMAT_VERSION} (a KV cache allocated "
                 "once): export it again (textgen-export ... --overwrite)"
             )
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads or 0  # 0: ORT picks one per physical core
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        # Batch and chunk sizes change between steps; pattern planning would only be redone each time.
-        options.enable_mem_pattern = False
         providers = select_providers(provider)
         self.session = ort.InferenceSession(
-            str(model_dir / MODEL_FILE), sess_options=options, providers=providers
+            str(model_dir / MODEL_FILE), sess_options=session_options(threads), providers=providers
         )
         self.execution_provider = self.session.get_providers()[0]
         if provider == "cuda" and self.execution_provider != _CUDA:
@@ -216,14 +221,13 @@ class Engine:
         elif adapters.shape != (n,):
             raise ValueError(f"adapters must be [{n}], got {adapters.shape}")
         bound = self._decode_bindings.get(n) or self._bind_decode(n)
-        if self.lora is not None:
-            first, count, relative = self._adapter_range(adapters)
+        adapter_run = self._adapter_range(adapters)
+        if adapter_run is not None and self.lora is not None:
+            first, count, relative = adapter_run
             self._step_adapters[:n] = relative
             if bound.adapter_range != (first, count):
                 self.lora.bind(bound.binding, first, count)
                 bound.adapter_range = (first, count)
-        elif adapters.any():
-            raise ValueError(f"{self.config.name} was exported without adapter slots")
         self._step_ids[:n, 0] = tokens
         self._step_seqlens[:n] = lengths
         self._step_total[...] = int(lengths.max()) + 1
@@ -252,11 +256,17 @@ class Engine:
         bound = self._decode_bindings[rows] = _DecodeBinding(binding)
         return bound
 
-    def _adapter_range(self, adapters: npt.NDArray[np.int64]) -> tuple[int, int, npt.NDArray[np.int64]]:
+    def _adapter_range(
+        self, adapters: npt.NDArray[np.int64]
+    ) -> tuple[int, int, npt.NDArray[np.int64]] | None:
         """The run of adapter slots the rows use (first, count; count 0 when every row is the base
         model) and each row's index relative to it (0: the base model): a pass binds only that run,
-        since the graph's adapter work grows with it."""
-        assert self.lora is not None
+        since the graph's adapter work grows with it. None for a graph without adapter slots, which
+        takes only rows of the base model."""
+        if self.lora is None:
+            if adapters.any():
+                raise ValueError(f"{self.config.name} was exported without adapter slots")
+            return None
         # Out-of-range indices would make Gather fail (CPU) or read anything (CUDA): refuse here.
         if int(adapters.min()) < 0 or int(adapters.max()) > self.lora.slots:
             raise ValueError(f"adapter slots must be in 0..{self.lora.slots}, got {adapters.tolist()}")
@@ -278,12 +288,11 @@ class Engine:
         rows = int(input_ids.shape[0])
         binding = self.session.io_binding()
         binding.bind_cpu_input(io.input_ids, input_ids)
-        if self.lora is not None:
-            first, count, relative = self._adapter_range(adapters)
+        adapter_run = self._adapter_range(adapters)
+        if adapter_run is not None and self.lora is not None:
+            first, count, relative = adapter_run
             binding.bind_cpu_input(io.lora_index, relative)
             self.lora.bind(binding, first, count)
-        elif adapters.any():
-            raise ValueError(f"{self.config.name} was exported without adapter slots")
         binding.bind_cpu_input(io.seqlens_k, seqlens)
         # Host memory on every provider: CUDA's kernel reads it on the host.
         binding.bind_cpu_input(io.total_sequence_length, np.array(int(seqlens.max()) + 1, dtype=np.int32))
