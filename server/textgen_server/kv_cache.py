@@ -6,6 +6,13 @@ GroupQueryAttention writes the new columns in place: nothing is concatenated, co
 between steps, and peak memory is what `KVCache.nbytes` says from start-up on (gpt-fast's KVCache,
 onnxruntime-genai's DefaultKeyValueCache).
 
+In host memory that is checked and committed at start-up: a cache larger than the memory this
+process may still take (memory.py: the host's and its cgroup's) is refused with the largest budget
+that fits, and every page is written once, so that a budget the machine cannot hold fails at start-up
+rather than under load, when the kernel kills the process with every request in it. (The buffers are
+zeroed pages the kernel maps only when first written; untouched, the process would look small until
+the slots fill.)
+
 Where the buffers live: on the CPU they are numpy arrays (a slot move copies only the positions in
 use); on a GPU they are OrtValues in device memory and a slot move runs the exporter's kv_copy.onnx
 on the model's execution provider, so the cache never crosses to the host.
@@ -13,7 +20,9 @@ on the model's execution provider, so the cache never crosses to the host.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +30,19 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
+from .memory import Headroom, headroom, size
 from .model_config import KV_COPY_FILE, ModelConfig
 
+log = logging.getLogger(__name__)
+
 NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+# Of the memory left when the cache is allocated, the share a suggested budget leaves free: prefill
+# activations and the server's own needs grow with the prompt.
+_SUGGESTED_SHARE = 0.8
+
+
+class KVBudgetError(ValueError):
+    """The configured KV cache does not fit the memory this process may take."""
 
 
 class KVCache:
@@ -39,8 +58,11 @@ class KVCache:
         device: str,
         providers: Sequence[str],
         host_arrays: bool | None = None,
+        memory: Callable[[], Headroom] | None = None,
     ) -> None:
-        """`host_arrays`: numpy buffers (default on the CPU) or OrtValues moved by the copy graph."""
+        """`host_arrays`: numpy buffers (default on the CPU) or OrtValues moved by the copy graph;
+        `memory` says how much host memory is left (default memory.headroom), asked before a cache in
+        host memory is allocated."""
         if slots < 1 or max_len < 1:
             raise ValueError(f"a KV cache needs at least one slot and one position, got {slots} x {max_len}")
         self.slots = slots
@@ -52,15 +74,27 @@ class KVCache:
         self._slot_elems = config.num_kv_heads * max_len * config.head_dim
         self._slot_bytes = self._slot_elems * np.dtype(self.dtype).itemsize
         self._host = (device == "cpu") if host_arrays is None else host_arrays
+        if device == "cpu":
+            self._check_fits((memory or headroom)())
         if self._host:
-            self._arrays = [np.zeros(self.shape, dtype=self.dtype) for _ in range(self.count)]
+            started = time.monotonic()
+            self._arrays = [np.empty(self.shape, dtype=self.dtype) for _ in range(self.count)]
+            for array in self._arrays:
+                array.fill(0)  # every page written: the memory is the process's from now on
+            log.info("KV cache: %s committed in %.1f s", size(self.nbytes), time.monotonic() - started)
             self._pointers = [int(a.ctypes.data) for a in self._arrays]
             self._values: list[ort.OrtValue] = []
         else:
-            self._values = [
-                ort.OrtValue.ortvalue_from_shape_and_type(list(self.shape), self.dtype, device, 0)
-                for _ in range(self.count)
-            ]
+            try:
+                self._values = [
+                    ort.OrtValue.ortvalue_from_shape_and_type(list(self.shape), self.dtype, device, 0)
+                    for _ in range(self.count)
+                ]
+            except Exception as exc:  # onnxruntime says only that an allocation failed
+                raise KVBudgetError(
+                    f"the KV cache needs {size(self.nbytes)} on {device} and allocating it failed ({exc}): "
+                    "lower --max-batch-total-tokens"
+                ) from exc
             self._pointers = [int(v.data_ptr()) for v in self._values]
             options = ort.SessionOptions()
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep the copies
@@ -72,6 +106,27 @@ class KVCache:
     def nbytes(self) -> int:
         """Bytes held by all the buffers: the whole cache, allocated once."""
         return self.count * self.slots * self._slot_bytes
+
+    @property
+    def position_bytes(self) -> int:
+        """Bytes one position of one sequence takes, over every layer's keys and values."""
+        return self.count * self._slot_bytes // self.max_len
+
+    def _check_fits(self, room: Headroom) -> None:
+        """Refuse a host cache larger than the memory left, naming the largest budget that fits."""
+        if self.nbytes <= room.bytes:
+            return
+        fits = int(room.bytes * _SUGGESTED_SHARE) // (self.position_bytes * self.max_len)  # whole slots
+        advice = (
+            f"lower --max-batch-total-tokens to {fits * self.max_len} ({fits} sequences of {self.max_len})"
+            if fits
+            else f"not one sequence of {self.max_len} positions fits"
+        )
+        raise KVBudgetError(
+            f"the KV cache needs {size(self.nbytes)} ({self.slots} slots x {self.max_len} positions x "
+            f"{self.position_bytes / 1024:g} KiB a position) but this process may take only {size(room.bytes)} "
+            f"more ({room.describe()}): {advice}, or give it more memory"
+        )
 
     def bind(
         self, binding: ort.IOBinding, inputs: Sequence[str], outputs: Sequence[str], first: int, rows: int
