@@ -4,11 +4,13 @@
 
 Prefills `--rows` prompts, then runs `--steps` decode steps of all rows with the session's profiler
 on, and prints the kernel time per step by op type and, for every matrix product with at least
-1 MB of weights, the rate at which it reads them (weight bytes ÷ kernel time), beside the read
-bandwidth of a numpy sum on as many threads just before and just after (`bench.membw`; it differs
-from minute to minute on a shared machine, so only figures taken together compare). Together they
-say whether a decode step is bound by its weight reads or by the work around them. The profiler's
-own cost makes the step a little slower than in `make bench`.
+1 MB of weights, the rate at which it reads them (weight bytes ÷ kernel time) and the rate at which
+it multiplies (2 × rows × its multiply-adds a row ÷ kernel time). Beside them: the read bandwidth of
+a numpy sum on as many threads just before and just after (`bench.membw`; it differs from minute to
+minute on a shared machine, so only figures taken together compare), and the rate of a large fp32
+MatMul in onnxruntime on the same threads (`bench.flops`). Together they say whether a decode step
+is bound by its weight reads, by arithmetic, or by the work around them. The profiler's own cost
+makes the step a little slower than in `make bench`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from .flops import ROWS, K, N, matmul_flops
+
 REPO = Path(__file__).resolve().parent.parent
 WEIGHT_BYTES_SHOWN = 1_000_000  # products reading less are dispatch cost, not reads: left out of the rates
 # Ops that read all of their weights each step (Gather reads one embedding row; attention's rotary
@@ -32,6 +36,7 @@ WEIGHT_BYTES_SHOWN = 1_000_000  # products reading less are dispatch cost, not r
 MATRIX_PRODUCTS = frozenset({"MatMul", "MatMulNBits", "Gemm", "MatMulInteger", "DynamicQuantizeMatMul"})
 BANDWIDTH_BYTES = 1 << 30
 BANDWIDTH_REPS = 5
+MATMUL_REPS = 10
 
 
 @dataclass(frozen=True)
@@ -47,10 +52,15 @@ class NodeRead:
     op_type: str
     weight_bytes: int
     us_median: float
+    flops: int = 0  # per step: 2 x rows x the node's multiply-adds a row (0: not known)
 
     @property
     def gb_s(self) -> float:
         return self.weight_bytes / self.us_median / 1e3
+
+    @property
+    def gflop_s(self) -> float:
+        return self.flops / self.us_median / 1e3
 
 
 @dataclass(frozen=True)
@@ -60,6 +70,7 @@ class StepProfile:
     by_op: list[OpTime]  # slowest first
     reads: list[NodeRead]  # the matrix products with weights, in graph order
     bandwidth_bytes_s: list[float] = field(default_factory=list)  # numpy sums just before and after
+    matmul_flops_s: list[float] = field(default_factory=list)  # bench.flops, just before
 
 
 def weight_bytes_by_node(model_path: Path) -> dict[str, int]:
@@ -80,9 +91,36 @@ def weight_bytes_by_node(model_path: Path) -> dict[str, int]:
     }
 
 
-def summarize(events: list[dict[str, Any]], weight_bytes: dict[str, int], last_runs: int) -> StepProfile:
+def multiply_adds_by_node(model_path: Path) -> dict[str, int]:
+    """Multiply-adds a row of input costs each matrix product with a weight initializer: K x N of
+    a MatMul's or Gemm's 2-D weights, or of a MatMulNBits' K and N attributes."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    dims = {init.name: list(init.dims) for init in model.graph.initializer}
+    found = {}
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            found[node.name] = int(attrs["K"]) * int(attrs["N"])
+        elif node.op_type in MATRIX_PRODUCTS:
+            weights = [dims[name] for name in node.input if len(dims.get(name, [])) == 2]
+            if weights:
+                found[node.name] = int(np.prod(weights[0], dtype=np.int64))
+    return found
+
+
+def summarize(
+    events: list[dict[str, Any]],
+    weight_bytes: dict[str, int],
+    last_runs: int,
+    multiply_adds: dict[str, int] | None = None,
+    rows: int = 1,
+) -> StepProfile:
     """The last `last_runs` model runs of an onnxruntime profile (`events`, its JSON list): time per
-    step by op type and each weighted node's median kernel time."""
+    step by op type and each weighted node's median kernel time (and FLOPs a step, for the nodes
+    `multiply_adds` gives multiply-adds a row for, at `rows` rows)."""
     runs = sorted(
         (e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
         key=lambda e: int(e["ts"]),
@@ -112,8 +150,15 @@ def summarize(events: list[dict[str, Any]], weight_bytes: dict[str, int], last_r
         (OpTime(op, op_nodes[op] // last_runs, us / last_runs) for op, us in op_us.items()),
         key=lambda t: -t.us_per_step,
     )
+    macs = multiply_adds or {}
     reads = [
-        NodeRead(node, node_op[node], weight_bytes[node], statistics.median(node_us[node]))
+        NodeRead(
+            node,
+            node_op[node],
+            weight_bytes[node],
+            statistics.median(node_us[node]),
+            2 * rows * macs.get(node, 0),
+        )
         for node in weight_bytes  # graph order
         if node in node_us and node_op[node] in MATRIX_PRODUCTS and weight_bytes[node] >= WEIGHT_BYTES_SHOWN
     ]
@@ -140,21 +185,31 @@ def markdown_lines(profile: StepProfile) -> list[str]:
                 f"({len(samples)} passes)"
             ),
         ]
+    if profile.matmul_flops_s:
+        samples = profile.matmul_flops_s
+        lines.append(
+            f"onnxruntime fp32 MatMul {ROWS} x {K} x {N}, same threads, just before: median "
+            f"{statistics.median(samples) / 1e9:.0f} GFLOP/s, best {max(samples) / 1e9:.0f} GFLOP/s "
+            f"({len(samples)} runs)"
+        )
     if profile.reads:
         total_bytes = sum(r.weight_bytes for r in profile.reads)
         total_us = sum(r.us_median for r in profile.reads)
+        total_flops = sum(r.flops for r in profile.reads)
         lines += [
             "",
             (
                 f"Weight reads: {total_bytes / 1e6:.1f} MB in {total_us / 1e3:.2f} ms = "
-                f"{total_bytes / total_us / 1e3:.1f} GB/s over the matrix products below (medians)"
+                f"{total_bytes / total_us / 1e3:.1f} GB/s and {total_flops / total_us / 1e3:.0f} GFLOP/s over "
+                "the matrix products below (medians)"
             ),
             "",
-            "| node | op type | weights MB | µs | GB/s |",
-            "|---|---|---|---|---|",
+            "| node | op type | weights MB | µs | GB/s | GFLOP/s |",
+            "|---|---|---|---|---|---|",
         ]
         lines += [
-            f"| {r.node} | {r.op_type} | {r.weight_bytes / 1e6:.1f} | {r.us_median:.0f} | {r.gb_s:.1f} |"
+            f"| {r.node} | {r.op_type} | {r.weight_bytes / 1e6:.1f} | {r.us_median:.0f} | {r.gb_s:.1f} "
+            f"| {r.gflop_s:.0f} |"
             for r in profile.reads
         ]
     return lines
@@ -171,6 +226,7 @@ def profile_decode(
 
     from .membw import read_bandwidth
 
+    matmul = matmul_flops(threads, MATMUL_REPS)
     bandwidth = read_bandwidth(threads, bandwidth_bytes, BANDWIDTH_REPS)
     # Each row's slot as long as the server's (the model's max_total_tokens): attention sees the same buffers.
     engine = Engine(model_dir, provider="cpu", threads=threads, slots=rows)
@@ -190,8 +246,11 @@ def profile_decode(
             engine.decode(tokens, np.full(rows, prompt + step, dtype=np.int64))
         events = json.loads(Path(engine.session.end_profiling()).read_text(encoding="utf-8"))
     bandwidth += read_bandwidth(threads, bandwidth_bytes, BANDWIDTH_REPS)
-    profile = summarize(events, weight_bytes_by_node(model_dir / MODEL_FILE), steps)
-    return replace(profile, bandwidth_bytes_s=bandwidth)
+    model_path = model_dir / MODEL_FILE
+    profile = summarize(
+        events, weight_bytes_by_node(model_path), steps, multiply_adds_by_node(model_path), rows
+    )
+    return replace(profile, bandwidth_bytes_s=bandwidth, matmul_flops_s=matmul)
 
 
 def main(argv: list[str] | None = None) -> int:

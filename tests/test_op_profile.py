@@ -4,6 +4,7 @@ read back against the graph it ran (structure, never timings)."""
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,14 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.op_profile import markdown_lines, profile_decode, summarize, weight_bytes_by_node
+from bench.flops import matmul_flops
+from bench.op_profile import (
+    markdown_lines,
+    multiply_adds_by_node,
+    profile_decode,
+    summarize,
+    weight_bytes_by_node,
+)
 
 
 def _run(ts: int, dur: int) -> dict[str, Any]:
@@ -57,8 +65,23 @@ def test_only_matrix_products_of_a_megabyte_or_more_count_as_reads() -> None:
     assert [(r.node, r.us_median) for r in profile.reads] == [("mm", 200)]
     assert profile.reads[0].gb_s == pytest.approx(8_000_000 / 200e-6 / 1e9)
     table = "\n".join(markdown_lines(profile))
-    assert "| mm | MatMul | 8.0 | 200 | 40.0 |" in table
+    assert "| mm | MatMul | 8.0 | 200 | 40.0 | 0 |" in table
     assert "8.0 MB in 0.20 ms = 40.0 GB/s" in table
+
+
+def test_flops_count_every_row() -> None:
+    """2 FLOPs a multiply-add, for each of the rows decoded together."""
+    profile = summarize(_events(), WEIGHTS, last_runs=2, multiply_adds={"mm": 2_000_000}, rows=16)
+    assert profile.reads[0].flops == 2 * 16 * 2_000_000
+    assert profile.reads[0].gflop_s == pytest.approx(64_000_000 / 200e-6 / 1e9)
+    table = "\n".join(markdown_lines(profile))
+    assert "| mm | MatMul | 8.0 | 200 | 40.0 | 320 |" in table
+    assert "= 40.0 GB/s and 320 GFLOP/s over" in table
+
+
+def test_the_matmul_reference_is_a_rate() -> None:
+    rates = matmul_flops(threads=1, reps=2)
+    assert len(rates) == 2 and all(1e8 < rate < 1e14 for rate in rates)
 
 
 def test_summarize_refuses_a_profile_with_too_few_runs() -> None:
@@ -79,3 +102,18 @@ def test_a_real_profile_matches_the_graph_it_ran(tiny_model_dir: Path) -> None:
     # The tiny demo's only product of a megabyte or more is the LM head: 64 x 32000 fp32 weights.
     assert [(r.node, r.weight_bytes) for r in profile.reads] == [("lm_head", 64 * 32000 * 4)]
     assert weights["lm_head"] == 64 * 32000 * 4
+    # Its multiply-adds: 64 x 32000 a row, for both rows.
+    assert multiply_adds_by_node(tiny_model_dir / "model.onnx")["lm_head"] == 64 * 32000
+    assert profile.reads[0].flops == 2 * 2 * 64 * 32000
+    assert len(profile.matmul_flops_s) == 10
+
+
+def test_multiply_adds_of_quantized_products_come_from_their_shape(
+    tiny_model_dir: Path, quantized_model_dir: Callable[[str], Path]
+) -> None:
+    """MatMulNBits keeps its weights packed: its K and N attributes give the multiply-adds, which
+    must be those of the fp32 product it replaced."""
+    plain = multiply_adds_by_node(tiny_model_dir / "model.onnx")
+    quantized = multiply_adds_by_node(quantized_model_dir("int4") / "model.onnx")
+    renamed = {name.removesuffix("_Q4").removesuffix("_Q8"): macs for name, macs in quantized.items()}
+    assert renamed == plain and len(plain) == 4 * 2 + 1
