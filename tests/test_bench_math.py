@@ -5,17 +5,11 @@ from __future__ import annotations
 import json
 import random
 import struct
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-# `bench` is a folder at the repo root, not an installed package; pytest run as a script has no cwd on sys.path.
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 from bench.llamacpp_env import build_percent, cmake_options, cpu_flags, vendored_commit
 from bench.lora import markdown_lines as lora_markdown
@@ -66,6 +60,8 @@ from bench.stats import (
     run_timing,
     spread,
 )
+
+REPO = Path(__file__).resolve().parent.parent
 
 # -- percentiles, median, spread ---------------------------------------------------------------------
 

@@ -3,16 +3,11 @@ read back against the graph it ran (structure, never timings)."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 from bench.flops import matmul_flops
 from bench.op_profile import (
