@@ -29,9 +29,9 @@ class BenchConfig:
     grammar_concurrency: tuple[int, ...] = (1, 16)
     grammar_new_tokens: int = 128
     grammar_reps: int = 5
-    # Quantized weights (issue 10): models/bench-int4 and -int8 in the batch-1 cases, and through gRPC at
-    # this many streams beside fp32.
-    quantized: tuple[str, ...] = ("int4", "int8")
+    # Quantized weights (issue 10): models/bench-int4, -int8 and -int4-head4 (bench/variants.py) in the
+    # batch-1 cases, and through gRPC at this many streams beside fp32.
+    quantized: tuple[str, ...] = ("int4", "int8", "int4-head4")
     quantized_streams: int = 16
     quantized_reps: int = 3
     # Mixed prompt lengths (issue 9): this many requests of 1 to mixed_max_words words, all at once vs

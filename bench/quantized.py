@@ -11,25 +11,40 @@ from .cells import spread_cell, times
 from .stats import distribution, ratio
 
 # The batch-1 peers whose weights are not the checkpoint's fp32: no roofline share from fp32 bytes.
-QUANTIZED_PEERS = ("engine-int4", "engine-int8", "genai-int4", "llamacpp-q8_0", "llamacpp-q4_0")
+QUANTIZED_PEERS = (
+    "engine-int4",
+    "engine-int4-head4",
+    "engine-int8",
+    "genai-int4",
+    "llamacpp-q8_0",
+    "llamacpp-q4_0",
+)
 COLUMNS = {
     "engine": "engine fp32",
     "engine-int8": "engine int8",
     "engine-int4": "engine int4",
+    "engine-int4-head4": "engine int4, 4-bit head",
     "genai-int4": "genai int4",
     "llamacpp-q8_0": "llama.cpp Q8_0",
     "llamacpp-q4_0": "llama.cpp Q4_0",
 }
-# numerator, denominator, label: the comparisons issue 10 sets targets on, and int8's counterpart.
+# numerator, denominator, label: the comparisons issue 10 sets targets on, int8's counterpart, and
+# int4 beside genai's int4 with the same 4-bit LM head.
 RATIOS = (
     ("engine-int4", "llamacpp-q4_0", "int4 ÷ Q4_0"),
     ("engine-int4", "genai-int4", "int4 ÷ genai int4"),
+    ("engine-int4-head4", "genai-int4", "int4 4-bit head ÷ genai int4"),
     ("engine-int4", "engine", "int4 ÷ fp32"),
     ("engine-int8", "llamacpp-q8_0", "int8 ÷ Q8_0"),
 )
 TARGETS = {"int4 ÷ Q4_0": 1.0, "int4 ÷ genai int4": 1.0, "int4 ÷ fp32": 3.0}
 # The servers through gRPC, as the columns they fill at `quantized_streams` streams.
-SERVER_COLUMNS = {"grpc": "engine", "grpc-int8": "engine-int8", "grpc-int4": "engine-int4"}
+SERVER_COLUMNS = {
+    "grpc": "engine",
+    "grpc-int8": "engine-int8",
+    "grpc-int4": "engine-int4",
+    "grpc-int4-head4": "engine-int4-head4",
+}
 
 
 def summarize(
@@ -81,7 +96,8 @@ def markdown_lines(quantized: dict[str, Any], batch1: dict[str, Any]) -> list[st
         "",
         (
             "Quantized weights, same run: this engine's `--dtype int4` and `int8` exports of the bench "
-            "checkpoint (MatMulNBits, block 32, accuracy_level 4, LM head int8), onnxruntime-genai's "
+            "checkpoint (MatMulNBits, block 32, accuracy_level 4, LM head int8) and `--dtype int4 "
+            "--lm-head int4` (the 4-bit LM head genai's int4 has too), onnxruntime-genai's "
             "`-p int4` build of it, and llama.cpp's Q8_0 and Q4_0 of it; decode tok/s, median (min–max). "
             f"At {quantized['streams']} streams: this engine through its gRPC server (prompt 128, 128 new "
             "tokens each), genai as one static batch of as many prompts, llama.cpp's "

@@ -43,9 +43,18 @@ T = TypeVar("T")
 # One peer per GGUF variant, all driven by the same llama-bench binary.
 LLAMACPP_PEERS = {f"llamacpp-{variant}": variant for variant in VARIANTS}
 # In-process peers of the batch-1 cases, in rotation order; each runs where its worker started.
-BATCH1_PEERS = ("engine", "engine-int4", "engine-int8", "transformers", "genai", "genai-int4")
-# Servers driven through gRPC: today's (fp32, int4, int8) and the engine before v2 (fp32).
-SERVERS = ("grpc", "grpc-int4", "grpc-int8", "grpc-before")
+BATCH1_PEERS = (
+    "engine",
+    "engine-int4",
+    "engine-int4-head4",
+    "engine-int8",
+    "transformers",
+    "genai",
+    "genai-int4",
+)
+# Servers driven through gRPC: today's (fp32, int4, int4 with a 4-bit LM head, int8) and the engine
+# before v2 (fp32).
+SERVERS = ("grpc", "grpc-int4", "grpc-int4-head4", "grpc-int8", "grpc-before")
 # The two engines the before/after sections set side by side, both fp32.
 BEFORE_AFTER = ("grpc", "grpc-before")
 
@@ -202,7 +211,7 @@ class Runner:
             else BeforeSetup((), None, "left out (--no-before)")
         )
         quantized = (
-            {dtype: ensure_quantized(self.repo, model_dir, dtype) for dtype in c.quantized}
+            {variant: ensure_quantized(self.repo, model_dir, variant) for variant in c.quantized}
             if c.only is None
             else {}
         )

@@ -1,5 +1,5 @@
-"""The bench model's other forms, made on first use from its checkpoint: int4 and int8 exports for the
-quantized rows, and the engine before engine v2 with its own export, for the before/after rows.
+"""The bench model's other forms, made on first use from its checkpoint: int4 and int8 exports (and
+int4 with a 4-bit LM head) for the quantized rows, and the engine before engine v2 with its own export, for the before/after rows.
 
 The engine before v2 is commit `BEFORE_COMMIT` (left-padded batches, a KV cache concatenated every
 step and copied when a request joins or leaves). Its `server`, `sdk` and `export` folders are taken
@@ -25,7 +25,22 @@ from . import stamps
 BEFORE_COMMIT = "4c1f449"
 BEFORE_SOURCE = Path("build/before-engine")
 BEFORE_MODEL = Path("models/bench-before")
-QUANTIZED_MODELS = {"int4": Path("models/bench-int4"), "int8": Path("models/bench-int8")}
+
+
+@dataclass(frozen=True)
+class QuantizedVariant:
+    folder: Path
+    dtype: str  # textgen-export --dtype
+    lm_head: str | None = None  # textgen-export --lm-head (None: its default, int8)
+
+
+# "int4-head4" is int4 with the 4-bit LM head that onnxruntime-genai's int4 build has too: the
+# like-for-like row beside it (the bench model's LM head is 40% of its weights).
+QUANTIZED_MODELS = {
+    "int4": QuantizedVariant(Path("models/bench-int4"), "int4"),
+    "int8": QuantizedVariant(Path("models/bench-int8"), "int8"),
+    "int4-head4": QuantizedVariant(Path("models/bench-int4-head4"), "int4", lm_head="int4"),
+}
 
 
 @dataclass(frozen=True)
@@ -35,18 +50,25 @@ class BeforeSetup:
     unavailable: str | None  # why it cannot be measured here; None when it can
 
 
-def ensure_quantized(repo: Path, bench_model: Path, dtype: str) -> Path:
-    """models/bench-int4 or -int8: the bench checkpoint exported with `--dtype DTYPE` (a minute or so,
-    the quality measurement included), rebuilt when missing or made by other exporter code."""
-    model_dir = repo / QUANTIZED_MODELS[dtype]
+def ensure_quantized(repo: Path, bench_model: Path, variant: str) -> Path:
+    """models/bench-int4, -int8 or -int4-head4: the bench checkpoint exported as QUANTIZED_MODELS
+    says (a minute or so, the quality measurement included), rebuilt when missing or made by other
+    exporter code."""
+    spec = QUANTIZED_MODELS[variant]
+    model_dir = repo / spec.folder
     exporter = _exporter_digest(repo)
     if stamps.read(model_dir) == exporter:
         return model_dir
-    print(f"bench: exporting {QUANTIZED_MODELS[dtype]} from the bench checkpoint ({dtype}) ...", flush=True)
+    print(f"bench: exporting {spec.folder} from the bench checkpoint ({variant}) ...", flush=True)
     from textgen_export.onnx_export import export_checkpoint
 
     export_checkpoint(
-        bench_model / "checkpoint", model_dir, dtype=dtype, name=f"textgen-demo-bench-{dtype}", overwrite=True
+        bench_model / "checkpoint",
+        model_dir,
+        dtype=spec.dtype,
+        lm_head=spec.lm_head,
+        name=f"textgen-demo-bench-{variant}",
+        overwrite=True,
     )
     stamps.write(model_dir, exporter)
     return model_dir

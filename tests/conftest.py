@@ -30,18 +30,21 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def quantized_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
-    """The tiny demo with int4 or int8 weights (`quantized_model_dir("int4")`), each built once."""
+def quantized_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """The tiny demo with int4 or int8 weights (`quantized_model_dir("int4")`, or with a 4-bit LM head
+    `quantized_model_dir("int4", lm_head="int4")`), each built once."""
     from textgen_export.demo import build_demo
 
-    built: dict[str, Path] = {}
+    built: dict[tuple[str, str | None], Path] = {}
 
-    def build(weight_dtype: str) -> Path:
-        if weight_dtype not in built:
-            out = tmp_path_factory.mktemp("quantized") / weight_dtype
-            build_demo(out, size="tiny", dtype=weight_dtype)
-            built[weight_dtype] = out
-        return built[weight_dtype]
+    def build(weight_dtype: str, lm_head: str | None = None) -> Path:
+        key = (weight_dtype, lm_head)
+        if key not in built:
+            name = weight_dtype + (f"-lm-head-{lm_head}" if lm_head else "")
+            out = tmp_path_factory.mktemp("quantized") / name
+            build_demo(out, size="tiny", dtype=weight_dtype, lm_head=lm_head)
+            built[key] = out
+        return built[key]
 
     return build
 

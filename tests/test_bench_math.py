@@ -710,6 +710,7 @@ def test_quantized_ratios_set_int4_against_q4_0_genai_int4_and_fp32() -> None:
             "peers": {
                 "engine": peer(100.0),
                 "engine-int4": peer(300.0),
+                "engine-int4-head4": peer(375.0),
                 "engine-int8": peer(200.0),
                 "genai-int4": peer(250.0),
                 "llamacpp-q4_0": peer(400.0),
@@ -726,6 +727,7 @@ def test_quantized_ratios_set_int4_against_q4_0_genai_int4_and_fp32() -> None:
     ratios = out["ratios"]["128/128"]
     assert ratios["int4 ÷ Q4_0"] == pytest.approx(0.75)
     assert ratios["int4 ÷ genai int4"] == pytest.approx(1.2)
+    assert ratios["int4 4-bit head ÷ genai int4"] == pytest.approx(1.5)
     assert ratios["int4 ÷ fp32"] == pytest.approx(3.0)
     assert ratios["int8 ÷ Q8_0"] is None  # no llama.cpp Q8_0 in this run
     # At 16 streams: the servers' levels and the peers' median rate (300) side by side.
@@ -737,7 +739,7 @@ def test_quantized_ratios_set_int4_against_q4_0_genai_int4_and_fp32() -> None:
     assert targets["engine int4 ÷ fp32 decode"] == pytest.approx(3.0)
     table = "\n".join(quantized_markdown(out, batch1))
     assert (
-        "| aggregate decode tok/s, 16 streams | 160 | n/a | 400 | n/a | n/a | 300 (200–500) | 1.33× |"
+        "| aggregate decode tok/s, 16 streams | 160 | n/a | 400 | n/a | n/a | n/a | 300 (200–500) | 1.33× |"
         in table
     )
 

@@ -120,6 +120,15 @@ def test_missing_folder(tmp_path: Path) -> None:
     _no_model_left(tmp_path)
 
 
+def test_lm_head_dtype_needs_quantized_weights(tiny_model_dir: Path, tmp_path: Path) -> None:
+    checkpoint = str(tiny_model_dir / "checkpoint")
+    _assert_one_line_error(
+        _run_cli("model", checkpoint, "--out", str(tmp_path / "out"), "--lm-head", "int4"),
+        "--lm-head int4: expected int4 or int8, with --dtype int4 or int8 (got --dtype fp32",
+    )
+    _no_model_left(tmp_path)
+
+
 def test_folder_that_is_not_a_checkpoint(tmp_path: Path) -> None:
     (tmp_path / "ckpt").mkdir()
     _assert_one_line_error(

@@ -22,9 +22,14 @@ from textgen_server.tokenizer import Tokenizer
 PROMPTS = ["Hello", "Tell me about rivers", "1 2 3 4 5 6 7 8", "Write a poem about the sea, please"]
 
 
-@pytest.fixture(scope="module", params=["int4", "int8"])
-def quantized_dir(request: pytest.FixtureRequest, quantized_model_dir: Callable[[str], Path]) -> Path:
-    return quantized_model_dir(request.param)
+# (weights, LM head): the two defaults, and the 4-bit LM head of onnxruntime-genai's int4 builds.
+VARIANTS = [("int4", None), ("int8", None), ("int4", "int4")]
+
+
+@pytest.fixture(scope="module", params=VARIANTS, ids=["int4", "int8", "int4-lm-head-int4"])
+def quantized_dir(request: pytest.FixtureRequest, quantized_model_dir: Callable[..., Path]) -> Path:
+    weight_dtype, lm_head = request.param
+    return quantized_model_dir(weight_dtype, lm_head=lm_head)
 
 
 def _offline_greedy(engine: Engine, prompt: list[int], new_tokens: int) -> list[int]:
@@ -37,7 +42,8 @@ def _offline_greedy(engine: Engine, prompt: list[int], new_tokens: int) -> list[
 
 def test_export_reports_its_quality_and_quantizes_the_linear_layers(quantized_dir: Path) -> None:
     config = ModelConfig.load(quantized_dir)
-    weight_dtype = quantized_dir.name
+    weight_dtype, _, lm_head = quantized_dir.name.partition("-lm-head-")
+    lm_head_bits = int((lm_head or "int8")[3:])
     assert (config.weight_dtype, config.dtype) == (weight_dtype, "fp32")
     report = config.quantization
     assert report["weight_dtype"] == weight_dtype and report["block_size"] == 32
@@ -46,11 +52,11 @@ def test_export_reports_its_quality_and_quantizes_the_linear_layers(quantized_di
     graph = onnx.load(str(quantized_dir / "model.onnx")).graph
     nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
     plain = [n.name for n in graph.node if n.op_type == "MatMul"]
-    # Per layer: qkv, o, gate_up, down (2 layers), and the LM head, always in 8 bits.
+    # Per layer: qkv, o, gate_up, down (2 layers), and the LM head, in 8 bits unless asked otherwise.
     assert len(nbits) == 2 * 4 + 1 and plain == []
     bits = {n.name: a.i for n in nbits for a in n.attribute if a.name == "bits"}
     accuracy = {a.i for n in nbits for a in n.attribute if a.name == "accuracy_level"}
-    assert bits.pop(LM_HEAD_NODE + "_Q8") == 8 and report["lm_head_bits"] == 8
+    assert bits.pop(f"{LM_HEAD_NODE}_Q{lm_head_bits}") == lm_head_bits == report["lm_head_bits"]
     assert set(bits.values()) == {int(weight_dtype[3:])} and accuracy == {4}
 
 
@@ -80,4 +86,4 @@ def test_served_greedy_equals_the_engine_offline_in_a_batch(
         cut = want.index(eos) + 1 if eos in want else len(want)
         assert got == want[:cut]
     info = served.GetModelInfo(pb.GetModelInfoRequest())
-    assert (info.weight_dtype, info.dtype) == (quantized_dir.name, "fp32")
+    assert (info.weight_dtype, info.dtype) == (quantized_dir.name.partition("-lm-head-")[0], "fp32")

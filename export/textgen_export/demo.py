@@ -56,6 +56,7 @@ def build_demo(
     overwrite: bool = False,
     lora_slots: int = 0,
     lora_rank: int = DEFAULT_LORA_RANK,
+    lm_head: str | None = None,
 ) -> ModelConfig:
     """The demo model directory, with its checkpoint bundled in `out/checkpoint/` for parity tests.
 
@@ -80,4 +81,5 @@ def build_demo(
             weights=(decoder_shape(config), weights),
             lora_slots=lora_slots,
             lora_rank=lora_rank,
+            lm_head=lm_head,
         )

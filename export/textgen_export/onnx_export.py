@@ -32,7 +32,7 @@ from .errors import ExportError
 from .kv_graphs import write_kv_copy_graph
 from .native_graph import LM_HEAD_NODE, DecoderShape, build_decoder_graph, lora_layout, save_decoder
 from .progress import Progress
-from .quantize import BITS, measure_quality, quantize_decoder
+from .quantize import BITS, DEFAULT_LM_HEAD, measure_quality, quantize_decoder
 from .tokenizer import checkpoint_tokenizer
 
 log = logging.getLogger(__name__)
@@ -55,13 +55,15 @@ def export_checkpoint(
     weights: tuple[DecoderShape, dict[str, Any]] | None = None,
     lora_slots: int = 0,
     lora_rank: int = DEFAULT_LORA_RANK,
+    lm_head: str | None = None,
 ) -> ModelConfig:
     """Export a local Mistral/Llama checkpoint folder into the model directory `out`.
 
     The decoder graph is written op by op from the weights (native_graph.py), with the KV-slot copy
     graph beside it (kv_graphs.py). `dtype` is the weights' dtype; `activations` the activations' and
     the KV cache's (default: fp16 for fp16 weights, else fp32). int4/int8 weights are quantized to
-    MatMulNBits and the export reports their agreement with the unquantized model (quantize.py).
+    MatMulNBits and the export reports their agreement with the unquantized model (quantize.py);
+    `lm_head` is the LM head's dtype then ("int8" by default, or "int4").
     With `bundle_checkpoint`, a copy of the checkpoint goes to `out/checkpoint/` (demo models keep
     theirs so that tests can compare with transformers on the same weights).
     `weights`: the checkpoint's shape and tensors already in memory (the demo draws them with
@@ -82,6 +84,12 @@ def export_checkpoint(
             f"--lora-slots {lora_slots} --lora-rank {lora_rank}: slots must be 0 or more and rank 1 or more"
         )
     quantized = dtype in BITS
+    if lm_head is not None and not (quantized and lm_head in BITS):
+        raise ExportError(
+            f"--lm-head {lm_head}: expected {' or '.join(BITS)}, with --dtype {' or '.join(BITS)} "
+            f"(got --dtype {dtype}; fp32/fp16 weights keep the LM head in their dtype)"
+        )
+    lm_head = lm_head or DEFAULT_LM_HEAD
     arch = read_architecture(checkpoint)
     staging = _make_staging_dir(out, overwrite)
     progress = Progress(total_steps=(6 if quantized else 4) - (weights is not None))
@@ -113,17 +121,17 @@ def export_checkpoint(
             lora=lora,
         )
         if quantized:
-            with progress.step(f"quantizing the weights to {dtype} (MatMulNBits)"):
+            with progress.step(f"quantizing the weights to {dtype}, the LM head to {lm_head} (MatMulNBits)"):
                 # Saving moved large weights out of `decoder` into external data: read them back.
                 decoder = onnx.load(str(reference / MODEL_FILE))
-                save_decoder(quantize_decoder(decoder, dtype, LM_HEAD_NODE), staging / MODEL_FILE)
+                save_decoder(quantize_decoder(decoder, dtype, LM_HEAD_NODE, lm_head), staging / MODEL_FILE)
                 del decoder
             with progress.step("measuring the quantized model against the unquantized one"):
                 for name_ in (TOKENIZER_FILE, KV_COPY_FILE):
                     shutil.copyfile(staging / name_, reference / name_)
                 config.save(reference)
                 config.save(staging)  # rewritten below with the report
-                report = measure_quality(reference, staging, dtype)
+                report = measure_quality(reference, staging, dtype, lm_head)
                 shutil.rmtree(reference)
             log.info(
                 "%s: next-token agreement with the unquantized model %.1f%%, mean KL %.4f nats "

@@ -10,14 +10,15 @@ MatMul with a constant weight: q/k/v, o, gate/up, down, and the LM head unless e
   run in integer arithmetic. Without it, CPU int4 at batch 16 was slower than fp32 and int8 25x
   slower (measured for issue 10). CUDA ignores it.
 
-The LM head is int8 in both: every token's logits come from it, and 4 bits there cost measurable
-quality where 8 bits cost none. Measured on the bench demo model (random weights, so its
+The LM head is int8 in both by default (`--lm-head int4` makes it 4-bit): every token's logits come
+from it, and 4 bits there cost measurable quality where 8 bits cost none. Measured on the bench demo model (random weights, so its
 distributions are flat and the figures are a floor; batch-1 decode, prompt 128, 2 threads,
 interleaved): int4 with the LM head in fp32 agreed with fp32 on 48.1% of next tokens (mean KL 0.0104
 nats) at 146 tok/s, with an int8 LM head on the same 48.1% (KL 0.0104) at 243 tok/s, with a 4-bit
 LM head on 48.6% (KL 0.0111, 7% more) at 273 tok/s; int8 throughout agreed on 96.7% (KL 0.00006).
 The bench model's LM head is 40% of its bytes per token; Mistral-7B's is 2% of its weights, but in
-fp32 beside int4 layers it would still be 13% of what each token reads.
+fp32 beside int4 layers it would still be 13% of what each token reads. onnxruntime-genai's builder
+quantizes its LM head with the layers, so `--lm-head int4` is the like-for-like export beside its int4.
 
 `measure_quality` compares the quantized model with the unquantized one, teacher-forced over a fixed
 text: the share of positions whose most likely next token agrees, and the mean KL divergence
@@ -38,7 +39,7 @@ from onnx import ModelProto
 BLOCK_SIZE = 32
 ACCURACY_LEVEL = 4
 BITS = {"int4": 4, "int8": 8}
-LM_HEAD_BITS = 8  # for either dtype; see above
+DEFAULT_LM_HEAD = "int8"  # for either dtype; see above
 
 # A fixed English text (the README's first paragraphs would drift; this does not).
 QUALITY_TEXT = (
@@ -68,15 +69,17 @@ class QuantizationReport:
         return asdict(self)
 
 
-def quantize_decoder(model: ModelProto, weight_dtype: str, lm_head_node: str) -> ModelProto:
+def quantize_decoder(
+    model: ModelProto, weight_dtype: str, lm_head_node: str, lm_head_dtype: str = DEFAULT_LM_HEAD
+) -> ModelProto:
     """The decoder with its MatMul weights as MatMulNBits: the layers in `weight_dtype` ("int4" or
-    "int8"), the LM head (`lm_head_node`) in LM_HEAD_BITS."""
+    "int8"), the LM head (`lm_head_node`) in `lm_head_dtype` (the same choices)."""
     # The quantizer logs one line per node at INFO; the exporter prints its own progress.
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
-    if BITS[weight_dtype] == LM_HEAD_BITS:
-        return _quantize(model, LM_HEAD_BITS)
+    if BITS[weight_dtype] == BITS[lm_head_dtype]:
+        return _quantize(model, BITS[weight_dtype])
     layers = _quantize(model, BITS[weight_dtype], nodes_to_exclude=[lm_head_node])
-    return _quantize(layers, LM_HEAD_BITS, nodes_to_include=[lm_head_node])
+    return _quantize(layers, BITS[lm_head_dtype], nodes_to_include=[lm_head_node])
 
 
 def _quantize(model: ModelProto, bits: int, **nodes: list[str]) -> ModelProto:
@@ -97,7 +100,9 @@ def _quantize(model: ModelProto, bits: int, **nodes: list[str]) -> ModelProto:
     return quantized
 
 
-def measure_quality(reference_dir: Path, quantized_dir: Path, weight_dtype: str) -> QuantizationReport:
+def measure_quality(
+    reference_dir: Path, quantized_dir: Path, weight_dtype: str, lm_head_dtype: str = DEFAULT_LM_HEAD
+) -> QuantizationReport:
     """Teacher-force QUALITY_TEXT through both model directories and compare next-token distributions."""
     from textgen_server.engine import Engine
     from textgen_server.model_config import TOKENIZER_FILE
@@ -122,7 +127,7 @@ def measure_quality(reference_dir: Path, quantized_dir: Path, weight_dtype: str)
         weight_dtype=weight_dtype,
         block_size=BLOCK_SIZE,
         accuracy_level=ACCURACY_LEVEL,
-        lm_head_bits=LM_HEAD_BITS,
+        lm_head_bits=BITS[lm_head_dtype],
         positions=int(reference.shape[0]),
         next_token_agreement=agreement,
         mean_kl=float(kl.mean()),
