@@ -1,0 +1,98 @@
+"""Batch-1 decode, this engine against onnxruntime-genai (and optionally another tree of this engine),
+in short alternating rounds: a paired comparison that holds still on a machine whose speed moves.
+
+    python -m bench.pair [--rounds 12] [--prompt 128] [--new 128] [--other-source DIR]
+
+This machine's decode speed changes by up to 40% from one few-second spell to the next, so peers
+measured a minute apart (as `make bench`'s rotation does) can differ by the machine alone. Here each
+round sends the same prompt to every worker back to back (rotating who goes first), so the peers of
+a round ran within about a second of each other, and the report is the median of each round's ratio.
+`--other-source DIR` adds a worker running the `textgen_server` package found in DIR/server (a git
+worktree of another commit, say) on the same model: a before/after of an engine change.
+Uses what `make bench` built: models/bench, bench/.venv-genai and bench/models/genai-bench-fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+from pathlib import Path
+
+from .peers.client import Worker
+from .prompts import prompt_ids
+from .stats import paired_ratios, run_timing
+
+REPO = Path(__file__).resolve().parent.parent
+LOGS = REPO / "bench" / "logs" / "pair"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.pair", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--prompt", type=int, default=128, help="prompt tokens (default 128)")
+    parser.add_argument("--new", type=int, default=128, help="new tokens a round (default 128)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--other-source", type=Path, help="a tree of this repository whose engine to add")
+    args = parser.parse_args(argv)
+    if min(args.rounds, args.prompt, args.threads) < 1 or args.new < 3:
+        parser.error("--rounds, --prompt and --threads must be at least 1, --new at least 3")
+    genai_python = REPO / "bench" / ".venv-genai" / "bin" / "python"
+    genai_model = REPO / "bench" / "models" / "genai-bench-fp32"
+    model = REPO / "models" / "bench"
+    if not (genai_python.is_file() and genai_model.is_dir() and model.is_dir()):
+        parser.error("run `make bench` once first: it builds models/bench and the genai virtualenv and model")
+    here = Path(sys.executable)
+    workers = [
+        Worker("engine", here, model, args.threads, REPO, LOGS / "engine.log"),
+        Worker("genai", genai_python, genai_model, args.threads, REPO, LOGS / "genai.log"),
+    ]
+    if args.other_source is not None:
+        workers.append(
+            Worker(
+                "other",
+                here,
+                model,
+                args.threads,
+                REPO,
+                LOGS / "other.log",
+                peer="engine",
+                source_paths=[args.other_source.resolve() / "server"],
+            )
+        )
+    rng = random.Random(20240216)
+    rates: list[dict[str, float]] = []
+    try:
+        for round_ in range(args.rounds):
+            prompt = prompt_ids(args.prompt, rng)
+            first = round_ % len(workers)
+            order = workers[first:] + workers[:first]
+            rates.append(
+                {
+                    w.name: run_timing(w.call("generate", prompt_ids=prompt, new_tokens=args.new)).decode_tok_s
+                    for w in order
+                }
+            )
+            print(
+                f"round {round_ + 1}/{args.rounds}: "
+                + ", ".join(f"{name} {rate:.0f} tok/s" for name, rate in rates[-1].items()),
+                flush=True,
+            )
+    finally:
+        for worker in workers:
+            worker.close()
+    comparisons = [("engine", "genai")] + ([("engine", "other"), ("other", "genai")] if args.other_source else [])
+    for numerator, denominator in comparisons:
+        ratios = paired_ratios([r[numerator] for r in rates], [r[denominator] for r in rates])
+        print(
+            f"{numerator} ÷ {denominator}: median {statistics.median(ratios):.3f} "
+            f"(rounds {min(ratios):.3f}–{max(ratios):.3f})"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
