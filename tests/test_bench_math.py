@@ -773,4 +773,3 @@ def test_digits_give_one_token_each_and_a_long_prompt_fits_the_card() -> None:
     assert len(spm.encode(text)) == 3000 and len(text) == 2999 and text.isdigit()
     with pytest.raises(ValueError, match="digit splitting"):
         digits_of_length(3000, lambda text: [0] * (len(text) // 2), random.Random(5))
-
