@@ -20,8 +20,11 @@ import statistics
 import sys
 from pathlib import Path
 
+from .genai_env import MODELS as GENAI_MODELS
+from .genai_env import VENV as GENAI_VENV
 from .peers.client import Worker
 from .prompts import prompt_ids
+from .run import BENCH_MODEL
 from .stats import paired_ratios, run_timing
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,9 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if min(args.rounds, args.prompt, args.threads) < 1 or args.new < 3:
         parser.error("--rounds, --prompt and --threads must be at least 1, --new at least 3")
-    genai_python = REPO / "bench" / ".venv-genai" / "bin" / "python"
-    genai_model = REPO / "bench" / "models" / "genai-bench-fp32"
-    model = REPO / "models" / "bench"
+    genai_python = REPO / GENAI_VENV / "bin" / "python"
+    genai_model = REPO / GENAI_MODELS["fp32"]
+    model = REPO / BENCH_MODEL
     if not (genai_python.is_file() and genai_model.is_dir() and model.is_dir()):
         parser.error("run `make bench` once first: it builds models/bench and the genai virtualenv and model")
     here = Path(sys.executable)

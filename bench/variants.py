@@ -1,5 +1,6 @@
 """The bench model's other forms, made on first use from its checkpoint: int4 and int8 exports (and
-int4 with a 4-bit LM head) for the quantized rows, and the engine before engine v2 with its own export, for the before/after rows.
+int4 with a 4-bit LM head) for the quantized rows, and the engine before engine v2 with its own
+export, for the before/after rows.
 
 The engine before v2 is commit `BEFORE_COMMIT` (left-padded batches, a KV cache concatenated every
 step and copied when a request joins or leaves). Its `server`, `sdk` and `export` folders are taken

@@ -258,8 +258,8 @@ class Engine:
             binding.bind_input(io.lora_index, "cpu", 0, np.int64, [rows], self._step_adapters.ctypes.data)
         self.cache.bind(binding, self._past_names, self._present_names, 0, rows)
         # Host memory on every provider: the logits are read on the host.
-        vocab = self.config.vocab_size
-        binding.bind_output(io.logits, "cpu", 0, np.float32, [rows, 1, vocab], self._step_logits.ctypes.data)
+        logits_shape = [rows, *self._step_logits.shape[1:]]  # [rows, 1, vocab]
+        binding.bind_output(io.logits, "cpu", 0, np.float32, logits_shape, self._step_logits.ctypes.data)
         bound = self._decode_bindings[rows] = _DecodeBinding(binding)
         return bound
 

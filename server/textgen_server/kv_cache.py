@@ -116,7 +116,7 @@ class KVCache:
         """Refuse a host cache larger than the memory left, naming the largest budget that fits."""
         if self.nbytes <= room.bytes:
             return
-        fits = int(room.bytes * _SUGGESTED_SHARE) // (self.position_bytes * self.max_len)  # whole slots
+        fits = int(room.bytes * _SUGGESTED_SHARE) // (self.count * self._slot_bytes)  # whole sequences
         advice = (
             f"lower --max-batch-total-tokens to {fits * self.max_len} ({fits} sequences of {self.max_len})"
             if fits
