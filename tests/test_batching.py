@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import resource
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -201,6 +202,42 @@ async def test_the_batch_never_outgrows_the_kv_slots(tiny_model_dir: Path, token
     assert all(len(tokens) >= 1 for tokens in results)
     assert max(sizes) == 4
     assert 0 < max(peaks) <= 4 * 300
+
+
+class _TimedWaitCounter(threading.Condition):
+    """The scheduler's lock, counting the waits with a timeout: the loop's sleeps while it believes
+    that every queued request waits for an adapter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.timed_waits = 0
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if timeout is not None:
+            self.timed_waits += 1
+        return super().wait(timeout)
+
+
+async def test_queued_requests_take_the_slots_of_a_batch_that_just_ended(
+    tiny_model_dir: Path, tokenizer: Tokenizer
+) -> None:
+    # One slot, three requests: each time the batch empties, the next request is waiting for it.
+    # The loop once slept half a second there, as if every queued request waited for an adapter.
+    one_slot = Engine(tiny_model_dir, provider="cpu", slots=1, max_len=64)
+    sched = Scheduler(one_slot, tokenizer)
+    lock = sched._lock = _TimedWaitCounter()
+    sched.start()
+    greedy = SamplingParams(temperature=0.0)
+    requests = [
+        GenerationRequest(request_id=f"q{i}", prompt_ids=(1, 9, 10 + i), max_new_tokens=4, sampling=greedy)
+        for i in range(3)
+    ]
+    try:
+        results = await asyncio.gather(*(_tokens(sched, r) for r in requests))
+    finally:
+        await asyncio.to_thread(sched.stop, 0)
+    assert all(1 <= len(tokens) <= 4 for tokens in results)
+    assert lock.timed_waits == 0
 
 
 async def test_backpressure_past_max_concurrent_requests(engine: Engine, tokenizer: Tokenizer) -> None:

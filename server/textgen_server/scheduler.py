@@ -260,7 +260,11 @@ class Scheduler:
                 self._outbox.flush()
 
     def _iteration(self) -> bool:
-        """One step; False when it found nothing it could do (everything waits for adapters)."""
+        """One step; False when it found nothing it could do (everything waits for adapters).
+
+        A step that decoded counts as work even when every row left after it: the queued requests
+        can take the freed slots at once, and the loop must not sleep on them.
+        """
         self.stats.prefill_seconds = self.stats.decode_seconds = 0.0
         self.stats.prefill_positions = self.stats.tokens = 0
         self.stats.first_token_seconds, self.stats.finished = [], []
@@ -277,7 +281,8 @@ class Scheduler:
         # Finished on their first token, or cancelled during the prefill (no first token was chosen):
         # either way they must not be decoded.
         self._retire(_leaves)
-        if self._running:
+        decoded = bool(self._running)
+        if decoded:
             started = time.monotonic()
             rows = self._running
             tokens = np.array([h.generation.last_token for h in rows], dtype=np.int64)  # [n]
@@ -295,7 +300,7 @@ class Scheduler:
         self._publish_stats(kv_peak)
         # After the observer: by the time a client sees its last token, the step is in the metrics.
         self._outbox.flush()
-        return bool(installed or self.stats.prefill_positions or self._running)
+        return bool(installed or self.stats.prefill_positions or decoded)
 
     def _prefill(self) -> None:
         """Spend this step's prefill budget: the prompt part-way through first, then new requests."""
