@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from . import stamps
 from .cells import times
 from .stats import median, paired_ratios, ratio
 
@@ -34,10 +35,13 @@ def adapter_names() -> list[str]:
 
 
 def ensure_lora_model(repo: Path, bench_model: Path) -> tuple[Path, Path]:
-    """models/bench-lora (the bench weights with adapter slots) and its adapters/ directory."""
+    """models/bench-lora (the bench weights with adapter slots) and its adapters/ directory, made
+    again when the exporter changed since (like the plain graph it is compared with)."""
     model_dir = repo / LORA_MODEL
     adapters = model_dir / "adapters"
-    if _loadable(model_dir) and all((adapters / f"{n}.npz").is_file() for n in adapter_names()):
+    exporter = stamps.exporter_digest(repo)
+    current = stamps.read(model_dir) == exporter
+    if current and _loadable(model_dir) and all((adapters / f"{n}.npz").is_file() for n in adapter_names()):
         return model_dir, adapters
     from textgen_export.lora import convert_peft_adapter
     from textgen_export.onnx_export import export_checkpoint
@@ -55,6 +59,7 @@ def ensure_lora_model(repo: Path, bench_model: Path) -> tuple[Path, Path]:
         peft_dir = _random_peft_adapter(bench_model / "checkpoint", peft_root / name, rank, seed)
         convert_peft_adapter(peft_dir, model_dir, adapters / name)
     shutil.rmtree(peft_root)
+    stamps.write(model_dir, exporter)
     return model_dir, adapters
 
 

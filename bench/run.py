@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from . import stamps
 from .config import BenchConfig, Case
 from .genai_env import GenaiSetup, ensure_genai
 from .llamacpp_env import VARIANTS, LlamacppSetup, ensure_llamacpp
@@ -143,21 +144,27 @@ def rotated(items: Sequence[T], by: int) -> list[T]:
 
 
 def ensure_bench_model(repo: Path) -> Path:
-    """Build models/bench when it is missing, or when this engine cannot load it (an older export)."""
+    """Build models/bench when it is missing, when this engine cannot load it (an older export), or
+    when the exporter changed since it was built (the graph measured must be the one it writes now;
+    the rebuilt checkpoint is the same bytes, so the peers' models made from it stay)."""
     model_dir = repo / BENCH_MODEL
+    exporter = stamps.exporter_digest(repo)
     why = "missing"
     if (model_dir / "textgen.json").is_file() and (model_dir / "checkpoint").is_dir():
         from textgen_server.engine import Engine
 
         try:
             Engine(model_dir, provider="cpu", threads=1)
-            return model_dir
+            if stamps.read(model_dir) == exporter:
+                return model_dir
+            why = "made by other exporter code"
         except Exception as exc:  # noqa: BLE001 - any load failure: ORT's own error types, a stale config
             why = f"not loadable by this engine ({type(exc).__name__})"
     log(f"building the bench model in {BENCH_MODEL}: {why} (about 40 s)")
     from textgen_export.demo import build_demo
 
     build_demo(model_dir, size="bench", overwrite=True)
+    stamps.write(model_dir, exporter)
     return model_dir
 
 

@@ -11,7 +11,6 @@ Anything that fails here makes that variant "unavailable" with the reason, never
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -57,7 +56,7 @@ def ensure_quantized(repo: Path, bench_model: Path, variant: str) -> Path:
     exporter code."""
     spec = QUANTIZED_MODELS[variant]
     model_dir = repo / spec.folder
-    exporter = _exporter_digest(repo)
+    exporter = stamps.exporter_digest(repo)
     if stamps.read(model_dir) == exporter:
         return model_dir
     print(f"bench: exporting {spec.folder} from the bench checkpoint ({variant}) ...", flush=True)
@@ -73,14 +72,6 @@ def ensure_quantized(repo: Path, bench_model: Path, variant: str) -> Path:
     )
     stamps.write(model_dir, exporter)
     return model_dir
-
-
-def _exporter_digest(repo: Path) -> str:
-    """A digest of the exporter's source: a quantized model is current while that has not changed."""
-    digest = hashlib.sha256()
-    for path in sorted((repo / "export" / "textgen_export").glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:16]
 
 
 def ensure_before(repo: Path, checkpoint: Path, log_path: Path) -> BeforeSetup:

@@ -49,6 +49,7 @@ from bench.run import rotated
 from bench.serving import arrival_gaps, throughput_tok_s
 from bench.serving import arrivals as arrivals_summary
 from bench.serving import mixed as mixed_summary
+from bench.stamps import exporter_digest, files_fingerprint
 from bench.stats import (
     aggregate_decode_tok_s,
     aggregate_tok_s,
@@ -773,3 +774,28 @@ def test_digits_give_one_token_each_and_a_long_prompt_fits_the_card() -> None:
     assert len(spm.encode(text)) == 3000 and len(text) == 2999 and text.isdigit()
     with pytest.raises(ValueError, match="digit splitting"):
         digits_of_length(3000, lambda text: [0] * (len(text) // 2), random.Random(5))
+
+
+# -- stamps: when the bench makes its models again ---------------------------------------------------
+
+
+def test_fingerprint_follows_the_bytes_not_the_writes(tmp_path: Path) -> None:
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"\x00" * 1000)
+    (tmp_path / "config.json").write_text("{}")
+    before = files_fingerprint(tmp_path, "*.safetensors")
+    weights.write_bytes(b"\x00" * 1000)  # the demo checkpoint rebuilt: the same bytes again
+    assert files_fingerprint(tmp_path, "*.safetensors") == before
+    weights.write_bytes(b"\x00" * 999 + b"\x01")
+    assert files_fingerprint(tmp_path, "*.safetensors") != before
+    assert "config.json" in files_fingerprint(tmp_path, "*") and "config.json" not in before
+
+
+def test_exporter_digest_changes_with_the_exporter_source(tmp_path: Path) -> None:
+    package = tmp_path / "export" / "textgen_export"
+    package.mkdir(parents=True)
+    (package / "native_graph.py").write_text("A = 1\n")
+    before = exporter_digest(tmp_path)
+    assert exporter_digest(tmp_path) == before
+    (package / "native_graph.py").write_text("A = 2\n")
+    assert exporter_digest(tmp_path) != before
