@@ -309,6 +309,21 @@ def test_greedy_is_argmax_after_penalties_and_mask() -> None:
     np.testing.assert_array_equal(probs, [0, 1, 0, 0, 0])
 
 
+def test_plain_greedy_takes_the_pipelines_token_on_hostile_logits() -> None:
+    # choose() has a one-pass path for greedy without penalties or mask: it must pick what the whole
+    # pipeline picks (probs() always runs the pipeline), NaN, infinities, ties and all -inf included.
+    rng = np.random.default_rng(21)
+    vocab = 200
+    ties = np.zeros(vocab, dtype=np.float32)
+    ties[[7, 3, 150]] = 2.0
+    cases = [*_hostile_logits(rng, vocab), ties, np.full(vocab, -np.inf, dtype=np.float32)]
+    greedy = SamplingParams(temperature=0.0)
+    for x in cases:
+        pipeline = int(np.argmax(TokenChooser.from_params(greedy, [], vocab).probs(x)))
+        assert TokenChooser.from_params(greedy, [], vocab).choose(x) == pipeline
+    assert TokenChooser.from_params(greedy, [], vocab).choose(ties) == 3
+
+
 def test_top_p_zero_samples_the_most_probable_token() -> None:
     rng = np.random.default_rng(8)
     chooser = TokenChooser.from_params(SamplingParams(temperature=1.5, top_p=0.0, seed=3), [], 100)

@@ -372,6 +372,12 @@ class TokenChooser:
         self._rep_penalty = params.effective_repetition_penalty
         self._top_p = params.effective_top_p
         self._top_k = params.top_k if params.top_k is not None and params.top_k < vocab_size else None
+        # Greedy with nothing that changes the logits: the argmax alone decides (choose's fast path).
+        self._plain_greedy = (
+            params.greedy
+            and self._rep_penalty is None
+            and not (params.frequency_penalty or params.presence_penalty)
+        )
         # Repetition: prompt + generated, as a mask and as the list of distinct ids (so the penalty
         # touches only those logits, not the whole vocabulary).
         self._seen = np.zeros(vocab_size, dtype=np.bool_)  # [vocab]
@@ -412,6 +418,13 @@ class TokenChooser:
 
     def choose(self, logits: npt.NDArray[np.floating[Any]], allowed_mask: BoolArray | None = None) -> int:
         """The next token for logits [vocab] (allowed_mask: bool [vocab], True = allowed), recorded."""
+        if self._plain_greedy and allowed_mask is None and logits.shape == (self.vocab_size,):
+            # One pass instead of the pipeline's three: argmax returns the first NaN if there is one,
+            # so a finite maximum means every logit is finite or -inf, and it is the pipeline's answer.
+            top = int(np.argmax(logits))
+            if np.isfinite(logits[top]):
+                self.record(top)
+                return top
         ids, w = self._distribution(logits, allowed_mask)
         if self.params.greedy:
             token = int(ids[0])
