@@ -310,8 +310,8 @@ def test_greedy_is_argmax_after_penalties_and_mask() -> None:
 
 
 def test_plain_greedy_takes_the_pipelines_token_on_hostile_logits() -> None:
-    # choose() has a one-pass path for greedy without penalties or mask: it must pick what the whole
-    # pipeline picks (probs() always runs the pipeline), NaN, infinities, ties and all -inf included.
+    # choose() and best() have a one-pass path for greedy without penalties or mask: it must pick what
+    # the whole pipeline picks (probs() always runs it), NaN, infinities, ties and all -inf included.
     rng = np.random.default_rng(21)
     vocab = 200
     ties = np.zeros(vocab, dtype=np.float32)
@@ -321,6 +321,10 @@ def test_plain_greedy_takes_the_pipelines_token_on_hostile_logits() -> None:
     for x in cases:
         pipeline = int(np.argmax(TokenChooser.from_params(greedy, [], vocab).probs(x)))
         assert TokenChooser.from_params(greedy, [], vocab).choose(x) == pipeline
+        # best(): the same argmax with NaN as -inf and +inf as the largest float, None if all -inf.
+        cleaned = np.nan_to_num(x, nan=NEG_INF, posinf=float(np.finfo(np.float32).max), neginf=NEG_INF)
+        top = int(np.argmax(cleaned))
+        assert TokenChooser.from_params(greedy, [], vocab).best(x) == (None if cleaned[top] == NEG_INF else top)
     assert TokenChooser.from_params(greedy, [], vocab).choose(ties) == 3
 
 

@@ -418,13 +418,10 @@ class TokenChooser:
 
     def choose(self, logits: npt.NDArray[np.floating[Any]], allowed_mask: BoolArray | None = None) -> int:
         """The next token for logits [vocab] (allowed_mask: bool [vocab], True = allowed), recorded."""
-        if self._plain_greedy and allowed_mask is None and logits.shape == (self.vocab_size,):
-            # One pass instead of the pipeline's three: argmax returns the first NaN if there is one,
-            # so a finite maximum means every logit is finite or -inf, and it is the pipeline's answer.
-            top = int(np.argmax(logits))
-            if np.isfinite(logits[top]):
-                self.record(top)
-                return top
+        top = self._plain_argmax(logits) if allowed_mask is None else None
+        if top is not None:
+            self.record(top)
+            return top
         ids, w = self._distribution(logits, allowed_mask)
         if self.params.greedy:
             token = int(ids[0])
@@ -461,6 +458,9 @@ class TokenChooser:
 
         Without a mask it serves a constrained greedy row: when the grammar allows this token, it is
         also the best allowed one, and the mask need not be computed."""
+        top = self._plain_argmax(logits) if allowed_mask is None else None
+        if top is not None:
+            return top
         with np.errstate(over="ignore"):
             x = self._penalized(logits, writable=False)  # [vocab]
         if allowed_mask is None:
@@ -469,6 +469,15 @@ class TokenChooser:
             ids = _allowed_ids(self._checked(allowed_mask))  # [allowed] ascending
             top = int(ids[np.argmax(x[ids])])
         return top if x[top] != _NEG_INF else None
+
+    def _plain_argmax(self, logits: npt.NDArray[np.floating[Any]]) -> int | None:
+        """The greedy token in one pass when nothing changes the logits (greedy, no penalties), else
+        None (the whole pipeline decides). argmax returns the first NaN if there is one, so a finite
+        maximum means every logit is finite or -inf, and then it is the pipeline's answer."""
+        if not self._plain_greedy or logits.shape != (self.vocab_size,):
+            return None
+        top = int(np.argmax(logits))
+        return top if np.isfinite(logits[top]) else None
 
     def _penalized(self, logits: npt.NDArray[np.floating[Any]], *, writable: bool = True) -> FloatArray:
         """Steps 1-2: logits [vocab] as float32, NaN as -inf and +inf as the largest float32. A copy
