@@ -372,7 +372,7 @@ class TokenChooser:
         self._rep_penalty = params.effective_repetition_penalty
         self._top_p = params.effective_top_p
         self._top_k = params.top_k if params.top_k is not None and params.top_k < vocab_size else None
-        # Greedy with nothing that changes the logits: the argmax alone decides (choose's fast path).
+        # Greedy with nothing that changes the logits: the argmax alone decides (_plain_argmax).
         self._plain_greedy = (
             params.greedy
             and self._rep_penalty is None
