@@ -24,7 +24,7 @@ from .genai_env import MODELS as GENAI_MODELS
 from .genai_env import VENV as GENAI_VENV
 from .peers.client import Worker
 from .prompts import prompt_ids
-from .run import BENCH_MODEL
+from .run import BENCH_MODEL, rotated
 from .stats import paired_ratios, run_timing
 
 REPO = Path(__file__).resolve().parent.parent
@@ -71,12 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for round_ in range(args.rounds):
             prompt = prompt_ids(args.prompt, rng)
-            first = round_ % len(workers)
-            order = workers[first:] + workers[:first]
             rates.append(
                 {
                     w.name: run_timing(w.call("generate", prompt_ids=prompt, new_tokens=args.new)).decode_tok_s
-                    for w in order
+                    for w in rotated(workers, round_)
                 }
             )
             print(

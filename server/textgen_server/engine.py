@@ -290,7 +290,8 @@ class Engine:
         adapters: npt.NDArray[np.int64],
         first_slot: int,
     ) -> npt.NDArray[np.float32]:
-        """One pass bound for itself (prefill: its slot and length change from call to call)."""
+        """One pass bound for itself (prefill: its slot and length change from call to call); its logits
+        [rows, vocab], at the last position of each row."""
         io = self.config.io
         rows = int(input_ids.shape[0])
         binding = self.session.io_binding()
@@ -305,10 +306,6 @@ class Engine:
         binding.bind_cpu_input(io.total_sequence_length, np.array(int(seqlens.max()) + 1, dtype=np.int32))
         self.cache.bind(binding, self._past_names, self._present_names, first_slot, rows)
         binding.bind_output(io.logits, "cpu")
-        return self._logits(binding)
-
-    def _logits(self, binding: ort.IOBinding) -> npt.NDArray[np.float32]:
-        """Run the bound pass; its logits [rows, vocab] (the last position of each row)."""
         self.session.run_with_iobinding(binding)
         logits = np.asarray(binding.get_outputs()[-1].numpy())  # [rows, 1, vocab]; presents come first
         last: npt.NDArray[np.float32] = logits[:, -1, :].astype(np.float32, copy=False)  # [rows, vocab]
