@@ -327,6 +327,7 @@ async def test_long_prompt_is_prefilled_in_chunks_while_streams_decode(
         tokenizer,
         limits,
         on_step=lambda st: steps.append((st.prefill_positions, st.batch_size, st.tokens)),
+        prefix_cache=False,  # the same long prompt runs twice: both times it must be prefilled
     )
     sched.start()
     greedy = SamplingParams(temperature=0.0)

@@ -17,6 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from server_harness import ServerThread, listening_sockets
 from textgen.v1 import textgen_pb2 as pb
 from textgen.v1 import textgen_pb2_grpc as rpc
+from textgen_server.metrics import Metrics
+from textgen_server.scheduler import StepStats
 
 SECRET_PROMPT = "the launch code is swordfish"
 
@@ -150,3 +152,13 @@ def test_metrics_host_can_be_set_apart(tiny_model_dir: Path) -> None:
         assert ("127.0.0.2", server.server.metrics_port) in listening_sockets(os.getpid())
     finally:
         server.stop(grace=0)
+
+
+def test_prefilled_and_prefix_cached_prompt_tokens_are_counted_apart() -> None:
+    metrics = Metrics()
+    metrics.observe_step(StepStats(prefill_positions=7, reused_positions=120, batch_size=1))
+    metrics.observe_step(StepStats(prefill_positions=3, batch_size=2))
+    metrics.observe_step(StepStats(tokens=2, batch_size=2))
+    sample = metrics.registry.get_sample_value
+    assert sample("textgen_prefill_tokens_total") == 10
+    assert sample("textgen_prefix_cache_tokens_total") == 120

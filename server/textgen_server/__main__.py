@@ -45,7 +45,9 @@ def parse_args(argv: list[str] | None) -> ServerSettings:
     parser.add_argument(
         "--threads", type=int, default=None, help="CPU threads per forward pass (default: ONNX Runtime's)"
     )
-    parser.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together (KV slots)")
+    parser.add_argument(
+        "--max-batch-size", type=int, default=32, help="sequences decoded together (KV slots)"
+    )
     parser.add_argument(
         "--max-batch-prefill-tokens",
         type=int,
@@ -70,6 +72,13 @@ def parse_args(argv: list[str] | None) -> ServerSettings:
         type=int,
         default=512,
         help="prompt tokens prefilled per step while streams decode (a long prompt goes in chunks)",
+    )
+    parser.add_argument(
+        "--prefix-cache",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="free KV slots keep the positions of finished sequences, and a prompt that starts with "
+        "the same tokens (a chat's next turn, a shared system prompt) prefills only the rest",
     )
     parser.add_argument(
         "--model-name", default=None, help="name reported by GetModelInfo (default: the model's own)"
@@ -168,6 +177,7 @@ def parse_args(argv: list[str] | None) -> ServerSettings:
         reflection_public=args.reflection_public,
         max_message_bytes=args.max_message_bytes,
         lora_dir=args.lora_dir,
+        prefix_cache=args.prefix_cache,
     )
 
 

@@ -64,6 +64,7 @@ class ServerSettings:
     reflection_public: bool = False
     max_message_bytes: int = MAX_MESSAGE_BYTES
     lora_dir: Path | None = None  # every NAME.npz there is served as adapter NAME
+    prefix_cache: bool = True  # free KV slots keep finished sequences' positions for later prompts
 
 
 class TextgenServer:
@@ -200,7 +201,12 @@ class TextgenServer:
         prefill = min(s.limits.max_batch_prefill_tokens, engine.config.max_batch_prefill_tokens)
         limits = dataclasses.replace(s.limits, max_batch_prefill_tokens=prefill)
         self.scheduler = Scheduler(
-            engine, tokenizer, limits, on_step=self.metrics.observe_step, adapters=self.adapters
+            engine,
+            tokenizer,
+            limits,
+            on_step=self.metrics.observe_step,
+            adapters=self.adapters,
+            prefix_cache=s.prefix_cache,
         )
         self.scheduler.start()
         self.service.model = ModelState(

@@ -32,6 +32,7 @@ class RequestHandle:
         # The scheduler's bookkeeping: the KV slot it owns and how many positions it holds there.
         self.slot = -1
         self.cached = 0
+        self.fed_tokens: list[int] = []  # generated tokens fed back by decode passes (after the prompt)
         self.adapter_slot = 0  # the graph's adapter slot its passes use; 0: the base model
 
     @classmethod

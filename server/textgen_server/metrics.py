@@ -48,6 +48,14 @@ class Metrics:
         self.generated_tokens = Counter(
             "textgen_generated_tokens", "Tokens generated, all requests (cancelled ones too)", registry=r
         )
+        self.prefill_tokens = Counter(
+            "textgen_prefill_tokens", "Prompt tokens run through a forward pass", registry=r
+        )
+        self.prefix_cache_tokens = Counter(
+            "textgen_prefix_cache_tokens",
+            "Prompt tokens whose keys and values came from a finished sequence's slot (not prefilled)",
+            registry=r,
+        )
         self.time_to_first_token = Histogram(
             "textgen_time_to_first_token_seconds",
             "From admission to the queue to the first token",
@@ -121,6 +129,8 @@ class Metrics:
         # The step's peak; an empty batch holds nothing, whatever the step held before it emptied.
         self.kv_positions.set(stats.kv_positions if stats.batch_size else 0)
         self.generated_tokens.inc(stats.tokens)
+        self.prefill_tokens.inc(stats.prefill_positions)
+        self.prefix_cache_tokens.inc(stats.reused_positions)
         for seconds in stats.first_token_seconds:
             self.time_to_first_token.observe(seconds)
         if stats.prefill_seconds:

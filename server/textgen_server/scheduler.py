@@ -17,6 +17,11 @@ sits just above them. Each iteration:
    (one slot copy per leaver; no other row's cache is touched);
 4. decode every running sequence in one forward pass, emit each new token, retire the finished.
 
+A slot a sequence leaves keeps its keys and values (prefix_cache.py): a new prompt that starts with
+the same tokens, through the same adapter (a chat's next turn, a shared system prompt), takes those
+positions from it and prefills only the rest. A leaver in a gap that the last running sequence fills
+is first copied into a free slot (one holding nothing, else the least recently used), if any is free.
+
 The prefill budget is `prefill_chunk_tokens` while sequences are decoding (it bounds the stall
 every stream sees) and `max_batch_prefill_tokens` when none is. At most one prompt is ever part-way
 through its prefill: later requests wait for it (first come, first served).
@@ -45,6 +50,7 @@ from .engine import Engine
 from .generation import Generation, GenerationRequest
 from .grammar import prefetch_token_masks
 from .handles import END, Outbox, RequestHandle
+from .prefix_cache import PrefixCache
 from .tokenizer import Tokenizer
 from .validation import UnknownAdapterError
 
@@ -93,6 +99,7 @@ class StepStats:
     batch_size: int = 0
     kv_positions: int = 0  # the most KV positions in use during this step (its slots' lengths)
     prefill_positions: int = 0  # prompt tokens prefilled this step
+    reused_positions: int = 0  # prompt tokens taken from the prefix cache this step (not prefilled)
     tokens: int = 0  # tokens generated this step
     first_token_seconds: list[float] = field(default_factory=list)  # submit → first token, this step
     finished: list[str] = field(default_factory=list)  # finish reasons ("stop", "length") this step
@@ -114,7 +121,10 @@ class Scheduler:
         limits: SchedulerLimits | None = None,
         on_step: Callable[[StepStats], None] | None = None,
         adapters: AdapterRegistry | None = None,
+        prefix_cache: bool = True,
     ) -> None:
+        """`prefix_cache`: free slots keep the positions of the sequences that left them, for later
+        prompts that start the same way (prefix_cache.py)."""
         self.engine = engine
         self.adapters = adapters
         self.adapter_slots = (
@@ -131,6 +141,7 @@ class Scheduler:
         self._waiting: collections.deque[RequestHandle] = collections.deque()
         self._running: list[RequestHandle] = []  # running[i] owns slot i
         self._prefilling: RequestHandle | None = None  # part-way through its prompt, above the running
+        self.prefix_cache = PrefixCache() if prefix_cache else None
         self._outbox = Outbox()
         self._accepting = True
         self._stopped = False
@@ -256,6 +267,8 @@ class Scheduler:
                 for handle in failed:
                     self._fail(handle)
                 self._running, self._prefilling = [], None
+                if self.prefix_cache is not None:
+                    self.prefix_cache.clear()  # a pass failed part-way: no slot's contents are trusted
                 self._publish_stats(kv_peak=0)
                 self._outbox.flush()
 
@@ -266,7 +279,7 @@ class Scheduler:
         can take the freed slots at once, and the loop must not sleep on them.
         """
         self.stats.prefill_seconds = self.stats.decode_seconds = 0.0
-        self.stats.prefill_positions = self.stats.tokens = 0
+        self.stats.prefill_positions = self.stats.reused_positions = self.stats.tokens = 0
         self.stats.first_token_seconds, self.stats.finished = [], []
         installed = self._install_adapters()
         self._retire(lambda handle: handle.cancelled.is_set())
@@ -293,6 +306,7 @@ class Scheduler:
             self.stats.decode_seconds = time.monotonic() - started
             for row, handle in enumerate(rows):
                 handle.cached += 1
+                handle.fed_tokens.append(int(tokens[row]))
                 self._emit(handle, logits[row])
             kv_peak = max(kv_peak, self.kv_positions)
             self._retire(_leaves)
@@ -307,9 +321,12 @@ class Scheduler:
         limits = self.limits
         budget = limits.prefill_chunk_tokens if self._running else limits.max_batch_prefill_tokens
         while budget > 0:
-            handle = self._prefilling or self._admit()
+            handle = self._prefilling
             if handle is None:
-                return
+                handle = self._admit()
+                if handle is None:
+                    return
+                self._reuse_prefix(handle)
             self._prefilling = handle
             prompt = handle.request.prompt_ids
             chunk = prompt[handle.cached : handle.cached + budget]
@@ -350,6 +367,64 @@ class Scheduler:
                 return handle
         return None
 
+    def _free_slots(self) -> set[int]:
+        """The slots no running or prefilling sequence holds."""
+        prefilling = [self._prefilling] if self._prefilling is not None else []
+        return set(range(self.slots)) - {h.slot for h in [*self._running, *prefilling]}
+
+    def _reuse_prefix(self, handle: RequestHandle) -> None:
+        """Start a newly admitted sequence from the free slot sharing the longest prefix with its prompt
+        (copied into its own slot if it is another); its slot holds nothing reusable from now on."""
+        cache = self.prefix_cache
+        if cache is None:
+            return
+        hit = cache.match(handle.request.prompt_ids, handle.adapter, self._free_slots(), prefer=handle.slot)
+        if hit is None:
+            self._vacate(handle.slot, busy=set())
+        else:
+            source, positions = hit
+            if source != handle.slot:
+                self._vacate(handle.slot, busy={source})
+                self.engine.move_slot(source, handle.slot, positions)
+            handle.cached = positions
+            self.stats.reused_positions += positions
+        cache.forget(handle.slot)
+
+    def _vacate(self, slot: int, busy: set[int]) -> None:
+        """Before free slot `slot` is written: copy what it holds into another free slot (not in
+        `busy`) that holds nothing or something used less recently, or let it go."""
+        cache = self.prefix_cache
+        if cache is None or not cache.holds(slot):
+            return
+        refuge = cache.refuge(slot, self._free_slots() - busy - {slot})
+        if refuge is None:
+            cache.forget(slot)
+            return
+        self.engine.move_slot(slot, refuge, cache.positions(slot))
+        cache.moved(slot, refuge)
+
+    def _keep_prefixes(self, leaving: list[RequestHandle], kept_slots: int) -> None:
+        """Hand the leavers' positions to the prefix cache before their slots are reused: in place for
+        those at or above `kept_slots` (which the running sequences leave alone), copied into a free
+        slot for those in a gap that the last running sequence is about to fill."""
+        cache = self.prefix_cache
+        if cache is None:
+            return
+        spare_slots = self._free_slots()  # the slots free before these leave
+        for handle in leaving:
+            if handle.failed or handle.cached == 0:
+                continue  # its own work failed: keep nothing of it
+            slot = handle.slot
+            if slot < kept_slots:
+                spare = cache.spare(spare_slots)
+                if spare is None:
+                    continue
+                spare_slots.discard(spare)
+                self.engine.move_slot(slot, spare, handle.cached)
+                slot = spare
+            tokens = [*handle.request.prompt_ids, *handle.fed_tokens][: handle.cached]
+            cache.hold(slot, tokens, handle.adapter)
+
     def _adapter_slots_in_use(self) -> set[int]:
         prefilling = [self._prefilling] if self._prefilling is not None else []
         return {h.adapter_slot for h in [*self._running, *prefilling]}
@@ -382,6 +457,7 @@ class Scheduler:
         """A sequence whose prompt is in its slot joins the running ones, in the next slot."""
         slot = len(self._running)
         if handle.slot != slot:  # running sequences left while it was prefilling
+            self._vacate(slot, busy={handle.slot})
             self.engine.move_slot(handle.slot, slot, handle.cached)
             handle.slot = slot
         self._running.append(handle)
@@ -423,6 +499,7 @@ class Scheduler:
         """Drop the sequences `done` says; fill each gap in the slots with the last running sequence."""
         prefilling = self._prefilling
         if prefilling is not None and done(prefilling):
+            self._keep_prefixes([prefilling], kept_slots=0)  # above every running sequence
             self._prefilling = None
             self._close(prefilling)
         leaving = [h for h in self._running if done(h)]
@@ -432,6 +509,7 @@ class Scheduler:
             self._close(handle)
         kept = [h for h in self._running if not done(h)]
         n = len(kept)
+        self._keep_prefixes(leaving, kept_slots=n)
         gaps = iter(sorted(h.slot for h in leaving if h.slot < n))
         for handle in kept:
             if handle.slot >= n:  # above the new end: into a slot a leaver freed
