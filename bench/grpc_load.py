@@ -7,6 +7,7 @@ would. Each stream records when its request was sent and when each token message
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -18,15 +19,22 @@ from textgen_server.app import ServerSettings, TextgenServer, create_server
 
 
 class GrpcPeer:
-    def __init__(self, model_dir: str, threads: int, lora_dir: str | None = None) -> None:
+    def __init__(
+        self, model_dir: str, threads: int, lora_dir: str | None = None, prefix_cache: bool = False
+    ) -> None:
+        """`prefix_cache` off by default: the bench sends the same prompts in every repetition and
+        order, and with the cache a later run would prefill less than an earlier one, so the cache
+        would be measured instead of what each workload compares (bench.prefix measures it)."""
         self.threads = threads
         self.loop = asyncio.new_event_loop()
         self.server: TextgenServer
-        # lora_dir only when asked: the engine before v2 (bench/before.py) runs this peer too, and its
-        # settings have no such field.
-        adapters = {"lora_dir": Path(lora_dir)} if lora_dir else {}
+        # lora_dir only when asked, prefix_cache only where the settings have it: the engine before v2
+        # (bench/variants.py) runs this peer too, and its settings have neither field.
+        extra: dict[str, Any] = {"lora_dir": Path(lora_dir)} if lora_dir else {}
+        if "prefix_cache" in {f.name for f in dataclasses.fields(ServerSettings)}:
+            extra["prefix_cache"] = prefix_cache
         settings = ServerSettings(
-            model_dir=Path(model_dir), host="127.0.0.1", port=0, provider="cpu", threads=threads, **adapters
+            model_dir=Path(model_dir), host="127.0.0.1", port=0, provider="cpu", threads=threads, **extra
         )
         self.server, port = self.loop.run_until_complete(create_server(settings))
         self.target = f"127.0.0.1:{port}"
