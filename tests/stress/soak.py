@@ -188,7 +188,13 @@ class ServerProcess:
     def gauges(self) -> dict[str, float]:
         with urllib.request.urlopen(self.metrics_url, timeout=10) as response:
             text = response.read().decode()
-        wanted = {"textgen_batch_current_size", "textgen_queue_size", "textgen_kv_positions"}
+        wanted = {
+            "textgen_batch_current_size",
+            "textgen_queue_size",
+            "textgen_kv_positions",
+            "textgen_prefill_tokens",  # counters: the family drops `_total`, its first sample has it
+            "textgen_prefix_cache_tokens",
+        }
         return {
             family.name: family.samples[0].value
             for family in text_string_to_metric_families(text)
@@ -207,11 +213,27 @@ def _free_port() -> int:
         return port
 
 
+# A system prompt every "shared" chat starts with: those requests take it from the prefix cache.
+_SHARED_SYSTEM = " ".join(f"rule {i}: answer briefly and cite the river delta." for i in range(30))
+
+
 def _request(rng: random.Random) -> pb.GenerateRequest:
-    """Short chats, and raw prompts of up to 6,000 characters (about 1,000 to 2,000 tokens: several
-    prefill chunks)."""
+    """Short chats, chats behind one long shared system prompt (prefix cache hits), and raw prompts of
+    up to 6,000 characters (about 1,000 to 2,000 tokens: several prefill chunks)."""
     max_tokens = rng.choice([1, 4, 16, 64, 128, 256])
-    if rng.random() < 0.3:
+    draw = rng.random()
+    if draw < 0.2:
+        messages = [
+            pb.Message(role="system", content=_SHARED_SYSTEM),
+            pb.Message(role="user", content=f"Tell me about {rng.randint(0, 10**6)}"),
+        ]
+        return pb.GenerateRequest(
+            chat=pb.Chat(messages=messages),
+            max_tokens=max_tokens,
+            temperature=0.7,
+            seed=rng.randint(1, 10**9),
+        )
+    if draw < 0.5:
         words = rng.randint(100, 1000)
         prompt = " ".join(rng.choice(["alpha", "beta", "7", "gamma", "river", "delta"]) for _ in range(words))
         prompt = prompt[:6000]
@@ -452,6 +474,10 @@ def main(argv: list[str] | None = None) -> int:
         "by_behaviour": {f"{b} {c}": n for (b, c), n in sorted(soak.tally.by_behaviour.items())},
         "errors": soak.tally.errors,
         "server_errors": server.problems,
+        "prompt_tokens": {
+            "prefilled": final.get("textgen_prefill_tokens"),
+            "from_prefix_cache": final.get("textgen_prefix_cache_tokens"),
+        },
         "grpc_send_races": server.grpc_races,
         "server_request_log_by_status": dict(server.request_statuses.most_common()),
         "slots_at_end": leaked,
