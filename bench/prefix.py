@@ -33,7 +33,7 @@ from textgen.v1 import textgen_pb2_grpc as rpc
 
 from .grpc_load import GrpcPeer
 from .machine import machine_info
-from .prompts import words_prompt
+from .prompts import vocabulary_words, words_prompt
 from .run import ensure_bench_model
 from .stats import ratio
 
@@ -95,12 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.conversations, args.turns, args.words, args.new, args.rounds, args.threads) < 1:
         parser.error("every option must be at least 1")
     model_dir = ensure_bench_model(REPO)
-    from tokenizers import Tokenizer
-
-    vocab = Tokenizer.from_file(str(model_dir / "tokenizer.json")).get_vocab()
-    words = sorted(
-        w for w in (p.removeprefix("▁") for p in vocab if p.startswith("▁")) if w.isalpha() and w.islower()
-    )
+    words = vocabulary_words(model_dir / "tokenizer.json")
     peers = {name: GrpcPeer(str(model_dir), args.threads, prefix_cache=name == "cache") for name in SERVERS}
     ttft: dict[str, list[list[float]]] = {name: [[] for _ in range(args.turns)] for name in SERVERS}
     prompt_tokens: list[list[int]] = [[] for _ in range(args.turns)]

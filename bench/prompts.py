@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 BOS_ID = 1
 # Mistral's vocabulary: 0..2 are <unk>, <s>, </s>; 3..258 are the byte-fallback tokens <0x00>..<0xFF>.
@@ -50,6 +51,18 @@ def text_of_length(
             else encoded + random_ids(length - len(encoded), rng, vocab_size)
         )
     raise ValueError(f"no text of exactly {length} tokens after {tries} tries")
+
+
+def vocabulary_words(tokenizer_json: Path) -> list[str]:
+    """Whole lowercase words of a tokenizer's vocabulary, for prompts measured in words."""
+    from tokenizers import Tokenizer
+
+    vocab = Tokenizer.from_file(str(tokenizer_json)).get_vocab()
+    return sorted(
+        word
+        for word in (piece.removeprefix("▁") for piece in vocab if piece.startswith("▁"))
+        if word.isalpha() and word.islower()
+    )
 
 
 def words_prompt(count: int, rng: random.Random, words: Sequence[str]) -> str:

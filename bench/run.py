@@ -29,7 +29,7 @@ from .llamacpp_env import VARIANTS, LlamacppSetup, ensure_llamacpp
 from .membw import read_bandwidth
 from .peers.client import Worker, WorkerError
 from .peers.llamacpp_peer import LlamaBenchError, LlamacppPeer
-from .prompts import BOS_ID, digits_of_length, prompt_ids, text_of_length, words_prompt
+from .prompts import BOS_ID, digits_of_length, prompt_ids, text_of_length, vocabulary_words, words_prompt
 from .variants import BeforeSetup, ensure_before, ensure_quantized
 
 BENCH_MODEL = Path("models/bench")
@@ -628,14 +628,7 @@ class Runner:
     def _vocab(self) -> list[str]:
         """Whole lowercase words of the bench tokenizer's vocabulary, for prompts measured in words."""
         if not hasattr(self, "_words"):
-            from tokenizers import Tokenizer
-
-            vocab = Tokenizer.from_file(str(self.repo / BENCH_MODEL / "tokenizer.json")).get_vocab()
-            self._words = sorted(
-                word
-                for word in (piece.removeprefix("▁") for piece in vocab if piece.startswith("▁"))
-                if word.isalpha() and word.islower()
-            )
+            self._words = vocabulary_words(self.repo / BENCH_MODEL / "tokenizer.json")
         words: list[str] = self._words
         return words
 
