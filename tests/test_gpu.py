@@ -154,6 +154,18 @@ def test_kv_cache_lives_on_the_cuda_device(engines: tuple[Engine, Engine]) -> No
     assert [value.data_ptr() for value in cache._values] == cache._pointers
 
 
+@pytest.mark.gpu
+def test_fp32_on_cuda_warns_that_attention_runs_on_the_cpu(
+    model_dirs: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    _skip_without_cuda(next(iter(model_dirs.values())))
+    with caplog.at_level("WARNING", logger="textgen_server.engine"):
+        for model_dir in model_dirs.values():
+            Engine(model_dir, provider="cuda", slots=1, max_len=64)
+    warned = [r.getMessage() for r in caplog.records if "GroupQueryAttention" in r.getMessage()]
+    assert len(warned) == sum(ModelConfig.load(d).dtype == "fp32" for d in model_dirs.values()), warned
+
+
 def test_engine_refuses_cuda_it_cannot_start(model_dirs: dict[str, Path]) -> None:
     model_dir = next(iter(model_dirs.values()))
     if _cuda_missing(model_dir) is None:

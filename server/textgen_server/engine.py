@@ -124,6 +124,15 @@ class Engine:
                 "check the CUDA 13 / cuDNN 9 libraries and the driver (onnxruntime's log says why)"
             )
         self.device = "cuda" if self.execution_provider == _CUDA else "cpu"
+        if self.device == "cuda" and self.config.dtype == "fp32":
+            # onnxruntime-gpu registers GroupQueryAttention for fp16 and bf16 only (onnxruntime-genai's
+            # builder writes MultiHeadAttention for fp32 on CUDA instead): ORT runs it on the CPU.
+            log.warning(
+                "%s has fp32 activations: onnxruntime-gpu's GroupQueryAttention has fp16 and bf16 kernels "
+                "only, so attention runs on the CPU and every pass copies the bound KV slots to the host "
+                "and back; export with --dtype fp16 (or --activations fp16) to serve on CUDA",
+                self.config.name,
+            )
         self.max_len = max_len or self.config.max_total_tokens
         self.cache = KVCache(
             model_dir,
