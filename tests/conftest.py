@@ -11,6 +11,7 @@ import pytest
 from hypothesis import settings
 from server_harness import ServerThread
 from textgen.v1 import textgen_pb2_grpc as rpc
+from textgen_server.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -27,6 +28,12 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("models") / "tiny"
     build_demo(out, size="tiny")
     return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model_dir: Path) -> Tokenizer:
+    """The demo model's tokenizer (the real Mistral one)."""
+    return Tokenizer.from_file(tiny_model_dir / "tokenizer.json")
 
 
 @pytest.fixture(scope="session")

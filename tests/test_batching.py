@@ -32,11 +32,6 @@ def engine(tiny_model_dir: Path) -> Engine:
     return Engine(tiny_model_dir, provider="cpu", slots=32, max_len=512)
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir: Path) -> Tokenizer:
-    return Tokenizer.from_file(tiny_model_dir / "tokenizer.json")
-
-
 @pytest.fixture
 async def scheduler(engine: Engine, tokenizer: Tokenizer) -> AsyncIterator[Scheduler]:
     sched = Scheduler(engine, tokenizer, SchedulerLimits(max_batch_size=32, max_batch_total_tokens=32 * 512))

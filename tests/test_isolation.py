@@ -25,11 +25,6 @@ def engine(tiny_model_dir: Path) -> Engine:
     return Engine(tiny_model_dir, provider="cpu")
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir: Path) -> Tokenizer:
-    return Tokenizer.from_file(tiny_model_dir / "tokenizer.json")
-
-
 @pytest.fixture
 async def scheduler(engine: Engine, tokenizer: Tokenizer) -> AsyncIterator[Scheduler]:
     sched = Scheduler(engine, tokenizer)

@@ -112,11 +112,6 @@ def lora_stub(lora_server: ServerThread) -> Iterator[rpc.TextGenerationStub]:
         yield rpc.TextGenerationStub(channel)
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir: Path) -> Tokenizer:
-    return Tokenizer.from_file(tiny_model_dir / "tokenizer.json")
-
-
 class References:
     """transformers + peft greedy tokens, per adapter (None: the base model) and prompt ids."""
 

@@ -94,11 +94,6 @@ def engine(tiny_model_dir: Path) -> Engine:
     return Engine(tiny_model_dir, provider="cpu", slots=8, max_len=512)
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir: Path) -> Tokenizer:
-    return Tokenizer.from_file(tiny_model_dir / "tokenizer.json")
-
-
 @dataclass
 class _Counted:
     prefilled: int = 0

@@ -21,11 +21,6 @@ from textgen_server.tokenizer import Tokenizer
 from transformers import MistralForCausalLM
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir: Path) -> Tokenizer:
-    return Tokenizer.from_file(tiny_model_dir / "tokenizer.json")
-
-
 def _bad_request_fields(error: grpc.RpcError) -> dict[str, str]:
     status = rpc_status.from_call(error)  # type: ignore[arg-type]
     assert status is not None, "no rich status details"

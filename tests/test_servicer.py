@@ -156,11 +156,6 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
     thread.join()
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir: Path) -> Tokenizer:
-    return Tokenizer.from_file(tiny_model_dir / "tokenizer.json")
-
-
 @pytest.fixture
 def scheduler() -> FakeScheduler:
     return FakeScheduler()
