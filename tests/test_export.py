@@ -9,9 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from textgen_export import checkpoint as checkpoint_module
 from textgen_export.cli import main as export_main
+from textgen_export.demo import mistral_spm_model_path
+from textgen_export.native_graph import EXTERNAL_DATA_OVER
+from textgen_export.random_weights import DemoSize, mistral_config, random_weights, save_checkpoint
+from textgen_server.engine import Engine
 from textgen_server.model_config import ModelConfig
 
 
@@ -174,7 +179,7 @@ def test_non_empty_out_is_not_overwritten(tiny_model_dir: Path, tmp_path: Path) 
 
 
 def test_failed_export_leaves_nothing(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """A checkpoint whose weights are corrupt fails inside transformers; no directory appears."""
+    """A checkpoint whose weights are corrupt fails with the file named; no directory appears."""
     broken = tmp_path / "broken"
     broken.mkdir()
     for name in ("config.json", "tokenizer.model"):
@@ -182,7 +187,10 @@ def test_failed_export_leaves_nothing(tiny_model_dir: Path, tmp_path: Path) -> N
     (broken / "model.safetensors").write_bytes(b"not safetensors")
     result = _run_cli("model", str(broken), "--out", str(tmp_path / "out"))
     assert result.returncode != 0
-    assert result.stderr.strip().splitlines()[-1].startswith("textgen-export: error: export failed: ")
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(
+        f"textgen-export: error: {broken / 'model.safetensors'}: not a readable safetensors"
+    )
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.partial")] == []
 
@@ -203,3 +211,59 @@ def test_native_fp16_export_tracks_fp32(tiny_model_dir: Path, tmp_path: Path) ->
     full = Engine(tiny_model_dir, provider="cpu", slots=1).prefill(0, prompt)
     assert half.dtype == np.float32  # logits leave the graph as float32 whatever the dtype
     assert float(np.abs(half - full).max()) < 2e-2
+
+
+# 24 layers of hidden 512: 302 MB of layer weights beside the 65.5 MB embedding table and LM head.
+STREAMED_SIZE = DemoSize(
+    hidden_size=512, num_layers=24, num_attention_heads=8, num_kv_heads=2, intermediate_size=1536
+)
+_PEAK_GROWTH = """
+import json, sys
+from pathlib import Path
+import torch, transformers, safetensors  # imported before the baseline: the export's own memory only
+from textgen_export.onnx_export import export_checkpoint
+
+def status(key):
+    return int(Path("/proc/self/status").read_text().split(key + ":")[1].split()[0]) * 1024
+
+before = status("VmRSS")
+export_checkpoint(Path(sys.argv[1]), Path(sys.argv[2]), external_data_over=int(sys.argv[3]))
+print(json.dumps({"growth": status("VmHWM") - before}))
+"""
+
+
+def test_a_large_checkpoint_is_exported_a_layer_at_a_time(tmp_path: Path) -> None:
+    """Past the external-data threshold the weights are read one tensor at a time and written to
+    model.onnx_data as the graph is built: the export's peak memory follows its largest tensor, not
+    the model (holding the model whole took about four times its weights). The graph it writes
+    computes exactly what the in-memory export's does."""
+    config = mistral_config(STREAMED_SIZE)
+    weights = random_weights(config, seed=7)
+    largest = max(array.nbytes for array in weights.values())
+    total = sum(array.nbytes for array in weights.values())
+    save_checkpoint(config, weights, mistral_spm_model_path(), tmp_path / "checkpoint")
+    del weights
+    growth = {}
+    for name, over in (("streamed", 0), ("in-memory", EXTERNAL_DATA_OVER)):
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                _PEAK_GROWTH,
+                str(tmp_path / "checkpoint"),
+                str(tmp_path / name),
+                str(over),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        growth[name] = json.loads(result.stdout.splitlines()[-1])["growth"]
+    assert (tmp_path / "streamed" / "model.onnx_data").is_file()
+    assert not (tmp_path / "in-memory" / "model.onnx_data").exists()
+    # Streamed: the LM head read and transposed (two copies of the largest tensor), and little else.
+    assert growth["streamed"] < 4 * largest < total < growth["in-memory"], (growth, largest, total)
+    ids = list(range(3, 200))
+    streamed = Engine(tmp_path / "streamed", slots=1, max_len=256).prefill(0, ids)
+    in_memory = Engine(tmp_path / "in-memory", slots=1, max_len=256).prefill(0, ids)
+    np.testing.assert_array_equal(streamed, in_memory)

@@ -40,6 +40,7 @@ onnxruntime 1.32 and onnxruntime-gpu 1.31.1 both load. Tensor layouts are noted 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,10 +48,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from onnx import GraphProto, ModelProto, NodeProto, TensorProto, ValueInfoProto, helper, numpy_helper
+from onnx.external_data_helper import set_external_data
 from textgen_server.model_config import LoraLayout, ModelIO
 
 OPSET = 18
 IR_VERSION = 8
+# Weights beyond this many bytes are written to `model.onnx_data` beside the graph: a protobuf
+# message cannot exceed 2 GB.
+EXTERNAL_DATA_OVER = 1_800_000_000
 LM_HEAD_NODE = "lm_head"  # the quantizer leaves it alone for int4 (quantize.py)
 ONNX_DTYPES = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16}
 _NUMPY_DTYPES: dict[str, type[np.floating[Any]]] = {"fp32": np.float32, "fp16": np.float16}
@@ -86,11 +91,42 @@ class DecoderShape:
         )
 
 
+class ExternalData:
+    """Initializers written to a data file beside the graph as the graph is built, so that no weight
+    stays in memory once written (a 7B model's weights would otherwise be held two or three times:
+    the arrays, their TensorProtos and the serialized model)."""
+
+    ALIGNMENT = 4096  # page-aligned offsets: onnxruntime can map a weight instead of copying it
+    MIN_BYTES = 1024  # smaller tensors stay in the graph, as onnx.save_model's size_threshold keeps them
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = path.open("wb")
+
+    def tensor(self, name: str, array: npt.NDArray[Any]) -> TensorProto:
+        """`array` appended to the data file; the TensorProto that points at it."""
+        offset = self._file.tell()
+        padding = -offset % self.ALIGNMENT
+        self._file.write(b"\0" * padding)
+        self._file.write(np.ascontiguousarray(array).data)
+        proto = TensorProto(
+            name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=list(array.shape)
+        )
+        proto.raw_data = b""  # set_external_data wants the field present; it points elsewhere instead
+        set_external_data(proto, self.path.name, offset + padding, array.nbytes)
+        proto.ClearField("raw_data")
+        return proto
+
+    def close(self) -> None:
+        self._file.close()
+
+
 class _Builder:
-    def __init__(self, dtype: str) -> None:
+    def __init__(self, dtype: str, external: ExternalData | None = None) -> None:
         self.dtype = dtype
         self.elem = ONNX_DTYPES[dtype]
         self.np_dtype = _NUMPY_DTYPES[dtype]
+        self.external = external
         self.nodes: list[NodeProto] = []
         self.initializers: list[TensorProto] = []
         self._constants: set[str] = set()
@@ -127,7 +163,10 @@ class _Builder:
 
     def weight(self, name: str, array: npt.NDArray[Any], cast: bool = True) -> str:
         values = array.astype(self.np_dtype, copy=False) if cast else array
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(values), name))
+        if self.external is not None and values.nbytes >= ExternalData.MIN_BYTES:
+            self.initializers.append(self.external.tensor(name, values))
+        else:
+            self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(values), name))
         return name
 
     def ints(self, name: str, values: list[int]) -> str:
@@ -160,16 +199,32 @@ def lora_layout(shape: DecoderShape, slots: int, rank: int) -> LoraLayout:
 
 def build_decoder_graph(
     shape: DecoderShape,
-    weights: dict[str, npt.NDArray[Any]],
+    weights: Mapping[str, npt.NDArray[Any]],
     dtype: str,
     io: ModelIO | None = None,
     lora: LoraLayout | None = None,
+    external_data: Path | None = None,
 ) -> ModelProto:
-    """The decoder as an ONNX model; `weights` are the checkpoint's tensors by their HF names.
-    With `lora`, the target projections carry adapter slots (module docstring)."""
+    """The decoder as an ONNX model; `weights` are the checkpoint's tensors by their HF names, each
+    looked up when its op is written (a CheckpointTensors reads it from disk then).
+    With `lora`, the target projections carry adapter slots (module docstring). With `external_data`,
+    the weights go to that file as they are written (save the model beside it with save_decoder)."""
     io = io or ModelIO()
-    g = _Builder(dtype)
-    s = shape
+    external = ExternalData(external_data) if external_data is not None else None
+    try:
+        return _build(shape, weights, io, lora, _Builder(dtype, external))
+    finally:
+        if external is not None:
+            external.close()
+
+
+def _build(
+    s: DecoderShape,
+    weights: Mapping[str, npt.NDArray[Any]],
+    io: ModelIO,
+    lora: LoraLayout | None,
+    g: _Builder,
+) -> ModelProto:
     lora_inputs: list[ValueInfoProto] = []
 
     def projection(x: str, weight: str, layer: int, group: str) -> str:
@@ -346,10 +401,14 @@ def make_model(graph: GraphProto) -> ModelProto:
 
 
 def save_decoder(model: ModelProto, path: Path) -> None:
-    """Weights over 2 GB go to `<name>_data` beside the graph (protobuf's message limit)."""
+    """Weights over 2 GB go to `<name>_data` beside the graph (protobuf's message limit). A model
+    built with `external_data` (`<name>_data` beside `path`) already has them there."""
     from onnx import save_model
 
-    large = sum(t.ByteSize() for t in model.graph.initializer) > 1_800_000_000
+    if any(t.data_location == TensorProto.EXTERNAL for t in model.graph.initializer):
+        save_model(model, str(path))
+        return
+    large = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_OVER
     save_model(
         model,
         str(path),

@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,17 @@ from textgen_server.model_config import (
 )
 
 from .checkpoint import Architecture, read_architecture
+from .checkpoint_tensors import CheckpointTensors, has_safetensors
 from .errors import ExportError
 from .kv_graphs import write_kv_copy_graph
-from .native_graph import LM_HEAD_NODE, DecoderShape, build_decoder_graph, lora_layout, save_decoder
+from .native_graph import (
+    EXTERNAL_DATA_OVER,
+    LM_HEAD_NODE,
+    DecoderShape,
+    build_decoder_graph,
+    lora_layout,
+    save_decoder,
+)
 from .progress import Progress
 from .quantize import BITS, DEFAULT_LM_HEAD, measure_quality, quantize_decoder
 from .tokenizer import checkpoint_tokenizer
@@ -56,6 +65,7 @@ def export_checkpoint(
     lora_slots: int = 0,
     lora_rank: int = DEFAULT_LORA_RANK,
     lm_head: str | None = None,
+    external_data_over: int = EXTERNAL_DATA_OVER,
 ) -> ModelConfig:
     """Export a local Mistral/Llama checkpoint folder into the model directory `out`.
 
@@ -92,24 +102,35 @@ def export_checkpoint(
     lm_head = lm_head or DEFAULT_LM_HEAD
     arch = read_architecture(checkpoint)
     staging = _make_staging_dir(out, overwrite)
-    progress = Progress(total_steps=(6 if quantized else 4) - (weights is not None))
+    # Only a checkpoint without safetensors is loaded whole, as a step of its own.
+    loads_whole = weights is None and not has_safetensors(checkpoint)
+    progress = Progress(total_steps=(5 if quantized else 3) + loads_whole)
     try:
         with progress.step("writing tokenizer.json"):
             try:
                 checkpoint_tokenizer(checkpoint, staging / TOKENIZER_FILE)
             except ValueError as exc:  # no tokenizer, or one SentencePiece parity cannot be kept for
                 raise ExportError(str(exc)) from exc
-        if weights is None:
+        tensors: Mapping[str, Any]
+        if weights is not None:
+            shape, tensors = weights
+        elif loads_whole:
             with progress.step(f"loading {checkpoint} ({activations}; a 7B model takes a few minutes)"):
-                weights = _load_weights(checkpoint, activations)
-        shape, tensors = weights
-        with progress.step(f"writing the decoder graph ({shape.num_layers} layers)"):
+                shape, tensors = _load_weights(checkpoint, activations)
+        else:
+            shape, tensors = _checkpoint_tensors(checkpoint, activations)
+        streamed = _weight_bytes(tensors) > external_data_over
+        with progress.step(
+            f"writing the decoder graph ({shape.num_layers} layers"
+            + (f", weights to {MODEL_FILE}_data as they are read)" if streamed else ")")
+        ):
             lora = lora_layout(shape, lora_slots, lora_rank) if lora_slots else None
-            decoder = build_decoder_graph(shape, tensors, activations, lora=lora)
-            del weights, tensors
             # The unquantized graph is kept aside until the quantized one has been measured against it.
             reference = staging / ".unquantized" if quantized else staging
             reference.mkdir(exist_ok=True)
+            data_file = reference / f"{MODEL_FILE}_data" if streamed else None
+            decoder = build_decoder_graph(shape, tensors, activations, lora=lora, external_data=data_file)
+            del weights, tensors
             save_decoder(decoder, reference / MODEL_FILE)
         write_kv_copy_graph(staging, num_layers=arch.num_layers, dtype=activations)
         config = _model_config(
@@ -170,8 +191,30 @@ def _make_staging_dir(out: Path, overwrite: bool) -> Path:
         raise ExportError(f"--out {out}: cannot write there ({exc.strerror or exc})") from exc
 
 
+def _checkpoint_tensors(checkpoint: Path, dtype: str) -> tuple[DecoderShape, CheckpointTensors]:
+    """The checkpoint's shape, and its tensors to be read one at a time in `dtype`."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(checkpoint), local_files_only=True)
+    shape = DecoderShape.from_hf_config(config, max_positions=_max_positions(config))
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    return shape, CheckpointTensors(checkpoint, dtype, tie_word_embeddings=tied)
+
+
+def _weight_bytes(tensors: Mapping[str, Any]) -> int:
+    if isinstance(tensors, CheckpointTensors):
+        return tensors.nbytes()
+    return sum(int(array.nbytes) for array in tensors.values())
+
+
+def _max_positions(config: Any) -> int:
+    """Positions the server can reach: max_total_tokens, bounded by what the model was trained for."""
+    return min(int(getattr(config, "max_position_embeddings", 32768)), 32768)
+
+
 def _load_weights(checkpoint: Path, dtype: str) -> tuple[DecoderShape, dict[str, Any]]:
-    """The checkpoint's tensors as numpy arrays in `dtype` (bf16 checkpoints are converted)."""
+    """A checkpoint without safetensors (pytorch .bin files) through transformers: every tensor in
+    memory at once, as numpy arrays in `dtype` (bf16 checkpoints are converted)."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -179,9 +222,7 @@ def _load_weights(checkpoint: Path, dtype: str) -> tuple[DecoderShape, dict[str,
     hf_logging.set_verbosity_error()
     torch_dtype = torch.float16 if dtype == "fp16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch_dtype, local_files_only=True)
-    # Positions the server can reach: max_total_tokens, bounded by what the model was trained for.
-    positions = min(int(getattr(model.config, "max_position_embeddings", 32768)), 32768)
-    shape = DecoderShape.from_hf_config(model.config, max_positions=positions)
+    shape = DecoderShape.from_hf_config(model.config, max_positions=_max_positions(model.config))
     weights = {name: tensor.detach().numpy() for name, tensor in model.state_dict().items()}
     if "lm_head.weight" not in weights:  # tied embeddings
         weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
