@@ -220,23 +220,25 @@ STREAMED_SIZE = DemoSize(
 _PEAK_GROWTH = """
 import json, sys
 from pathlib import Path
-import torch, transformers, safetensors  # imported before the baseline: the export's own memory only
+import torch, transformers, safetensors, onnxruntime  # before the baseline: the export's own memory only
+from onnxruntime.quantization import matmul_nbits_quantizer
 from textgen_export.onnx_export import export_checkpoint
 
 def status(key):
     return int(Path("/proc/self/status").read_text().split(key + ":")[1].split()[0]) * 1024
 
+checkpoint, out, over, dtype = sys.argv[1:]
 before = status("VmRSS")
-export_checkpoint(Path(sys.argv[1]), Path(sys.argv[2]), external_data_over=int(sys.argv[3]))
+export_checkpoint(Path(checkpoint), Path(out), external_data_over=int(over), dtype=dtype, quality_check=False)
 print(json.dumps({"growth": status("VmHWM") - before}))
 """
 
 
 def test_a_large_checkpoint_is_exported_a_layer_at_a_time(tmp_path: Path) -> None:
     """Past the external-data threshold the weights are read one tensor at a time and written to
-    model.onnx_data as the graph is built: the export's peak memory follows its largest tensor, not
-    the model (holding the model whole took about four times its weights). The graph it writes
-    computes exactly what the in-memory export's does."""
+    model.onnx_data as the graph is built (quantized as they are written, for int4): the export's
+    peak memory follows its largest tensor, not the model (holding the model whole took about four
+    times its weights). The graph it writes computes exactly what the in-memory export's does."""
     config = mistral_config(STREAMED_SIZE)
     weights = random_weights(config, seed=7)
     largest = max(array.nbytes for array in weights.values())
@@ -244,7 +246,8 @@ def test_a_large_checkpoint_is_exported_a_layer_at_a_time(tmp_path: Path) -> Non
     save_checkpoint(config, weights, mistral_spm_model_path(), tmp_path / "checkpoint")
     del weights
     growth = {}
-    for name, over in (("streamed", 0), ("in-memory", EXTERNAL_DATA_OVER)):
+    runs = (("streamed", 0, "fp32"), ("in-memory", EXTERNAL_DATA_OVER, "fp32"), ("int4", 0, "int4"))
+    for name, over, dtype in runs:
         result = subprocess.run(
             [
                 sys.executable,
@@ -253,6 +256,7 @@ def test_a_large_checkpoint_is_exported_a_layer_at_a_time(tmp_path: Path) -> Non
                 str(tmp_path / "checkpoint"),
                 str(tmp_path / name),
                 str(over),
+                dtype,
             ],
             capture_output=True,
             text=True,
@@ -263,6 +267,14 @@ def test_a_large_checkpoint_is_exported_a_layer_at_a_time(tmp_path: Path) -> Non
     assert not (tmp_path / "in-memory" / "model.onnx_data").exists()
     # Streamed: the LM head read and transposed (two copies of the largest tensor), and little else.
     assert growth["streamed"] < 4 * largest < total < growth["in-memory"], (growth, largest, total)
+    # Quantized as written (no unquantized graph first, its quality not measured): the same bound.
+    assert growth["int4"] < 4 * largest, (growth, largest)
+    assert ModelConfig.load(tmp_path / "int4").quantization == {
+        "weight_dtype": "int4",
+        "block_size": 32,
+        "accuracy_level": 4,
+        "lm_head_bits": 8,
+    }
     ids = list(range(3, 200))
     streamed = Engine(tmp_path / "streamed", slots=1, max_len=256).prefill(0, ids)
     in_memory = Engine(tmp_path / "in-memory", slots=1, max_len=256).prefill(0, ids)

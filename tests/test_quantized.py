@@ -10,6 +10,7 @@ import grpc
 import numpy as np
 import onnx
 import pytest
+from onnx import numpy_helper
 from server_harness import ServerThread
 from textgen.v1 import textgen_pb2 as pb
 from textgen.v1 import textgen_pb2_grpc as rpc
@@ -87,3 +88,49 @@ def test_served_greedy_equals_the_engine_offline_in_a_batch(
         assert got == want[:cut]
     info = served.GetModelInfo(pb.GetModelInfoRequest())
     assert (info.weight_dtype, info.dtype) == (quantized_dir.name.partition("-lm-head-")[0], "fp32")
+
+
+def _onnxruntime_quantizer(model: onnx.ModelProto, weight_dtype: str, lm_head: str) -> onnx.ModelProto:
+    """The reference: onnxruntime's MatMulNBitsQuantizer over the whole unquantized graph, the layers
+    in one pass and the LM head in another where its bits differ."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    def quantize(model: onnx.ModelProto, bits: int, **nodes: list[str]) -> onnx.ModelProto:
+        quantizer = MatMulNBitsQuantizer(
+            model, bits=bits, block_size=32, is_symmetric=True, accuracy_level=4, **nodes
+        )
+        quantizer.process()
+        result: onnx.ModelProto = quantizer.model.model
+        return result
+
+    bits, head_bits = int(weight_dtype[3:]), int(lm_head[3:])
+    if bits == head_bits:
+        return quantize(model, bits)
+    return quantize(
+        quantize(model, bits, nodes_to_exclude=[LM_HEAD_NODE]), head_bits, nodes_to_include=[LM_HEAD_NODE]
+    )
+
+
+@pytest.mark.parametrize(("weight_dtype", "lm_head"), VARIANTS, ids=["int4", "int8", "int4-lm-head-int4"])
+def test_weights_are_quantized_as_onnxruntimes_quantizer_quantizes_the_unquantized_graph(
+    tiny_model_dir: Path, quantized_model_dir: Callable[..., Path], weight_dtype: str, lm_head: str | None
+) -> None:
+    """The graph writer quantizes each weight as it writes it, never holding the unquantized graph:
+    the result must be the graph onnxruntime's quantizer makes of the unquantized export, node for
+    node and byte for byte."""
+    reference = _onnxruntime_quantizer(
+        onnx.load(str(tiny_model_dir / "model.onnx")), weight_dtype, lm_head or "int8"
+    )
+    ours = onnx.load(str(quantized_model_dir(weight_dtype, lm_head=lm_head) / "model.onnx"))
+
+    def nodes(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+        return {node.name: node for node in model.graph.node}
+
+    assert nodes(ours) == nodes(reference)
+    used = {name for node in reference.graph.node for name in node.input}
+    expected = {t.name: numpy_helper.to_array(t) for t in reference.graph.initializer if t.name in used}
+    written = {t.name: numpy_helper.to_array(t) for t in ours.graph.initializer}
+    assert written.keys() == expected.keys()
+    for name, array in written.items():
+        assert array.dtype == expected[name].dtype and array.shape == expected[name].shape, name
+        np.testing.assert_array_equal(array, expected[name], err_msg=name)

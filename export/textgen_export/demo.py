@@ -57,6 +57,7 @@ def build_demo(
     lora_slots: int = 0,
     lora_rank: int = DEFAULT_LORA_RANK,
     lm_head: str | None = None,
+    quality_check: bool = True,
 ) -> ModelConfig:
     """The demo model directory, with its checkpoint bundled in `out/checkpoint/` for parity tests.
 
@@ -82,4 +83,5 @@ def build_demo(
             lora_slots=lora_slots,
             lora_rank=lora_rank,
             lm_head=lm_head,
+            quality_check=quality_check,
         )

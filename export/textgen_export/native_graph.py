@@ -24,7 +24,7 @@ adapters and the base model in one pass, with plain ONNX ops. A pass of the base
 k = 0 and does no adapter work (a MatMul with K = 0 gives zeros: onnxruntime since 1.19 on CUDA).
 The packed q/k/v and gate/up MatMuls get packed adapters too: A concatenated along the rank, B
 block-diagonal (model_config.LORA_GROUPS). The adapters stay in the activation dtype whatever the
-weights' dtype (the int4/int8 quantizer leaves a MatMul whose weight is a graph input alone).
+weights' dtype (int4/int8 quantize the base projections' weights only).
 
 Why not one adapter per row, gathered (A_all[lora_index], as vLLM's CPU path does): at 16 rows that
 copies each row's adapter every step. On the bench demo model (one thread, CPU time of a 16-row decode
@@ -34,7 +34,7 @@ the number of slots bound rather than with the rows.
 
 Standard ONNX operators (opset 18) plus ONNX Runtime contrib ops that both its CPU and CUDA
 providers implement (GroupQueryAttention, SimplifiedLayerNormalization,
-SkipSimplifiedLayerNormalization); IR version 8, which
+SkipSimplifiedLayerNormalization, and MatMulNBits for int4/int8 weights); IR version 8, which
 onnxruntime 1.32 and onnxruntime-gpu 1.31.1 both load. Tensor layouts are noted next to each op.
 """
 
@@ -56,7 +56,7 @@ IR_VERSION = 8
 # Weights beyond this many bytes are written to `model.onnx_data` beside the graph: a protobuf
 # message cannot exceed 2 GB.
 EXTERNAL_DATA_OVER = 1_800_000_000
-LM_HEAD_NODE = "lm_head"  # the quantizer leaves it alone for int4 (quantize.py)
+LM_HEAD_NODE = "lm_head"  # its own bits when quantized (WeightBits.lm_head; quantize.py)
 ONNX_DTYPES = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16}
 _NUMPY_DTYPES: dict[str, type[np.floating[Any]]] = {"fp32": np.float32, "fp16": np.float16}
 
@@ -121,12 +121,23 @@ class ExternalData:
         self._file.close()
 
 
+@dataclass(frozen=True)
+class WeightBits:
+    """Quantized weights (MatMulNBits): the bits of the layers' projections and of the LM head."""
+
+    layers: int
+    lm_head: int
+
+
 class _Builder:
-    def __init__(self, dtype: str, external: ExternalData | None = None) -> None:
+    def __init__(
+        self, dtype: str, external: ExternalData | None = None, bits: WeightBits | None = None
+    ) -> None:
         self.dtype = dtype
         self.elem = ONNX_DTYPES[dtype]
         self.np_dtype = _NUMPY_DTYPES[dtype]
         self.external = external
+        self.bits = bits
         self.nodes: list[NodeProto] = []
         self.initializers: list[TensorProto] = []
         self._constants: set[str] = set()
@@ -169,6 +180,40 @@ class _Builder:
             self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(values), name))
         return name
 
+    def matmul(
+        self, x: str, weight: str, array: npt.NDArray[Any], bits: int | None, name: str = "", node: str = ""
+    ) -> str:
+        """x @ array ([in, out], the initializer `weight`), or with `bits` the same product as
+        MatMulNBits over the array quantized by onnxruntime's own quantizer (quantize.py): the node,
+        initializers and attributes its MatMulNBitsQuantizer would make of the MatMul, so the weights
+        need not be written in full first."""
+        if bits is None:
+            return self.op("MatMul", [x, self.weight(weight, array)], name=name, node=node)
+        from .quantize import ACCURACY_LEVEL, BLOCK_SIZE, quantize_weight
+
+        fan_in, fan_out = array.shape
+        packed, scales = quantize_weight(array.astype(self.np_dtype, copy=False), bits)
+        inputs = [
+            x,
+            self.weight(f"{weight}_Q{bits}", packed, cast=False),
+            self.weight(f"{weight}_scales", scales),
+        ]
+        # Named as the quantizer names them: the node after the MatMul it replaces, the output as that
+        # MatMul's was.
+        matmul_node = node or f"n{self._count + 1}_MatMul"
+        return self.op(
+            "MatMulNBits",
+            inputs,
+            name=name or f"matmul_{self._count + 1}",
+            node=f"{matmul_node}_Q{bits}",
+            domain="com.microsoft",
+            K=fan_in,
+            N=fan_out,
+            bits=bits,
+            block_size=BLOCK_SIZE,
+            accuracy_level=ACCURACY_LEVEL,
+        )
+
     def ints(self, name: str, values: list[int]) -> str:
         """An int64 constant; asking again for the same name reuses it."""
         if name in self._constants:
@@ -204,15 +249,17 @@ def build_decoder_graph(
     io: ModelIO | None = None,
     lora: LoraLayout | None = None,
     external_data: Path | None = None,
+    bits: WeightBits | None = None,
 ) -> ModelProto:
     """The decoder as an ONNX model; `weights` are the checkpoint's tensors by their HF names, each
     looked up when its op is written (a CheckpointTensors reads it from disk then).
     With `lora`, the target projections carry adapter slots (module docstring). With `external_data`,
-    the weights go to that file as they are written (save the model beside it with save_decoder)."""
+    the weights go to that file as they are written (save the model beside it with save_decoder).
+    With `bits`, the projections' weights are quantized as they are written (MatMulNBits)."""
     io = io or ModelIO()
     external = ExternalData(external_data) if external_data is not None else None
     try:
-        return _build(shape, weights, io, lora, _Builder(dtype, external))
+        return _build(shape, weights, io, lora, _Builder(dtype, external, bits))
     finally:
         if external is not None:
             external.close()
@@ -227,9 +274,10 @@ def _build(
 ) -> ModelProto:
     lora_inputs: list[ValueInfoProto] = []
 
-    def projection(x: str, weight: str, layer: int, group: str) -> str:
-        """x @ weight, plus each row's adapter for this group when the graph has slots."""
-        base = g.op("MatMul", [x, weight])  # [b, seq, out]
+    def projection(x: str, weight: str, array: npt.NDArray[Any], layer: int, group: str) -> str:
+        """x @ array (the initializer `weight`, [in, out]), plus each row's adapter for this group when
+        the graph has slots."""
+        base = g.matmul(x, weight, array, g.bits.layers if g.bits else None)  # [b, seq, out]
         if lora is None:
             return base
         fan_in, rank, fan_out = lora.group_shape(group)
@@ -294,7 +342,7 @@ def _build(
         else:
             normed = rms_norm(hidden, p + "input_layernorm.weight")
         qkv_w = np.concatenate([weights[p + f"self_attn.{n}_proj.weight"] for n in "qkv"], axis=0).T
-        qkv = projection(normed, g.weight(p + "qkv.weight", qkv_w), layer, "qkv")  # [b, seq, (h + 2 kv) d]
+        qkv = projection(normed, p + "qkv.weight", qkv_w, layer, "qkv")  # [b, seq, (h + 2 kv) d]
         # Rotary inside the op at each row's own positions (derived from seqlens_k); the new keys and
         # values are written into the past buffers, which the engine binds as the presents too.
         attended, _, _ = g.op_n(
@@ -319,8 +367,8 @@ def _build(
             rotary_interleaved=0,
             scale=float(1.0 / np.sqrt(s.head_dim)),
         )  # [b, seq, h d]
-        o_w = g.weight(p + "self_attn.o_proj.weight", weights[p + "self_attn.o_proj.weight"].T)
-        attn_out = projection(attended, o_w, layer, "o")  # [b, seq, hidden]
+        o_w = weights[p + "self_attn.o_proj.weight"].T
+        attn_out = projection(attended, p + "self_attn.o_proj.weight", o_w, layer, "o")  # [b, seq, hidden]
         # -- MLP: down(silu(gate(x)) * up(x)) ------------------------------------------------------
         normed, hidden = add_and_rms_norm(hidden, attn_out, p + "post_attention_layernorm.weight")
         gate_up_w = np.concatenate(
@@ -328,24 +376,25 @@ def _build(
         ).T
         gate, up = g.op_n(
             "Split",
-            [projection(normed, g.weight(p + "gate_up.weight", gate_up_w), layer, "gate_up"), "split_mlp"],
+            [projection(normed, p + "gate_up.weight", gate_up_w, layer, "gate_up"), "split_mlp"],
             2,
             axis=-1,
         )  # [b, seq, intermediate] each
         activated = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])
-        down_w = g.weight(p + "mlp.down_proj.weight", weights[p + "mlp.down_proj.weight"].T)
-        mlp_out = projection(activated, down_w, layer, "down")  # [b, seq, hidden]
+        down_w = weights[p + "mlp.down_proj.weight"].T
+        mlp_out = projection(activated, p + "mlp.down_proj.weight", down_w, layer, "down")  # [b, seq, hidden]
 
     # Only the last position's logits: slice before the final residual add and norm.
     last_hidden = g.op("Slice", [hidden, "c_m1", "c_end", "axes_1"])  # [b, 1, hidden]
     last_mlp = g.op("Slice", [mlp_out, "c_m1", "c_end", "axes_1"])  # [b, 1, hidden]
     normed, _ = add_and_rms_norm(last_hidden, last_mlp, "model.norm.weight")
-    lm_w = g.weight("lm_head.weight", weights["lm_head.weight"].T)
+    lm_w = weights["lm_head.weight"].T
+    lm_bits = g.bits.lm_head if g.bits else None
     # A Cast copies the logits every step (65 µs of a 16-row fp32 step): only where the dtype changes.
     if g.elem == TensorProto.FLOAT:
-        g.op("MatMul", [normed, lm_w], name=io.logits, node=LM_HEAD_NODE)  # [b, 1, vocab]
+        g.matmul(normed, "lm_head.weight", lm_w, lm_bits, name=io.logits, node=LM_HEAD_NODE)  # [b, 1, vocab]
     else:
-        logits = g.op("MatMul", [normed, lm_w], node=LM_HEAD_NODE)  # [b, 1, vocab]
+        logits = g.matmul(normed, "lm_head.weight", lm_w, lm_bits, node=LM_HEAD_NODE)  # [b, 1, vocab]
         g.op("Cast", [logits], name=io.logits, to=TensorProto.FLOAT)
 
     kv_dims: list[str | int] = ["batch", s.num_kv_heads, "max_len", s.head_dim]

@@ -16,7 +16,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import onnx
 from textgen_server.model_config import (
     CONFIG_FILE,
     DEFAULT_LORA_RANK,
@@ -34,14 +33,14 @@ from .errors import ExportError
 from .kv_graphs import write_kv_copy_graph
 from .native_graph import (
     EXTERNAL_DATA_OVER,
-    LM_HEAD_NODE,
     DecoderShape,
+    WeightBits,
     build_decoder_graph,
     lora_layout,
     save_decoder,
 )
 from .progress import Progress
-from .quantize import BITS, DEFAULT_LM_HEAD, measure_quality, quantize_decoder
+from .quantize import BITS, DEFAULT_LM_HEAD, measure_quality, quantization_settings
 from .tokenizer import checkpoint_tokenizer
 
 log = logging.getLogger(__name__)
@@ -66,6 +65,7 @@ def export_checkpoint(
     lora_rank: int = DEFAULT_LORA_RANK,
     lm_head: str | None = None,
     external_data_over: int = EXTERNAL_DATA_OVER,
+    quality_check: bool = True,
 ) -> ModelConfig:
     """Export a local Mistral/Llama checkpoint folder into the model directory `out`.
 
@@ -104,7 +104,8 @@ def export_checkpoint(
     staging = _make_staging_dir(out, overwrite)
     # Only a checkpoint without safetensors is loaded whole, as a step of its own.
     loads_whole = weights is None and not has_safetensors(checkpoint)
-    progress = Progress(total_steps=(5 if quantized else 3) + loads_whole)
+    measured = quantized and quality_check
+    progress = Progress(total_steps=3 + 2 * measured + loads_whole)
     try:
         with progress.step("writing tokenizer.json"):
             try:
@@ -120,18 +121,28 @@ def export_checkpoint(
         else:
             shape, tensors = _checkpoint_tensors(checkpoint, activations)
         streamed = _weight_bytes(tensors) > external_data_over
-        with progress.step(
-            f"writing the decoder graph ({shape.num_layers} layers"
-            + (f", weights to {MODEL_FILE}_data as they are read)" if streamed else ")")
-        ):
-            lora = lora_layout(shape, lora_slots, lora_rank) if lora_slots else None
-            # The unquantized graph is kept aside until the quantized one has been measured against it.
-            reference = staging / ".unquantized" if quantized else staging
-            reference.mkdir(exist_ok=True)
-            data_file = reference / f"{MODEL_FILE}_data" if streamed else None
-            decoder = build_decoder_graph(shape, tensors, activations, lora=lora, external_data=data_file)
-            del weights, tensors
-            save_decoder(decoder, reference / MODEL_FILE)
+        lora = lora_layout(shape, lora_slots, lora_rank) if lora_slots else None
+
+        def write_graph(directory: Path, bits: WeightBits | None) -> None:
+            data_file = directory / f"{MODEL_FILE}_data" if streamed else None
+            decoder = build_decoder_graph(
+                shape, tensors, activations, lora=lora, external_data=data_file, bits=bits
+            )
+            save_decoder(decoder, directory / MODEL_FILE)
+
+        where = f", weights to {MODEL_FILE}_data as they are read" if streamed else ""
+        # The unquantized graph, to measure the quantized one against; removed once measured.
+        reference = staging / ".unquantized"
+        if measured:
+            with progress.step(
+                f"writing the unquantized decoder graph to measure against ({activations}{where})"
+            ):
+                reference.mkdir()
+                write_graph(reference, None)
+        bits = WeightBits(BITS[dtype], BITS[lm_head]) if quantized else None
+        what = f", quantized to {dtype} with the LM head in {lm_head} (MatMulNBits)" if quantized else ""
+        with progress.step(f"writing the decoder graph ({shape.num_layers} layers{what}{where})"):
+            write_graph(staging, bits)
         write_kv_copy_graph(staging, num_layers=arch.num_layers, dtype=activations)
         config = _model_config(
             arch,
@@ -141,12 +152,7 @@ def export_checkpoint(
             source=source or str(checkpoint),
             lora=lora,
         )
-        if quantized:
-            with progress.step(f"quantizing the weights to {dtype}, the LM head to {lm_head} (MatMulNBits)"):
-                # Saving moved large weights out of `decoder` into external data: read them back.
-                decoder = onnx.load(str(reference / MODEL_FILE))
-                save_decoder(quantize_decoder(decoder, dtype, LM_HEAD_NODE, lm_head), staging / MODEL_FILE)
-                del decoder
+        if measured:
             with progress.step("measuring the quantized model against the unquantized one"):
                 for name_ in (TOKENIZER_FILE, KV_COPY_FILE):
                     shutil.copyfile(staging / name_, reference / name_)
@@ -163,8 +169,9 @@ def export_checkpoint(
                 report.positions,
             )
             config = dataclasses.replace(config, quantization=report.as_dict())
-        else:
-            del decoder
+        elif quantized:
+            log.info("%s: quality not measured (--no-quality-check)", dtype)
+            config = dataclasses.replace(config, quantization=quantization_settings(dtype, lm_head))
         with progress.step("writing textgen.json"):
             config.save(staging)
         if bundle_checkpoint:

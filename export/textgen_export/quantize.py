@@ -1,7 +1,9 @@
 """int4 / int8 weights: the decoder's MatMuls become ONNX Runtime's MatMulNBits, and the damage is measured.
 
-Quantization is ONNX Runtime's own `MatMulNBitsQuantizer` over the finished decoder graph (every
-MatMul with a constant weight: q/k/v, o, gate/up, down, and the LM head unless excluded), with:
+Quantization is ONNX Runtime's own, applied by the graph writer to each weight as it is written
+(`quantize_weight`: the function `MatMulNBitsQuantizer` calls per MatMul, so the graph is the one the
+quantizer would make of the unquantized graph, without the unquantized graph held in memory first):
+q/k/v, o, gate/up, down and the LM head, with:
 
 - block_size 32: the finest block MatMulNBits supports well on CPU and CUDA (llama.cpp's Q4_0 and
   Q8_0 use 32 too); larger blocks save a little memory and cost accuracy;
@@ -27,14 +29,12 @@ KL(unquantized || quantized) of the next-token distributions.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from onnx import ModelProto
 
 BLOCK_SIZE = 32
 ACCURACY_LEVEL = 4
@@ -69,35 +69,32 @@ class QuantizationReport:
         return asdict(self)
 
 
-def quantize_decoder(
-    model: ModelProto, weight_dtype: str, lm_head_node: str, lm_head_dtype: str = DEFAULT_LM_HEAD
-) -> ModelProto:
-    """The decoder with its MatMul weights as MatMulNBits: the layers in `weight_dtype` ("int4" or
-    "int8"), the LM head (`lm_head_node`) in `lm_head_dtype` (the same choices)."""
-    # The quantizer logs one line per node at INFO; the exporter prints its own progress.
-    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
-    if BITS[weight_dtype] == BITS[lm_head_dtype]:
-        return _quantize(model, BITS[weight_dtype])
-    layers = _quantize(model, BITS[weight_dtype], nodes_to_exclude=[lm_head_node])
-    return _quantize(layers, BITS[lm_head_dtype], nodes_to_include=[lm_head_node])
+def quantization_settings(weight_dtype: str, lm_head_dtype: str = DEFAULT_LM_HEAD) -> dict[str, Any]:
+    """What textgen.json records of a quantized export whose quality was not measured."""
+    return {
+        "weight_dtype": weight_dtype,
+        "block_size": BLOCK_SIZE,
+        "accuracy_level": ACCURACY_LEVEL,
+        "lm_head_bits": BITS[lm_head_dtype],
+    }
 
 
-def _quantize(model: ModelProto, bits: int, **nodes: list[str]) -> ModelProto:
-    """One pass of ONNX Runtime's quantizer over the MatMuls `nodes` selects (all by default)."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    quantizer = MatMulNBitsQuantizer(
-        model,
-        bits=bits,
-        block_size=BLOCK_SIZE,
-        is_symmetric=True,
-        accuracy_level=ACCURACY_LEVEL,
-        op_types_to_quantize=("MatMul",),
-        **nodes,
+def quantize_weight(weight: npt.NDArray[Any], bits: int) -> tuple[npt.NDArray[np.uint8], npt.NDArray[Any]]:
+    """A MatMul weight [K, N] in MatMulNBits' layout, by the function onnxruntime's MatMulNBitsQuantizer
+    calls for each weight (symmetric blocks of BLOCK_SIZE along K): the packed weight
+    [N, K / BLOCK_SIZE, BLOCK_SIZE * bits / 8] and the scales [N, K / BLOCK_SIZE] in the weight's dtype."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        DefaultWeightOnlyQuantizer,
     )
-    quantizer.process()
-    quantized: ModelProto = quantizer.model.model
-    return quantized
+
+    config = DefaultWeightOnlyQuantConfig(
+        block_size=BLOCK_SIZE, is_symmetric=True, accuracy_level=ACCURACY_LEVEL, bits=bits
+    )
+    # Contiguous: the C++ function reads the buffer as [K, N] whatever the strides (a transposed view
+    # came out as other bytes than the quantizer makes of the stored initializer).
+    packed, scales, _ = DefaultWeightOnlyQuantizer(config).qbits_block_quant(np.ascontiguousarray(weight))
+    return packed, scales
 
 
 def measure_quality(
