@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from .checkpoint_tensors import has_safetensors
 from .errors import ExportError
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def read_architecture(checkpoint: Path) -> Architecture:
             f"{checkpoint}: model_type {model_type!r} is not supported "
             f"(expected one of {', '.join(SUPPORTED_MODEL_TYPES)})"
         )
-    if not any(checkpoint.glob("*.safetensors")) and not any(checkpoint.glob("*.bin")):
+    if not has_safetensors(checkpoint) and not any(checkpoint.glob("*.bin")):
         raise ExportError(f"{checkpoint}: no weights (*.safetensors or *.bin) found")
     heads = int(config["num_attention_heads"])
     hidden = int(config["hidden_size"])

@@ -72,12 +72,17 @@ def export_checkpoint(
     The decoder graph is written op by op from the weights (native_graph.py), with the KV-slot copy
     graph beside it (kv_graphs.py). `dtype` is the weights' dtype; `activations` the activations' and
     the KV cache's (default: fp16 for fp16 weights, else fp32). int4/int8 weights are quantized to
-    MatMulNBits and the export reports their agreement with the unquantized model (quantize.py);
-    `lm_head` is the LM head's dtype then ("int8" by default, or "int4").
+    MatMulNBits as they are written; with `quality_check` the export also writes the unquantized
+    graph and reports the quantized one's agreement with it (quantize.py; running the unquantized
+    graph takes its size in memory: 29 GB for Mistral-7B in fp32). `lm_head` is the LM head's dtype
+    then ("int8" by default, or "int4").
     With `bundle_checkpoint`, a copy of the checkpoint goes to `out/checkpoint/` (demo models keep
     theirs so that tests can compare with transformers on the same weights).
     `weights`: the checkpoint's shape and tensors already in memory (the demo draws them with
-    numpy), so that neither torch nor transformers is needed to load them.
+    numpy), so that neither torch nor transformers is needed to load them. Otherwise a safetensors
+    checkpoint is read a tensor at a time (checkpoint_tensors.py), and when its weights come to more
+    than `external_data_over` bytes they are written to `model.onnx_data` as the graph is built: the
+    export then holds about one layer's weights at a time.
     `lora_slots` adapters of rank up to `lora_rank` can be resident at once (0: a graph without
     adapter slots, exactly as before; native_graph.py says how the slots work).
     """
@@ -158,7 +163,7 @@ def export_checkpoint(
                     shutil.copyfile(staging / name_, reference / name_)
                 config.save(reference)
                 config.save(staging)  # rewritten below with the report
-                report = measure_quality(reference, staging, dtype, lm_head)
+                report = measure_quality(reference, staging)
                 shutil.rmtree(reference)
             log.info(
                 "%s: next-token agreement with the unquantized model %.1f%%, mean KL %.4f nats "
@@ -168,7 +173,8 @@ def export_checkpoint(
                 report.mean_kl,
                 report.positions,
             )
-            config = dataclasses.replace(config, quantization=report.as_dict())
+            settings = quantization_settings(dtype, lm_head) | report.as_dict()
+            config = dataclasses.replace(config, quantization=settings)
         elif quantized:
             log.info("%s: quality not measured (--no-quality-check)", dtype)
             config = dataclasses.replace(config, quantization=quantization_settings(dtype, lm_head))

@@ -56,11 +56,9 @@ QUALITY_TEXT = (
 
 
 @dataclass(frozen=True)
-class QuantizationReport:
-    weight_dtype: str
-    block_size: int
-    accuracy_level: int
-    lm_head_bits: int
+class QualityReport:
+    """What quantization cost, measured against the unquantized model."""
+
     positions: int  # how many next-token distributions were compared
     next_token_agreement: float  # share of positions with the same argmax, 0..1
     mean_kl: float  # mean KL(unquantized || quantized), nats
@@ -70,7 +68,8 @@ class QuantizationReport:
 
 
 def quantization_settings(weight_dtype: str, lm_head_dtype: str = DEFAULT_LM_HEAD) -> dict[str, Any]:
-    """What textgen.json records of a quantized export whose quality was not measured."""
+    """How a quantized export was quantized, as textgen.json records it (its QualityReport beside it
+    when the quality was measured)."""
     return {
         "weight_dtype": weight_dtype,
         "block_size": BLOCK_SIZE,
@@ -97,9 +96,7 @@ def quantize_weight(weight: npt.NDArray[Any], bits: int) -> tuple[npt.NDArray[np
     return packed, scales
 
 
-def measure_quality(
-    reference_dir: Path, quantized_dir: Path, weight_dtype: str, lm_head_dtype: str = DEFAULT_LM_HEAD
-) -> QuantizationReport:
+def measure_quality(reference_dir: Path, quantized_dir: Path) -> QualityReport:
     """Teacher-force QUALITY_TEXT through both model directories and compare next-token distributions."""
     from textgen_server.engine import Engine
     from textgen_server.model_config import TOKENIZER_FILE
@@ -120,11 +117,7 @@ def measure_quality(
     log_q = quantized - _logsumexp(quantized)
     kl = np.sum(np.exp(log_p) * (log_p - log_q), axis=-1)  # [positions]
     agreement = float(np.mean(reference.argmax(-1) == quantized.argmax(-1)))
-    return QuantizationReport(
-        weight_dtype=weight_dtype,
-        block_size=BLOCK_SIZE,
-        accuracy_level=ACCURACY_LEVEL,
-        lm_head_bits=BITS[lm_head_dtype],
+    return QualityReport(
         positions=int(reference.shape[0]),
         next_token_agreement=agreement,
         mean_kl=float(kl.mean()),
