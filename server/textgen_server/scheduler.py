@@ -367,10 +367,13 @@ class Scheduler:
                 return handle
         return None
 
+    def _in_slots(self) -> list[RequestHandle]:
+        """The sequences that hold a KV slot: the running ones and the one part-way through its prompt."""
+        return [*self._running, self._prefilling] if self._prefilling is not None else list(self._running)
+
     def _free_slots(self) -> set[int]:
         """The slots no running or prefilling sequence holds."""
-        prefilling = [self._prefilling] if self._prefilling is not None else []
-        return set(range(self.slots)) - {h.slot for h in [*self._running, *prefilling]}
+        return set(range(self.slots)) - {h.slot for h in self._in_slots()}
 
     def _reuse_prefix(self, handle: RequestHandle) -> None:
         """Start a newly admitted sequence from the free slot sharing the longest prefix with its prompt
@@ -426,8 +429,7 @@ class Scheduler:
             cache.hold(slot, tokens, handle.adapter)
 
     def _adapter_slots_in_use(self) -> set[int]:
-        prefilling = [self._prefilling] if self._prefilling is not None else []
-        return {h.adapter_slot for h in [*self._running, *prefilling]}
+        return {h.adapter_slot for h in self._in_slots()}
 
     def _install_adapters(self) -> bool:
         """Write adapters that finished loading into the engine (between passes); fail the requests
