@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -94,6 +99,37 @@ def test_local_folder_export_takes_the_hub_code_path(
             == _digest(tiny_model_dir / name)
         )
     assert ModelConfig.load(tmp_path / "hub").name == "mistralai/Mistral-7B-Instruct-v0.2"
+
+
+def test_export_heartbeat_says_how_many_layers_are_written(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The decoder step of a 7B export runs for minutes: its heartbeat lines count the layers done."""
+    from textgen_export import onnx_export
+    from textgen_export.progress import Progress
+
+    build = onnx_export.build_decoder_graph
+
+    def slow_build(*args: Any, on_layer: Callable[[int], None], **kwargs: Any) -> Any:
+        def slow_layer(done: int) -> None:
+            on_layer(done)
+            time.sleep(0.2)  # several heartbeats per layer
+
+        return build(*args, on_layer=slow_layer, **kwargs)
+
+    monkeypatch.setattr(onnx_export, "build_decoder_graph", slow_build)
+    monkeypatch.setattr(onnx_export, "Progress", functools.partial(Progress, heartbeat_s=0.05))
+    assert export_main(["model", str(tiny_model_dir / "checkpoint"), "--out", str(tmp_path / "out")]) == 0
+    layers = ModelConfig.load(tiny_model_dir).num_layers
+    err = capsys.readouterr().err
+    counts = [
+        int(match)
+        for match in re.findall(
+            r"\[2/3\] \d+ s: (\d+) of %d layers written\n" % layers,
+            err,
+        )
+    ]
+    assert set(counts) == set(range(1, layers + 1)) and counts == sorted(counts)
 
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -40,7 +40,7 @@ onnxruntime 1.32 and onnxruntime-gpu 1.31.1 both load. Tensor layouts are noted 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -250,16 +250,18 @@ def build_decoder_graph(
     lora: LoraLayout | None = None,
     external_data: Path | None = None,
     bits: WeightBits | None = None,
+    on_layer: Callable[[int], None] | None = None,
 ) -> ModelProto:
     """The decoder as an ONNX model; `weights` are the checkpoint's tensors by their HF names, each
     looked up when its op is written (a CheckpointTensors reads it from disk then).
     With `lora`, the target projections carry adapter slots (module docstring). With `external_data`,
     the weights go to that file as they are written (save the model beside it with save_decoder).
-    With `bits`, the projections' weights are quantized as they are written (MatMulNBits)."""
+    With `bits`, the projections' weights are quantized as they are written (MatMulNBits).
+    `on_layer(n)` is called once the first n decoder layers are written, for progress output."""
     io = io or ModelIO()
     external = ExternalData(external_data) if external_data is not None else None
     try:
-        return _build(shape, weights, io, lora, _Builder(dtype, external, bits))
+        return _build(shape, weights, io, lora, _Builder(dtype, external, bits), on_layer)
     finally:
         if external is not None:
             external.close()
@@ -271,6 +273,7 @@ def _build(
     io: ModelIO,
     lora: LoraLayout | None,
     g: _Builder,
+    on_layer: Callable[[int], None] | None,
 ) -> ModelProto:
     lora_inputs: list[ValueInfoProto] = []
 
@@ -383,6 +386,8 @@ def _build(
         activated = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])
         down_w = weights[p + "mlp.down_proj.weight"].T
         mlp_out = projection(activated, p + "mlp.down_proj.weight", down_w, layer, "down")  # [b, seq, hidden]
+        if on_layer is not None:
+            on_layer(layer + 1)
 
     # Only the last position's logits: slice before the final residual add and norm.
     last_hidden = g.op("Slice", [hidden, "c_m1", "c_end", "axes_1"])  # [b, 1, hidden]

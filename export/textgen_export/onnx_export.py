@@ -39,7 +39,7 @@ from .native_graph import (
     lora_layout,
     save_decoder,
 )
-from .progress import Progress
+from .progress import Progress, StepStatus
 from .quantize import BITS, DEFAULT_LM_HEAD, measure_quality, quantization_settings
 from .tokenizer import checkpoint_tokenizer
 
@@ -128,11 +128,22 @@ def export_checkpoint(
         streamed = _weight_bytes(tensors) > external_data_over
         lora = lora_layout(shape, lora_slots, lora_rank) if lora_slots else None
 
-        def write_graph(directory: Path, bits: WeightBits | None) -> None:
+        def write_graph(directory: Path, bits: WeightBits | None, status: StepStatus) -> None:
             data_file = directory / f"{MODEL_FILE}_data" if streamed else None
+
+            def layer_written(done: int) -> None:
+                status.detail = f"{done} of {shape.num_layers} layers written"
+
             decoder = build_decoder_graph(
-                shape, tensors, activations, lora=lora, external_data=data_file, bits=bits
+                shape,
+                tensors,
+                activations,
+                lora=lora,
+                external_data=data_file,
+                bits=bits,
+                on_layer=layer_written,
             )
+            status.detail = "saving"
             save_decoder(decoder, directory / MODEL_FILE)
 
         where = f", weights to {MODEL_FILE}_data as they are read" if streamed else ""
@@ -141,13 +152,13 @@ def export_checkpoint(
         if measured:
             with progress.step(
                 f"writing the unquantized decoder graph to measure against ({activations}{where})"
-            ):
+            ) as status:
                 reference.mkdir()
-                write_graph(reference, None)
+                write_graph(reference, None, status)
         bits = WeightBits(BITS[dtype], BITS[lm_head]) if quantized else None
         what = f", quantized to {dtype} with the LM head in {lm_head} (MatMulNBits)" if quantized else ""
-        with progress.step(f"writing the decoder graph ({shape.num_layers} layers{what}{where})"):
-            write_graph(staging, bits)
+        with progress.step(f"writing the decoder graph ({shape.num_layers} layers{what}{where})") as status:
+            write_graph(staging, bits, status)
         write_kv_copy_graph(staging, num_layers=arch.num_layers, dtype=activations)
         config = _model_config(
             arch,
