@@ -125,7 +125,7 @@ def test_export_heartbeat_says_how_many_layers_are_written(
     counts = [
         int(match)
         for match in re.findall(
-            r"\[2/3\] \d+ s: (\d+) of %d layers written\n" % layers,
+            rf"\[2/3\] \d+ s: (\d+) of {layers} layers written\n",
             err,
         )
     ]
