@@ -85,6 +85,7 @@ proto: $(INSTALLED)
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check sdk server export tests bench
+	$(VENV)/bin/ruff format --check sdk server export tests bench
 
 typecheck: $(INSTALLED)
 	$(PY) -m mypy --strict sdk/textgen server/textgen_server export/textgen_export

@@ -73,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
             prompt = prompt_ids(args.prompt, rng)
             rates.append(
                 {
-                    w.name: run_timing(w.call("generate", prompt_ids=prompt, new_tokens=args.new)).decode_tok_s
+                    w.name: run_timing(
+                        w.call("generate", prompt_ids=prompt, new_tokens=args.new)
+                    ).decode_tok_s
                     for w in rotated(workers, round_)
                 }
             )
@@ -85,7 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for worker in workers:
             worker.close()
-    comparisons = [("engine", "genai")] + ([("engine", "other"), ("other", "genai")] if args.other_source else [])
+    comparisons = [("engine", "genai")] + (
+        [("engine", "other"), ("other", "genai")] if args.other_source else []
+    )
     for numerator, denominator in comparisons:
         ratios = paired_ratios([r[numerator] for r in rates], [r[denominator] for r in rates])
         print(

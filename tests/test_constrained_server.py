@@ -65,7 +65,10 @@ TOOLS: list[dict[str, Any]] = [
     },
 ]
 PARAMETERS = {
-    tool.get("function", tool)["name"]: {**tool.get("function", tool)["parameters"], "additionalProperties": False}
+    tool.get("function", tool)["name"]: {
+        **tool.get("function", tool)["parameters"],
+        "additionalProperties": False,
+    }
     for tool in TOOLS
 }
 
@@ -124,7 +127,12 @@ def test_json_schema_output_always_validates(stub: rpc.TextGenerationStub, name:
 
 def test_json_object_mode(stub: rpc.TextGenerationStub) -> None:
     def run(seed: int) -> pb.GenerateResponse:
-        body = {"prompt": "JSON please", "seed": seed, "max_tokens": 64, "response_format": {"type": "json_object"}}
+        body = {
+            "prompt": "JSON please",
+            "seed": seed,
+            "max_tokens": 64,
+            "response_format": {"type": "json_object"},
+        }
         return _generate(stub, body, stream=False)
 
     for response in _parallel(run, range(1, 9)):
@@ -137,7 +145,11 @@ def test_json_object_mode(stub: rpc.TextGenerationStub) -> None:
 def test_required_tool_calls_are_valid(stub: rpc.TextGenerationStub) -> None:
     def run(job: tuple[int, bool]) -> pb.GenerateResponse:
         seed, stream = job
-        chat = {"messages": [{"role": "user", "content": "Help me."}], "tools": TOOLS, "tool_choice": "required"}
+        chat = {
+            "messages": [{"role": "user", "content": "Help me."}],
+            "tools": TOOLS,
+            "tool_choice": "required",
+        }
         return _generate(stub, {"chat": chat, "seed": seed, "max_tokens": 512}, stream)
 
     jobs = [(seed, stream) for seed in SEEDS for stream in (False, True)]

@@ -35,7 +35,8 @@ class Outcome:
 @pytest.fixture
 def replicas(tiny_model_dir: Path) -> Iterator[list[ServerProcess]]:
     servers = [
-        ServerProcess("--model-dir", str(tiny_model_dir), "--port", "0", "--metrics-port", "0") for _ in range(3)
+        ServerProcess("--model-dir", str(tiny_model_dir), "--port", "0", "--metrics-port", "0")
+        for _ in range(3)
     ]
     try:
         for server in servers:

@@ -324,7 +324,9 @@ def test_plain_greedy_takes_the_pipelines_token_on_hostile_logits() -> None:
         # best(): the same argmax with NaN as -inf and +inf as the largest float, None if all -inf.
         cleaned = np.nan_to_num(x, nan=NEG_INF, posinf=float(np.finfo(np.float32).max), neginf=NEG_INF)
         top = int(np.argmax(cleaned))
-        assert TokenChooser.from_params(greedy, [], vocab).best(x) == (None if cleaned[top] == NEG_INF else top)
+        assert TokenChooser.from_params(greedy, [], vocab).best(x) == (
+            None if cleaned[top] == NEG_INF else top
+        )
     assert TokenChooser.from_params(greedy, [], vocab).choose(ties) == 3
 
 
@@ -371,7 +373,9 @@ def test_greedy_is_the_masked_argmax_and_leaves_the_logits_alone(penalty: float)
         mask[rng.integers(vocab)] = True
         before = x.copy()
         expected_x = apply_repetition_penalty(
-            np.nan_to_num(x, nan=NEG_INF, posinf=float(np.finfo(np.float32).max), neginf=NEG_INF), [1, 2, 3], penalty
+            np.nan_to_num(x, nan=NEG_INF, posinf=float(np.finfo(np.float32).max), neginf=NEG_INF),
+            [1, 2, 3],
+            penalty,
         )
         chooser = TokenChooser(SamplingParams(temperature=0.0, repetition_penalty=penalty), [1, 2, 3], vocab)
         best = chooser.best(x)

@@ -387,7 +387,11 @@ def test_a_success_is_recorded_with_its_counts_and_times(
     scheduler.script = SCRIPT
     _stream(server, pb.GenerateRequest(prompt="Hi", lora="pirate", max_tokens=9))
     (record,) = records
-    assert (record.method, record.code, record.finish_reason) == ("GenerateStream", grpc.StatusCode.OK, "stop")
+    assert (record.method, record.code, record.finish_reason) == (
+        "GenerateStream",
+        grpc.StatusCode.OK,
+        "stop",
+    )
     assert (record.adapter, record.completion_tokens, record.max_new_tokens) == ("pirate", 3, 9)
     assert record.prompt_tokens == len(scheduler.handles[0].request.prompt_ids)
     assert record.request_id == scheduler.handles[0].request.request_id
@@ -441,10 +445,16 @@ def test_a_failure_mid_stream_is_recorded_as_internal(
     scheduler.script = [_event("a", 1), GenerationFailedError("generation failed (request r1)")]
     _stream(server, pb.GenerateRequest(prompt="Hi"))
     (record,) = records
-    assert (record.code, record.completion_tokens, record.finish_reason) == (grpc.StatusCode.INTERNAL, 1, None)
+    assert (record.code, record.completion_tokens, record.finish_reason) == (
+        grpc.StatusCode.INTERNAL,
+        1,
+        None,
+    )
 
 
-def test_queue_full_tells_the_client_when_to_retry(server: grpc_testing.Server, scheduler: FakeScheduler) -> None:
+def test_queue_full_tells_the_client_when_to_retry(
+    server: grpc_testing.Server, scheduler: FakeScheduler
+) -> None:
     scheduler.refuse = QueueFullError("full")
     _, trailing, code, _ = _unary(server, pb.GenerateRequest(prompt="Hi"))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED

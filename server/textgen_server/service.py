@@ -244,7 +244,10 @@ class TextGenerationService(textgen_pb2_grpc.TextGenerationServicer):
                 if event.error is not None:  # the grammar failed: its output would break the promise
                     log.error("request %s: grammar failed: %s", handle.request.request_id, event.error)
                     await _abort(
-                        context, record, grpc.StatusCode.INTERNAL, f"constrained decoding failed: {event.error}"
+                        context,
+                        record,
+                        grpc.StatusCode.INTERNAL,
+                        f"constrained decoding failed: {event.error}",
                     )
                 yield event
         except ShuttingDownError as exc:
