@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -130,6 +131,110 @@ def test_export_heartbeat_says_how_many_layers_are_written(
         )
     ]
     assert set(counts) == set(range(1, layers + 1)) and counts == sorted(counts)
+
+
+def _shard_checkpoint(source: Path, target: Path, index: bool) -> None:
+    """`source`'s single-file checkpoint as two shards laid out as transformers saves them (with or
+    without the index), beside a consolidated.safetensors of the same weights under
+    mistral-inference's names, as Mistral's hub repositories ship it."""
+    from safetensors.numpy import load_file, save_file
+
+    target.mkdir()
+    for name in ("config.json", "tokenizer.model"):
+        shutil.copyfile(source / name, target / name)
+    tensors = load_file(str(source / "model.safetensors"))
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, members in shards.items():
+        save_file({name: tensors[name] for name in members}, str(target / file), metadata={"format": "pt"})
+    if index:
+        weight_map = {name: file for file, members in shards.items() for name in members}
+        total = sum(array.nbytes for array in tensors.values())
+        (target / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}), encoding="utf-8"
+        )
+    mistral_names = {
+        name.replace("model.", "").replace("self_attn.", "attention."): a for name, a in tensors.items()
+    }
+    save_file(mistral_names, str(target / "consolidated.safetensors"))
+
+
+@pytest.mark.parametrize("index", [True, False], ids=["with-index", "without-index"])
+def test_sharded_checkpoint_exports_as_the_single_file_one(
+    tiny_model_dir: Path, tmp_path: Path, index: bool
+) -> None:
+    """Mistral-7B comes in three shards and an index, beside Mistral's consolidated.safetensors: the
+    export reads the shards alone and writes the same model as from one file."""
+    from textgen_export.checkpoint_tensors import CheckpointTensors
+
+    sharded = tmp_path / "sharded"
+    _shard_checkpoint(tiny_model_dir / "checkpoint", sharded, index)
+    single = CheckpointTensors(tiny_model_dir / "checkpoint", "fp32", tie_word_embeddings=False)
+    assert CheckpointTensors(sharded, "fp32", tie_word_embeddings=False).nbytes() == single.nbytes()
+    assert export_main(["model", str(sharded), "--out", str(tmp_path / "out")]) == 0
+    assert _digest(tmp_path / "out" / "model.onnx") == _digest(tiny_model_dir / "model.onnx")
+
+
+def test_a_shard_the_index_names_is_missing(tiny_model_dir: Path, tmp_path: Path) -> None:
+    sharded = tmp_path / "sharded"
+    _shard_checkpoint(tiny_model_dir / "checkpoint", sharded, index=True)
+    (sharded / "model-00002-of-00002.safetensors").unlink()
+    _assert_one_line_error(
+        _run_cli("model", str(sharded), "--out", str(tmp_path / "out")),
+        "names 1 file(s) the folder lacks, first 'model-00002-of-00002.safetensors' (an interrupted download?)",
+    )
+    _no_model_left(tmp_path)
+
+
+def test_mistral_inference_layout_alone_is_refused_by_name(tiny_model_dir: Path, tmp_path: Path) -> None:
+    sharded = tmp_path / "sharded"
+    _shard_checkpoint(tiny_model_dir / "checkpoint", sharded, index=False)
+    for shard in sharded.glob("model-*.safetensors"):
+        shard.unlink()
+    _assert_one_line_error(
+        _run_cli("model", str(sharded), "--out", str(tmp_path / "out")),
+        "consolidated.safetensors is mistral-inference's layout, not transformers'",
+    )
+
+
+def test_hub_download_takes_the_transformers_shards_only() -> None:
+    """The files of a Mistral hub repository (mistralai/Mistral-7B-Instruct-v0.3's listing): the
+    download keeps what the export reads and leaves the 14.5 GB consolidated.safetensors and the .bin
+    duplicates."""
+    from huggingface_hub.utils import filter_repo_objects
+    from textgen_export.checkpoint import HUB_ALLOW_PATTERNS
+
+    listing = [
+        ".gitattributes",
+        "README.md",
+        "config.json",
+        "consolidated.safetensors",
+        "generation_config.json",
+        "model-00001-of-00003.safetensors",
+        "model-00002-of-00003.safetensors",
+        "model-00003-of-00003.safetensors",
+        "model.safetensors.index.json",
+        "params.json",
+        "pytorch_model-00001-of-00003.bin",
+        "pytorch_model.bin.index.json",
+        "special_tokens_map.json",
+        "tokenizer.json",
+        "tokenizer.model",
+        "tokenizer.model.v3",
+        "tokenizer_config.json",
+    ]
+    assert sorted(filter_repo_objects(listing, allow_patterns=HUB_ALLOW_PATTERNS)) == [
+        "config.json",
+        "generation_config.json",
+        "model-00001-of-00003.safetensors",
+        "model-00002-of-00003.safetensors",
+        "model-00003-of-00003.safetensors",
+        "model.safetensors.index.json",
+        "special_tokens_map.json",
+        "tokenizer.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
+    ]
 
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:

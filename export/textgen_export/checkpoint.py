@@ -7,19 +7,20 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint_tensors import has_safetensors
+from .checkpoint_tensors import SAFETENSORS_FILES, SAFETENSORS_INDEX, has_safetensors
 from .errors import ExportError
 
 log = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("mistral", "llama")
-# What a servable export needs from a hub repository; the rest (pytorch .bin duplicates,
-# consolidated Mistral-format weights) is gigabytes we never read.
+# What a servable export needs from a hub repository (the files checkpoint_tensors reads); the rest
+# (pytorch .bin duplicates, Mistral's consolidated.safetensors: 14.5 GB each for a 7B model) is
+# gigabytes we never read.
 HUB_ALLOW_PATTERNS = [
     "config.json",
     "generation_config.json",
-    "*.safetensors",
-    "*.safetensors.index.json",
+    SAFETENSORS_FILES,
+    SAFETENSORS_INDEX,
     "tokenizer.json",
     "tokenizer.model",
     "tokenizer_config.json",
@@ -77,7 +78,13 @@ def read_architecture(checkpoint: Path) -> Architecture:
             f"(expected one of {', '.join(SUPPORTED_MODEL_TYPES)})"
         )
     if not has_safetensors(checkpoint) and not any(checkpoint.glob("*.bin")):
-        raise ExportError(f"{checkpoint}: no weights (*.safetensors or *.bin) found")
+        mistral_layout = any(checkpoint.glob("consolidated*.safetensors"))
+        hint = (
+            "; consolidated.safetensors is mistral-inference's layout, not transformers'"
+            if mistral_layout
+            else ""
+        )
+        raise ExportError(f"{checkpoint}: no weights ({SAFETENSORS_FILES} or pytorch *.bin) found{hint}")
     heads = int(config["num_attention_heads"])
     hidden = int(config["hidden_size"])
     return Architecture(

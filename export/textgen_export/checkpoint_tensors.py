@@ -7,6 +7,10 @@ written (native_graph.py writes it to the external data file straight away).
 
 bf16 tensors go through torch (numpy has no bfloat16), converted exactly as transformers converts
 them when it loads a bf16 checkpoint into an fp32 or fp16 model (`Tensor.to`).
+
+The files are transformers': the shards its index names, or without an index every
+`model*.safetensors` (as llama.cpp's convert_hf_to_gguf.py finds them). Mistral's repositories also
+ship `consolidated.safetensors`, the same weights under mistral-inference's names: never read.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import numpy.typing as npt
 from .errors import ExportError
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_FILES = "model*.safetensors"  # model.safetensors, or model-00001-of-00003.safetensors, ...
 EMBEDDINGS = "model.embed_tokens.weight"
 LM_HEAD = "lm_head.weight"
 
@@ -79,22 +84,29 @@ class CheckpointTensors(Mapping[str, npt.NDArray[Any]]):
 
 
 def has_safetensors(checkpoint: Path) -> bool:
-    return any(checkpoint.glob("*.safetensors"))
+    return (checkpoint / SAFETENSORS_INDEX).is_file() or any(checkpoint.glob(SAFETENSORS_FILES))
 
 
 def _tensor_files(checkpoint: Path) -> dict[str, Path]:
-    """Each tensor's file: from the shards' index where there is one, else from every file's header."""
+    """Each tensor's file: from the shards' index where there is one, else from every model file's
+    header."""
     index = checkpoint / SAFETENSORS_INDEX
     if index.is_file():
         try:
             weight_map: dict[str, str] = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError) as exc:
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise ExportError(f"{index}: not a safetensors index ({exc})") from exc
+        missing = sorted({file for file in weight_map.values() if not (checkpoint / file).is_file()})
+        if missing:
+            raise ExportError(
+                f"{index} names {len(missing)} file(s) the folder lacks, first {missing[0]!r} "
+                "(an interrupted download?)"
+            )
         return {name: checkpoint / file for name, file in weight_map.items()}
     from safetensors import safe_open
 
     files: dict[str, Path] = {}
-    for path in sorted(checkpoint.glob("*.safetensors")):
+    for path in sorted(checkpoint.glob(SAFETENSORS_FILES)):
         try:
             with safe_open(str(path), framework="pt") as f:
                 files.update(dict.fromkeys(f.keys(), path))

@@ -112,19 +112,19 @@ def export_checkpoint(
     measured = quantized and quality_check
     progress = Progress(total_steps=3 + 2 * measured + loads_whole)
     try:
+        tensors: Mapping[str, Any]
+        if weights is not None:
+            shape, tensors = weights
+        elif not loads_whole:  # headers only: a broken or partial download fails before any work
+            shape, tensors = _checkpoint_tensors(checkpoint, activations)
         with progress.step("writing tokenizer.json"):
             try:
                 checkpoint_tokenizer(checkpoint, staging / TOKENIZER_FILE)
             except ValueError as exc:  # no tokenizer, or one SentencePiece parity cannot be kept for
                 raise ExportError(str(exc)) from exc
-        tensors: Mapping[str, Any]
-        if weights is not None:
-            shape, tensors = weights
-        elif loads_whole:
+        if loads_whole:
             with progress.step(f"loading {checkpoint} ({activations}; a 7B model takes a few minutes)"):
                 shape, tensors = _load_weights(checkpoint, activations)
-        else:
-            shape, tensors = _checkpoint_tensors(checkpoint, activations)
         streamed = _weight_bytes(tensors) > external_data_over
         lora = lora_layout(shape, lora_slots, lora_rank) if lora_slots else None
 
