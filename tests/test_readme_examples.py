@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -78,3 +79,25 @@ def test_cli_example_runs(server: ServerThread, line: str) -> None:
     else:
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() or result.stderr.strip()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["textgen-server"],
+        ["textgen-healthcheck"],
+        ["textgen-export", "model"],
+        ["textgen-export", "demo"],
+        ["textgen-export", "lora"],
+    ],
+    ids=" ".join,
+)
+def test_every_command_line_option_is_in_the_readme(command: list[str]) -> None:
+    """The README's synopses keep up with the parsers: each option `--help` lists is documented."""
+    help_text = subprocess.run(
+        [str(BIN / command[0]), *command[1:], "--help"], check=True, capture_output=True, text=True
+    ).stdout
+    options = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", help_text)) - {"--help"}
+    assert options, help_text
+    missing = [option for option in options if not re.search(rf"(?<![\w-]){option}(?![\w-])", README)]
+    assert sorted(missing) == []
