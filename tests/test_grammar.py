@@ -30,7 +30,7 @@ from textgen_server.grammar import (
 from textgen_server.sampling import SamplingParams, TokenChooser
 from textgen_server.stopping import FinishReason
 from textgen_server.tokenizer import Tokenizer
-from textgen_server.tools import CALL_OPENING, ToolChoice, ToolChoiceMode, ToolSpec
+from textgen_server.tools import CALL_OPENING, MAX_ARGUMENTS_DEPTH, ToolChoice, ToolChoiceMode, ToolSpec
 from tokenizer_fixtures import grammars, spm_model_path, tok, tokenizer_json  # noqa: F401  (fixtures)
 
 ADD = ToolSpec(
@@ -52,6 +52,30 @@ WEATHER = ToolSpec(
     },
 )
 TOOLS = [ADD, WEATHER]
+# Parameters that reference definitions, as pydantic's model_json_schema() writes them (and the
+# OpenAI SDK's pydantic_function_tool sends them): "#/$defs/Place" is relative to the parameters.
+ROUTE = ToolSpec(
+    "route",
+    "Route between two places.",
+    {
+        "$defs": {
+            "Place": {
+                "additionalProperties": False,
+                "properties": {
+                    "city": {"maxLength": 12, "title": "City", "type": "string"},
+                    "country": {"enum": ["FR", "DE"], "title": "Country", "type": "string"},
+                },
+                "required": ["city", "country"],
+                "title": "Place",
+                "type": "object",
+            }
+        },
+        "properties": {"origin": {"$ref": "#/$defs/Place"}, "destination": {"$ref": "#/$defs/Place"}},
+        "required": ["origin", "destination"],
+        "title": "Route",
+        "type": "object",
+    },
+)
 AUTO, REQUIRED = ToolChoice(ToolChoiceMode.AUTO), ToolChoice(ToolChoiceMode.REQUIRED)
 PERSON = SCHEMAS["person"]
 
@@ -319,6 +343,59 @@ def test_calls_cut_by_max_tokens_report_no_call(grammars: GrammarCompiler, tok: 
     events = _run(_tool_generation(grammars, tok, REQUIRED, 1, max_new_tokens=6), np.random.default_rng(1))
     assert events[-1].finish_reason is FinishReason.LENGTH
     assert events[-1].tool_calls == () and "".join(event.text for event in events) == ""
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_parameters_with_references_resolve_within_the_tool(
+    grammars: GrammarCompiler, tok: Tokenizer, seed: int
+) -> None:
+    """The grammar places each tool's parameters inside an array of calls; their references still
+    point into the parameters (before, "#/$defs/Place" was looked up in the array and refused)."""
+    grammars.tool_calls([ADD, ROUTE, WEATHER], REQUIRED, "chat.tools")  # beside other tools
+    grammar = grammars.tool_calls([ADD, ROUTE], ToolChoice(ToolChoiceMode.FUNCTION, "route"), "chat.tools")
+    constraint = OutputConstraint(grammar, tool_calls=True, text_allowed=False)
+    sampling = SamplingParams(temperature=1.0, seed=seed + 1)
+    events = _run(Generation(_request(constraint, sampling), tok, 32000), np.random.default_rng(seed))
+    calls = events[-1].tool_calls
+    assert calls and all(call.name == "route" for call in calls)
+    assert ROUTE.parameters is not None
+    for call in calls:
+        jsonschema.validate(call.arguments, ROUTE.parameters)  # resolves "#" against the parameters
+        assert set(call.arguments) == {"origin", "destination"}  # nothing invented at the top either
+
+
+def test_calls_too_deep_for_a_response_end_the_request_with_an_error(
+    grammars: GrammarCompiler, tok: Tokenizer
+) -> None:
+    """A recursive schema lets arguments nest without bound; nested past what a response can carry,
+    the last event says so (the servicer ends the call INTERNAL) instead of carrying the calls."""
+    nest = ToolSpec("nest", parameters={"type": "object", "properties": {"k": {"$ref": "#"}}})
+    grammar = grammars.tool_calls([nest], REQUIRED, "chat.tools")
+    for depth in (MAX_ARGUMENTS_DEPTH, MAX_ARGUMENTS_DEPTH + 1):
+        arguments = '{"k":' * (depth - 1) + "{}" + "}" * (depth - 1)
+        target = tok.encode(f'[{{"name":"nest","arguments":{arguments}}}]')
+        generation = Generation(
+            _request(
+                OutputConstraint(grammar, tool_calls=True, text_allowed=False),
+                SamplingParams(temperature=0.0),
+            ),
+            tok,
+            32000,
+        )
+        events = []
+        while not generation.finished:  # steer the greedy choice along the target's tokens
+            logits = np.zeros(32000, dtype=np.float32)
+            logits[target[len(events)] if len(events) < len(target) else tok.eos_id] = 100.0
+            fill_token_masks([generation])
+            events.append(generation.step(logits))
+        assert [event.token_id for event in events[: len(target)]] == target
+        last = events[-1]
+        if depth == MAX_ARGUMENTS_DEPTH:
+            assert last.error is None and len(last.tool_calls) == 1
+        else:
+            assert (
+                last.tool_calls == () and last.error is not None and f"nest {depth} levels deep" in last.error
+            )
 
 
 # -- greedy rows without masks -----------------------------------------------------------------

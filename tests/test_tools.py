@@ -6,16 +6,25 @@ naming its field."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 from textgen.v1 import textgen_pb2 as pb
 from textgen_server.grammar import GrammarCompiler
 from textgen_server.model_config import ModelConfig
 from textgen_server.tokenizer import Tokenizer
-from textgen_server.tools import CallSplitter, ToolCall, parse_call_message
+from textgen_server.tools import (
+    MAX_ARGUMENTS_DEPTH,
+    MAX_JSON_DEPTH,
+    CallSplitter,
+    ToolCall,
+    json_depth,
+    parse_call_message,
+)
 from textgen_server.validation import InvalidRequestError, build_request
 from tokenizer_fixtures import grammars, spm_model_path, tok, tokenizer_json  # noqa: F401  (fixtures)
 
@@ -358,6 +367,102 @@ def test_splitter_holds_blank_text_until_the_answer_shows_its_kind() -> None:
 )
 def test_call_messages(content: str, calls: list[ToolCall] | None) -> None:
     assert parse_call_message(content) == calls
+
+
+# -- JSON nested past what the parser and a response can take --------------------------------------
+
+
+def _nested(depth: int) -> str:
+    """JSON arrays and objects alternating, `depth` levels deep, an int at the bottom."""
+    text = "1"
+    for level in range(depth):
+        text = f"[{text}]" if level % 2 else f'{{"k":{text}}}'
+    return text
+
+
+@pytest.mark.parametrize(
+    ("text", "depth"),
+    [
+        ("1", 0),
+        ('"[{["', 0),  # brackets inside a string
+        (r'["\"]", {"a": "}\\"}]', 2),  # escaped quotes and backslashes end no string early
+        ('[{"a": [1]}, {"b": {}}]', 3),
+        (_nested(40), 40),
+        ("[" * 12000, 12000),  # what the fuzzer sent: never closed
+    ],
+)
+def test_json_depth_matches_the_parser(text: str, depth: int) -> None:
+    assert json_depth(text) == depth
+    if depth <= 40:  # json parses these: the nesting of what it returns agrees
+        assert _parsed_depth(json.loads(text)) == depth
+
+
+def _parsed_depth(value: Any) -> int:
+    if isinstance(value, dict):
+        value = list(value.values())
+    if not isinstance(value, list):
+        return 0
+    return 1 + max((_parsed_depth(item) for item in value), default=0)
+
+
+def test_deep_json_in_a_conversation_is_text(tok: Tokenizer, grammars: GrammarCompiler) -> None:
+    """A call message or tool result nested past MAX_JSON_DEPTH stays text; before, json.loads raised
+    RecursionError out of the handler (a fuzzed assistant message of 12 KB of `[`)."""
+    assert parse_call_message("[" * 12000) is None
+    for content in ("[" * 6000, "[" * (MAX_JSON_DEPTH + 1) + "]" * (MAX_JSON_DEPTH + 1)):
+        assert parse_call_message(content) is None
+        messages = [QUESTION, {"role": "assistant", "content": content}, {"role": "user", "content": "and?"}]
+        request = typed(tok, grammars, {"chat": {"messages": messages}})
+        assert list(request.prompt_ids) == [
+            tok.bos_id,
+            *tok.encode("[INST] What is the weather in Paris? [/INST]"),
+            *tok.encode(content),
+            tok.eos_id,
+            *tok.encode("[INST] and? [/INST]"),
+        ]
+    deep_result = _nested(MAX_JSON_DEPTH + 1)
+    messages = [
+        QUESTION,
+        {"role": "assistant", "content": '{"name": "get_weather", "arguments": {"city": "Paris"}}'},
+        {"role": "tool", "name": "get_weather", "content": deep_result},
+    ]
+    prompt = tok.decode(list(typed(tok, grammars, {"chat": {"messages": messages}}).prompt_ids))
+    assert json.dumps(deep_result) in prompt  # kept as a JSON string, not parsed
+
+
+@pytest.mark.parametrize("message", [pb.GenerateResponse, pb.GenerateStreamResponse])
+def test_max_arguments_depth_is_what_a_response_can_carry(message: Any) -> None:
+    """protobuf (upb) decodes a response whose call arguments nest MAX_ARGUMENTS_DEPTH objects deep,
+    and not one more."""
+
+    def response(depth: int) -> bytes:
+        arguments = json.loads(_nested(depth).replace("[", '{"k":').replace("]", "}"))
+        encoded = message()
+        encoded.tool_calls.add(name="f").arguments.update(arguments)
+        return bytes(encoded.SerializeToString())
+
+    message.FromString(response(MAX_ARGUMENTS_DEPTH))
+    with pytest.raises(DecodeError):
+        message.FromString(response(MAX_ARGUMENTS_DEPTH + 1))
+
+
+def test_calls_too_deep_for_a_response_are_an_error_not_an_undecodable_response() -> None:
+    def split(depth: int) -> CallSplitter:
+        arguments = "1"
+        for _ in range(depth):
+            arguments = f'{{"k":{arguments}}}'
+        splitter = CallSplitter(calls_only=True)
+        splitter.push(f'[{{"name":"f","arguments":{arguments}}}]', final=True)
+        return splitter
+
+    fits = split(MAX_ARGUMENTS_DEPTH)
+    assert fits.error is None and len(fits.calls) == 1
+    too_deep = split(MAX_ARGUMENTS_DEPTH + 1)
+    assert too_deep.calls == ()
+    assert too_deep.error == (
+        f"a tool call's arguments nest {MAX_ARGUMENTS_DEPTH + 1} levels deep; a response carries at most "
+        f"{MAX_ARGUMENTS_DEPTH} (protobuf's depth limit)"
+    )
 
 
 # -- the README documents the format the code renders -----------------------------------------------

@@ -49,7 +49,8 @@ class TokenEvent:
     prompt_tokens: int
     completion_tokens: int
     tool_calls: tuple[ToolCall, ...] = ()  # on the last event: the calls made (their text is never emitted)
-    error: str | None = None  # on the last event: the grammar failed mid-generation (the output is cut)
+    # On the last event: the grammar failed mid-generation, or made calls no response can carry.
+    error: str | None = None
 
 
 class Generation:
@@ -103,6 +104,8 @@ class Generation:
                 text += self._stopping.flush()
             finish_reason = FinishReason.STOP
         self.finish_reason = finish_reason
+        if error is None and self._calls is not None:
+            error = self._calls.error
         return TokenEvent(
             token,
             text,

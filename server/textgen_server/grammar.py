@@ -240,16 +240,22 @@ class GrammarCompiler:
     def tool_calls(self, tools: Sequence[ToolSpec], choice: ToolChoice, field: str) -> Grammar:
         """Calls of the tools `choice` offers (see tools.py for the format), or, when the choice
         allows text (auto), text that neither starts like a call nor contains one."""
+        # Each tool's arguments schema sits under the root's $defs, its own "#..." references
+        # rebased there: they point into the tool's parameters (pydantic's "#/$defs/Model"), not
+        # into this array of calls.
+        offered = choice.offered(tools)
+        arguments = {f"arguments_{index}": _arguments_schema(tool) for index, tool in enumerate(offered)}
         items = [
             {
                 "type": "object",
-                "properties": {"name": {"const": tool.name}, "arguments": _arguments_schema(tool)},
+                "properties": {"name": {"const": tool.name}, "arguments": {"$ref": f"#/$defs/{key}"}},
                 "required": ["name", "arguments"],
                 "additionalProperties": False,
             }
-            for tool in choice.offered(tools)
+            for key, tool in zip(arguments, offered, strict=True)
         ]
-        calls = _compact_schema({"type": "array", "minItems": 1, "items": {"anyOf": items}})
+        defs = {key: _rebase_refs(schema, f"#/$defs/{key}") for key, schema in arguments.items()}
+        calls = _compact_schema({"type": "array", "minItems": 1, "items": {"anyOf": items}, "$defs": defs})
         lark = f'calls: " "? %json {calls}\n'
         if choice.text_allowed:
             blank = f"[{_regex_class(WHITESPACE)}]"
@@ -280,11 +286,37 @@ class GrammarCompiler:
 def _arguments_schema(tool: ToolSpec) -> dict[str, Any]:
     """A tool's parameters as the schema of its `arguments` object. Unless the tool says otherwise,
     no property beyond those it lists (as text-generation-inference does): a model should not invent
-    arguments."""
+    arguments. Not where the object is defined elsewhere ($ref, allOf, ...): beside those,
+    additionalProperties would see no properties and forbid every one."""
     schema: dict[str, Any] = dict(tool.parameters) if tool.parameters is not None else {"type": "object"}
     schema.setdefault("type", "object")
-    schema.setdefault("additionalProperties", False)
+    if not _COMPOSED.intersection(schema):
+        schema.setdefault("additionalProperties", False)
     return schema
+
+
+# Keywords that define an object by other schemas.
+_COMPOSED = frozenset({"$ref", "allOf", "anyOf", "oneOf"})
+# Keywords whose values are JSON data, not schemas: a "$ref" key inside them is not a reference.
+_DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
+
+
+def _rebase_refs(schema: Any, base: str) -> Any:
+    """`schema` with each local reference ("#", "#/$defs/X": relative to its own root) made
+    relative to `base`, the JSON pointer where it is placed."""
+    if isinstance(schema, list):
+        return [_rebase_refs(item, base) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    rebased: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key == "$ref" and isinstance(value, str) and value.startswith("#"):
+            rebased[key] = base + value[1:]
+        elif key in _DATA_KEYWORDS:
+            rebased[key] = value
+        else:
+            rebased[key] = _rebase_refs(value, base)
+    return rebased
 
 
 def _compact_schema(schema: Mapping[str, Any]) -> str:

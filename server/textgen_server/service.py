@@ -241,8 +241,12 @@ class TextGenerationService(textgen_pb2_grpc.TextGenerationServicer):
         try:
             async for event in handle.events():
                 record.add_token(event)
-                if event.error is not None:  # the grammar failed: its output would break the promise
-                    log.error("request %s: grammar failed: %s", handle.request.request_id, event.error)
+                # The grammar failed, or made calls no response can carry: the output would break
+                # the promise.
+                if event.error is not None:
+                    log.error(
+                        "request %s: constrained decoding failed: %s", handle.request.request_id, event.error
+                    )
                     await _abort(
                         context,
                         record,

@@ -14,18 +14,26 @@ decides between the two, and a response never holds call JSON.
 Everything JSON here is written compactly (`dumps`): the tool list in the prompt, earlier calls
 replayed from the conversation, and the calls the grammar allows, so that the model sees exactly
 the format it has to produce.
+
+JSON from a request (call messages, tool results) is measured before it is parsed: json's scanner
+recurses once per level, so a few kilobytes of `[` raised RecursionError out of the handler.
 """
 
 from __future__ import annotations
 
 import enum
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 __all__ = [
     "CALL_OPENING",
+    "MAX_ARGUMENTS_DEPTH",
+    "MAX_JSON_DEPTH",
     "RESULTS_HEADER",
     "WHITESPACE",
     "CallSplitter",
@@ -34,11 +42,20 @@ __all__ = [
     "ToolChoiceMode",
     "ToolSpec",
     "dumps",
+    "json_depth",
     "parse_call_message",
     "render_calls",
     "render_results",
     "tools_prompt",
 ]
+
+# JSON from a request nested deeper than this is not parsed (a call message is then text, a tool
+# result a string): far below where json.loads and json.dumps exhaust Python's recursion limit.
+MAX_JSON_DEPTH = 64
+# How deep a call's arguments (the object itself is level 1) may nest in a response: they travel as
+# a google.protobuf.Struct, three levels of protobuf per JSON object, and upb decodes 100 at most.
+MAX_ARGUMENTS_DEPTH = 33
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
 
 # What may precede a call (besides one space) and what no text may begin with: the grammar's text
 # rule and the splitter below must agree on it exactly.
@@ -141,7 +158,7 @@ def parse_call_message(content: str) -> list[ToolCall] | None:
     runWithTools sends back), or an array of them (what this server generates).
     """
     stripped = content.strip(WHITESPACE)
-    if not stripped.startswith(("{", "[")):
+    if not stripped.startswith(("{", "[")) or json_depth(stripped) > MAX_JSON_DEPTH:
         return None
     try:
         value = json.loads(stripped)
@@ -167,10 +184,21 @@ def _call(value: object) -> ToolCall | None:
 
 
 def _json_or_text(content: str) -> Any:
+    if json_depth(content) > MAX_JSON_DEPTH:
+        return content
     try:
         return json.loads(content)
     except ValueError:
         return content
+
+
+def json_depth(text: str) -> int:
+    """How deep `text`'s arrays and objects nest, brackets inside strings not counted: 0 for a
+    scalar, 1 for [1, 2], 2 for [{"a": 1}]."""
+    bare = np.frombuffer(_JSON_STRING.sub("", text).encode("utf-8"), dtype=np.uint8)
+    opens = (bare == ord("[")) | (bare == ord("{"))
+    closes = (bare == ord("]")) | (bare == ord("}"))
+    return int(np.cumsum(opens.astype(np.int64) - closes).max(initial=0))
 
 
 class _Route(enum.Enum):
@@ -192,6 +220,7 @@ class CallSplitter:
         self._route = _Route.CALLS if calls_only else _Route.UNDECIDED
         self._held: list[str] = []
         self.calls: tuple[ToolCall, ...] = ()
+        self.error: str | None = None  # after the final push: calls no response could carry
 
     def push(self, delta: str, final: bool = False) -> str:
         """Text for the response from this delta; `final` on the last one. After the final push,
@@ -209,7 +238,16 @@ class CallSplitter:
                 self._held = []
                 return held
         if final and self._route is _Route.CALLS:
-            self.calls = tuple(_parse_generated_calls("".join(self._held)))
+            text = "".join(self._held)
+            # The array and the call object around the arguments: two levels more.
+            depth = json_depth(text) - 2
+            if depth > MAX_ARGUMENTS_DEPTH:
+                self.error = (
+                    f"a tool call's arguments nest {depth} levels deep; a response carries at most "
+                    f"{MAX_ARGUMENTS_DEPTH} (protobuf's depth limit)"
+                )
+            else:
+                self.calls = tuple(_parse_generated_calls(text))
         return ""
 
 
