@@ -24,6 +24,7 @@ from textgen_server.grammar import (
     GrammarError,
     GrammarState,
     OutputConstraint,
+    _rebase_refs,
     fill_token_masks,
     prefetch_token_masks,
 )
@@ -362,6 +363,25 @@ def test_parameters_with_references_resolve_within_the_tool(
     for call in calls:
         jsonschema.validate(call.arguments, ROUTE.parameters)  # resolves "#" against the parameters
         assert set(call.arguments) == {"origin", "destination"}  # nothing invented at the top either
+
+
+def test_rebasing_moves_references_and_leaves_data_alone() -> None:
+    schema = {
+        "$ref": "#/$defs/A",
+        "$defs": {"A": {"items": {"$ref": "#"}}},
+        "properties": {"default": {"$ref": "#/$defs/A"}, "$ref": {"type": "string"}},
+        "anyOf": [{"$ref": "#/properties/default"}, {"$ref": "https://example.com/s.json"}],
+        "const": {"$ref": "#"},
+        "default": {"$ref": "#/$defs/A"},
+    }
+    assert _rebase_refs(schema, "#/$defs/arguments_0") == {
+        "$ref": "#/$defs/arguments_0/$defs/A",
+        "$defs": {"A": {"items": {"$ref": "#/$defs/arguments_0"}}},
+        "properties": {"default": {"$ref": "#/$defs/arguments_0/$defs/A"}, "$ref": {"type": "string"}},
+        "anyOf": [{"$ref": "#/$defs/arguments_0/properties/default"}, {"$ref": "https://example.com/s.json"}],
+        "const": {"$ref": "#"},  # data, not a reference
+        "default": {"$ref": "#/$defs/A"},
+    }
 
 
 def test_calls_too_deep_for_a_response_end_the_request_with_an_error(

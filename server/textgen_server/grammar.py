@@ -299,6 +299,8 @@ def _arguments_schema(tool: ToolSpec) -> dict[str, Any]:
 _COMPOSED = frozenset({"$ref", "allOf", "anyOf", "oneOf"})
 # Keywords whose values are JSON data, not schemas: a "$ref" key inside them is not a reference.
 _DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
+# Keywords whose values map names to schemas: a property may be called "default" or "$ref".
+_SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
 
 
 def _rebase_refs(schema: Any, base: str) -> Any:
@@ -314,6 +316,8 @@ def _rebase_refs(schema: Any, base: str) -> Any:
             rebased[key] = base + value[1:]
         elif key in _DATA_KEYWORDS:
             rebased[key] = value
+        elif key in _SCHEMA_MAPS and isinstance(value, dict):
+            rebased[key] = {name: _rebase_refs(schema_, base) for name, schema_ in value.items()}
         else:
             rebased[key] = _rebase_refs(value, base)
     return rebased
