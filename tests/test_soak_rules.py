@@ -1,10 +1,14 @@
-"""The soak's memory rule (tests/stress/soak.py), on made-up series: flat passes, a leak fails."""
+"""The soak's rules (tests/stress/soak.py): memory on made-up series (flat passes, a leak fails), and
+the check of constrained answers on made-up answers."""
 
 from __future__ import annotations
 
 import math
+import random
 
-from stress.soak import GROWTH_ALLOWANCE_MIB, memory_verdict
+from google.protobuf import struct_pb2
+from stress.soak import GROWTH_ALLOWANCE_MIB, _answer_problem, _constrained, memory_verdict
+from textgen.v1 import textgen_pb2 as pb
 
 MINUTES = [m * 5 / 60 for m in range(360)]  # a 30-minute run sampled every 5 s
 SECONDS = [m * 60 for m in MINUTES]
@@ -28,3 +32,27 @@ def test_a_steady_leak_fails() -> None:
 def test_a_late_jump_fails() -> None:
     rss = [300.0 if m < 27 else 360.0 for m in MINUTES]
     assert not memory_verdict(SECONDS, rss).ok
+
+
+def _call(name: str, arguments: dict[str, object]) -> pb.ToolCall:
+    struct = struct_pb2.Struct()
+    struct.update(arguments)
+    return pb.ToolCall(name=name, arguments=struct)
+
+
+def test_constrained_answers_are_held_to_their_schemas() -> None:
+    rng = random.Random(0)
+    requests = [_constrained(rng, 64) for _ in range(40)]
+    json_mode = next(r for r in requests if r.response_format.type == "json_schema")
+    required = next(r for r in requests if r.chat.tool_choice == "required")
+    stop, length = pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH
+    assert _answer_problem(json_mode, ' {"name":"Ann","age":30}', [], stop) is None
+    assert "broke its schema" in str(_answer_problem(json_mode, '{"name":"Ann","age":300}', [], stop))
+    assert "broke its schema" in str(_answer_problem(json_mode, '{"name":"Ann"', [], stop))
+    assert _answer_problem(json_mode, '{"name":"Ann"', [], length) is None  # cut short: a prefix
+    place = {"city": "Lyon", "country": "FR"}
+    route = _call("route", {"origin": place, "destination": place})
+    assert _answer_problem(required, "", [route], stop) is None
+    wrong = _call("route", {"origin": {**place, "country": "XX"}, "destination": place})
+    assert "broke its schema" in str(_answer_problem(required, "", [wrong], stop))
+    assert "answered with text" in str(_answer_problem(required, "Sunny.", [], stop))

@@ -11,7 +11,8 @@ textgen_batch_current_size and textgen_queue_size) and the errors so far. It wri
 counted by status in soak.json) to --out and exits 1 when:
 
 - any request ends with a status its behaviour did not ask for (only CANCELLED for cancels and
-  disconnects, DEADLINE_EXCEEDED for deadlines; OK always), or a completed one is inconsistent;
+  disconnects, DEADLINE_EXCEEDED for deadlines; OK always), or a completed one is inconsistent
+  (a constrained answer that breaks its schema, too);
 - the server logs an ERROR, a traceback or a request that ended INTERNAL or UNKNOWN (except
   grpc's own line about a send racing a client that just left: counted in the report);
 - a slot leaks: once the clients stop, running and queued are not back to 0;
@@ -40,6 +41,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import jsonschema
+from google.protobuf import json_format
 from prometheus_client.parser import text_string_to_metric_families
 from textgen.v1 import textgen_pb2 as pb
 from textgen.v1 import textgen_pb2_grpc as rpc
@@ -114,6 +117,7 @@ class Tally:
     by_behaviour: Counter[tuple[str, str]] = field(default_factory=Counter)
     errors: list[str] = field(default_factory=list)
     error_count: int = 0
+    schema_checked: int = 0  # completed constrained answers held to their schemas
 
     def add(self, behaviour: str, code: grpc.StatusCode, problem: str | None = None) -> None:
         self.by_behaviour[(behaviour, code.name)] += 1
@@ -217,11 +221,68 @@ def _free_port() -> int:
 _SHARED_SYSTEM = " ".join(f"rule {i}: answer briefly and cite the river delta." for i in range(30))
 
 
+# Constrained chats: JSON mode, and tools (one with references, as pydantic writes parameters).
+# Their completed answers are checked against the schemas, which rows whose grammars or masks got
+# mixed up in a batch would fail.
+_PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 8},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+    },
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+_PLACE = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 8}, "country": {"enum": ["FR", "DE"]}},
+    "required": ["city", "country"],
+    "additionalProperties": False,
+}
+_TOOL_PARAMETERS = {
+    "get_weather": {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 8}, "unit": {"enum": ["c", "f"]}},
+        "required": ["city"],
+        "additionalProperties": False,
+    },
+    "route": {
+        "$defs": {"Place": _PLACE},
+        "type": "object",
+        "properties": {"origin": {"$ref": "#/$defs/Place"}, "destination": {"$ref": "#/$defs/Place"}},
+        "required": ["origin", "destination"],
+        "additionalProperties": False,
+    },
+}
+
+
+def _constrained(rng: random.Random, max_tokens: int) -> pb.GenerateRequest:
+    question = pb.Message(role="user", content=f"Tell me about {rng.randint(0, 10**6)}")
+    body: dict[str, Any] = {
+        "max_tokens": max_tokens,
+        "temperature": rng.choice([0.0, 0.7, 1.0]),
+        "seed": rng.randint(1, 10**9),
+    }
+    if rng.random() < 0.5:
+        body["response_format"] = {"type": "json_schema", "json_schema": _PERSON}
+        request = json_format.ParseDict(body, pb.GenerateRequest())
+        request.chat.messages.append(question)
+        return request
+    tools = [{"name": name, "parameters": parameters} for name, parameters in _TOOL_PARAMETERS.items()]
+    body["chat"] = {"tools": tools, "tool_choice": rng.choice(["auto", "required", "route"])}
+    request = json_format.ParseDict(body, pb.GenerateRequest())
+    request.chat.messages.append(question)
+    return request
+
+
 def _request(rng: random.Random) -> pb.GenerateRequest:
-    """Short chats, chats behind one long shared system prompt (prefix cache hits), and raw prompts of
-    up to 6,000 characters (about 1,000 to 2,000 tokens: several prefill chunks)."""
+    """Short chats, chats behind one long shared system prompt (prefix cache hits), raw prompts of up
+    to 6,000 characters (about 1,000 to 2,000 tokens: several prefill chunks), and constrained chats
+    (JSON mode or tools)."""
     max_tokens = rng.choice([1, 4, 16, 64, 128, 256])
     draw = rng.random()
+    if draw >= 0.7:
+        return _constrained(rng, max_tokens)
     if draw < 0.2:
         messages = [
             pb.Message(role="system", content=_SHARED_SYSTEM),
@@ -245,11 +306,41 @@ def _request(rng: random.Random) -> pb.GenerateRequest:
     )
 
 
-def _consistent(chunks: list[pb.GenerateStreamResponse]) -> str | None:
+def _consistent(request: pb.GenerateRequest, chunks: list[pb.GenerateStreamResponse]) -> str | None:
     if not chunks or chunks[-1].finish_reason == pb.FINISH_REASON_UNSPECIFIED:
         return "a completed stream without a finish reason"
     if len(chunks) != chunks[-1].usage.completion_tokens:
         return f"{len(chunks)} stream messages but usage says {chunks[-1].usage.completion_tokens}"
+    text = "".join(chunk.response for chunk in chunks)
+    return _answer_problem(request, text, list(chunks[-1].tool_calls), chunks[-1].finish_reason)
+
+
+def _schema_checked(request: pb.GenerateRequest, finish_reason: int) -> bool:
+    """Whether an answer is one _answer_problem holds to a schema: constrained and complete (one cut
+    by max_tokens is a prefix)."""
+    constrained = request.response_format.type == "json_schema" or bool(request.chat.tools)
+    return constrained and finish_reason == pb.FINISH_REASON_STOP
+
+
+def _answer_problem(
+    request: pb.GenerateRequest, text: str, calls: list[pb.ToolCall], finish_reason: int
+) -> str | None:
+    """What is wrong with a completed constrained answer: JSON that does not match the schema, calls
+    that do not match their tool's parameters, text where only calls were allowed."""
+    if not _schema_checked(request, finish_reason):
+        return None
+    try:
+        if request.response_format.type == "json_schema":
+            jsonschema.validate(json.loads(text), _PERSON)
+        for call in calls:
+            jsonschema.validate(json_format.MessageToDict(call.arguments), _TOOL_PARAMETERS[call.name])
+    except (ValueError, KeyError, jsonschema.ValidationError) as exc:
+        return f"a constrained answer broke its schema: {type(exc).__name__}: {str(exc)[:200]}"
+    choice = request.chat.tool_choice
+    if request.chat.tools and choice != "auto" and (text or not calls):
+        return f"tool_choice {choice!r} answered with text {text[:40]!r} and {len(calls)} calls"
+    if request.chat.tools and calls and text:
+        return f"both text {text[:40]!r} and {len(calls)} calls"
     return None
 
 
@@ -294,8 +385,13 @@ class Soak:
         try:
             if behaviour == "unary":
                 response = await stub.Generate(request, timeout=120)
-                bad = response.finish_reason == pb.FINISH_REASON_UNSPECIFIED
-                return grpc.StatusCode.OK, "unary response without a finish reason" if bad else None
+                if response.finish_reason == pb.FINISH_REASON_UNSPECIFIED:
+                    return grpc.StatusCode.OK, "unary response without a finish reason"
+                self.tally.schema_checked += _schema_checked(request, response.finish_reason)
+                calls = list(response.tool_calls)
+                return grpc.StatusCode.OK, _answer_problem(
+                    request, response.response, calls, response.finish_reason
+                )
             if behaviour == "disconnect":
                 return await self._disconnect(request, rng)
             timeout = (
@@ -314,7 +410,10 @@ class Soak:
                         break
             code = await call.code()
             if code == grpc.StatusCode.OK:
-                return code, _consistent(chunks)
+                self.tally.schema_checked += bool(chunks) and _schema_checked(
+                    request, chunks[-1].finish_reason
+                )
+                return code, _consistent(request, chunks)
             return code, None if code in BEHAVIOURS[behaviour][
                 1
             ] else f"{behaviour}: {code.name} {await call.details()}"
@@ -473,6 +572,7 @@ def main(argv: list[str] | None = None) -> int:
         "by_code": dict(by_code.most_common()),
         "by_behaviour": {f"{b} {c}": n for (b, c), n in sorted(soak.tally.by_behaviour.items())},
         "errors": soak.tally.errors,
+        "constrained_answers_checked": soak.tally.schema_checked,
         "server_errors": server.problems,
         "prompt_tokens": {
             "prefilled": final.get("textgen_prefill_tokens"),
@@ -493,7 +593,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{title}\nby code: {dict(by_code.most_common())}\nslots at end: {leaked}\n"
         f"memory: baseline {verdict.baseline_mib:.1f} MiB, final {verdict.final_mib:.1f} MiB, "
         f"growth {verdict.growth_mib:+.1f} (allowed {verdict.allowed_mib:.1f}), "
-        f"slope {verdict.slope_mib_per_hour:+.1f} MiB/h\ngrpc send races logged: {server.grpc_races}"
+        f"slope {verdict.slope_mib_per_hour:+.1f} MiB/h\ngrpc send races logged: {server.grpc_races}\n"
+        f"constrained answers held to their schemas: {soak.tally.schema_checked}"
     )
     for failure in failures:
         print(f"FAIL: {failure}", file=sys.stderr)
