@@ -158,11 +158,10 @@ def parse_call_message(content: str) -> list[ToolCall] | None:
     runWithTools sends back), or an array of them (what this server generates).
     """
     stripped = content.strip(WHITESPACE)
-    if not stripped.startswith(("{", "[")) or json_depth(stripped) > MAX_JSON_DEPTH:
+    if not stripped.startswith(("{", "[")):
         return None
-    try:
-        value = json.loads(stripped)
-    except ValueError:
+    value = _json_or_text(stripped)  # starting with { or [: a list or dict once parsed
+    if isinstance(value, str):
         return None
     items = value if isinstance(value, list) else [value]
     calls = [_call(item) for item in items]
@@ -184,6 +183,7 @@ def _call(value: object) -> ToolCall | None:
 
 
 def _json_or_text(content: str) -> Any:
+    """`content` parsed, or itself where it is not JSON or nests past MAX_JSON_DEPTH."""
     if json_depth(content) > MAX_JSON_DEPTH:
         return content
     try:

@@ -257,22 +257,21 @@ _TOOL_PARAMETERS = {
 
 
 def _constrained(rng: random.Random, max_tokens: int) -> pb.GenerateRequest:
-    question = pb.Message(role="user", content=f"Tell me about {rng.randint(0, 10**6)}")
+    chat: dict[str, Any] = {
+        "messages": [{"role": "user", "content": f"Tell me about {rng.randint(0, 10**6)}"}]
+    }
     body: dict[str, Any] = {
+        "chat": chat,
         "max_tokens": max_tokens,
         "temperature": rng.choice([0.0, 0.7, 1.0]),
         "seed": rng.randint(1, 10**9),
     }
     if rng.random() < 0.5:
         body["response_format"] = {"type": "json_schema", "json_schema": _PERSON}
-        request = json_format.ParseDict(body, pb.GenerateRequest())
-        request.chat.messages.append(question)
-        return request
-    tools = [{"name": name, "parameters": parameters} for name, parameters in _TOOL_PARAMETERS.items()]
-    body["chat"] = {"tools": tools, "tool_choice": rng.choice(["auto", "required", "route"])}
-    request = json_format.ParseDict(body, pb.GenerateRequest())
-    request.chat.messages.append(question)
-    return request
+    else:
+        chat["tools"] = [{"name": name, "parameters": schema} for name, schema in _TOOL_PARAMETERS.items()]
+        chat["tool_choice"] = rng.choice(["auto", "required", "route"])
+    return json_format.ParseDict(body, pb.GenerateRequest())
 
 
 def _request(rng: random.Random) -> pb.GenerateRequest:
