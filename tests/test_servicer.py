@@ -25,6 +25,7 @@ from textgen_server.model_config import ModelConfig
 from textgen_server.request_log import RequestRecord
 from textgen_server.scheduler import GenerationFailedError, QueueFullError, ShuttingDownError
 from textgen_server.service import (
+    DEADLINE_SKEW_S,
     QUEUE_FULL_PUSHBACK_MS,
     RETRY_PUSHBACK_HEADER,
     ModelState,
@@ -437,6 +438,35 @@ def test_a_client_gone_before_the_first_send_is_recorded_as_cancelled(
     _stream(server, pb.GenerateRequest(prompt="Hi"))
     (record,) = records
     assert record.code == grpc.StatusCode.CANCELLED and record.cancelled
+
+
+@pytest.mark.parametrize(
+    ("remaining", "code"),
+    [
+        (None, grpc.StatusCode.CANCELLED),  # no deadline: the client cancelled
+        (5.0, grpc.StatusCode.CANCELLED),
+        (DEADLINE_SKEW_S * 2, grpc.StatusCode.CANCELLED),
+        # The client's deadline fired first: the server's, counted from the call's arrival, trails it.
+        (DEADLINE_SKEW_S / 10, grpc.StatusCode.DEADLINE_EXCEEDED),
+        (0.0, grpc.StatusCode.DEADLINE_EXCEEDED),
+        (-0.5, grpc.StatusCode.DEADLINE_EXCEEDED),
+    ],
+)
+def test_a_client_gone_at_its_deadline_is_recorded_as_deadline_exceeded(
+    server: grpc_testing.Server,
+    records: list[RequestRecord],
+    monkeypatch: pytest.MonkeyPatch,
+    remaining: float | None,
+    code: grpc.StatusCode,
+) -> None:
+    async def gone(self: AioContext, metadata: Sequence[tuple[str, str]]) -> None:
+        raise RuntimeError('Failed "execute_batch": (SendInitialMetadataOperation,)')
+
+    monkeypatch.setattr(AioContext, "send_initial_metadata", gone)
+    monkeypatch.setattr(AioContext, "time_remaining", lambda self: remaining)
+    _stream(server, pb.GenerateRequest(prompt="Hi"))
+    (record,) = records
+    assert record.code == code and record.cancelled
 
 
 def test_a_failure_mid_stream_is_recorded_as_internal(

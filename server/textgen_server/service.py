@@ -63,6 +63,9 @@ _REFUSAL_CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (UnsupportedFeatureError, grpc.StatusCode.UNIMPLEMENTED),
     (ShuttingDownError, grpc.StatusCode.UNAVAILABLE),
 )
+DEADLINE_SKEW_S = 0.1
+"""How far the server's deadline may trail the client's (the call's time in transit and in grpc's
+queues): a call that ends this close to its deadline is counted DEADLINE_EXCEEDED, not CANCELLED."""
 _FINISH_REASONS = {FinishReason.STOP: pb.FINISH_REASON_STOP, FinishReason.LENGTH: pb.FINISH_REASON_LENGTH}
 
 
@@ -266,9 +269,14 @@ class TextGenerationService(textgen_pb2_grpc.TextGenerationServicer):
 
 
 def _client_left(context: AnyContext) -> grpc.StatusCode:
-    """How a call the client walked away from ends: DEADLINE_EXCEEDED once its deadline passed."""
+    """How a call the client walked away from ends: DEADLINE_EXCEEDED once its deadline passed.
+
+    The server's deadline is the client's timeout counted from when the call arrived, so it falls a
+    little after the client's own: a client whose deadline fires cancels the call while the server
+    still has a few milliseconds left. Within DEADLINE_SKEW_S of the deadline, the deadline it is.
+    """
     remaining = context.time_remaining()
-    expired = remaining is not None and remaining <= 0
+    expired = remaining is not None and remaining <= DEADLINE_SKEW_S
     return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
 
 
