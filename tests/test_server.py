@@ -148,7 +148,7 @@ def test_deadline_stops_generation(server: ServerThread, stub: rpc.TextGeneratio
     scheduler = server.server.scheduler
     assert scheduler is not None
     with pytest.raises(grpc.RpcError) as caught:
-        stub.Generate(pb.GenerateRequest(prompt="Go on forever", max_tokens=3500, temperature=0), timeout=0.3)
+        stub.Generate(pb.GenerateRequest(prompt="Go on forever", max_tokens=3500, temperature=0), timeout=0.2)
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     deadline = time.monotonic() + 10
     while scheduler.running_count and time.monotonic() < deadline:
