@@ -24,13 +24,13 @@ from .grammar import GrammarCompiler, GrammarError, OutputConstraint
 from .model_config import ModelConfig
 from .prompt import ChatMessage, PromptError, encode_chat, encode_prompt
 from .sampling import PENALTY_MAX, SEED_MAX, SEED_MIN, TEMPERATURE_MAX, TOP_K_MAX, TOP_P_MAX, SamplingParams
+from .stopping import MAX_STOP_SEQUENCES
 from .tokenizer import Tokenizer
 from .tools import ToolChoice, ToolChoiceMode, ToolSpec, dumps, tools_prompt
 
 MAX_PROMPT_CHARS = 6144
 MAX_CONTENT_CHARS = 6144
 MAX_REPORTED_VIOLATIONS = 8
-MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 256
 DEFAULT_MAX_TOKENS = 256
 MAX_SCHEMA_CHARS = 32768  # response_format.json_schema as compact JSON (compiling it blocks the caller)
