@@ -31,9 +31,12 @@ def pinned_version(distribution: str, extra: str) -> str:
 
 
 def code_env(**extra: str) -> dict[str, str]:
-    """This environment plus the repository's code on PYTHONPATH (what .venv-ort-gpu runs it with)."""
-    path = os.pathsep.join(str(REPO / folder) for folder in ("server", "sdk", "tests"))
-    return {**os.environ, "PYTHONPATH": path, **extra}
+    """This environment plus the repository's code first on PYTHONPATH (what .venv-ort-gpu runs it
+    with). What PYTHONPATH held stays after it: on a GPU machine without network the wheels are
+    installed into a folder there (scripts/gpu_device_check.sh)."""
+    folders = [str(REPO / folder) for folder in ("server", "sdk", "tests")]
+    inherited = [entry for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if entry]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([*folders, *inherited]), **extra}
 
 
 def gpu_venv_python() -> Path:

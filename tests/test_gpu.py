@@ -21,7 +21,7 @@ import pytest
 from greedy import engine_forced_logits, engine_greedy_rows, random_prompt
 from ort_runtimes import REPO, assert_server_refuses_cuda
 from random_adapters import random_adapter
-from textgen_server.engine import Engine, ProviderError
+from textgen_server.engine import Engine, ProviderError, preload_cuda_libraries
 from textgen_server.model_config import MODEL_FILE, ModelConfig
 
 NEW_TOKENS = 32
@@ -54,6 +54,7 @@ def _cuda_missing(model_dir: Path) -> str | None:
             f"CUDAExecutionProvider is absent: onnxruntime {ort.__version__} offers {', '.join(available)} "
             "(make test-gpu runs these under onnxruntime-gpu)"
         )
+    preload_cuda_libraries()  # as the engine does: else pip's CUDA libraries are not found
     session = ort.InferenceSession(
         str(model_dir / MODEL_FILE), providers=["CUDAExecutionProvider", "CPUExecutionProvider"]
     )

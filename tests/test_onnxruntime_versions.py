@@ -14,6 +14,7 @@ and the base model in one batch must equal the CPU wheel's too.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -175,3 +176,11 @@ def test_adapters_mixed_with_the_base_model_decode_the_same_under_onnxruntime_gp
 
 def test_server_under_onnxruntime_gpu_refuses_cuda_it_cannot_start(tiny_model_dir: Path) -> None:
     assert_server_refuses_cuda(gpu_venv_python(), tiny_model_dir)
+
+
+def test_the_code_comes_first_on_pythonpath_and_what_was_there_stays(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GPU machine without network has its wheels in a folder on PYTHONPATH
+    (scripts/gpu_device_check.sh): the server processes the tests start must still find them."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(["/tmp/wheels", ""]))
+    entries = code_env()["PYTHONPATH"].split(os.pathsep)
+    assert entries == [str(REPO / "server"), str(REPO / "sdk"), str(REPO / "tests"), "/tmp/wheels"]

@@ -63,12 +63,17 @@ def select_providers(provider: str) -> list[str]:
             "install onnxruntime-gpu (pip install 'textgen[gpu]')"
         )
     if provider in ("auto", "cuda") and _CUDA in available:
-        # CUDA and cuDNN from pip's nvidia-* wheels (onnxruntime-gpu[cuda,cudnn]) are not on the
-        # loader's path by themselves; a system-wide CUDA needs nothing and is left alone.
-        if importlib.util.find_spec("nvidia") is not None and hasattr(ort, "preload_dlls"):
-            ort.preload_dlls()
+        preload_cuda_libraries()
         return [_CUDA, "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
+
+
+def preload_cuda_libraries() -> None:
+    """Load CUDA and cuDNN from pip's nvidia-* wheels (onnxruntime-gpu[cuda,cudnn], or a PyTorch
+    install's), which are not on the loader's path by themselves: without this a CUDA session
+    cannot start. A system-wide CUDA needs nothing and is left alone."""
+    if importlib.util.find_spec("nvidia") is not None and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
 
 
 def session_options(threads: int | None) -> ort.SessionOptions:
