@@ -71,9 +71,11 @@ def engine_forced_logits(
     prompts: Sequence[list[int]],
     tokens: Sequence[Sequence[int]],
     adapters: Sequence[int] | None = None,
+    chunk: int = 10_000,
 ) -> npt.NDArray[np.float32]:
     """The logits before each of `tokens` when the engine is fed those tokens (teacher forcing),
-    row i through adapter slot adapters[i] (default 0, the base model).
+    row i through adapter slot adapters[i] (default 0, the base model), each prompt prefilled in
+    chunks of `chunk` tokens.
 
     Returns [steps, rows, vocab]: step 0 is the prefills', step i follows tokens[row][:i].
     """
@@ -81,7 +83,12 @@ def engine_forced_logits(
         adapters if adapters is not None else [0] * len(prompts), dtype=np.int64
     )  # [rows]
     steps = [
-        np.stack([engine.prefill(slot, p, adapter=int(row_adapters[slot])) for slot, p in enumerate(prompts)])
+        np.stack(
+            [
+                prefill_in_chunks(engine, slot, p, chunk, int(row_adapters[slot]))
+                for slot, p in enumerate(prompts)
+            ]
+        )
     ]  # [rows, vocab]
     lengths = np.array([len(p) for p in prompts], dtype=np.int64)  # [rows]
     for step in range(len(tokens[0]) - 1):

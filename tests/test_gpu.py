@@ -94,13 +94,26 @@ def test_cuda_greedy_choices_equal_the_cpus(engines: tuple[Engine, Engine], prom
     _assert_cuda_chooses_as_the_cpu(*engines, prompts)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("chunk", [1, 64], ids=["token-by-token", "chunks-of-64"])
+def test_cuda_prefill_in_chunks_chooses_as_the_cpu(engines: tuple[Engine, Engine], chunk: int) -> None:
+    """Several new tokens over a cache that already holds some, as the scheduler's chunked prefill
+    and a prefix cache hit run them: GroupQueryAttention's path for a later prompt, batch 1, on CUDA
+    (the CPU side prefills each prompt whole)."""
+    _assert_cuda_chooses_as_the_cpu(*engines, [random_prompt(300, seed=300)], cuda_chunk=chunk)
+
+
 def _assert_cuda_chooses_as_the_cpu(
-    cuda: Engine, cpu: Engine, prompts: list[list[int]], adapters: list[int] | None = None
+    cuda: Engine,
+    cpu: Engine,
+    prompts: list[list[int]],
+    adapters: list[int] | None = None,
+    cuda_chunk: int = 10_000,
 ) -> None:
     tokens = engine_greedy_rows(cpu, prompts, NEW_TOKENS, adapters=adapters)  # [rows][step]
     # Both engines are fed the CPU's tokens, so every step compares logits after the same prefix.
     cpu_logits = engine_forced_logits(cpu, prompts, tokens, adapters)  # [steps, rows, vocab]
-    cuda_logits = engine_forced_logits(cuda, prompts, tokens, adapters)
+    cuda_logits = engine_forced_logits(cuda, prompts, tokens, adapters, chunk=cuda_chunk)
     tolerance = RELATIVE_TOLERANCE[cpu.config.dtype] * float(np.abs(cpu_logits).max())
     assert float(np.abs(cuda_logits - cpu_logits).max()) <= tolerance
     # CUDA's greedy choice is the CPU's wherever the CPU's best two are further apart than rounding.
