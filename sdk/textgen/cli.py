@@ -306,14 +306,14 @@ def _connection_options(parser: argparse.ArgumentParser, *, suppress: bool) -> N
         type=_positive,
         default=default(60.0),
         metavar="S",
-        help="deadline of each call in seconds",
+        help="deadline of each call in seconds (default: 60)",
     )
     parser.add_argument(
         "--max-retries",
         type=_non_negative,
         default=default(2),
         metavar="N",
-        help="retries while no server is available, or a full one asks to come back later",
+        help="retries while no server is available, or a full one asks to come back later (default: 2)",
     )
     parser.add_argument(
         "--json", action="store_true", default=default(False), help="print JSON (one object per chunk)"

@@ -80,7 +80,8 @@ class UnknownAdapterError(Exception):
 
 
 class UnsupportedFeatureError(Exception):
-    """UNIMPLEMENTED: a card feature this model's prompt format cannot carry."""
+    """UNIMPLEMENTED: tools or `response_format` on a scheduler given no grammar compiler (the
+    server always loads one; tests build schedulers without it)."""
 
 
 def build_request(
