@@ -259,6 +259,40 @@ def _no_model_left(parent: Path) -> None:
     assert leftovers == []
 
 
+@pytest.mark.parametrize(
+    ("missing", "command", "extra"),
+    [
+        ("onnx", ["demo"], "demo"),  # what `make serve` and the server images install lacks it
+        ("onnx_ir", ["demo", "--dtype", "int4"], "export"),  # the quantizer's, which only `export` brings
+        ("torch", ["model", "CHECKPOINT"], "export"),  # safetensors reads through torch
+    ],
+)
+def test_a_missing_package_names_the_extra_that_installs_it(
+    tiny_model_dir: Path, tmp_path: Path, missing: str, command: list[str], extra: str
+) -> None:
+    args = [str(tiny_model_dir / "checkpoint") if arg == "CHECKPOINT" else arg for arg in command]
+    # A module set to None in sys.modules cannot be imported: as if its package were not installed.
+    script = (
+        f"import sys; sys.modules[{missing!r}] = None; sys.argv[0] = 'textgen-export'\n"
+        "from textgen_export.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, *args, "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]  # after the progress lines of what ran before it
+    assert last == (
+        f"textgen-export: error: {command[0]} needs the Python package {missing!r}, which is not "
+        f"installed: pip install 'textgen[{extra}]'"
+    ), result.stderr
+    _no_model_left(tmp_path)
+
+
 def test_missing_folder(tmp_path: Path) -> None:
     _assert_one_line_error(
         _run_cli("model", str(tmp_path / "nope"), "--out", str(tmp_path / "out")), "no such folder"

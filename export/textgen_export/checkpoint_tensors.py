@@ -110,6 +110,8 @@ def _tensor_files(checkpoint: Path) -> dict[str, Path]:
         try:
             with safe_open(str(path), framework="pt") as f:
                 files.update(dict.fromkeys(f.keys(), path))
+        except ModuleNotFoundError:  # framework="pt" imports torch: a missing package, not a bad file
+            raise
         except Exception as exc:  # safetensors raises its own error types for a bad header
             raise ExportError(f"{path}: not a readable safetensors file ({exc})") from exc
     return files

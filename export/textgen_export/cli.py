@@ -112,6 +112,17 @@ def _lora_slot_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# The extra that installs what each command imports beyond the server's packages. The demo's
+# packages are a subset of the export extra's; these modules only the export extra brings.
+_COMMAND_EXTRA = {"model": "export", "lora": "export", "demo": "demo"}
+_EXPORT_ONLY_MODULES = {"torch", "transformers", "onnx_ir"}
+
+
+def _extra_providing(command: str, module: str) -> str:
+    """The extra to install for `command` when `module` (a dotted name) is missing."""
+    return "export" if module.split(".")[0] in _EXPORT_ONLY_MODULES else _COMMAND_EXTRA[command]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -154,6 +165,17 @@ def main(argv: list[str] | None = None) -> int:
     except ExportError as exc:
         print(f"textgen-export: error: {exc}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as exc:
+        if args.debug or exc.name is None:
+            raise
+        # The server images and `make serve` install no exporter packages: say which extra does.
+        extra = _extra_providing(args.command, exc.name)
+        print(
+            f"textgen-export: error: {args.command} needs the Python package {exc.name!r}, which is "
+            f"not installed: pip install 'textgen[{extra}]'",
+            file=sys.stderr,
+        )
+        return 1
     except Exception as exc:  # from torch or transformers: corrupt weights, out of memory, ...
         if args.debug:
             raise
