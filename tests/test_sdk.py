@@ -463,6 +463,14 @@ def test_run_without_stream_or_with_null_options(client: Client) -> None:
             "response_format.json_schema: expected an object",
         ),
         ({"messages": [], "tool_choice": 3}, "tool_choice: expected 'auto', 'none', 'required'"),
+        # A lone surrogate is no UTF-8: protobuf cannot hold it, wherever it is.
+        ({"messages": [{"role": "user", "content": "a\ud800"}]}, "messages[0].content: "),
+        ({"messages": [{"role": "user\udfff", "content": "a"}]}, "messages[0].role: "),
+        ({"messages": [], "tools": [{"name": "f", "description": "\ud800"}]}, "tools[0].description: "),
+        ({"messages": [], "tools": [{"function": {"name": "\ud800"}}]}, "tools[0].function.name: "),
+        ({"messages": [], "tool_choice": "\ud800"}, "tool_choice: "),
+        ({"prompt": "a", "stop": ["ok", "\ud800"]}, "stop[1]: "),
+        ({"prompt": "a\ud800"}, "prompt: "),
         (
             {"messages": [], "tools": [{"function": {"name": "f", "parameters": []}}]},
             "parameters: expected an object",

@@ -99,7 +99,7 @@ def build_request(
                 raise InvalidRequestError(
                     f"tool_choice: expected 'auto', 'none', 'required' or a function's name, got {tool_choice!r}"
                 )
-            request.chat.tool_choice = tool_choice
+            _set(request.chat, "tool_choice", tool_choice)
     else:
         raise InvalidRequestError("give exactly one of prompt or messages")
     if response_format is not None:
@@ -113,7 +113,10 @@ def build_request(
         for i, text in enumerate(stops):
             if not isinstance(text, str):
                 raise InvalidRequestError(f"stop[{i}]: expected a string")
-            request.stop.append(text)
+            try:
+                request.stop.append(text)
+            except ValueError as exc:  # not UTF-8: a lone surrogate
+                raise InvalidRequestError(f"stop[{i}]: {exc}") from exc
     for name, value in sampling.items():
         if name not in SAMPLING_FIELDS:
             raise TypeError(f"unexpected sampling argument {name!r}")
@@ -253,11 +256,13 @@ def _usage(usage: textgen_pb2.Usage) -> Usage:
     )
 
 
-def _set(message: Any, name: str, value: object) -> None:
+def _set(message: Any, name: str, value: object, where: str | None = None) -> None:
+    """`message.name = value`, or InvalidRequestError naming the field (`where`, default `name`):
+    a value protobuf cannot hold, such as a string with a lone surrogate (not UTF-8)."""
     try:
         setattr(message, name, value)
     except (TypeError, ValueError) as exc:
-        raise InvalidRequestError(f"{name}: {exc}") from exc
+        raise InvalidRequestError(f"{where or name}: {exc}") from exc
 
 
 def _object(value: object, where: str, required: Iterable[str], optional: Iterable[str]) -> Mapping[str, Any]:
@@ -279,7 +284,7 @@ def _message(value: Message | Mapping[str, Any], where: str) -> textgen_pb2.Mess
         if key in fields:
             if not isinstance(fields[key], str):
                 raise InvalidRequestError(f"{where}.{key}: expected a string")
-            setattr(message, key, fields[key])
+            _set(message, key, fields[key], f"{where}.{key}")
     return message
 
 
@@ -312,7 +317,7 @@ def tool_from_json(value: Tool | FlatTool | Mapping[str, Any], where: str = "too
         if key in function:
             if not isinstance(function[key], str):
                 raise InvalidRequestError(f"{where}.{key}: expected a string")
-            setattr(tool.function, key, function[key])
+            _set(tool.function, key, function[key], f"{where}.{key}")
     parameters = function.get("parameters")
     if parameters is not None:
         if not isinstance(parameters, Mapping):
