@@ -267,11 +267,14 @@ def test_request_id_is_taken_from_metadata(server: grpc_testing.Server, schedule
 
 
 def test_invalid_argument_carries_bad_request(server: grpc_testing.Server, scheduler: FakeScheduler) -> None:
-    _, trailing, code, details = _unary(server, pb.GenerateRequest(prompt="Hi", top_k=99, top_p=3))
+    request = pb.GenerateRequest(prompt="Hi", top_k=99, top_p=3, temperature=5.0000001)
+    _, trailing, code, details = _unary(server, request)
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert _violations(trailing) == {
         "top_k": "must be between 1 and 50, got 99",
         "top_p": "must be between 0 and 2, got 3",
+        # Every digit sent: "got 5" beside a bound of 5 would say nothing was wrong.
+        "temperature": "must be between 0 and 5, got 5.0000001",
     }
     assert "top_k" in details and scheduler.handles == []
 

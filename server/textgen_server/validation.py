@@ -18,7 +18,7 @@ from google.protobuf import json_format, struct_pb2
 from textgen.v1 import textgen_pb2 as pb
 
 from .adapters import unknown_adapter_message
-from .excerpt import excerpt, excerpt_list
+from .excerpt import excerpt, excerpt_list, number
 from .generation import GenerationRequest
 from .grammar import GrammarCompiler, GrammarError, OutputConstraint
 from .model_config import ModelConfig
@@ -343,7 +343,9 @@ def _sampling(message: pb.GenerateRequest, violations: list[FieldViolation]) -> 
             continue
         value = float(getattr(message, name))
         if math.isnan(value) or not low <= value <= high:
-            violations.append(FieldViolation(name, f"must be between {low:g} and {high:g}, got {value:g}"))
+            violations.append(
+                FieldViolation(name, f"must be between {low:g} and {high:g}, got {number(value)}")
+            )
         values[name] = value
     for name, (ilow, ihigh) in INTEGER_BOUNDS.items():
         if not message.HasField(name):  # type: ignore[arg-type]
