@@ -17,6 +17,7 @@ from server_harness import ServerThread
 from textgen.v1 import textgen_pb2 as pb
 from textgen.v1 import textgen_pb2_grpc as rpc
 from textgen_server.prompt import encode_prompt
+from textgen_server.scheduler import SchedulerLimits
 from textgen_server.tokenizer import Tokenizer
 from transformers import MistralForCausalLM
 
@@ -184,6 +185,20 @@ def test_model_info(stub: rpc.TextGenerationStub) -> None:
     # 2 layers x (keys, values) x 2 KV heads x 16 dims x 4 bytes per position.
     assert info.kv_slots == 16
     assert info.kv_cache_bytes == 16 * 4096 * 2 * 2 * 2 * 16 * 4
+
+
+@pytest.mark.parametrize(("configured", "reported"), [(100, 100), (20000, 8192)])
+def test_model_info_reports_the_prefill_limit_in_effect(
+    tiny_model_dir: Path, configured: int, reported: int
+) -> None:
+    # --max-batch-prefill-tokens, capped by the model's own limit (the card's 8192).
+    harness = ServerThread(tiny_model_dir, limits=SchedulerLimits(max_batch_prefill_tokens=configured))
+    try:
+        with grpc.insecure_channel(harness.target) as channel:
+            info = rpc.TextGenerationStub(channel).GetModelInfo(pb.GetModelInfoRequest())
+        assert info.max_batch_prefill_tokens == reported
+    finally:
+        harness.stop(grace=0)
 
 
 def test_health_and_unavailable_while_loading(tiny_model_dir: Path) -> None:

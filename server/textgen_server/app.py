@@ -217,6 +217,7 @@ class TextgenServer:
             self.adapters,
             kv_slots=self.scheduler.slots,
             kv_cache_bytes=engine.cache.nbytes,
+            max_batch_prefill_tokens=limits.max_batch_prefill_tokens,
             grammars=grammars,
         )
         await self._set_serving(True)

@@ -82,6 +82,7 @@ class ModelState:
         *,
         kv_slots: int = 0,
         kv_cache_bytes: int = 0,
+        max_batch_prefill_tokens: int | None = None,
         grammars: GrammarCompiler | None = None,
     ) -> None:
         self.scheduler = scheduler
@@ -91,6 +92,10 @@ class ModelState:
         self.adapters = adapters  # --lora-dir's registry; it changes while serving (SIGHUP)
         self.kv_slots = kv_slots
         self.kv_cache_bytes = kv_cache_bytes
+        # The server's limit in effect: --max-batch-prefill-tokens, capped by the model's own.
+        self.max_batch_prefill_tokens = (
+            config.max_batch_prefill_tokens if max_batch_prefill_tokens is None else max_batch_prefill_tokens
+        )
         self.grammars = grammars  # tools and response_format; without it they are UNIMPLEMENTED
 
     def adapter_names(self) -> frozenset[str]:
@@ -160,7 +165,7 @@ class TextGenerationService(textgen_pb2_grpc.TextGenerationServicer):
             execution_provider=model.execution_provider,
             max_input_length=c.max_input_length,
             max_total_tokens=c.max_total_tokens,
-            max_batch_prefill_tokens=c.max_batch_prefill_tokens,
+            max_batch_prefill_tokens=model.max_batch_prefill_tokens,
             vocab_size=c.vocab_size,
             adapters=sorted(model.adapter_names()),
             kv_slots=model.kv_slots,
