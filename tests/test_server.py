@@ -223,6 +223,26 @@ def test_health_and_unavailable_while_loading(tiny_model_dir: Path) -> None:
         harness.stop(grace=0)
 
 
+def test_health_list_answers_what_check_does(tiny_model_dir: Path) -> None:
+    # grpcio-health-checking's asyncio servicer leaves List unimplemented; grpcurl and probes call it.
+    harness = ServerThread(tiny_model_dir, load=False)
+    service = "textgen.v1.TextGeneration"
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    try:
+        with grpc.insecure_channel(harness.target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+
+            def listed() -> dict[str, int]:
+                statuses = health.List(health_pb2.HealthListRequest(), timeout=5).statuses
+                return {name: response.status for name, response in statuses.items()}
+
+            assert listed() == {"": not_serving, service: not_serving}
+            harness.call(harness.server.load_model())
+            assert listed() == {"": serving, service: serving}
+    finally:
+        harness.stop(grace=0)
+
+
 def test_shutdown_tells_clients_in_flight(tiny_model_dir: Path) -> None:
     harness = ServerThread(tiny_model_dir)
     with grpc.insecure_channel(harness.target) as channel:

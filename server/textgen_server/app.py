@@ -15,6 +15,7 @@ import logging
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -41,6 +42,21 @@ MAX_MESSAGE_BYTES = 1 << 20
 """Default cap on a request or response message. A request within the card's limits (3072 tokens,
 6144-character messages) is a few hundred KB at most; gRPC refuses larger ones RESOURCE_EXHAUSTED
 before they are parsed."""
+
+
+class HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]  # the package has no types
+    """grpcio-health-checking's asyncio servicer with `List`, which it leaves unimplemented (every
+    call answered UNIMPLEMENTED and logged a traceback here)."""
+
+    async def List(
+        self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> health_pb2.HealthListResponse:
+        # The statuses Check answers from, as the base class keeps them.
+        statuses = {
+            name: health_pb2.HealthCheckResponse(status=status)
+            for name, status in self._server_status.items()
+        }
+        return health_pb2.HealthListResponse(statuses=statuses)
 
 
 class StartupError(Exception):
@@ -100,7 +116,7 @@ class TextgenServer:
         # After authentication: a caller without a token learns nothing, not even what fails to decode.
         interceptors.append(UndecodableRequestInterceptor(on_refused=self._undecodable))
         # grpc.aio objects belong to the event loop they are made on: make them here, not in __init__.
-        self.health = health.aio.HealthServicer()
+        self.health = HealthServicer()
         self.server = grpc.aio.server(
             interceptors=interceptors,
             options=[
