@@ -236,6 +236,25 @@ def test_schemas_llguidance_refuses_name_the_field(
     assert "start:" not in caught.value.description and len(caught.value.description) <= 200
 
 
+def test_a_limit_reached_part_way_is_the_schemas_and_a_refused_token_is_not(
+    grammars: GrammarCompiler, raw_tokens: llguidance.LLTokenizer
+) -> None:
+    # Compiles: llguidance builds this pattern's lexer only once the string has started.
+    state = grammars.json_schema(
+        {"type": "string", "pattern": "^a{100000}$"}, "response_format.json_schema"
+    ).start()
+    assert state.field == "response_format.json_schema"
+    for token in raw_tokens.tokenize_str('"a'):
+        state.allowed_mask()  # where the lexer is built
+        if state.error is None:
+            state.advance(token)
+    assert state.error is not None and "lexer error" in state.error
+    assert state.gave_up
+    refused = grammars.json_schema(PERSON, "response_format.json_schema").start()
+    refused.advance(raw_tokens.tokenize_str("x")[0])  # never chosen: the mask does not allow it
+    assert refused.error is not None and not refused.gave_up
+
+
 # -- generations driven by random logits --------------------------------------------------------
 
 SAMPLINGS = [

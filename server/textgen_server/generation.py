@@ -51,6 +51,9 @@ class TokenEvent:
     tool_calls: tuple[ToolCall, ...] = ()  # on the last event: the calls made (their text is never emitted)
     # On the last event: the grammar failed mid-generation, or made calls no response can carry.
     error: str | None = None
+    # With `error`: the request field whose schema the grammar engine gave up on (the request's
+    # fault, INVALID_ARGUMENT); None where the failure is the server's (INTERNAL).
+    error_field: str | None = None
 
 
 class Generation:
@@ -84,6 +87,7 @@ class Generation:
         if grammar is not None:
             grammar.advance(token)
         error = grammar.error if grammar is not None else None
+        error_field = grammar.field if grammar is not None and grammar.gave_up else None
         grammar_done = grammar is not None and grammar.finished  # complete, or failed
         eos = token == self._tokenizer.eos_id
         ending = eos or grammar_done or self.completion_tokens >= self.request.max_new_tokens
@@ -115,6 +119,7 @@ class Generation:
             self.completion_tokens,
             tool_calls=self._calls.calls if self._calls is not None and finish_reason is not None else (),
             error=error,
+            error_field=error_field,
         )
 
     def _choose_allowed(self, logits: npt.NDArray[np.float32], grammar: GrammarState) -> int:

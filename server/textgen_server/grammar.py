@@ -65,6 +65,9 @@ BitMask = npt.NDArray[np.int32]  # [words]: bit i of word j allows token 32 * j 
 # Compact JSON: the separators without spaces, and no whitespace anywhere else.
 _JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
 _MAX_ERROR_CHARS = 200
+# How llguidance says a consumed token was not allowed: only a bug here consumes one (every token
+# chosen is one the grammar allows). Its other failures are its limits.
+_REFUSED_TOKEN = "doesn't satisfy the grammar"
 
 
 class GrammarError(ValueError):
@@ -79,14 +82,15 @@ class GrammarError(ValueError):
 class Grammar:
     """A compiled grammar; never advanced itself, each generation starts a state of its own."""
 
-    def __init__(self, matcher: llguidance.LLMatcher, compiler: GrammarCompiler) -> None:
+    def __init__(self, matcher: llguidance.LLMatcher, compiler: GrammarCompiler, field: str) -> None:
         self._matcher = matcher
         self._compiler = compiler
+        self.field = field  # the request field it was compiled from, as the API spells it
 
     def start(self, *, greedy: bool = False) -> GrammarState:
         """A state of its own; `greedy`: its generation takes the best token whenever the grammar
         allows it, so it needs a mask only where the grammar refuses that token (`allows`)."""
-        return GrammarState(self._matcher.deep_copy(), self._compiler, greedy=greedy)
+        return GrammarState(self._matcher.deep_copy(), self._compiler, greedy=greedy, field=self.field)
 
 
 @dataclass(frozen=True)
@@ -103,11 +107,12 @@ class GrammarState:
     """One generation's position in its grammar: the allowed-token mask, and the tokens consumed."""
 
     def __init__(
-        self, matcher: llguidance.LLMatcher, compiler: GrammarCompiler, *, greedy: bool = False
+        self, matcher: llguidance.LLMatcher, compiler: GrammarCompiler, *, field: str, greedy: bool = False
     ) -> None:
         self._matcher = matcher
         self._compiler = compiler
         self.greedy = greedy
+        self.field = field  # the request field the grammar came from
         self._bitmask: BitMask | None = None  # [words] for the current position, once computed
         self._pending: Future[None] | None = None  # a prefetch computing _bitmask on another thread
 
@@ -120,6 +125,13 @@ class GrammarState:
     def error(self) -> str | None:
         """Why the matcher failed (a limit hit during generation, or a bug); None while it works."""
         return _short(self._matcher.get_error()) if self._matcher.is_error() else None
+
+    @property
+    def gave_up(self) -> bool:
+        """The matcher failed on one of llguidance's limits: the schema is too complex to follow this
+        far (a pattern of 100,000 repetitions builds its lexer only once its string starts). Not
+        on a token it refused, which only a bug here would have chosen."""
+        return self._matcher.is_error() and _REFUSED_TOKEN not in self._matcher.get_error()
 
     def allowed_mask(self) -> BoolArray:
         """bool [vocab]: True where a token may come next. After an error only EOS is allowed, so
@@ -280,7 +292,7 @@ class GrammarCompiler:
         )
         if matcher.is_error():
             raise GrammarError(field, _short(matcher.get_error()))
-        return Grammar(matcher, self)
+        return Grammar(matcher, self, field)
 
 
 def _arguments_schema(tool: ToolSpec) -> dict[str, Any]:

@@ -251,6 +251,16 @@ class TextGenerationService(textgen_pb2_grpc.TextGenerationServicer):
                 record.add_token(event)
                 # The grammar failed, or made calls no response can carry: the output would break
                 # the promise.
+                if event.error is not None and event.error_field is not None:
+                    # One of llguidance's limits, reached part-way: the schema asks too much.
+                    log.warning(
+                        "request %s: the grammar of %s gave up: %s",
+                        handle.request.request_id,
+                        event.error_field,
+                        event.error,
+                    )
+                    violation = FieldViolation(event.error_field, f"too complex to follow: {event.error}")
+                    await abort_bad_request(context, record, [violation])
                 if event.error is not None:
                     log.error(
                         "request %s: constrained decoding failed: %s", handle.request.request_id, event.error
