@@ -182,6 +182,45 @@ def test_a_named_function_is_the_only_call(
     assert accepts(grammar, raw_tokens.tokenize_str("Hello"))[0] is False
 
 
+def test_call_arguments_are_numbers_a_struct_carries_exactly(
+    grammars: GrammarCompiler, raw_tokens: llguidance.LLTokenizer
+) -> None:
+    measure = ToolSpec(
+        "measure",
+        parameters={
+            "type": "object",
+            "properties": {
+                "n": {"type": "integer"},
+                "x": {"type": ["number", "null"]},
+                "big": {"type": "integer", "minimum": 0, "maximum": 10**17},  # its own bounds stay
+                "xs": {"type": "array", "items": {"type": "number"}},
+            },
+            "required": ["n", "x", "big", "xs"],
+        },
+    )
+    grammar = grammars.tool_calls([measure], REQUIRED, "chat.tools")
+
+    def call(n: str, x: str, big: str = "1", xs: str = "0.5") -> tuple[bool, bool]:
+        text = f'[{{"name":"measure","arguments":{{"n":{n},"x":{x},"big":{big},"xs":[{xs}]}}}}]'
+        return accepts(grammar, raw_tokens.tokenize_str(text))
+
+    safe = 2**53 - 1
+    assert call(str(safe), "-0.0000001", str(10**16), "-2.5") == (True, True)
+    assert call(str(-safe), "null") == (True, True)
+    assert call(str(safe + 1), "1")[0] is False  # Struct's double would round it
+    assert call(str(-safe - 1), "1")[0] is False
+    assert call("1", "1e309")[0] is False  # infinity as a double
+    assert call("1", "1", xs="5E+071597857")[0] is False
+    assert call("1", "1", big=str(10**17 + 1))[0] is False
+    # A bound past the safe range on one side leaves the other side open, not empty.
+    above = ToolSpec(
+        "above", parameters={"type": "object", "properties": {"n": {"type": "integer", "minimum": 10**16}}}
+    )
+    grammar = grammars.tool_calls([above], REQUIRED, "chat.tools")
+    text = f'[{{"name":"above","arguments":{{"n":{10**16 + 5}}}}}]'
+    assert accepts(grammar, raw_tokens.tokenize_str(text)) == (True, True)
+
+
 @pytest.mark.parametrize("batched", [fill_token_masks, prefetch_token_masks])
 def test_batched_masks_equal_masks_computed_alone(
     grammars: GrammarCompiler, raw_tokens: llguidance.LLTokenizer, batched: Any

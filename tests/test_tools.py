@@ -465,6 +465,19 @@ def test_calls_too_deep_for_a_response_are_an_error_not_an_undecodable_response(
     )
 
 
+@pytest.mark.parametrize("number", ["5E+071597857", "-1e309", "1" + "0" * 400, "9" * 5000])
+def test_a_number_past_a_double_is_an_error_not_a_response_no_client_can_read(number: str) -> None:
+    # A value whose schema sets no numeric type ({}, additionalProperties) gets no bounds.
+    splitter = CallSplitter(calls_only=True)
+    splitter.push(f'[{{"name":"f","arguments":{{"x":{number}}}}}]', final=True)
+    assert splitter.calls == ()
+    assert splitter.error is not None and "beyond a double" in splitter.error
+    assert len(splitter.error) < 300  # the number quoted as an excerpt
+    within = CallSplitter(calls_only=True)
+    within.push('[{"name":"f","arguments":{"x":1.7e308,"y":-12,"z":[0.5]}}]', final=True)
+    assert within.error is None and within.calls[0].arguments == {"x": 1.7e308, "y": -12, "z": [0.5]}
+
+
 # -- the README documents the format the code renders -----------------------------------------------
 
 

@@ -304,7 +304,51 @@ def _arguments_schema(tool: ToolSpec) -> dict[str, Any]:
     schema.setdefault("type", "object")
     if not _COMPOSED.intersection(schema):
         schema.setdefault("additionalProperties", False)
-    return schema
+    bounded: dict[str, Any] = _bound_numbers(schema)
+    return bounded
+
+
+# A response carries a call's arguments as a google.protobuf.Struct, whose numbers are doubles: within
+# I-JSON's interoperable range (RFC 7493) every integer is exact, and no number overflows to infinity
+# (which the Struct's JSON form cannot even write). llguidance writes a bounded number without an
+# exponent: 0.0000001, never 1e-7.
+SAFE_INTEGER = 2**53 - 1
+_NUMERIC_TYPES = frozenset({"integer", "number"})
+
+
+def _bound_numbers(schema: Any) -> Any:
+    """`schema` with every numeric schema that leaves a side unbounded bounded at -/+SAFE_INTEGER
+    on that side (bounds it sets stay as they are)."""
+    if isinstance(schema, list):
+        return [_bound_numbers(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    bounded: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in _DATA_KEYWORDS:
+            bounded[key] = value
+        elif key in _SCHEMA_MAPS and isinstance(value, dict):
+            bounded[key] = {name: _bound_numbers(schema_) for name, schema_ in value.items()}
+        else:
+            bounded[key] = _bound_numbers(value)
+    types = schema.get("type")
+    if _NUMERIC_TYPES.intersection(types if isinstance(types, list) else [types]):
+        low = _bound(schema, "minimum", "exclusiveMinimum")
+        high = _bound(schema, "maximum", "exclusiveMaximum")
+        # Never past the schema's own bound on the other side: that would leave no number at all.
+        if low is _UNSET and not (isinstance(high, (int, float)) and high <= -SAFE_INTEGER):
+            bounded["minimum"] = -SAFE_INTEGER
+        if high is _UNSET and not (isinstance(low, (int, float)) and low >= SAFE_INTEGER):
+            bounded["maximum"] = SAFE_INTEGER
+    return bounded
+
+
+_UNSET = object()
+
+
+def _bound(schema: Mapping[str, Any], inclusive: str, exclusive: str) -> Any:
+    """The schema's bound on one side (whatever it holds: llguidance judges it), or _UNSET."""
+    return schema.get(inclusive, schema.get(exclusive, _UNSET))
 
 
 # Keywords that define an object by other schemas.

@@ -23,12 +23,15 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from .excerpt import excerpt
 
 __all__ = [
     "CALL_OPENING",
@@ -247,13 +250,47 @@ class CallSplitter:
                     f"{MAX_ARGUMENTS_DEPTH} (protobuf's depth limit)"
                 )
             else:
-                self.calls = tuple(_parse_generated_calls(text))
+                try:
+                    self.calls = tuple(_parse_generated_calls(text))
+                except _BeyondDouble as exc:
+                    self.error = (
+                        f"a tool call's arguments hold the number {excerpt(exc.text)}, beyond a double "
+                        "(a value whose schema sets no numeric type, so no bounds were added)"
+                    )
         return ""
 
 
-def _parse_generated_calls(text: str) -> list[ToolCall]:
+class _BeyondDouble(ValueError):
+    """A JSON number past a double's range (1e999, or an integer of 400 digits): no response can
+    carry it."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise _BeyondDouble(text)
+    return value
+
+
+def _int_within_double(text: str) -> int:
     try:
-        value = json.loads(text)
+        value = int(text)
+        float(value)
+    except (OverflowError, ValueError) as exc:  # ValueError: past Python's 4300-digit limit
+        raise _BeyondDouble(text) from exc
+    return value
+
+
+def _parse_generated_calls(text: str) -> list[ToolCall]:
+    """The calls in the generated text; raises _BeyondDouble for a number no double holds."""
+    try:
+        value = json.loads(text, parse_float=_finite_float, parse_int=_int_within_double)
+    except _BeyondDouble:
+        raise
     except ValueError:  # cut short (max_tokens): no call is reported rather than a partial one
         return []
     if not isinstance(value, list):
