@@ -423,6 +423,14 @@ def test_parameters_with_references_resolve_within_the_tool(
         assert set(call.arguments) == {"origin", "destination"}  # nothing invented at the top either
 
 
+def test_a_reference_that_resolves_nowhere_is_named_as_the_tool_wrote_it(grammars: GrammarCompiler) -> None:
+    broken = ToolSpec("broken", parameters={"type": "object", "properties": {"p": {"$ref": "#/$defs/Nope"}}})
+    with pytest.raises(GrammarError) as caught:
+        grammars.tool_calls([ADD, broken], REQUIRED, "chat.tools")
+    assert "'/$defs/Nope'" in caught.value.description, caught.value.description
+    assert "arguments_" not in caught.value.description  # where the grammar placed the parameters
+
+
 def test_rebasing_moves_references_and_leaves_data_alone() -> None:
     schema = {
         "$ref": "#/$defs/A",

@@ -36,6 +36,7 @@ start of an answer as `▁{` / `▁[` (a bare JSON grammar would refuse those to
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -280,7 +281,11 @@ class GrammarCompiler:
             )
         else:
             lark = "start: calls\n" + lark
-        return self._compile(lark, field)
+        try:
+            return self._compile(lark, field)
+        except GrammarError as exc:
+            # A pointer as the tool's author wrote it ('/$defs/Place'), not as rebased above.
+            raise GrammarError(field, _REBASED_POINTER.sub("", exc.description)) from None
 
     def new_bitmask(self, rows: int) -> BitMask:
         """int32 [rows, words], every token allowed until filled."""
@@ -351,6 +356,7 @@ def _bound(schema: Mapping[str, Any], inclusive: str, exclusive: str) -> Any:
     return schema.get(inclusive, schema.get(exclusive, _UNSET))
 
 
+_REBASED_POINTER = re.compile(r"/\$defs/arguments_\d+")
 # Keywords that define an object by other schemas.
 _COMPOSED = frozenset({"$ref", "allOf", "anyOf", "oneOf"})
 # Keywords whose values are JSON data, not schemas: a "$ref" key inside them is not a reference.
