@@ -28,6 +28,9 @@ The grammars (Lark, with llguidance's `%json` for schemas):
     tool calls   start: calls | TEXT  (auto)       calls: " "? %json {array of calls}
                  start: calls         (required or one function)
 
+A call's arguments travel in a google.protobuf.Struct, whose numbers are doubles: a numeric schema
+in a tool's parameters that leaves a side unbounded is bounded there at 2^53 - 1 (`_bound_numbers`).
+
 JSON is compact (no whitespace between tokens: with free whitespace a weak model can spend its
 whole budget on spaces and newlines), and may follow one space, because this tokenizer writes the
 start of an answer as `▁{` / `▁[` (a bare JSON grammar would refuse those tokens).
@@ -356,6 +359,7 @@ def _bound(schema: Mapping[str, Any], inclusive: str, exclusive: str) -> Any:
     return schema.get(inclusive, schema.get(exclusive, _UNSET))
 
 
+# Where `tool_calls` places each tool's parameters, as llguidance's error pointers show it.
 _REBASED_POINTER = re.compile(r"/\$defs/arguments_\d+")
 # Keywords that define an object by other schemas.
 _COMPOSED = frozenset({"$ref", "allOf", "anyOf", "oneOf"})
