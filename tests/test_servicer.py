@@ -279,6 +279,32 @@ def test_invalid_argument_carries_bad_request(server: grpc_testing.Server, sched
     assert "top_k" in details and scheduler.handles == []
 
 
+@pytest.mark.parametrize("number", [float("nan"), float("inf"), -float("inf")])
+def test_nan_or_infinity_in_a_schema_is_invalid_argument_naming_it(
+    server: grpc_testing.Server, scheduler: FakeScheduler, number: float
+) -> None:
+    # A Struct holds them, JSON cannot: protobuf's MessageToDict raised, and the call ended UNKNOWN.
+    json_mode = pb.GenerateRequest(prompt="Hi")
+    json_mode.response_format.type = "json_schema"
+    json_mode.response_format.json_schema.update({"type": "object", "maxProperties": number})
+    tools = pb.GenerateRequest(chat=pb.Chat(messages=[pb.Message(role="user", content="Hi")]))
+    tools.chat.tools.add(name="flat").parameters.update({"type": "object", "minProperties": number})
+    tools.chat.tools.add(type="function").function.name = "nested"
+    tools.chat.tools[1].function.parameters.update({"type": "object", "x": [number]})
+    for request, fields in [
+        (json_mode, {"response_format.json_schema"}),
+        (tools, {"chat.tools[0].parameters", "chat.tools[1].function.parameters"}),
+    ]:
+        _, trailing, code, _ = _unary(server, request)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        violations = _violations(trailing)
+        assert set(violations) == fields
+        assert all(
+            text == "holds NaN or an infinity, which are not JSON numbers" for text in violations.values()
+        )
+    assert scheduler.handles == []
+
+
 @pytest.mark.parametrize(
     ("refusal", "code"),
     [

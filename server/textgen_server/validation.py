@@ -186,10 +186,18 @@ def _tools(chat: pb.Chat, violations: list[FieldViolation]) -> tuple[tuple[ToolS
             where += ".function"
             function = tool.function
             name, description = function.name, function.description
-            parameters = _struct(function.parameters) if function.HasField("parameters") else None
+            parameters = (
+                _struct(function.parameters, f"{where}.parameters", violations)
+                if function.HasField("parameters")
+                else None
+            )
         else:
             name, description = tool.name, tool.description
-            parameters = _struct(tool.parameters) if tool.HasField("parameters") else None
+            parameters = (
+                _struct(tool.parameters, f"{where}.parameters", violations)
+                if tool.HasField("parameters")
+                else None
+            )
         if not TOOL_NAME.fullmatch(name):
             violations.append(
                 FieldViolation(
@@ -255,7 +263,9 @@ def _response_format(
     if not has_schema:
         violations.append(FieldViolation("response_format.json_schema", "required with type 'json_schema'"))
         return None
-    schema = _struct(response_format.json_schema)
+    schema = _struct(response_format.json_schema, "response_format.json_schema", violations)
+    if schema is None:
+        return None
     # OpenAI's form wraps the schema: {"name": ..., "schema": {...}, "strict": ...}.
     wrapped = schema.get("schema")
     if isinstance(wrapped, dict) and "name" in schema and not {"type", "properties"} & schema.keys():
@@ -303,7 +313,7 @@ def _pinpoint(error: GrammarError, output: _Output, grammars: GrammarCompiler) -
     return FieldViolation(error.field, error.description)
 
 
-def _struct(struct: struct_pb2.Struct) -> dict[str, Any]:
+def _struct(struct: struct_pb2.Struct, where: str, violations: list[FieldViolation]) -> dict[str, Any] | None:
     """A google.protobuf.Struct as the JSON Schema it holds, in a canonical key order.
 
     Struct is a map: the order of its keys is lost on the wire (and differs between processes), but
@@ -312,9 +322,14 @@ def _struct(struct: struct_pb2.Struct) -> dict[str, Any]:
     sibling `required` first, in that order: the same schema always gives the same grammar and
     prompt, and `required` is how a client orders the output. Struct also keeps every number as a
     double; whole numbers come back as int, as a JSON parser gives them (llguidance refuses
-    "minLength": 2.0).
+    "minLength": 2.0). A NaN or an infinity, which a Struct holds and JSON cannot, is a violation
+    of `where` (None).
     """
-    value = _canonical(json_format.MessageToDict(struct))
+    try:
+        value = _canonical(json_format.MessageToDict(struct))
+    except ValueError:  # protobuf's JSON form refuses NaN and infinity
+        violations.append(FieldViolation(where, "holds NaN or an infinity, which are not JSON numbers"))
+        return None
     assert isinstance(value, dict)
     return value
 
