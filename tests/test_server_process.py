@@ -44,6 +44,23 @@ def test_sigterm_drains_in_flight_requests(server_process: ServerProcess) -> Non
     assert any("shutting down" in line for line in server_process.lines)
 
 
+def test_sighup_without_anything_to_reload_is_logged_not_fatal(server_process: ServerProcess) -> None:
+    # Operators send SIGHUP to every replica after a rotation; its default action kills the process.
+    with grpc.insecure_channel(f"127.0.0.1:{server_process.port}") as channel:
+        stream = rpc.TextGenerationStub(channel).GenerateStream(
+            pb.GenerateRequest(prompt="Keep going", max_tokens=100, temperature=0)
+        )
+        first = next(stream)
+        server_process.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while not any("nothing to reload" in line for line in server_process.lines):
+            assert time.monotonic() < deadline, server_process.lines
+            time.sleep(0.02)
+        messages = [first, *stream]
+    assert server_process.process.poll() is None
+    assert len(messages) == messages[-1].usage.completion_tokens
+
+
 def test_new_requests_are_refused_while_draining(server_process: ServerProcess) -> None:
     with grpc.insecure_channel(f"127.0.0.1:{server_process.port}") as channel:
         stub = rpc.TextGenerationStub(channel)

@@ -188,18 +188,21 @@ async def serve(settings: ServerSettings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
-    # SIGHUP: re-read the token file and serve what --lora-dir holds now, without a restart.
+    # SIGHUP: re-read the token file and serve what --lora-dir holds now, without a restart. Handled
+    # without either too: its default action would kill the server, in-flight calls and all.
     reloads: set[asyncio.Task[object]] = set()
 
     def reload() -> None:
+        if settings.auth_token_file is None and settings.lora_dir is None:
+            log.info("SIGHUP: no --auth-token-file or --lora-dir, nothing to reload")
+            return
         if settings.auth_token_file is not None:
             server.reload_tokens()
         task: asyncio.Task[object] = asyncio.ensure_future(server.rescan_adapters())
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
-    if settings.auth_token_file is not None or settings.lora_dir is not None:
-        loop.add_signal_handler(signal.SIGHUP, reload)
+    loop.add_signal_handler(signal.SIGHUP, reload)
     try:
         port = await server.start()
     except StartupError as exc:
@@ -213,7 +216,7 @@ async def serve(settings: ServerSettings) -> int:
         return 1
     log.info("ready on %s:%d", settings.host, port)
     await stopping.wait()
-    log.info("shutting down: draining for up to %.0f s", settings.grace_seconds)
+    log.info("shutting down: draining for up to %g s", settings.grace_seconds)
     await server.stop()
     return 0
 
