@@ -524,6 +524,77 @@ def test_an_adapter_whose_file_went_away_fails_its_request_and_is_unregistered(
         harness.stop(grace=1)
 
 
+def _replace_file(source: Path, target: Path) -> None:
+    """As the README says to replace an adapter: a copy renamed over the old file."""
+    partial = target.with_name(f".{target.name}.partial")
+    shutil.copyfile(source, partial)
+    partial.replace(target)
+
+
+def test_a_request_queued_across_a_replacement_runs_wholly_on_the_new_version(
+    lora_model_dir: Path, lora_dir: Path, references: References, tokenizer: Tokenizer, tmp_path: Path
+) -> None:
+    """`swap` runs once as mlp (its prompt's positions stay cached), every adapter slot is then held,
+    a `swap` request queues, the file becomes r16 and the server rescans: the queued request must be
+    r16 throughout. It ran the r16 weights over mlp's cached prompt positions, matching neither."""
+    directory = tmp_path / "adapters"
+    directory.mkdir()
+    holders = ["r4", "r8", "r16"]
+    assert len(holders) == SLOTS
+    for name in holders:
+        shutil.copyfile(lora_dir / f"{name}.npz", directory / f"{name}.npz")
+    shutil.copyfile(lora_dir / "mlp.npz", directory / "swap.npz")
+    harness = ServerThread(lora_model_dir, lora_dir=directory)
+    prompt = " ".join(PROMPTS)  # long enough for the prefix cache (16 tokens at least)
+    prompt_ids = encode_prompt(tokenizer, prompt, raw=False)
+    try:
+        with grpc.insecure_channel(harness.target) as channel:
+            stub = rpc.TextGenerationStub(channel)
+            assert _tokens(stub, _request(prompt, "swap")) == references.greedy("mlp", prompt_ids)
+            streams = {
+                name: stub.GenerateStream(_request(PROMPTS[3], name, max_tokens=2000)) for name in holders
+            }
+            for stream in streams.values():
+                next(stream)  # every adapter slot is in use
+            with ThreadPoolExecutor(1) as pool:
+                queued: Future[list[int]] = pool.submit(_tokens, stub, _request(prompt, "swap"))
+                time.sleep(0.2)
+                assert not queued.done()
+                _replace_file(lora_dir / "r16.npz", directory / "swap.npz")
+                assert harness.call(harness.server.rescan_adapters()).replaced == ["swap"]
+                streams["r4"].cancel()  # a slot frees: the queued request is admitted
+                assert queued.result(timeout=60) == references.greedy("r16", prompt_ids)
+            for stream in streams.values():
+                stream.cancel()
+    finally:
+        harness.stop(grace=1)
+
+
+def test_a_file_replaced_without_a_rescan_is_not_served_under_the_version_checked(
+    lora_model_dir: Path, lora_dir: Path, references: References, tokenizer: Tokenizer, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """Registered as r8, replaced on disk by r16 with no rescan, first needed after that: it is refused
+    (r16 was never checked), and served as r16 once a rescan checks it."""
+    directory = tmp_path / "adapters"
+    directory.mkdir()
+    shutil.copyfile(lora_dir / "r8.npz", directory / "swap.npz")
+    harness = ServerThread(lora_model_dir, lora_dir=directory)
+    try:
+        _replace_file(lora_dir / "r16.npz", directory / "swap.npz")
+        with grpc.insecure_channel(harness.target) as channel:
+            stub = rpc.TextGenerationStub(channel)
+            with pytest.raises(grpc.RpcError) as error:
+                stub.Generate(_request("Hi", "swap"))
+            assert error.value.code() == grpc.StatusCode.NOT_FOUND
+            assert any("swap.npz changed since it was checked" in r.getMessage() for r in caplog.records)
+            assert harness.call(harness.server.rescan_adapters()).added == ["swap"]
+            expected = references.greedy("r16", encode_prompt(tokenizer, PROMPTS[1], raw=False))
+            assert _tokens(stub, _request(PROMPTS[1], "swap")) == expected
+    finally:
+        harness.stop(grace=1)
+
+
 async def test_lora_dir_on_a_model_without_slots_fails_at_start_up(
     tiny_model_dir: Path, lora_dir: Path
 ) -> None:

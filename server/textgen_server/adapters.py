@@ -4,7 +4,11 @@
 `textgen-export lora`), checked against the model when it is registered; a file that does not fit is
 refused with a log line naming it and why, and the others serve. `scan` compares DIR with what is
 registered: new files are added, deleted ones removed, changed ones (size or modification time)
-checked and replaced. The server scans at start-up and again on SIGHUP (__main__.py).
+checked and replaced. The server scans at start-up and again on SIGHUP (__main__.py). Each
+registered version is read again only while its file is still that version (size and modification
+time): a request never runs on weights it was not checked with, and the scheduler moves a queued
+request whose adapter a rescan replaced to the new version, so that no request meets two versions
+(the old one's prompt positions kept for reuse with the new one's weights).
 
 `AdapterSlots` is the slot table: the graph holds `slots` adapters at once (native_graph.py), and
 more may be registered. A request's adapter is placed when the request is admitted: if it is in a
@@ -86,8 +90,19 @@ class AdapterRegistry:
                 del self._adapters[adapter.name]
 
     def load(self, adapter: Adapter) -> AdapterWeights:
-        """Read an adapter's weights from disk (again): the slot table calls this on its loader thread."""
-        return load_adapter(adapter.path, self.config)
+        """Read this version of an adapter's weights from disk again: the slot table calls this on its
+        loader thread. Raises AdapterFormatError when its file is another version now (replaced since
+        it was checked, or while it was read: a rescan serves the new one), OSError when it is gone."""
+        _check_unchanged(adapter)
+        weights = load_adapter(adapter.path, self.config)
+        _check_unchanged(adapter)
+        return weights
+
+    def current(self, adapter: Adapter) -> Adapter:
+        """The version of `adapter` served now: a later one when a rescan replaced its file, else itself
+        (also when the rescan removed it)."""
+        with self._lock:
+            return self._adapters.get(adapter.name, adapter)
 
     def scan(self) -> ScanResult:
         """Bring the registry in line with the directory; reads new and changed files (blocking)."""
@@ -135,6 +150,14 @@ class AdapterRegistry:
         with self._lock:
             self._adapters = updated
         return result
+
+
+def _check_unchanged(adapter: Adapter) -> None:
+    stat = adapter.path.stat()
+    if (stat.st_mtime_ns, stat.st_size) != adapter.stamp:
+        raise AdapterFormatError(
+            f"{adapter.path.name} changed since it was checked (SIGHUP makes the server serve the new file)"
+        )
 
 
 @dataclass

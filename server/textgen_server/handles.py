@@ -22,7 +22,9 @@ class RequestHandle:
         self, generation: Generation, loop: asyncio.AbstractEventLoop, adapter: Adapter | None = None
     ) -> None:
         self.generation = generation
-        self.adapter = adapter  # the LoRA adapter it was accepted with (kept if the file goes away)
+        # The LoRA adapter version it runs with: the one it was accepted with, or the one a rescan
+        # replaced it by before it was admitted (kept if the file goes away).
+        self.adapter = adapter
         self.submitted = time.monotonic()
         self.admitted: float | None = None  # when its prefill began (per-request queue/inference times)
         self._loop = loop

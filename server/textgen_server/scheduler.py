@@ -356,6 +356,10 @@ class Scheduler:
                 if handle.adapter is not None:
                     if blocked or self.adapter_slots is None:
                         continue
+                    if self.adapters is not None:
+                        # A rescan replaced its file while it waited: it runs wholly on the new version
+                        # (the old one's weights and cached prompts must not meet the new file).
+                        handle.adapter = self.adapters.current(handle.adapter)
                     placement = self.adapter_slots.place(handle.adapter, self._adapter_slots_in_use())
                     if placement.slot is None:
                         blocked = blocked or placement.waiting_for_slot
