@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import random
+import socket
 from collections.abc import Iterator
 from types import SimpleNamespace
 
 import grpc
 import pytest
 import textgen._async_client
+import textgen._channel
 import textgen._client
 from _fake_server import FakeTextGeneration, serve
 from textgen import (
@@ -252,6 +254,55 @@ def test_connection_refused_is_unavailable_and_retried(waits: list[int]) -> None
     with Client(target, max_retries=2, timeout=5) as client, pytest.raises(UnavailableError):
         client.generate("Hi")
     assert waits == [0, 1]
+
+
+@pytest.fixture
+def dns_fails_first(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """DNS answers 'localhost' with 127.0.0.1, but only from its second question on."""
+    asked: list[str] = []
+
+    def getaddrinfo(host: str, port: int, **_: object) -> list[tuple[object, ...]]:
+        asked.append(host)
+        if host != "localhost" or len(asked) == 1:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+
+    monkeypatch.setattr(textgen._channel.socket, "getaddrinfo", getaddrinfo)
+    return asked
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+def test_a_list_target_dns_does_not_resolve_is_unavailable_and_retried(
+    fake: FakeTextGeneration, waits: list[int], dns_fails_first: list[str], stream: bool
+) -> None:
+    port = fake.target.rpartition(":")[2]
+
+    def generate(client: Client) -> str:
+        if stream:
+            with client.generate("Hi", stream=True) as chunks:
+                return "".join(chunk.response for chunk in chunks)
+        return client.generate("Hi").response
+
+    with Client([f"localhost:{port}"], max_retries=1, timeout=5) as client:
+        assert generate(client) == "Hi"  # resolved on the retry: the channel was not kept
+    unresolved = Client([f"nosuchhost.invalid:{port}"], max_retries=1, timeout=5)
+    with unresolved, pytest.raises(UnavailableError, match="cannot resolve 'nosuchhost.invalid'"):
+        generate(unresolved)
+    assert waits == [0, 0]
+
+
+async def test_the_async_client_retries_a_list_target_dns_does_not_resolve(
+    fake: FakeTextGeneration, waits: list[int], dns_fails_first: list[str]
+) -> None:
+    port = fake.target.rpartition(":")[2]
+    async with AsyncClient([f"localhost:{port}"], max_retries=1, timeout=5) as client:
+        assert (await client.generate("Hi")).response == "Hi"
+        async with await client.generate("Hi", stream=True) as chunks:
+            assert "".join([chunk.response async for chunk in chunks]) == "Hi"
+    async with AsyncClient([f"nosuchhost.invalid:{port}"], max_retries=1, timeout=5) as client:
+        with pytest.raises(UnavailableError, match="cannot resolve 'nosuchhost.invalid'"):
+            await client.generate("Hi")
+    assert waits == [0, 0]
 
 
 # -- pushback: the wait is the server's --------------------------------------------------------

@@ -258,6 +258,36 @@ async def test_closing_an_async_stream_cancels_the_call_on_the_server(fake: Fake
         assert await asyncio.to_thread(fake.client_left.wait, 3)
 
 
+async def test_closing_the_async_client_mid_call_raises_what_the_sync_client_raises(
+    fake: FakeTextGeneration,
+) -> None:
+    """close() cancels the calls in flight: RequestCancelledError in the tasks that wait on them, as
+    the sync client gives, not a CancelledError for a task nobody cancelled."""
+    client = AsyncClient(fake.target, timeout=10)
+
+    async def unary() -> None:
+        await client.generate("slow")
+
+    async def stream() -> None:
+        async for _ in await client.generate("endless", stream=True):
+            pass
+
+    tasks = [asyncio.ensure_future(unary()), asyncio.ensure_future(stream())]
+    await asyncio.sleep(0.3)  # both calls are on the server
+    await client.close()
+    for task in tasks:
+        with pytest.raises(textgen.RequestCancelledError, match="closed during the call"):
+            await task
+        assert not task.cancelled()
+    # A task that is itself cancelled still ends cancelled.
+    async with AsyncClient(fake.target, timeout=10) as client:
+        task = asyncio.ensure_future(client.generate("slow"))
+        await asyncio.sleep(0.3)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
 # -- errors -------------------------------------------------------------------------------------
 
 

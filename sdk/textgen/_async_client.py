@@ -19,6 +19,7 @@ from ._convert import (
     model_info_from_proto,
     request_from_body,
 )
+from ._exceptions import RequestCancelledError
 from ._retry import Attempts
 from ._types import Chunk, Completion, FlatTool, Message, ModelInfo, ResponseFormat, Tool, ToolChoice
 from .v1 import textgen_pb2, textgen_pb2_grpc
@@ -353,6 +354,19 @@ class AsyncClient(BaseClient):
         )
         return completion_from_proto(response, request_id)
 
+    def _raise_if_closed(self, attempts: Attempts) -> None:
+        """On a CancelledError: raise what the sync client raises when `close()` cancelled the call
+        (grpc.aio cancels a closed channel's calls by cancelling them locally), unless this task
+        itself is being cancelled, which must stay a CancelledError."""
+        task = asyncio.current_task()
+        cancelling = getattr(task, "cancelling", None)  # Python 3.11+
+        if self._closed and not (cancelling is not None and cancelling()):
+            raise RequestCancelledError(
+                grpc.StatusCode.CANCELLED,
+                "the client was closed during the call",
+                request_id=attempts.request_id,
+            ) from None
+
     async def _with_retries(self, call: Callable[[_Metadata], Awaitable[_T]]) -> tuple[_T, str]:
         """The result of `call(metadata)`, retried as the policy says, and the call's request id."""
         attempts = self._attempts()
@@ -361,6 +375,9 @@ class AsyncClient(BaseClient):
                 return await call(attempts.metadata), attempts.request_id
             except grpc.RpcError as exc:
                 delay = attempts.delay_after(exc)
+            except asyncio.CancelledError:
+                self._raise_if_closed(attempts)
+                raise
             await asyncio.sleep(delay)
 
     async def _stream_chunks(
@@ -368,7 +385,13 @@ class AsyncClient(BaseClient):
     ) -> AsyncGenerator[Chunk, None]:
         chunks = 0
         while True:
-            call = self._get_stub().GenerateStream(request, timeout=self.timeout, metadata=attempts.metadata)
+            try:
+                stub = self._get_stub()
+            except grpc.RpcError as exc:  # a list target whose names do not resolve (yet)
+                delay = attempts.delay_after(exc)
+                await asyncio.sleep(delay)
+                continue
+            call = stub.GenerateStream(request, timeout=self.timeout, metadata=attempts.metadata)
             slot.call = call
             try:
                 async for message in call:
@@ -377,6 +400,9 @@ class AsyncClient(BaseClient):
                 return
             except grpc.RpcError as exc:
                 delay = attempts.delay_after(exc, chunks_yielded=chunks)
+            except asyncio.CancelledError:
+                self._raise_if_closed(attempts)
+                raise
             finally:
                 call.cancel()  # no-op once the call has ended; stops the server when we stop early
             await asyncio.sleep(delay)

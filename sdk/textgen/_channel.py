@@ -13,7 +13,7 @@ import json
 import socket
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import grpc
 
@@ -51,10 +51,28 @@ def check_target(target: str | Sequence[str]) -> str | tuple[str, ...]:
     return targets
 
 
+class UnresolvedTargetError(grpc.RpcError):
+    """A name in a list of targets that DNS does not resolve: a call's UNAVAILABLE, retried and
+    raised as gRPC's own failures are (as a `dns:///` target's would be)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self._message = message
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return self._message
+
+    def trailing_metadata(self) -> tuple[Any, ...]:  # none: the call never left this process
+        return ()
+
+
 def channel_target(target: str | tuple[str, ...]) -> str:
     """The gRPC target string: a string as it is; a list as one static `ipv4:` or `ipv6:` target
     holding every replica's address (names are resolved once, here: use `dns:///name:port` for
-    names whose addresses change)."""
+    names whose addresses change). Raises UnresolvedTargetError for a name DNS does not resolve."""
     if isinstance(target, str):
         return target
     addresses = [_resolve(*_split_host_port(entry)) for entry in target]
@@ -101,6 +119,6 @@ def _resolve(host: str, port: int) -> tuple[_IPAddress, int]:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
-        raise ValueError(f"cannot resolve {host!r}: {exc.strerror}") from exc
+        raise UnresolvedTargetError(f"cannot resolve {host!r}: {exc.strerror}") from exc
     addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
     return min(addresses, key=lambda address: address.version), port

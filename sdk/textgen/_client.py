@@ -373,7 +373,13 @@ class Client(BaseClient):
     ) -> Generator[Chunk, None, None]:
         chunks = 0
         while True:
-            call = self._get_stub().GenerateStream(request, timeout=self.timeout, metadata=attempts.metadata)
+            try:
+                stub = self._get_stub()
+            except grpc.RpcError as exc:  # a list target whose names do not resolve (yet)
+                delay = attempts.delay_after(exc)
+                time.sleep(delay)
+                continue
+            call = stub.GenerateStream(request, timeout=self.timeout, metadata=attempts.metadata)
             slot.call = call
             try:
                 for message in call:
