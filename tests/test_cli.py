@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -259,3 +261,17 @@ def test_a_bad_timeout_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> N
     with pytest.raises(SystemExit) as exit_info:
         main(["--timeout", "0", "info"])
     assert exit_info.value.code == 2
+
+
+def test_a_reader_that_stops_reading_ends_the_cli_quietly(fake: FakeTextGeneration) -> None:
+    """`textgen ... | head`: the pipe breaks mid-stream; no traceback, the status a SIGPIPE gives."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "textgen", "--target", fake.target, "generate", "endless", "--stream"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    assert process.stdout.read(8)  # the stream has started
+    process.stdout.close()
+    assert process.wait(timeout=30) == 141
+    assert b"Traceback" not in process.stderr.read()

@@ -11,7 +11,8 @@
 Text goes to stdout (streamed text as it arrives), the finish reason and usage to stderr;
 --json prints one JSON object instead (one per chunk when streaming); tool calls print as
 `tool_call: NAME ARGUMENTS-JSON` lines after the text. An error prints one line,
-`error: CODE: field: description`, to stderr and exits 1 (2 for a bad command line or body).
+`error: CODE: field: description`, to stderr and exits 1 (2 for a bad command line or body);
+Ctrl-C exits 130, and output read by something that stops reading (`| head`) ends quietly, 141.
 A server with TLS takes --tls-ca (or --tls for gRPC's bundled roots), mutual TLS adds --tls-cert
 and --tls-key; a bearer token comes from $TEXTGEN_TOKEN (or --token, which `ps` can show).
 """
@@ -42,6 +43,7 @@ ROLES: Final = ("system", "user", "assistant")
 EXIT_API_ERROR: Final = 1
 EXIT_USAGE: Final = 2
 EXIT_INTERRUPTED: Final = 130
+EXIT_BROKEN_PIPE: Final = 141  # 128 + SIGPIPE, as a tool the signal ends reports
 
 _Handler = Callable[[Client, argparse.Namespace], int]
 
@@ -72,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # What reads the output went away (`textgen ... | head`): stop quietly, as Unix tools do.
+        # Python flushes stdout once more at exit and would complain about the pipe: no more output.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
 
 
 def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
