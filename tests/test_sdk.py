@@ -501,6 +501,11 @@ def test_run_without_stream_or_with_null_options(client: Client) -> None:
         ({"messages": [], "tool_choice": "\ud800"}, "tool_choice: "),
         ({"prompt": "a", "stop": ["ok", "\ud800"]}, "stop[1]: "),
         ({"prompt": "a\ud800"}, "prompt: "),
+        # A value of another type names the type the field takes.
+        ({"prompt": 1}, "prompt: expected a string, got int"),
+        ({"prompt": "a", "max_tokens": 1e30}, "max_tokens: expected an integer, got float"),
+        ({"prompt": "a", "temperature": "hot"}, "temperature: expected a number, got str"),
+        ({"prompt": "a", "lora": 5}, "lora: expected a string, got int"),
         (
             {"messages": [], "tools": [{"function": {"name": "f", "parameters": []}}]},
             "parameters: expected an object",

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final
 
 from google.protobuf import json_format, struct_pb2
+from google.protobuf.descriptor import FieldDescriptor
 
 from ._exceptions import InvalidRequestError, TextgenError
 from ._types import (
@@ -256,12 +257,30 @@ def _usage(usage: textgen_pb2.Usage) -> Usage:
     )
 
 
+_KINDS: Final = {
+    FieldDescriptor.TYPE_STRING: "a string",
+    FieldDescriptor.TYPE_BOOL: "a boolean",
+    FieldDescriptor.TYPE_DOUBLE: "a number",
+    FieldDescriptor.TYPE_FLOAT: "a number",
+    FieldDescriptor.TYPE_INT32: "an integer",
+    FieldDescriptor.TYPE_INT64: "an integer",
+    FieldDescriptor.TYPE_UINT32: "an integer",
+    FieldDescriptor.TYPE_UINT64: "an integer",
+}
+
+
 def _set(message: Any, name: str, value: object, where: str | None = None) -> None:
     """`message.name = value`, or InvalidRequestError naming the field (`where`, default `name`):
-    a value protobuf cannot hold, such as a string with a lone surrogate (not UTF-8)."""
+    a value of another type, or one protobuf cannot hold (an integer out of range, a string with a
+    lone surrogate, which is not UTF-8)."""
     try:
         setattr(message, name, value)
-    except (TypeError, ValueError) as exc:
+    except TypeError as exc:
+        kind = _KINDS.get(message.DESCRIPTOR.fields_by_name[name].type)
+        if kind is None:
+            raise InvalidRequestError(f"{where or name}: {exc}") from exc
+        raise InvalidRequestError(f"{where or name}: expected {kind}, got {type(value).__name__}") from exc
+    except ValueError as exc:
         raise InvalidRequestError(f"{where or name}: {exc}") from exc
 
 
