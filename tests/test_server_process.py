@@ -7,6 +7,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -42,6 +43,47 @@ def test_sigterm_drains_in_flight_requests(server_process: ServerProcess) -> Non
     assert len(messages) == messages[-1].usage.completion_tokens
     assert server_process.process.wait(timeout=30) == 0
     assert any("shutting down" in line for line in server_process.lines)
+
+
+def test_a_second_stop_signal_ends_the_drain_at_once(tiny_model_dir: Path) -> None:
+    # One sequence at a time and six long ones queued: seconds of drain, which a 60 s grace allows.
+    server = ServerProcess(
+        "--model-dir", str(tiny_model_dir), "--port", "0", "--grace", "60", "--max-batch-size", "1"
+    )  # fmt: skip
+    try:
+        server.wait_ready()
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel, ThreadPoolExecutor(6) as pool:
+            stub = rpc.TextGenerationStub(channel)
+
+            def outcome(index: int) -> grpc.StatusCode:
+                request = pb.GenerateRequest(prompt=f"Keep going {index}", max_tokens=3500, temperature=0)
+                try:
+                    for _ in stub.GenerateStream(request, timeout=60):
+                        pass
+                except grpc.RpcError as error:
+                    assert error.code() != grpc.StatusCode.UNAVAILABLE or "shut down" in (
+                        error.details() or ""
+                    )
+                    return error.code()
+                return grpc.StatusCode.OK
+
+            outcomes = [pool.submit(outcome, index) for index in range(6)]
+            time.sleep(0.5)  # all six sent
+            server.process.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while not any("shutting down" in line for line in server.lines):
+                assert time.monotonic() < deadline, server.lines
+                time.sleep(0.02)
+            server.process.send_signal(signal.SIGINT)
+            assert server.process.wait(timeout=15) == 0
+            codes = [future.result(timeout=30) for future in outcomes]
+        assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}
+        assert grpc.StatusCode.UNAVAILABLE in codes  # the drain did not run its course
+        assert any("second stop signal" in line for line in server.lines)
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait()
 
 
 def test_sighup_without_anything_to_reload_is_logged_not_fatal(server_process: ServerProcess) -> None:

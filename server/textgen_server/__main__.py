@@ -182,12 +182,20 @@ def parse_args(argv: list[str] | None) -> ServerSettings:
 
 
 async def serve(settings: ServerSettings) -> int:
-    """Serve until SIGINT/SIGTERM; returns the process exit code."""
+    """Serve until SIGINT/SIGTERM (a second one ends the drain at once); returns the process exit code."""
     server = TextgenServer(settings)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_stop_signal() -> None:
+        if not stopping.is_set():
+            stopping.set()
+            return
+        log.warning("second stop signal: ending the drain now; the calls still running end UNAVAILABLE")
+        server.end_drain()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stopping.set)
+        loop.add_signal_handler(sig, on_stop_signal)
     # SIGHUP: re-read the token file and serve what --lora-dir holds now, without a restart. Handled
     # without either too: its default action would kill the server, in-flight calls and all.
     reloads: set[asyncio.Task[object]] = set()

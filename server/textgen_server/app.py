@@ -267,6 +267,12 @@ class TextgenServer:
         log.info("lora-dir %s: adapters served: %d", self.adapters.directory, len(self.adapters.names()))
         return result
 
+    def end_drain(self) -> None:
+        """A `stop` under way ends the calls still running now (UNAVAILABLE, as at the end of its
+        grace period): an operator's second SIGINT or SIGTERM."""
+        if self.scheduler is not None:
+            self.scheduler.end_drain()
+
     async def stop(self, grace: float | None = None) -> None:
         grace = self.settings.grace_seconds if grace is None else grace
         await self._set_serving(False)

@@ -145,6 +145,7 @@ class Scheduler:
         self._outbox = Outbox()
         self._accepting = True
         self._stopped = False
+        self._drain_ended = threading.Event()  # `stop` stops waiting for what runs (a second signal)
         self._woken = False  # something changed since the loop last found nothing to do
         self._thread = threading.Thread(target=self._loop, name="textgen-scheduler", daemon=True)
 
@@ -217,11 +218,13 @@ class Scheduler:
             self._accepting = False
 
     def stop(self, drain_timeout: float) -> None:
-        """Finish what runs within `drain_timeout` seconds; tell every other client why it ends."""
+        """Finish what runs within `drain_timeout` seconds (or until `end_drain`); tell every other
+        client why it ends."""
         self.stop_accepting()
         deadline = time.monotonic() + drain_timeout
         while (self._waiting or self._running or self._prefilling) and time.monotonic() < deadline:
-            time.sleep(0.01)
+            if self._drain_ended.wait(0.01):
+                break
         with self._lock:
             self._stopped = True
             self._lock.notify()
@@ -235,6 +238,10 @@ class Scheduler:
         self._waiting.clear()
         self._running.clear()
         self._prefilling = None
+
+    def end_drain(self) -> None:
+        """Make a `stop` under way end what still runs now, instead of waiting out its timeout."""
+        self._drain_ended.set()
 
     # -- the loop -----------------------------------------------------------------------------------
 
