@@ -134,6 +134,9 @@ def test_metrics_after_a_known_workload(harness: ServerThread, caplog: pytest.Lo
     ok = next(line for line in lines if "method=GenerateStream status=OK" in line)
     for key in ("id=", "adapter=-", "prompt_tokens=", "completion_tokens=3", "duration_ms=", "ttft_ms="):
         assert key in ok, ok
+    # The stream the client cancelled had started: its line says how long it queued.
+    cancelled = next(line for line in lines if "method=GenerateStream status=CANCELLED" in line)
+    assert "queue_ms=" in cancelled and "queue_ms=-" not in cancelled, cancelled
     assert not [r for r in caplog.records if "swordfish" in r.getMessage()]
 
 

@@ -12,7 +12,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from typing import NoReturn
 
 import grpc
@@ -118,9 +118,12 @@ class TextGenerationService(textgen_pb2_grpc.TextGenerationServicer):
             text: list[str] = []
             last: TokenEvent | None = None
             try:
-                async for event in self._events(handle, context, record):
-                    text.append(event.text)
-                    last = event
+                # aclosing: the events' own cleanup (what the record keeps) runs before the record is
+                # logged, also when the client goes away mid-way.
+                async with contextlib.aclosing(self._events(handle, context, record)) as events:
+                    async for event in events:
+                        text.append(event.text)
+                        last = event
             finally:
                 handle.cancel()  # no-op when finished; stops the work when the client went away
             if last is None:
@@ -140,16 +143,17 @@ class TextGenerationService(textgen_pb2_grpc.TextGenerationServicer):
         with self._recording("GenerateStream", context) as record:
             handle = await self._submit(request, context, record)
             try:
-                async for event in self._events(handle, context, record):
-                    message = pb.GenerateStreamResponse(
-                        response=event.text,
-                        token=pb.Token(id=event.token_id, text=event.text, special=event.special),
-                    )
-                    if event.finish_reason is not None:
-                        message.finish_reason = _FINISH_REASONS[event.finish_reason]
-                        message.usage.CopyFrom(_usage(event))
-                        message.tool_calls.extend(_tool_calls(event.tool_calls))
-                    yield message
+                async with contextlib.aclosing(self._events(handle, context, record)) as events:
+                    async for event in events:
+                        message = pb.GenerateStreamResponse(
+                            response=event.text,
+                            token=pb.Token(id=event.token_id, text=event.text, special=event.special),
+                        )
+                        if event.finish_reason is not None:
+                            message.finish_reason = _FINISH_REASONS[event.finish_reason]
+                            message.usage.CopyFrom(_usage(event))
+                            message.tool_calls.extend(_tool_calls(event.tool_calls))
+                        yield message
             finally:
                 handle.cancel()
 
@@ -245,7 +249,7 @@ class TextGenerationService(textgen_pb2_grpc.TextGenerationServicer):
 
     async def _events(
         self, handle: RequestHandle, context: AnyContext, record: RequestRecord
-    ) -> AsyncIterator[TokenEvent]:
+    ) -> AsyncGenerator[TokenEvent, None]:
         try:
             async for event in handle.events():
                 record.add_token(event)
