@@ -398,6 +398,31 @@ def test_auto_answers_text_or_calls(grammars: GrammarCompiler, tok: Tokenizer, s
     assert response == tok.decode([event.token_id for event in text if event.token_id != tok.eos_id])
 
 
+@pytest.mark.parametrize("stop", ["\n", "\n\n"])
+def test_whitespace_held_for_the_call_decision_meets_the_stop_strings_at_eos(
+    grammars: GrammarCompiler, tok: Tokenizer, stop: str
+) -> None:
+    """With tools on offer (auto), leading whitespace waits to see whether calls follow; when EOS ends
+    the answer there, that text is released, and a stop string in it is not emitted."""
+    grammar = grammars.tool_calls(TOOLS, AUTO, "chat.tools")
+    constraint = OutputConstraint(grammar, tool_calls=True, text_allowed=True)
+    request = GenerationRequest(
+        "r", (1, 733), 10, SamplingParams(temperature=0.0), constraint=constraint, stop=(stop,)
+    )
+    generation = Generation(request, tok, 32000)
+    newline = tok.encode("\n")[-1]
+    assert tok.decode([newline]) == "\n"
+    events = []
+    for token in [newline] * stop.count("\n") + [tok.eos_id]:
+        logits = np.zeros(32000, dtype=np.float32)
+        logits[token] = 10.0
+        events.append(generation.step(logits))
+        if events[-1].finish_reason is not None:
+            break
+    assert "".join(event.text for event in events) == ""
+    assert events[-1].finish_reason is FinishReason.STOP
+
+
 def test_calls_cut_by_max_tokens_report_no_call(grammars: GrammarCompiler, tok: Tokenizer) -> None:
     events = _run(_tool_generation(grammars, tok, REQUIRED, 1, max_new_tokens=6), np.random.default_rng(1))
     assert events[-1].finish_reason is FinishReason.LENGTH

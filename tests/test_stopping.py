@@ -53,10 +53,21 @@ def test_a_false_start_is_released_once_it_cannot_be_a_stop_string() -> None:
     assert criteria.step(TOKEN, "<").text == "<"
 
 
-def test_eos_stops_and_releases_held_text_without_its_own() -> None:
+def test_eos_stops_and_releases_held_text() -> None:
     criteria = StoppingCriteria(EOS, 100, ["###"])
     assert criteria.step(TOKEN, "answer #").text == "answer "
-    assert criteria.step(EOS, "</s>") == StopDecision("#", FinishReason.STOP)
+    assert criteria.step(EOS, "") == StopDecision("#", FinishReason.STOP)
+
+
+@pytest.mark.parametrize(("stop", "emitted"), [("\ufffd", "hi"), ("i\ufffd", "h"), ("\n", "hi")])
+def test_text_released_at_eos_is_checked_for_stop_strings(stop: str, emitted: str) -> None:
+    # EOS cut a character short (its bytes decode as U+FFFD), or ended text held back meanwhile.
+    criteria = StoppingCriteria(EOS, 100, [stop])
+    first = criteria.step(TOKEN, "hi")
+    released = "\ufffd" if "\ufffd" in stop else "\n"
+    last = criteria.step(EOS, released)
+    assert first.text + last.text == emitted
+    assert last.finish_reason is FinishReason.STOP
 
 
 def test_eos_without_stop_strings() -> None:

@@ -92,9 +92,10 @@ class Generation:
         eos = token == self._tokenizer.eos_id
         ending = eos or grammar_done or self.completion_tokens >= self.request.max_new_tokens
         if eos:
-            # EOS has no text; bytes of a character it cut short are decoded as full decode does.
-            decision = self._stopping.step(token, "")
-            text = decision.text + self._visible(self._detokenizer.flush(), ending)
+            # EOS has no text; bytes of a character it cut short are decoded as full decode does,
+            # and text held for the tool-call decision is released: stop strings apply to both.
+            decision = self._stopping.step(token, self._visible(self._detokenizer.flush(), ending))
+            text = decision.text
         else:
             delta = self._detokenizer.push(token)
             if ending:

@@ -74,18 +74,20 @@ class StoppingCriteria:
         return self.finish_reason is not None
 
     def step(self, token_id: int, text_delta: str) -> StopDecision:
-        """Account for one generated token and its new text; return what may be emitted now."""
+        """Account for one generated token and its new text; return what may be emitted now. EOS has
+        no text of its own: its `text_delta` is what ending the text released (the bytes of a
+        character it cut short, text held back meanwhile), and stop strings apply to it as to any."""
         if self.finish_reason is not None or self._closed:
             raise RuntimeError("step() after the sequence finished")
         self.generated_tokens += 1
-        if token_id == self.eos_id:
-            return self._finish(FinishReason.STOP, self._take_held())
-
-        text = self._held + text_delta
+        text = self._held + text_delta  # at EOS: what was held, and what ending the text released
         cut = self._first_stop(text)
         if cut is not None:
             self._held = ""
             return self._finish(FinishReason.STOP, text[:cut])
+        if token_id == self.eos_id:
+            self._held = ""
+            return self._finish(FinishReason.STOP, text)
         if self.generated_tokens >= self.max_new_tokens:
             self._held = ""
             return self._finish(FinishReason.LENGTH, text)
