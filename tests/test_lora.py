@@ -415,6 +415,27 @@ def _malformed_peft_dirs(
     return cases
 
 
+@pytest.mark.parametrize(
+    "patterns",
+    [
+        {"q_proj|v_proj": 80},
+        {"self_attn.q_proj": 4, "q_proj": 2},
+        {"layers.1.mlp.(up|down)_proj": 3},
+        {"k_proj": 5},
+    ],
+)
+def test_alpha_patterns_match_modules_as_peft_does(patterns: dict[str, int]) -> None:
+    from peft.utils.other import get_pattern_key
+    from textgen_export.lora import _pattern_value
+
+    for layer in range(2):
+        for module in LORA_MODULES:
+            group = "self_attn" if module.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
+            path = f"base_model.model.model.layers.{layer}.{group}.{module}"
+            key = get_pattern_key(patterns.keys(), path)
+            assert _pattern_value(patterns, path, None) == patterns.get(key), path
+
+
 def test_malformed_peft_adapters_are_refused_at_conversion_in_one_line(
     peft_dirs: dict[str, Path],
     tiny_model_dir: Path,

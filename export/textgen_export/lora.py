@@ -203,6 +203,6 @@ def _scale(config: dict[str, Any], module_path: str, rank: int) -> float:
 def _pattern_value(patterns: dict[str, Any], module_path: str, default: Any) -> Any:
     """The value of the first pattern that matches the end of `module_path`, as PEFT's get_pattern_key."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?{key}$", module_path):
+        if re.match(rf"(.*\.)?({key})$", module_path):  # the group: a key may hold "|"
             return value
     return default
