@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -291,6 +292,38 @@ def test_a_missing_package_names_the_extra_that_installs_it(
         f"installed: pip install 'textgen[{extra}]'"
     ), result.stderr
     _no_model_left(tmp_path)
+
+
+def test_overwrite_never_deletes_the_checkpoint_being_exported(tiny_model_dir: Path, tmp_path: Path) -> None:
+    checkpoint = tmp_path / "parent" / "checkpoint"
+    shutil.copytree(tiny_model_dir / "checkpoint", checkpoint)
+    for out in (checkpoint, checkpoint.parent):  # the folder itself, or one holding it
+        _assert_one_line_error(
+            _run_cli("model", str(checkpoint), "--out", str(out), "--overwrite"),
+            "holds the checkpoint being exported; choose another --out",
+        )
+        assert (checkpoint / "config.json").is_file()
+    _no_model_left(tmp_path)
+
+
+def test_sigterm_mid_export_leaves_nothing_behind(tmp_path: Path) -> None:
+    """`timeout`, `docker stop` and Kubernetes stop an export with SIGTERM: handled as Ctrl-C is."""
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "textgen_export", "demo", "--size", "bench", "--out", str(out)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stderr is not None
+    for line in process.stderr:
+        if "writing the decoder graph" in line:  # 2 s of work on this model
+            process.send_signal(signal.SIGTERM)
+            break
+    rest = process.stderr.read()
+    assert process.wait(timeout=60) == 128 + signal.SIGTERM, rest
+    assert "textgen-export: terminated; nothing was written" in rest
+    assert "Traceback" not in rest
+    assert list(tmp_path.iterdir()) == []  # no model, no staging folder
 
 
 def test_missing_folder(tmp_path: Path) -> None:

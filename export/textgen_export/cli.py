@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -123,9 +124,26 @@ def _extra_providing(command: str, module: str) -> str:
     return "export" if module.split(".")[0] in _EXPORT_ONLY_MODULES else _COMMAND_EXTRA[command]
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (`timeout`, `docker stop`, Kubernetes), handled as Ctrl-C is: what the export had
+    written so far is removed on the way out."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _run(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         if args.command == "model":
             from .checkpoint import resolve_source
@@ -186,8 +204,12 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    except KeyboardInterrupt:
-        print("textgen-export: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, _Terminated)
+        print(
+            f"textgen-export: {'terminated' if terminated else 'interrupted'}; nothing was written",
+            file=sys.stderr,
+        )
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
     print(f"textgen-export: wrote {args.out}", file=sys.stderr)
     return 0

@@ -106,7 +106,7 @@ def export_checkpoint(
         )
     lm_head = lm_head or DEFAULT_LM_HEAD
     arch = read_architecture(checkpoint)
-    staging = _make_staging_dir(out, overwrite)
+    staging = _make_staging_dir(out, overwrite, checkpoint)
     # Only a checkpoint without safetensors is loaded whole, as a step of its own.
     loads_whole = weights is None and not has_safetensors(checkpoint)
     measured = quantized and quality_check
@@ -201,12 +201,14 @@ def export_checkpoint(
     return config
 
 
-def _make_staging_dir(out: Path, overwrite: bool) -> Path:
+def _make_staging_dir(out: Path, overwrite: bool, checkpoint: Path) -> Path:
     if out.exists():
         if not out.is_dir():
             raise ExportError(f"--out {out}: exists and is not a directory")
         if any(out.iterdir()) and not overwrite:
             raise ExportError(f"--out {out}: directory is not empty (use --overwrite to replace it)")
+        if checkpoint.resolve().is_relative_to(out.resolve()):  # --overwrite would delete it
+            raise ExportError(f"--out {out}: holds the checkpoint being exported; choose another --out")
     parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
