@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import pytest
 from textgen_export import checkpoint as checkpoint_module
 from textgen_export.cli import main as export_main
@@ -324,6 +325,73 @@ def test_sigterm_mid_export_leaves_nothing_behind(tmp_path: Path) -> None:
     assert "textgen-export: terminated; nothing was written" in rest
     assert "Traceback" not in rest
     assert list(tmp_path.iterdir()) == []  # no model, no staging folder
+
+
+def _edited_checkpoint(
+    source: Path, out: Path, config: dict[str, Any] | None = None, tensors: dict[str, Any] | None = None
+) -> Path:
+    """A copy of the checkpoint at `source` with config.json keys changed (None: removed) and tensors
+    replaced."""
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(source, out)
+    settings = json.loads((out / "config.json").read_text())
+    for key, value in (config or {}).items():
+        if value is None:
+            settings.pop(key, None)
+        else:
+            settings[key] = value
+    (out / "config.json").write_text(json.dumps(settings))
+    if tensors:
+        weights = load_file(str(out / "model.safetensors"))
+        save_file({**weights, **tensors}, str(out / "model.safetensors"))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("config", "tensors", "expected"),
+    [
+        ({}, {"model.layers.0.self_attn.k_proj.weight": np.zeros((64, 64), np.float32)},
+         "model.layers.0.self_attn.k_proj.weight is [64, 64], config.json makes it [32, 64]"),
+        ({}, {"model.layers.1.input_layernorm.weight": np.ones(32, np.float32)},
+         "model.layers.1.input_layernorm.weight is [32], config.json makes it [64]"),
+        ({}, {"model.layers.0.mlp.down_proj.weight": np.full((64, 192), np.nan, np.float32)},
+         "model.layers.0.mlp.down_proj.weight holds NaN or infinite values"),
+        ({"intermediate_size": None}, {}, "config.json: intermediate_size missing"),
+        ({"num_key_value_heads": None}, {}, "config.json: num_key_value_heads missing"),
+        ({"sliding_window": 6}, {}, "sliding_window 6 (shorter than the 4096 positions served)"),
+        ({"rope_scaling": {"rope_type": "linear", "factor": 4.0}}, {}, "rope_scaling of type 'linear'"),
+        ({"hidden_act": "gelu"}, {}, "hidden_act 'gelu'"),
+    ],
+    ids=["k-shape", "norm-shape", "nan", "no-intermediate", "no-kv-heads", "window", "rope-scaling", "act"],
+)  # fmt: skip
+def test_a_checkpoint_the_graph_would_get_wrong_is_refused_naming_why(
+    tiny_model_dir: Path, tmp_path: Path, config: dict[str, Any], tensors: dict[str, Any], expected: str
+) -> None:
+    """Each of these exported a model that onnxruntime refused, failed every request, or answered
+    other tokens than transformers (a setting the graph writer left out)."""
+    checkpoint = _edited_checkpoint(tiny_model_dir / "checkpoint", tmp_path / "checkpoint", config, tensors)
+    result = _run_cli("model", str(checkpoint), "--out", str(tmp_path / "out"))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]  # after the progress lines of the steps before
+    assert last.startswith("textgen-export: error:") and expected in last, result.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint"]  # no model, no staging folder
+
+
+def test_a_model_trained_on_fewer_positions_gets_limits_its_graph_serves(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    checkpoint = _edited_checkpoint(
+        tiny_model_dir / "checkpoint",
+        tmp_path / "checkpoint",
+        {"max_position_embeddings": 2048, "sliding_window": 2048},
+    )
+    assert export_main(["model", str(checkpoint), "--out", str(tmp_path / "out")]) == 0
+    config = ModelConfig.load(tmp_path / "out")
+    assert (config.max_total_tokens, config.max_input_length) == (2048, 2047)
+    graph = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    cos = next(t for t in graph.graph.initializer if t.name == "cos_cache")
+    assert cos.dims[0] == 2048  # a rotary row for every position a request may reach
 
 
 def test_missing_folder(tmp_path: Path) -> None:

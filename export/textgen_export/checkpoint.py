@@ -6,6 +6,10 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from textgen_server.excerpt import excerpt
+from textgen_server.model_config import CARD_MAX_TOTAL_TOKENS
 
 from .checkpoint_tensors import SAFETENSORS_FILES, SAFETENSORS_INDEX, has_safetensors
 from .errors import ExportError
@@ -85,6 +89,7 @@ def read_architecture(checkpoint: Path) -> Architecture:
             else ""
         )
         raise ExportError(f"{checkpoint}: no weights ({SAFETENSORS_FILES} or pytorch *.bin) found{hint}")
+    _check_config(config_path, config)
     heads = int(config["num_attention_heads"])
     hidden = int(config["hidden_size"])
     return Architecture(
@@ -98,6 +103,45 @@ def read_architecture(checkpoint: Path) -> Architecture:
         bos_token_id=int(config.get("bos_token_id", 1)),
         eos_token_id=_first(config.get("eos_token_id", 2)),
     )
+
+
+# Keys transformers would fill with other numbers than the weights' (Mistral-7B's 14336 and 8).
+_REQUIRED_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_hidden_layers",
+    "vocab_size",
+)
+
+
+def _check_config(path: Path, config: dict[str, Any]) -> None:
+    """Refuse what the graph writer would leave out without a word, exporting another model."""
+    required = [*_REQUIRED_KEYS, *(["num_key_value_heads"] if config["model_type"] == "mistral" else [])]
+    missing = [key for key in required if config.get(key) is None]
+    if missing:
+        raise ExportError(f"{path}: {', '.join(missing)} missing")
+    refused = []
+    rope_scaling = config.get("rope_scaling")
+    kind = (
+        (rope_scaling.get("rope_type") or rope_scaling.get("type"))
+        if isinstance(rope_scaling, dict)
+        else None
+    )
+    if kind not in (None, "default"):
+        refused.append(f"rope_scaling of type {excerpt(str(kind))}")
+    for key in ("attention_bias", "mlp_bias"):
+        if config.get(key):
+            refused.append(f"{key} true")
+    if config.get("hidden_act", "silu") != "silu":
+        refused.append(f"hidden_act {excerpt(str(config['hidden_act']))}")
+    window = config.get("sliding_window")
+    served = min(CARD_MAX_TOTAL_TOKENS, int(config.get("max_position_embeddings") or CARD_MAX_TOTAL_TOKENS))
+    # A window as long as every sequence the server runs changes nothing (Mistral-7B v0.1: 4096).
+    if isinstance(window, int) and window < served:
+        refused.append(f"sliding_window {window} (shorter than the {served} positions served)")
+    if refused:
+        raise ExportError(f"{path}: not supported by the graph writer: {'; '.join(refused)}")
 
 
 def _first(value: int | list[int]) -> int:

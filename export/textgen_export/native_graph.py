@@ -40,7 +40,7 @@ onnxruntime 1.32 and onnxruntime-gpu 1.31.1 both load. Tensor layouts are noted 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,8 @@ import numpy.typing as npt
 from onnx import GraphProto, ModelProto, NodeProto, TensorProto, ValueInfoProto, helper, numpy_helper
 from onnx.external_data_helper import set_external_data
 from textgen_server.model_config import LoraLayout, ModelIO
+
+from .errors import ExportError
 
 OPSET = 18
 IR_VERSION = 8
@@ -242,6 +244,59 @@ def lora_layout(shape: DecoderShape, slots: int, rank: int) -> LoraLayout:
     return LoraLayout(slots=slots, rank=rank, modules=modules)
 
 
+def expected_shapes(s: DecoderShape) -> dict[str, tuple[int, ...]]:
+    """Every tensor the graph reads, by its Hugging Face name: the shape config.json gives it."""
+    q, kv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+    shapes = {
+        "model.embed_tokens.weight": (s.vocab_size, s.hidden_size),
+        "lm_head.weight": (s.vocab_size, s.hidden_size),
+        "model.norm.weight": (s.hidden_size,),
+    }
+    for layer in range(s.num_layers):
+        p = f"model.layers.{layer}."
+        shapes |= {
+            p + "input_layernorm.weight": (s.hidden_size,),
+            p + "post_attention_layernorm.weight": (s.hidden_size,),
+            p + "self_attn.q_proj.weight": (q, s.hidden_size),
+            p + "self_attn.k_proj.weight": (kv, s.hidden_size),
+            p + "self_attn.v_proj.weight": (kv, s.hidden_size),
+            p + "self_attn.o_proj.weight": (s.hidden_size, q),
+            p + "mlp.gate_proj.weight": (s.intermediate_size, s.hidden_size),
+            p + "mlp.up_proj.weight": (s.intermediate_size, s.hidden_size),
+            p + "mlp.down_proj.weight": (s.hidden_size, s.intermediate_size),
+        }
+    return shapes
+
+
+class CheckedWeights(Mapping[str, npt.NDArray[Any]]):
+    """The checkpoint's tensors, each checked as the graph writer reads it: the shape config.json
+    gives it, and finite values. A tensor of another shape would make a graph onnxruntime refuses
+    (or, for a norm, one that fails at every request); NaN weights one that answers token 0 forever."""
+
+    def __init__(
+        self, weights: Mapping[str, npt.NDArray[Any]], shapes: Mapping[str, tuple[int, ...]]
+    ) -> None:
+        self._weights = weights
+        self._shapes = shapes
+
+    def __getitem__(self, name: str) -> npt.NDArray[Any]:
+        array = self._weights[name]
+        expected = self._shapes.get(name)
+        if expected is not None and tuple(array.shape) != expected:
+            raise ExportError(
+                f"the checkpoint's {name} is {list(array.shape)}, config.json makes it {list(expected)}"
+            )
+        if not np.isfinite(array).all():
+            raise ExportError(f"the checkpoint's {name} holds NaN or infinite values")
+        return array
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._weights)
+
+    def __len__(self) -> int:
+        return len(self._weights)
+
+
 def build_decoder_graph(
     shape: DecoderShape,
     weights: Mapping[str, npt.NDArray[Any]],
@@ -261,7 +316,8 @@ def build_decoder_graph(
     io = io or ModelIO()
     external = ExternalData(external_data) if external_data is not None else None
     try:
-        return _build(shape, weights, io, lora, _Builder(dtype, external, bits), on_layer)
+        checked = CheckedWeights(weights, expected_shapes(shape))
+        return _build(shape, checked, io, lora, _Builder(dtype, external, bits), on_layer)
     finally:
         if external is not None:
             external.close()

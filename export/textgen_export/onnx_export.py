@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from textgen_server.model_config import (
+    CARD_MAX_INPUT_LENGTH,
+    CARD_MAX_TOTAL_TOKENS,
     CONFIG_FILE,
     DEFAULT_LORA_RANK,
     FORMAT_VERSION,
@@ -162,6 +164,7 @@ def export_checkpoint(
         write_kv_copy_graph(staging, num_layers=arch.num_layers, dtype=activations)
         config = _model_config(
             arch,
+            max_positions=shape.max_positions,
             dtype=activations,
             weight_dtype=dtype,
             name=name or checkpoint.name,
@@ -256,10 +259,22 @@ def _load_weights(checkpoint: Path, dtype: str) -> tuple[DecoderShape, dict[str,
 
 
 def _model_config(
-    arch: Architecture, *, dtype: str, weight_dtype: str, name: str, source: str, lora: LoraLayout | None
+    arch: Architecture,
+    *,
+    max_positions: int,
+    dtype: str,
+    weight_dtype: str,
+    name: str,
+    source: str,
+    lora: LoraLayout | None,
 ) -> ModelConfig:
+    """The model's textgen.json. Its limits are the card's, lowered for a model trained on fewer
+    positions (max_position_embeddings 2048: the graph's rotary table has no row past it)."""
+    max_total = min(CARD_MAX_TOTAL_TOKENS, max_positions)
     return ModelConfig(
         name=name,
+        max_input_length=min(CARD_MAX_INPUT_LENGTH, max_total - 1),
+        max_total_tokens=max_total,
         dtype=dtype,
         weight_dtype=weight_dtype,
         num_layers=arch.num_layers,
