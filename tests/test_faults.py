@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -167,6 +168,12 @@ def _break(model_dir: Path, tmp: Path, how: str) -> tuple[Path, str]:
         del config["num_layers"]
         (broken / "textgen.json").write_text(json.dumps(config))
         return broken, "textgen.json: lacks num_layers"
+    if how in CONFIG_EDITS:  # a textgen.json edited by hand, or from another export
+        field, value, fragment = CONFIG_EDITS[how]
+        config = json.loads((broken / "textgen.json").read_text())
+        config[field] = value
+        (broken / "textgen.json").write_text(json.dumps(config))
+        return broken, fragment
     if how == "no-tokenizer":
         (broken / "tokenizer.json").unlink()
         return broken, "tokenizer.json"
@@ -176,7 +183,29 @@ def _break(model_dir: Path, tmp: Path, how: str) -> tuple[Path, str]:
     raise AssertionError(how)
 
 
+# Each of these started, reported SERVING, and failed every request (or said nothing of the field).
+CONFIG_EDITS: dict[str, tuple[str, Any, str]] = {
+    "config-more-layers": (
+        "num_layers",
+        3,
+        "does not match the graph beside it: num_layers 3, the graph has 2",
+    ),
+    "config-kv-heads": ("num_kv_heads", 4, "num_kv_heads 4, the graph has 2"),
+    "config-vocab": ("vocab_size", 32001, "vocab_size 32001, the graph's logits have 32000"),
+    "config-dtype": ("dtype", "fp16", "dtype fp16, the graph's cache is tensor(float)"),
+    "config-number-as-text": ("vocab_size", "32000", "vocab_size must be a positive integer, got '32000'"),
+    "config-zero-positions": ("max_total_tokens", 0, "max_total_tokens must be a positive integer, got 0"),
+    "config-eos-past-vocab": ("eos_token_id", 50000, "eos_token_id 50000 is past the vocabulary"),
+    "config-newer-format": ("format_version", 3, "format 3, written by a newer textgen"),
+    "config-lora": (
+        "lora",
+        {"slots": 2, "rank": 4, "modules": {}},
+        "lora set, the graph has no adapter slots",
+    ),
+}
+
 BREAKAGES = [
+    *CONFIG_EDITS,
     "missing",
     "empty",
     "no-graph",

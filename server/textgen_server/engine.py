@@ -41,7 +41,7 @@ import onnxruntime as ort
 from .kv_cache import KVCache
 from .lora_format import AdapterWeights
 from .lora_stacks import LoraStacks
-from .model_config import FORMAT_VERSION, KV_COPY_FILE, MODEL_FILE, ModelConfig
+from .model_config import CONFIG_FILE, FORMAT_VERSION, KV_COPY_FILE, LORA_MODULES, MODEL_FILE, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,55 @@ def session_options(threads: int | None) -> ort.SessionOptions:
     return options
 
 
+class ModelMismatchError(ValueError):
+    """textgen.json describes another graph than model.onnx: every pass would fail."""
+
+
+_ELEMENT_TYPES = {"fp32": "tensor(float)", "fp16": "tensor(float16)"}
+
+
+def check_graph_matches(session: ort.InferenceSession, config: ModelConfig, config_path: Path) -> None:
+    """textgen.json's numbers against the graph's inputs and outputs, at start-up: an edited or
+    mismatched file would otherwise pass health checks and then fail every request."""
+    io = config.io
+    inputs = {i.name: i for i in session.get_inputs()}
+    outputs = {o.name: o for o in session.get_outputs()}
+    problems: list[str] = []
+    names = [io.input_ids, io.seqlens_k, io.total_sequence_length]
+    missing = [name for name in names if name not in inputs] + [n for n in [io.logits] if n not in outputs]
+    if missing:
+        problems.append(f"io names {', '.join(missing)}, which the graph does not have")
+    past = [io.past_key.format(i) for i in range(config.num_layers)]
+    graph_layers = sum(
+        1 for name in inputs if name.startswith(io.past_key.split("{")[0]) and name.endswith("key")
+    )
+    if graph_layers != config.num_layers or any(name not in inputs for name in past):
+        problems.append(f"num_layers {config.num_layers}, the graph has {graph_layers}")
+    elif past:
+        cache = inputs[past[0]]  # [batch, kv_heads, max_len, head_dim]
+        if cache.shape[1] != config.num_kv_heads:
+            problems.append(f"num_kv_heads {config.num_kv_heads}, the graph has {cache.shape[1]}")
+        if cache.shape[3] != config.head_dim:
+            problems.append(f"head_dim {config.head_dim}, the graph has {cache.shape[3]}")
+        if cache.type != _ELEMENT_TYPES.get(config.dtype):
+            problems.append(f"dtype {config.dtype}, the graph's cache is {cache.type}")
+    if (config.lora is not None) != (io.lora_index in inputs):
+        has = "has" if io.lora_index in inputs else "has no"
+        problems.append(
+            f"lora {'set' if config.lora is not None else 'absent'}, the graph {has} adapter slots"
+        )
+    elif config.lora is not None and set(config.lora.modules) != set(LORA_MODULES):
+        problems.append(
+            f"lora modules {', '.join(sorted(config.lora.modules)) or '(none)'}, the graph's are {', '.join(LORA_MODULES)}"
+        )
+    if io.logits in outputs and outputs[io.logits].shape[-1] != config.vocab_size:
+        problems.append(
+            f"vocab_size {config.vocab_size}, the graph's logits have {outputs[io.logits].shape[-1]}"
+        )
+    if problems:
+        raise ModelMismatchError(f"{config_path} does not match the graph beside it: {'; '.join(problems)}")
+
+
 @dataclass
 class _DecodeBinding:
     binding: ort.IOBinding
@@ -111,6 +160,11 @@ class Engine:
         `host_arrays` picks the KV store (kv_cache.KVCache; by default numpy on the CPU)."""
         self.config = ModelConfig.load(model_dir)
         missing = [name for name in (MODEL_FILE, KV_COPY_FILE) if not (model_dir / name).is_file()]
+        if self.config.format_version > FORMAT_VERSION:
+            raise ValueError(
+                f"{model_dir}: format {self.config.format_version}, written by a newer textgen; this server "
+                f"reads format {FORMAT_VERSION}: upgrade the server, or export the model with this version"
+            )
         if missing or self.config.format_version != FORMAT_VERSION:
             what = f"{', '.join(missing)} missing" if missing else f"format {self.config.format_version}"
             raise FileNotFoundError(
@@ -121,6 +175,7 @@ class Engine:
         self.session = ort.InferenceSession(
             str(model_dir / MODEL_FILE), sess_options=session_options(threads), providers=providers
         )
+        check_graph_matches(self.session, self.config, model_dir / CONFIG_FILE)
         self.execution_provider = self.session.get_providers()[0]
         if provider == "cuda" and self.execution_provider != _CUDA:
             # onnxruntime falls back to the CPU when CUDA cannot start (driver, libraries): say so.

@@ -85,6 +85,45 @@ class LoraLayout:
         return cls(slots=int(data["slots"]), rank=int(data["rank"]), modules=modules)
 
 
+_POSITIVE_FIELDS = (
+    "num_layers",
+    "num_kv_heads",
+    "head_dim",
+    "vocab_size",
+    "max_input_length",
+    "max_total_tokens",
+    "max_batch_prefill_tokens",
+    "format_version",
+)
+_TOKEN_FIELDS = ("bos_token_id", "eos_token_id", "unk_token_id")
+_DTYPES = {"dtype": ("fp32", "fp16"), "weight_dtype": ("fp32", "fp16", "int4", "int8")}
+
+
+def _value_problems(data: dict[str, Any]) -> list[str]:
+    """What in a textgen.json object no model could have: each field named with what it holds."""
+    problems = []
+    for name in _POSITIVE_FIELDS:
+        value = data.get(name, 1)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            problems.append(f"{name} must be a positive integer, got {value!r:.40}")
+    vocab = data.get("vocab_size")
+    for name in _TOKEN_FIELDS:
+        value = data.get(name, 0)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            problems.append(f"{name} must be a token id, got {value!r:.40}")
+        elif isinstance(vocab, int) and value >= vocab:
+            problems.append(f"{name} {value} is past the vocabulary ({vocab} tokens)")
+    for name, allowed in _DTYPES.items():
+        if name in data and data[name] not in allowed:
+            problems.append(f"{name} must be one of {', '.join(allowed)}, got {data[name]!r:.40}")
+    total, longest_input = data.get("max_total_tokens"), data.get("max_input_length")
+    if isinstance(total, int) and isinstance(longest_input, int) and not problems and longest_input >= total:
+        problems.append(
+            f"max_input_length {longest_input} leaves no room to generate in max_total_tokens {total}"
+        )
+    return problems
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str
@@ -148,7 +187,10 @@ class ModelConfig:
             problems = [f"lacks {', '.join(missing)}"] if missing else []
             problems += [f"has fields this server does not know: {', '.join(unknown)}"] if unknown else []
             raise ValueError(f"{path}: {'; '.join(problems)}; {again}")
+        problems = _value_problems(data)
+        if problems:
+            raise ValueError(f"{path}: {'; '.join(problems)}; {again}")
         try:
             return cls.from_dict(data)
-        except TypeError as exc:  # e.g. an unknown graph IO name
-            raise ValueError(f"{path}: {exc}; {again}") from exc
+        except (TypeError, KeyError, ValueError) as exc:  # an unknown graph IO name, a malformed lora
+            raise ValueError(f"{path}: {type(exc).__name__}: {exc}; {again}") from exc
