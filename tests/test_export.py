@@ -378,6 +378,23 @@ def test_a_checkpoint_the_graph_would_get_wrong_is_refused_naming_why(
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint"]  # no model, no staging folder
 
 
+def test_a_tokenizer_the_server_would_refuse_is_refused_at_export(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from test_faults import larger_tokenizer
+
+    checkpoint = _edited_checkpoint(tiny_model_dir / "checkpoint", tmp_path / "checkpoint")
+    tokenizer = larger_tokenizer(tiny_model_dir / "tokenizer.json", 10)
+    (checkpoint / "tokenizer.json").write_text(json.dumps(tokenizer))
+    result = _run_cli("model", str(checkpoint), "--out", str(tmp_path / "out"))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == (
+        "textgen-export: error: the checkpoint's tokenizer has 32010 tokens, more than config.json's vocab_size 32000"
+    ), result.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint"]
+
+
 def test_a_model_trained_on_fewer_positions_gets_limits_its_graph_serves(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:

@@ -177,6 +177,9 @@ def _break(model_dir: Path, tmp: Path, how: str) -> tuple[Path, str]:
     if how == "no-tokenizer":
         (broken / "tokenizer.json").unlink()
         return broken, "tokenizer.json"
+    if how == "tokenizer-of-another-model":
+        (broken / "tokenizer.json").write_text(json.dumps(larger_tokenizer(model_dir / "tokenizer.json", 10)))
+        return broken, "tokenizer.json: 32010 tokens, more than the model's 32000"
     if how == "corrupt-tokenizer":
         (broken / "tokenizer.json").write_text("garbage")
         return broken, "tokenizer.json"
@@ -214,7 +217,20 @@ BREAKAGES = [
     "config-lacks-a-field",
     "no-tokenizer",
     "corrupt-tokenizer",
+    "tokenizer-of-another-model",
 ]
+
+
+def larger_tokenizer(path: Path, extra: int) -> dict[str, Any]:
+    """The tokenizer at `path` with `extra` tokens added after its vocabulary (another model's)."""
+    tokenizer = json.loads(path.read_text())
+    base = len(tokenizer["model"]["vocab"])
+    for index in range(extra):
+        tokenizer["added_tokens"].append(
+            {"id": base + index, "content": f"<extra_{index}>", "single_word": False, "lstrip": False,
+             "rstrip": False, "normalized": False, "special": True}
+        )  # fmt: skip
+    return tokenizer
 
 
 def test_broken_model_directory_is_one_line_and_a_failed_exit(tiny_model_dir: Path, tmp_path: Path) -> None:

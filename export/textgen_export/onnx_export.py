@@ -28,6 +28,7 @@ from textgen_server.model_config import (
     LoraLayout,
     ModelConfig,
 )
+from textgen_server.tokenizer import Tokenizer as ServedTokenizer
 
 from .checkpoint import Architecture, read_architecture
 from .checkpoint_tensors import CheckpointTensors, has_safetensors
@@ -124,6 +125,7 @@ def export_checkpoint(
                 checkpoint_tokenizer(checkpoint, staging / TOKENIZER_FILE)
             except ValueError as exc:  # no tokenizer, or one SentencePiece parity cannot be kept for
                 raise ExportError(str(exc)) from exc
+            _check_served_tokenizer(staging / TOKENIZER_FILE, arch)
         if loads_whole:
             with progress.step(f"loading {checkpoint} ({activations}; a 7B model takes a few minutes)"):
                 shape, tensors = _load_weights(checkpoint, activations)
@@ -202,6 +204,20 @@ def export_checkpoint(
         raise
     log.info("model directory ready: %s", out)
     return config
+
+
+def _check_served_tokenizer(path: Path, arch: Architecture) -> None:
+    """The tokenizer as the server will load it: refused here rather than when the server starts."""
+    try:
+        tokenizer = ServedTokenizer.from_file(path)
+    except ValueError as exc:  # its cause without the path: the staging folder's means nothing to the user
+        reason = exc.__cause__ if exc.__cause__ is not None else exc
+        raise ExportError(f"the checkpoint's tokenizer cannot be served: {reason}") from exc
+    if tokenizer.vocab_size > arch.vocab_size:
+        raise ExportError(
+            f"the checkpoint's tokenizer has {tokenizer.vocab_size} tokens, more than config.json's "
+            f"vocab_size {arch.vocab_size}"
+        )
 
 
 def _make_staging_dir(out: Path, overwrite: bool, checkpoint: Path) -> Path:

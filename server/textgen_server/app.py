@@ -204,6 +204,11 @@ class TextgenServer:
             Engine, s.model_dir, provider=s.provider, threads=s.threads, slots=slots, max_len=max_len
         )
         tokenizer = Tokenizer.from_file(s.model_dir / TOKENIZER_FILE)
+        if tokenizer.vocab_size > engine.config.vocab_size:
+            raise ValueError(
+                f"{s.model_dir / TOKENIZER_FILE}: {tokenizer.vocab_size} tokens, more than the model's "
+                f"{engine.config.vocab_size} (a tokenizer from another model?)"
+            )
         grammars = await asyncio.to_thread(
             GrammarCompiler.from_file,
             s.model_dir / TOKENIZER_FILE,

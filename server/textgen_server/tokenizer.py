@@ -62,7 +62,10 @@ class Tokenizer:
             hf = _HfTokenizer.from_file(str(path))
         except Exception as exc:  # tokenizers raises a bare Exception for unreadable or malformed files
             raise ValueError(f"cannot load tokenizer {path}: {exc}") from exc
-        return cls(hf)
+        try:
+            return cls(hf)
+        except ValueError as exc:  # not SentencePiece-like: no <s>, no byte fallback, ...
+            raise ValueError(f"tokenizer {path}: {exc}") from exc
 
     @property
     def bos_id(self) -> int:
