@@ -102,8 +102,8 @@ def check_graph_matches(session: ort.InferenceSession, config: ModelConfig, conf
     inputs = {i.name: i for i in session.get_inputs()}
     outputs = {o.name: o for o in session.get_outputs()}
     problems: list[str] = []
-    names = [io.input_ids, io.seqlens_k, io.total_sequence_length]
-    missing = [name for name in names if name not in inputs] + [n for n in [io.logits] if n not in outputs]
+    missing = [name for name in (io.input_ids, io.seqlens_k, io.total_sequence_length) if name not in inputs]
+    missing += [io.logits] if io.logits not in outputs else []
     if missing:
         problems.append(f"io names {', '.join(missing)}, which the graph does not have")
     past = [io.past_key.format(i) for i in range(config.num_layers)]
