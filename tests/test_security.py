@@ -300,6 +300,43 @@ def test_an_unusable_token_file_is_named(tmp_path: Path, content: str | None, me
     assert str(path) in str(caught.value)
 
 
+def test_a_byte_order_mark_is_not_part_of_a_token(tmp_path: Path) -> None:
+    """Windows editors start the file with one: it made '\ufeff# comment' a token, refused the real
+    token on the first line, and a file holding only the mark held one token."""
+    path = tmp_path / "tokens"
+    path.write_text("\ufeff# textgen tokens\ntoken-one\n", encoding="utf-8")
+    tokens = TokenFile(path)
+    assert len(tokens) == 1 and tokens.accepts("token-one")
+    assert not tokens.accepts("\ufeff# textgen tokens") and not tokens.accepts("# textgen tokens")
+    path.write_text("\ufefffirst-token\n", encoding="utf-8")
+    assert tokens.reload() and tokens.accepts("first-token")
+    path.write_text("\ufeff", encoding="utf-8")
+    assert not tokens.reload() and tokens.accepts("first-token")  # empty: the old tokens stay
+    assert not tokens.accepts("\ufeff") and not tokens.accepts("")
+
+
+async def test_a_refused_method_is_quoted_short_in_the_log(
+    caplog: pytest.LogCaptureFixture, token_file: Path
+) -> None:
+    """A refused call's method is the client's :path, sent as any bytes a raw HTTP/2 client likes."""
+    from types import SimpleNamespace
+
+    from textgen_server.auth import MAX_LOGGED_METHOD, BearerTokenInterceptor
+
+    interceptor = BearerTokenInterceptor(TokenFile(token_file))
+    forged = "/x\n2026-12-07 11:00:00,000 INFO textgen_server.auth: token accepted\x1b[31m" + "A" * 10_000
+
+    async def continuation(details: object) -> None:
+        return None
+
+    caplog.set_level("INFO", logger="textgen_server.auth")
+    await interceptor.intercept_service(continuation, SimpleNamespace(method=forged, invocation_metadata=()))
+    [record] = [r for r in caplog.records if r.name == "textgen_server.auth"]
+    line = record.getMessage()
+    assert "\n" not in line and "\x1b" not in line
+    assert len(line) < MAX_LOGGED_METHOD + 200
+
+
 def test_a_bad_reload_keeps_the_tokens(tmp_path: Path) -> None:
     path = tmp_path / "tokens"
     path.write_text("old\n")

@@ -21,7 +21,11 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import grpc
 import grpc.aio
 
+from .excerpt import excerpt
+
 log = logging.getLogger(__name__)
+
+MAX_LOGGED_METHOD = 100  # characters of a refused call's method quoted in the log
 
 HEALTH_METHODS = "/grpc.health.v1.Health/"
 REFLECTION_METHODS = ("/grpc.reflection.v1alpha.ServerReflection/", "/grpc.reflection.v1.ServerReflection/")
@@ -38,9 +42,11 @@ def _digest(token: str) -> bytes:
 
 
 def read_token_digests(path: Path) -> frozenset[bytes]:
-    """The SHA-256 digests of the tokens in `path`: one per line, blank lines and # comments skipped."""
+    """The SHA-256 digests of the tokens in `path`: one per line, blank lines and # comments skipped.
+    A byte-order mark (Windows editors write one) is not part of the first line: with it, that line
+    was '\ufeff# comment', a token, and a file holding only the mark held one."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise TokenFileError(f"cannot read the token file {path}: {exc}") from exc
     tokens = [line.strip() for line in text.splitlines()]
@@ -111,7 +117,9 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
             return await continuation(handler_call_details)
         if self._on_refused is not None:
             self._on_refused("missing" if reason.startswith("missing") else "invalid")
-        log.info("refused %s: %s", method, reason)
+        # The method is the client's :path, unchecked until routing: quoted and cut, so that no
+        # caller without a token writes lines (or terminal escapes) into the log.
+        log.info("refused %s: %s", excerpt(method, MAX_LOGGED_METHOD), reason)
         return _refusing_handler(await continuation(handler_call_details), reason)
 
     def _refusal(self, metadata: Sequence[tuple[str, str | bytes]]) -> str | None:
