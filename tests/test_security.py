@@ -390,10 +390,21 @@ def test_startup_refuses_unusable_files(tiny_model_dir: Path, tmp_path: Path, ce
     assert "cannot read the token file" in result.stderr.strip().splitlines()[-1]
     # The other files, checked by the same start-up code in-process.
     absent = tmp_path / "absent"
+    garbled_ca = tmp_path / "garbled-ca.pem"
+    garbled_ca.write_text("-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n")
     for tls, message in (
         (TlsFiles(certs.server_key, certs.server_key), f"--tls-cert {certs.server_key}: not a PEM file"),
         (TlsFiles(certs.server_cert, absent), f"--tls-key {absent}: No such file"),
         (TlsFiles(certs.server_cert, certs.server_key, absent), f"--tls-client-ca {absent}"),
+        # Reported by gRPC as "could not bind" the port, naming neither file.
+        (
+            TlsFiles(certs.server_cert, certs.client_key),
+            f"--tls-key {certs.client_key}: not the key of --tls-cert",
+        ),
+        (
+            TlsFiles(certs.server_cert, certs.server_key, garbled_ca),
+            f"--tls-client-ca {garbled_ca}: not a usable CA",
+        ),
     ):
         server = TextgenServer(ServerSettings(model_dir=tiny_model_dir, port=0, tls=tls))
         with pytest.raises(StartupError, match=message):

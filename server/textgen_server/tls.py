@@ -3,6 +3,7 @@ certificates it requires (mutual TLS)."""
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,9 +29,30 @@ def server_credentials(files: TlsFiles) -> grpc.ServerCredentials:
     client_ca = (
         None if files.client_ca is None else _read_pem("--tls-client-ca", files.client_ca, "CERTIFICATE")
     )
+    _check_usable(files)
     return grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
     )
+
+
+def _check_usable(files: TlsFiles) -> None:
+    """Load the files as OpenSSL will: a key that is not the certificate's, or a CA file with a
+    broken body, would reach gRPC, which reports only that it could not bind the port."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        # A password callback, so that an encrypted key fails instead of prompting on the terminal.
+        context.load_cert_chain(files.cert, files.key, password=lambda: b"")
+    except ssl.SSLError as exc:
+        raise TlsConfigError(
+            f"--tls-key {files.key}: not the key of --tls-cert {files.cert}, or unreadable ({exc.reason})"
+        ) from exc
+    if files.client_ca is not None:
+        try:
+            context.load_verify_locations(cafile=files.client_ca)
+        except ssl.SSLError as exc:
+            raise TlsConfigError(
+                f"--tls-client-ca {files.client_ca}: not a usable CA ({exc.reason})"
+            ) from exc
 
 
 def _read_pem(option: str, path: Path, kind: str) -> bytes:
