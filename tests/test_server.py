@@ -243,6 +243,26 @@ def test_health_list_answers_what_check_does(tiny_model_dir: Path) -> None:
         harness.stop(grace=0)
 
 
+def test_health_refuses_service_names_no_service_has(
+    stub: rpc.TextGenerationStub, server: ServerThread
+) -> None:
+    """Health answers without a token: each Watch held the megabyte-long name it was sent."""
+    with grpc.insecure_channel(server.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        long_name = "x" * 201
+        for call in (
+            lambda: health.Check(health_pb2.HealthCheckRequest(service=long_name), timeout=5),
+            lambda: next(health.Watch(health_pb2.HealthCheckRequest(service=long_name), timeout=5)),
+        ):
+            with pytest.raises(grpc.RpcError) as caught:
+                call()
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert caught.value.details() == "service: at most 200 characters, got 201"
+        watch = health.Watch(health_pb2.HealthCheckRequest(service="textgen.v1.TextGeneration"), timeout=5)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
+
+
 def test_shutdown_tells_clients_in_flight(tiny_model_dir: Path) -> None:
     harness = ServerThread(tiny_model_dir)
     with grpc.insecure_channel(harness.target) as channel:

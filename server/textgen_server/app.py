@@ -46,7 +46,21 @@ before they are parsed."""
 
 class HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]  # the package has no types
     """grpcio-health-checking's asyncio servicer with `List`, which it leaves unimplemented (every
-    call answered UNIMPLEMENTED and logged a traceback here)."""
+    call answered UNIMPLEMENTED and logged a traceback here), and service names of a sane length:
+    health answers callers without a token, and each open `Watch` held its megabyte-long name."""
+
+    async def Check(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> health_pb2.HealthCheckResponse:
+        await _check_service_name(request, context)
+        response: health_pb2.HealthCheckResponse = await super().Check(request, context)
+        return response
+
+    async def Watch(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        await _check_service_name(request, context)
+        await super().Watch(request, context)
 
     async def List(
         self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -57,6 +71,19 @@ class HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]  # the pa
             for name, status in self._server_status.items()
         }
         return health_pb2.HealthListResponse(statuses=statuses)
+
+
+MAX_SERVICE_NAME = 200  # characters of a health request's service name (gRPC's names are far shorter)
+
+
+async def _check_service_name(
+    request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
+) -> None:
+    if len(request.service) > MAX_SERVICE_NAME:
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"service: at most {MAX_SERVICE_NAME} characters, got {len(request.service)}",
+        )
 
 
 class StartupError(Exception):
