@@ -64,6 +64,35 @@ def violations(tok: Tokenizer, grammars: GrammarCompiler, body: dict[str, Any]) 
     return [(v.field, v.description) for v in caught.value.violations]
 
 
+def test_input_that_cannot_fit_is_refused_before_it_is_tokenized(
+    tok: Tokenizer, grammars: GrammarCompiler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """4000 tools (890 KiB) were tokenized whole, 600 ms of the event loop, before being refused."""
+    tools = [{**FLAT, "name": f"tool_{i}", "description": "d" * 200} for i in range(4000)]
+    body = {"chat": {"messages": [QUESTION], "tools": tools}}
+    limit = CONFIG.max_input_length * tok.longest_piece
+
+    def untokenized(*args: object, **kwargs: object) -> list[int]:
+        raise AssertionError("tokenized")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tok, "encode", untokenized)
+        [(field, description)] = violations(tok, grammars, body)
+    assert field == "input"
+    chars = int(description.split()[0])
+    assert chars > limit and description.endswith(
+        f"exceed what max_input_length={CONFIG.max_input_length} tokens can hold "
+        f"(a token is at most {tok.longest_piece} characters)"
+    )
+    # Below the bound the text is tokenized and counted as before.
+    few = {"chat": {"messages": [QUESTION], "tools": tools[:100]}}
+    [(field, description)] = violations(tok, grammars, few)
+    assert field == "input" and description.endswith(
+        f"input tokens exceed max_input_length={CONFIG.max_input_length}"
+    )
+    assert tok.longest_piece == max(len(tok.decode([i])) for i in range(3, 32000))
+
+
 def test_tools_prompt_golden(tok: Tokenizer, grammars: GrammarCompiler) -> None:
     request = typed(
         tok,

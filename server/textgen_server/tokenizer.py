@@ -52,6 +52,8 @@ class Tokenizer:
         self._unk_id = _required_id(hf, "<unk>")
         self._vocab_size: int = hf.get_vocab_size(with_added_tokens=True)
         self._tokens = _token_table(hf, self._vocab_size, self._unk_id)
+        # No token covers more characters of text than this (a byte covers at most one).
+        self.longest_piece = max((len(t.text) for t in self._tokens if t.kind is TokenKind.NORMAL), default=1)
         first = hf.encode("a", add_special_tokens=False).tokens
         # SentencePiece prepends "▁" to the text (the dummy prefix) and drops it again when decoding.
         self._dummy_prefix = bool(first) and first[0].startswith(SPACE)
