@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from textgen_server.model_config import (
+    ACTIVATION_DTYPES,
     CARD_MAX_INPUT_LENGTH,
     CARD_MAX_TOTAL_TOKENS,
     CONFIG_FILE,
@@ -25,6 +26,7 @@ from textgen_server.model_config import (
     KV_COPY_FILE,
     MODEL_FILE,
     TOKENIZER_FILE,
+    WEIGHT_DTYPES,
     LoraLayout,
     ModelConfig,
 )
@@ -48,8 +50,7 @@ from .tokenizer import checkpoint_tokenizer
 
 log = logging.getLogger(__name__)
 
-DTYPES = ("fp32", "fp16", "int4", "int8")
-ACTIVATION_DTYPES = ("fp32", "fp16")
+DTYPES = WEIGHT_DTYPES
 CHECKPOINT_DIR = "checkpoint"
 
 

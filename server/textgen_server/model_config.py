@@ -26,6 +26,9 @@ CARD_MAX_INPUT_LENGTH = 3072
 CARD_MAX_TOTAL_TOKENS = 4096
 CARD_MAX_BATCH_PREFILL_TOKENS = 8192
 
+ACTIVATION_DTYPES = ("fp32", "fp16")  # textgen.json's dtype: activations and KV cache
+WEIGHT_DTYPES = ("fp32", "fp16", "int4", "int8")  # its weight_dtype (int4/int8: MatMulNBits)
+
 # LoRA: the projections the graph has adapter slots for, grouped as the graph packs them (q/k/v are
 # one MatMul, so are gate/up): a group's adapters are concatenated along the rank (A) and placed
 # block-diagonally (B), each member in its own `rank`-wide block.
@@ -96,7 +99,7 @@ _POSITIVE_FIELDS = (
     "format_version",
 )
 _TOKEN_FIELDS = ("bos_token_id", "eos_token_id", "unk_token_id")
-_DTYPES = {"dtype": ("fp32", "fp16"), "weight_dtype": ("fp32", "fp16", "int4", "int8")}
+_DTYPES = {"dtype": ACTIVATION_DTYPES, "weight_dtype": WEIGHT_DTYPES}
 
 
 def _value_problems(data: dict[str, Any]) -> list[str]:

@@ -260,7 +260,9 @@ class CallSplitter:
         return ""
 
 
-class _BeyondDouble(ValueError):
+class _BeyondDouble(
+    Exception
+):  # not a ValueError: json.loads lets it through, told apart from text cut short
     """A JSON number past a double's range (1e999, or an integer of 400 digits): no response can
     carry it."""
 
@@ -289,8 +291,6 @@ def _parse_generated_calls(text: str) -> list[ToolCall]:
     """The calls in the generated text; raises _BeyondDouble for a number no double holds."""
     try:
         value = json.loads(text, parse_float=_finite_float, parse_int=_int_within_double)
-    except _BeyondDouble:
-        raise
     except ValueError:  # cut short (max_tokens): no call is reported rather than a partial one
         return []
     if not isinstance(value, list):
