@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None) -> ServerSettings:
         "--max-concurrent-requests",
         type=int,
         default=128,
-        help="running plus queued requests; more get RESOURCE_EXHAUSTED",
+        help="open requests (running, queued, or still sending their output); more get RESOURCE_EXHAUSTED",
     )
     parser.add_argument(
         "--prefill-chunk-tokens",

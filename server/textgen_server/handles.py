@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from .adapters import Adapter
 from .generation import Generation, GenerationRequest, TokenEvent
@@ -36,6 +36,8 @@ class RequestHandle:
         self.cached = 0
         self.fed_tokens: list[int] = []  # generated tokens fed back by decode passes (after the prompt)
         self.adapter_slot = 0  # the graph's adapter slot its passes use; 0: the base model
+        # The scheduler's: frees this request's place under max_concurrent_requests (idempotent).
+        self.release: Callable[[RequestHandle], None] | None = None
 
     @classmethod
     def on_running_loop(cls, generation: Generation, adapter: Adapter | None = None) -> RequestHandle:
@@ -47,12 +49,23 @@ class RequestHandle:
         return self.generation.request
 
     def cancel(self) -> None:
-        """Ask the scheduler to drop this request at its next step."""
+        """The client left, or the server is done with the request: the scheduler drops whatever work
+        is left at its next step, and the request no longer counts under max_concurrent_requests."""
         self.cancelled.set()
+        self._release()
+
+    def _release(self) -> None:
+        if self.release is not None:
+            self.release(self)
 
     async def events(self) -> AsyncIterator[TokenEvent]:
+        """The request's events up to its last. Reading that far frees its place: until then it counts
+        under max_concurrent_requests even when its generation is over, since the events a client
+        has not read (a stream it stopped reading) are memory this server still holds for it."""
         while True:
             item = await self._events.get()
+            if item is END or isinstance(item, BaseException):
+                self._release()
             if item is END:
                 return
             if isinstance(item, BaseException):

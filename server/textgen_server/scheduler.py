@@ -62,7 +62,7 @@ class SchedulerLimits:
     max_batch_size: int = 32  # sequences in the batch: KV slots
     max_batch_prefill_tokens: int = 8192  # prompt tokens per step when nothing is decoding
     max_batch_total_tokens: int = 65536  # KV positions in all (slots x positions per slot)
-    max_concurrent_requests: int = 128  # running + queued
+    max_concurrent_requests: int = 128  # open requests: running, queued, or sending their output
     prefill_chunk_tokens: int = 512  # prompt tokens per step while sequences are decoding
 
     def kv_slots(self, max_len: int) -> int:
@@ -141,6 +141,9 @@ class Scheduler:
         self._waiting: collections.deque[RequestHandle] = collections.deque()
         self._running: list[RequestHandle] = []  # running[i] owns slot i
         self._prefilling: RequestHandle | None = None  # part-way through its prompt, above the running
+        # Submitted, and neither read to the end nor cancelled: what max_concurrent_requests bounds.
+        # A finished request whose client has not read its events yet still counts.
+        self._open: set[RequestHandle] = set()
         self.prefix_cache = PrefixCache() if prefix_cache else None
         self._outbox = Outbox()
         self._accepting = True
@@ -177,24 +180,29 @@ class Scheduler:
         with self._lock:
             if not self._accepting:
                 raise ShuttingDownError("the server is shutting down; retry on another replica")
-            self._forget_cancelled_waiting()
-            in_flight = len(self._waiting) + len(self._running) + (self._prefilling is not None)
-            if in_flight >= limits.max_concurrent_requests:
+            if len(self._open) >= limits.max_concurrent_requests:
                 raise QueueFullError(
-                    f"{in_flight} requests are running or queued, the limit is "
-                    f"max_concurrent_requests={limits.max_concurrent_requests}; retry later"
+                    f"{len(self._open)} requests are open (running, queued, or still sending their "
+                    f"output), the limit is max_concurrent_requests={limits.max_concurrent_requests}; "
+                    "retry later"
                 )
+            self._open.add(handle)
+            handle.release = self._release_place
             self._waiting.append(handle)
             self._woken = True
             self._lock.notify()
         return handle
 
+    def _release_place(self, handle: RequestHandle) -> None:
+        """Its client read its last event or left: it no longer counts under max_concurrent_requests."""
+        with self._lock:
+            self._open.discard(handle)
+
     def _forget_cancelled_waiting(self) -> None:
         """Drop queued requests whose client has gone (call with the lock held).
 
-        Nobody reads their events any more; left in the queue until a slot frees up, they would take
-        places under max_concurrent_requests (refusing live clients with RESOURCE_EXHAUSTED) and
-        count in the queue gauge.
+        Nobody reads their events any more; left in the queue until a slot frees up, they would count
+        in the queue gauge and be admitted only to be retired.
         """
         if any(handle.cancelled.is_set() for handle in self._waiting):
             self._waiting = collections.deque(h for h in self._waiting if not h.cancelled.is_set())
