@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from google.protobuf import json_format
+from google.protobuf import json_format, struct_pb2
 from google.protobuf.message import DecodeError
 from textgen.v1 import textgen_pb2 as pb
+from textgen_server import validation
 from textgen_server.grammar import GrammarCompiler
 from textgen_server.model_config import ModelConfig
 from textgen_server.tokenizer import Tokenizer
@@ -22,6 +23,7 @@ from textgen_server.tools import (
     MAX_JSON_DEPTH,
     CallSplitter,
     ToolCall,
+    dumps,
     json_depth,
     parse_call_message,
 )
@@ -68,7 +70,7 @@ def test_input_that_cannot_fit_is_refused_before_it_is_tokenized(
     tok: Tokenizer, grammars: GrammarCompiler, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """4000 tools (890 KiB) were tokenized whole, 600 ms of the event loop, before being refused."""
-    tools = [{**FLAT, "name": f"tool_{i}", "description": "d" * 200} for i in range(4000)]
+    tools = [{**FLAT, "name": f"tool_{i}", "description": "d" * 200} for i in range(400)]
     body = {"chat": {"messages": [QUESTION], "tools": tools}}
     limit = CONFIG.max_input_length * tok.longest_piece
 
@@ -91,6 +93,45 @@ def test_input_that_cannot_fit_is_refused_before_it_is_tokenized(
         f"input tokens exceed max_input_length={CONFIG.max_input_length}"
     )
     assert tok.longest_piece == max(len(tok.decode([i])) for i in range(3, 32000))
+
+
+def test_structs_too_big_for_any_allowed_json_are_refused_unconverted(
+    tok: Tokenizer, grammars: GrammarCompiler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Converting a megabyte of Struct held the event loop for 100 ms before its size was checked."""
+    schema = {"type": "array", "items": {"enum": list(range(95_000))}}  # 1 MiB on the wire
+    tools = [{**FLAT, "name": f"tool_{i}", "description": "d" * 200} for i in range(4000)]  # 890 KiB
+
+    def unconverted(*args: object) -> None:
+        raise AssertionError("converted")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(validation, "_struct", unconverted)
+        [(field, description)] = violations(
+            tok, grammars, {"prompt": "Hi", "response_format": {"type": "json_schema", "json_schema": schema}}
+        )
+        assert field == "response_format.json_schema"
+        assert description.startswith(f"must be at most {validation.MAX_SCHEMA_CHARS} characters")
+        [(field, description)] = violations(tok, grammars, {"chat": {"messages": [QUESTION], "tools": tools}})
+        limit = CONFIG.max_input_length * tok.longest_piece
+        assert field == "chat.tools" and description.startswith(f"must be at most {limit} characters")
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        list(range(10)) * 3000,  # the worst case: a byte-wide number in a list
+        [[]] * 10000,
+        [None, True, False, {}, "", "😀", 0.5, -1] * 2000,
+        {f"k{i}": i % 10 for i in range(5000)},
+        {f"😀{i}": {"😀": [1, "é"]} for i in range(3000)},
+    ],
+)
+def test_a_structs_bytes_bound_its_json(value: object) -> None:
+    """The bound that refuses Structs unconverted never refuses one within the JSON limit."""
+    struct = struct_pb2.Struct()
+    struct.update({"v": value})
+    assert struct.ByteSize() <= validation.STRUCT_BYTES_PER_JSON_CHAR * len(dumps({"v": value}))
 
 
 def test_tools_prompt_golden(tok: Tokenizer, grammars: GrammarCompiler) -> None:

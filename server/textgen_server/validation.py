@@ -34,6 +34,10 @@ MAX_REPORTED_VIOLATIONS = 8
 MAX_STOP_CHARS = 256
 DEFAULT_MAX_TOKENS = 256
 MAX_SCHEMA_CHARS = 32768  # response_format.json_schema as compact JSON (compiling it blocks the caller)
+# The most protobuf bytes a character of a Struct's compact JSON takes: a one-digit number in a list
+# is 11 bytes (tag, length, tag, an 8-byte double) to JSON's "1,". Structs over this many bytes per
+# character allowed are refused unconverted: converting a megabyte held the event loop for 100 ms.
+STRUCT_BYTES_PER_JSON_CHAR = 6
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
 RESPONSE_FORMATS = ("json_object", "json_schema")
 
@@ -99,7 +103,7 @@ def build_request(
     max_tokens = message.max_tokens if message.HasField("max_tokens") else DEFAULT_MAX_TOKENS
     if max_tokens < 1:
         violations.append(FieldViolation("max_tokens", f"must be at least 1, got {max_tokens}"))
-    output = _output(message, violations)
+    output = _output(message, config.max_input_length * tokenizer.longest_piece, violations)
     prompt_ids = _prompt_ids(message, tokenizer, output, config.max_input_length, violations)
     if prompt_ids is not None:
         _check_token_limits(len(prompt_ids), max_tokens, config, violations)
@@ -134,11 +138,22 @@ class _Output:
         return bool(self.choice.offered(self.tools))
 
 
-def _output(message: pb.GenerateRequest, violations: list[FieldViolation]) -> _Output:
+def _output(message: pb.GenerateRequest, max_input_chars: int, violations: list[FieldViolation]) -> _Output:
+    """`max_input_chars`: the most characters the input's tokens can hold (tools beyond are refused)."""
     tools: tuple[ToolSpec, ...] = ()
     fields: tuple[str, ...] = ()
     choice = ToolChoice()
     if message.WhichOneof("input") == "chat":
+        tools_bytes = sum(tool.ByteSize() for tool in message.chat.tools)
+        if tools_bytes > STRUCT_BYTES_PER_JSON_CHAR * max_input_chars:
+            violations.append(
+                FieldViolation(
+                    "chat.tools",
+                    f"must be at most {max_input_chars} characters as JSON (what the input's tokens can "
+                    f"hold), got {tools_bytes} bytes of protobuf, more than any tools of that size take",
+                )
+            )
+            return _Output()
         tools, fields = _tools(message.chat, violations)
         choice = _tool_choice(message.chat.tool_choice, tools, violations)
     if not message.HasField("response_format"):
@@ -262,6 +277,16 @@ def _response_format(
         return None
     if not has_schema:
         violations.append(FieldViolation("response_format.json_schema", "required with type 'json_schema'"))
+        return None
+    wire_bytes = response_format.json_schema.ByteSize()
+    if wire_bytes > STRUCT_BYTES_PER_JSON_CHAR * MAX_SCHEMA_CHARS:
+        violations.append(
+            FieldViolation(
+                "response_format.json_schema",
+                f"must be at most {MAX_SCHEMA_CHARS} characters as compact JSON, got {wire_bytes} bytes "
+                "of protobuf, more than any schema of that size takes",
+            )
+        )
         return None
     schema = _struct(response_format.json_schema, "response_format.json_schema", violations)
     if schema is None:
