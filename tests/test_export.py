@@ -331,7 +331,7 @@ def _edited_checkpoint(
     source: Path, out: Path, config: dict[str, Any] | None = None, tensors: dict[str, Any] | None = None
 ) -> Path:
     """A copy of the checkpoint at `source` with config.json keys changed (None: removed) and tensors
-    replaced."""
+    replaced (None: removed)."""
     from safetensors.numpy import load_file, save_file
 
     shutil.copytree(source, out)
@@ -343,8 +343,8 @@ def _edited_checkpoint(
             settings[key] = value
     (out / "config.json").write_text(json.dumps(settings))
     if tensors:
-        weights = load_file(str(out / "model.safetensors"))
-        save_file({**weights, **tensors}, str(out / "model.safetensors"))
+        edited = {**load_file(str(out / "model.safetensors")), **tensors}
+        save_file({k: v for k, v in edited.items() if v is not None}, str(out / "model.safetensors"))
     return out
 
 
@@ -362,8 +362,12 @@ def _edited_checkpoint(
         ({"sliding_window": 6}, {}, "sliding_window 6 (shorter than the 4096 positions served)"),
         ({"rope_scaling": {"rope_type": "linear", "factor": 4.0}}, {}, "rope_scaling of type 'linear'"),
         ({"hidden_act": "gelu"}, {}, "hidden_act 'gelu'"),
+        ({}, {"lm_head.weight": None}, "the checkpoint has no tensor 'lm_head.weight' (a file missing"),
+        ({}, {"model.layers.1.mlp.up_proj.weight": None, "model.norm.weight": None},
+         "no tensor 'model.norm.weight' nor 1 more the model needs"),
     ],
-    ids=["k-shape", "norm-shape", "nan", "no-intermediate", "no-kv-heads", "window", "rope-scaling", "act"],
+    ids=["k-shape", "norm-shape", "nan", "no-intermediate", "no-kv-heads", "window", "rope-scaling", "act",
+         "untied-no-head", "two-missing"],
 )  # fmt: skip
 def test_a_checkpoint_the_graph_would_get_wrong_is_refused_naming_why(
     tiny_model_dir: Path, tmp_path: Path, config: dict[str, Any], tensors: dict[str, Any], expected: str
@@ -376,6 +380,45 @@ def test_a_checkpoint_the_graph_would_get_wrong_is_refused_naming_why(
     last = result.stderr.strip().splitlines()[-1]  # after the progress lines of the steps before
     assert last.startswith("textgen-export: error:") and expected in last, result.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint"]  # no model, no staging folder
+
+
+def test_tied_embeddings_export_as_an_lm_head_equal_to_them(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from safetensors.numpy import load_file
+
+    embeddings = load_file(str(tiny_model_dir / "checkpoint" / "model.safetensors"))[
+        "model.embed_tokens.weight"
+    ]
+    untied = _edited_checkpoint(
+        tiny_model_dir / "checkpoint", tmp_path / "untied", tensors={"lm_head.weight": embeddings}
+    )
+    tied = _edited_checkpoint(
+        tiny_model_dir / "checkpoint",
+        tmp_path / "tied",
+        config={"tie_word_embeddings": True},
+        tensors={"lm_head.weight": None},
+    )
+    for checkpoint in (untied, tied):
+        assert export_main(["model", str(checkpoint), "--out", str(tmp_path / f"{checkpoint.name}-out")]) == 0
+    assert _digest(tmp_path / "tied-out" / "model.onnx") == _digest(tmp_path / "untied-out" / "model.onnx")
+
+
+def test_a_pytorch_checkpoint_without_its_lm_head_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """transformers starts a tensor the .bin files lack from random values: that exported as noise."""
+    import torch
+    from safetensors.torch import load_file
+
+    checkpoint = _edited_checkpoint(tiny_model_dir / "checkpoint", tmp_path / "checkpoint")
+    weights = load_file(str(checkpoint / "model.safetensors"))
+    (checkpoint / "model.safetensors").unlink()
+    del weights["lm_head.weight"]
+    torch.save(weights, checkpoint / "pytorch_model.bin")
+    result = _run_cli("model", str(checkpoint), "--out", str(tmp_path / "out"))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == (
+        "textgen-export: error: the checkpoint has no tensor 'lm_head.weight' (a file missing or cut short?)"
+    ), result.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint"]
 
 
 def test_a_tokenizer_the_server_would_refuse_is_refused_at_export(

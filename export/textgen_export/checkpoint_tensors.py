@@ -38,9 +38,9 @@ class CheckpointTensors(Mapping[str, npt.NDArray[Any]]):
     def __init__(self, checkpoint: Path, dtype: str, tie_word_embeddings: bool) -> None:
         self.dtype = dtype
         self._files = _tensor_files(checkpoint)
-        # Tied embeddings (the config says so, or the checkpoint has no LM head): the LM head is the
-        # embedding table, as transformers ties them.
-        if tie_word_embeddings or (LM_HEAD not in self._files and EMBEDDINGS in self._files):
+        # Tied embeddings: the LM head is the embedding table, as transformers ties them. An untied
+        # checkpoint without its LM head is incomplete (transformers would start it from random).
+        if tie_word_embeddings:
             self._files.pop(LM_HEAD, None)
             self._aliases = {LM_HEAD: EMBEDDINGS}
         else:
@@ -59,6 +59,10 @@ class CheckpointTensors(Mapping[str, npt.NDArray[Any]]):
             tensor = f.get_tensor(stored)
         array: npt.NDArray[Any] = tensor.to(torch_dtype).numpy()
         return array
+
+    def __contains__(self, name: object) -> bool:
+        """Whether the checkpoint holds `name`, without reading it."""
+        return name in self._files or name in self._aliases
 
     def __iter__(self) -> Iterator[str]:
         yield from self._files

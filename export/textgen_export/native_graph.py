@@ -51,7 +51,7 @@ from onnx import GraphProto, ModelProto, NodeProto, TensorProto, ValueInfoProto,
 from onnx.external_data_helper import set_external_data
 from textgen_server.model_config import LoraLayout, ModelIO
 
-from .errors import ExportError
+from .errors import ExportError, missing_tensors
 
 OPSET = 18
 IR_VERSION = 8
@@ -276,6 +276,10 @@ class CheckedWeights(Mapping[str, npt.NDArray[Any]]):
     def __init__(
         self, weights: Mapping[str, npt.NDArray[Any]], shapes: Mapping[str, tuple[int, ...]]
     ) -> None:
+        """Refuses a checkpoint that lacks any of `shapes`' tensors at once, before a layer is written."""
+        missing = [name for name in shapes if name not in weights]
+        if missing:
+            raise missing_tensors(missing)
         self._weights = weights
         self._shapes = shapes
 

@@ -34,7 +34,7 @@ from textgen_server.tokenizer import Tokenizer as ServedTokenizer
 
 from .checkpoint import Architecture, read_architecture
 from .checkpoint_tensors import CheckpointTensors, has_safetensors
-from .errors import ExportError
+from .errors import ExportError, missing_tensors
 from .kv_graphs import write_kv_copy_graph
 from .native_graph import (
     EXTERNAL_DATA_OVER,
@@ -267,7 +267,13 @@ def _load_weights(checkpoint: Path, dtype: str) -> tuple[DecoderShape, dict[str,
 
     hf_logging.set_verbosity_error()
     torch_dtype = torch.float16 if dtype == "fp16" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch_dtype, local_files_only=True)
+    model, loading = AutoModelForCausalLM.from_pretrained(
+        str(checkpoint), dtype=torch_dtype, local_files_only=True, output_loading_info=True
+    )
+    # transformers starts what the files lack from random values: an incomplete checkpoint would
+    # export as a model that answers noise.
+    if loading["missing_keys"]:
+        raise missing_tensors(sorted(loading["missing_keys"]))
     shape = DecoderShape.from_hf_config(model.config, max_positions=_max_positions(model.config))
     weights = {name: tensor.detach().numpy() for name, tensor in model.state_dict().items()}
     if "lm_head.weight" not in weights:  # tied embeddings
