@@ -267,9 +267,11 @@ def _load_weights(checkpoint: Path, dtype: str) -> tuple[DecoderShape, dict[str,
 
     hf_logging.set_verbosity_error()
     torch_dtype = torch.float16 if dtype == "fp16" else torch.float32
-    model, loading = AutoModelForCausalLM.from_pretrained(
+    # With output_loading_info, a (model, loading info) pair; its stubs know only the model.
+    loaded: tuple[Any, dict[str, list[str]]] = AutoModelForCausalLM.from_pretrained(  # type: ignore[assignment]
         str(checkpoint), dtype=torch_dtype, local_files_only=True, output_loading_info=True
     )
+    model, loading = loaded
     # transformers starts what the files lack from random values: an incomplete checkpoint would
     # export as a model that answers noise.
     if loading["missing_keys"]:
