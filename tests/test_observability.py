@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -166,3 +167,29 @@ def test_prefilled_and_prefix_cached_prompt_tokens_are_counted_apart() -> None:
     sample = metrics.registry.get_sample_value
     assert sample("textgen_prefill_tokens_total") == 10
     assert sample("textgen_prefix_cache_tokens_total") == 120
+
+
+def test_idle_metrics_connections_are_closed_and_their_number_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every connection to the metrics port held a thread until the client sent a request: idle
+    connections piled up threads without end."""
+    from textgen_server import metrics
+
+    monkeypatch.setattr(metrics._Handler, "timeout", 3.0)
+    monkeypatch.setattr(metrics, "MAX_METRICS_CONNECTIONS", 4)
+    served = Metrics()
+    port = served.serve("127.0.0.1", 0)
+    try:
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(4)]
+        extra = socket.create_connection(("127.0.0.1", port), timeout=10)
+        extra.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        assert extra.recv(1) == b"", "a connection past the bound was served"
+        started = time.monotonic()
+        assert [connection.recv(1) for connection in idle] == [b""] * 4  # closed by the server
+        assert time.monotonic() - started < 9
+        assert "textgen_queue_size" in {name for name, _ in scrape(port)}  # their places are free
+        for connection in (*idle, extra):
+            connection.close()
+    finally:
+        served.stop()

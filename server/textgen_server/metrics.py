@@ -12,9 +12,13 @@ failure (by status code) or cancelled (the client cancelled or its deadline pass
 
 from __future__ import annotations
 
-from wsgiref.simple_server import WSGIServer
+import socket
+import threading
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from .request_log import RequestRecord
 from .scheduler import StepStats
@@ -23,6 +27,11 @@ _STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2
 _REQUEST_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _TOKEN_TIME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 _TOKEN_COUNT_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+# The metrics endpoint serves each connection on a thread of its own (one request per connection):
+# a connection that has sent no request within this time is closed, and beyond this many at once new
+# ones are closed unanswered. Without them every idle connection held a thread for good.
+METRICS_READ_TIMEOUT_S = 10.0
+MAX_METRICS_CONNECTIONS = 64
 
 
 class Metrics:
@@ -166,7 +175,10 @@ class Metrics:
     def serve(self, host: str, port: int) -> int:
         """Serve /metrics on host:port (0 picks a free port) in a thread; returns the bound port.
         Raises OSError when it cannot listen."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        server = make_server(
+            host, port, make_wsgi_app(self.registry), _server_class(host, port), handler_class=_Handler
+        )
+        threading.Thread(target=server.serve_forever, name="textgen-metrics", daemon=True).start()
         self._http = server
         return int(server.server_address[1])
 
@@ -176,3 +188,46 @@ class Metrics:
         if server is not None:
             server.shutdown()
             server.server_close()
+
+
+class _Handler(WSGIRequestHandler):
+    """prometheus_client's handler, with a read timeout: a client that sends nothing frees its thread."""
+
+    timeout = METRICS_READ_TIMEOUT_S
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes are not logged (as prometheus_client's own handler)."""
+
+
+class _BoundedServer(ThreadingWSGIServer):
+    """At most MAX_METRICS_CONNECTIONS connections served at once; more are closed unanswered."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._places = threading.BoundedSemaphore(MAX_METRICS_CONNECTIONS)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._places.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started: nothing else gives the place back
+            self._places.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._places.release()
+
+
+def _server_class(host: str, port: int) -> type[WSGIServer]:
+    """_BoundedServer for the address family `host` resolves to (an IPv6 address needs AF_INET6)."""
+    family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM)[0][0]
+
+    class Server(_BoundedServer):
+        address_family = family
+
+    return Server
