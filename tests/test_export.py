@@ -348,6 +348,15 @@ def _edited_checkpoint(
     return out
 
 
+def _refusal(checkpoint: Path, tmp_path: Path) -> str:
+    """The one error line exporting `checkpoint` ends with; asserts it wrote no model."""
+    result = _run_cli("model", str(checkpoint), "--out", str(tmp_path / "out"))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint"]  # no model, no staging folder
+    last: str = result.stderr.strip().splitlines()[-1]  # after the progress lines of the steps before
+    return last
+
+
 @pytest.mark.parametrize(
     ("config", "tensors", "expected"),
     [
@@ -375,11 +384,8 @@ def test_a_checkpoint_the_graph_would_get_wrong_is_refused_naming_why(
     """Each of these exported a model that onnxruntime refused, failed every request, or answered
     other tokens than transformers (a setting the graph writer left out)."""
     checkpoint = _edited_checkpoint(tiny_model_dir / "checkpoint", tmp_path / "checkpoint", config, tensors)
-    result = _run_cli("model", str(checkpoint), "--out", str(tmp_path / "out"))
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    last = result.stderr.strip().splitlines()[-1]  # after the progress lines of the steps before
-    assert last.startswith("textgen-export: error:") and expected in last, result.stderr
-    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint"]  # no model, no staging folder
+    last = _refusal(checkpoint, tmp_path)
+    assert last.startswith("textgen-export: error:") and expected in last
 
 
 def test_tied_embeddings_export_as_an_lm_head_equal_to_them(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -412,13 +418,9 @@ def test_a_pytorch_checkpoint_without_its_lm_head_is_refused(tiny_model_dir: Pat
     (checkpoint / "model.safetensors").unlink()
     del weights["lm_head.weight"]
     torch.save(weights, checkpoint / "pytorch_model.bin")
-    result = _run_cli("model", str(checkpoint), "--out", str(tmp_path / "out"))
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    assert last == (
+    assert _refusal(checkpoint, tmp_path) == (
         "textgen-export: error: the checkpoint has no tensor 'lm_head.weight' (a file missing or cut short?)"
-    ), result.stderr
-    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint"]
+    )
 
 
 def test_a_tokenizer_the_server_would_refuse_is_refused_at_export(
@@ -429,13 +431,9 @@ def test_a_tokenizer_the_server_would_refuse_is_refused_at_export(
     checkpoint = _edited_checkpoint(tiny_model_dir / "checkpoint", tmp_path / "checkpoint")
     tokenizer = larger_tokenizer(tiny_model_dir / "tokenizer.json", 10)
     (checkpoint / "tokenizer.json").write_text(json.dumps(tokenizer))
-    result = _run_cli("model", str(checkpoint), "--out", str(tmp_path / "out"))
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    assert last == (
+    assert _refusal(checkpoint, tmp_path) == (
         "textgen-export: error: the checkpoint's tokenizer has 32010 tokens, more than config.json's vocab_size 32000"
-    ), result.stderr
-    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint"]
+    )
 
 
 def test_a_model_trained_on_fewer_positions_gets_limits_its_graph_serves(
