@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +17,7 @@ from grpc_status import rpc_status
 from server_harness import ServerThread
 from textgen.v1 import textgen_pb2 as pb
 from textgen.v1 import textgen_pb2_grpc as rpc
+from textgen_server.app import HealthServicer
 from textgen_server.prompt import encode_prompt
 from textgen_server.scheduler import SchedulerLimits
 from textgen_server.tokenizer import Tokenizer
@@ -261,6 +263,41 @@ def test_health_refuses_service_names_no_service_has(
         watch = health.Watch(health_pb2.HealthCheckRequest(service="textgen.v1.TextGeneration"), timeout=5)
         assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
         watch.cancel()
+
+
+class _WatchContext:
+    """A Watch call's context whose writes reach a client as fast as `reading` lets them."""
+
+    def __init__(self, reading: bool) -> None:
+        self.reading = reading
+        self.written: asyncio.Queue[int] = asyncio.Queue()
+
+    async def write(self, message: health_pb2.HealthCheckResponse) -> None:
+        self.written.put_nowait(message.status)
+        if not self.reading:  # a client with an HTTP/2 window of 0: the write never completes
+            await asyncio.Event().wait()
+
+
+async def test_a_health_watch_nobody_reads_holds_up_no_status_change() -> None:
+    """grpcio-health-checking's Watch wrote under the lock `set` takes: one client that stopped
+    reading kept the server from ever reporting SERVING, and from finishing its shutdown."""
+    statuses = health_pb2.HealthCheckResponse
+    servicer = HealthServicer()
+    service = "textgen.v1.TextGeneration"
+    await servicer.set(service, statuses.NOT_SERVING)
+    stalled, reader = _WatchContext(reading=False), _WatchContext(reading=True)
+    request = health_pb2.HealthCheckRequest(service=service)
+    watches = [asyncio.create_task(servicer.Watch(request, context)) for context in (stalled, reader)]
+    assert await asyncio.wait_for(stalled.written.get(), 5) == statuses.NOT_SERVING
+    assert await asyncio.wait_for(reader.written.get(), 5) == statuses.NOT_SERVING
+    await asyncio.wait_for(servicer.set(service, statuses.SERVING), 5)
+    assert await asyncio.wait_for(reader.written.get(), 5) == statuses.SERVING
+    await asyncio.wait_for(servicer.enter_graceful_shutdown(), 5)
+    assert await asyncio.wait_for(reader.written.get(), 5) == statuses.NOT_SERVING
+    for watch in watches:
+        watch.cancel()
+    await asyncio.gather(*watches, return_exceptions=True)
+    assert service not in servicer._server_watchers  # the watchers' bookkeeping is undone
 
 
 def test_shutdown_tells_clients_in_flight(tiny_model_dir: Path) -> None:

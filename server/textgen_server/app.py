@@ -46,8 +46,9 @@ before they are parsed."""
 
 class HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]  # the package has no types
     """grpcio-health-checking's asyncio servicer with `List`, which it leaves unimplemented (every
-    call answered UNIMPLEMENTED and logged a traceback here), and service names of a sane length:
-    health answers callers without a token, and each open `Watch` held its megabyte-long name."""
+    call answered UNIMPLEMENTED and logged a traceback here), service names of a sane length (health
+    answers callers without a token, and each open `Watch` held its megabyte-long name), and a
+    `Watch` that writes outside the lock `set` takes."""
 
     async def Check(
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -59,8 +60,30 @@ class HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]  # the pa
     async def Watch(
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
+        """The base class's Watch, but it writes outside the service's lock: there, one client that
+        stopped reading (an HTTP/2 window of 0) held the lock `set` needs, so the server never
+        reported SERVING and never finished shutting down while that client stayed."""
         await _check_service_name(request, context)
-        await super().Watch(request, context)
+        service = request.service
+        condition = self._server_watchers[service]
+        self._watcher_count_by_service[service] += 1
+        sent = None
+        try:
+            while True:
+                async with condition:
+                    while (status := self._watched_status(service)) == sent:
+                        await condition.wait()  # woken by `set`
+                await context.write(health_pb2.HealthCheckResponse(status=status))
+                sent = status  # a change made during the write is sent on the next round
+        finally:  # the base class's bookkeeping, which its `set` relies on
+            self._watcher_count_by_service[service] -= 1
+            if self._watcher_count_by_service[service] == 0:
+                del self._server_watchers[service]
+                del self._watcher_count_by_service[service]
+
+    def _watched_status(self, service: str) -> int:
+        status: int = self._server_status.get(service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+        return status
 
     async def List(
         self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext[Any, Any]
