@@ -170,6 +170,28 @@ def test_get_model_info_and_health_refuse_corrupt_bytes(channel: grpc.Channel) -
     )
     error = _call(channel, "/grpc.health.v1.Health/Check", bad_service)
     assert _violations(error) == {"service": "is not valid UTF-8 (invalid byte at offset 0)"}
+    # Watch streams with context.write, not as an async generator: it was UNKNOWN and a traceback.
+    error = _call(channel, "/grpc.health.v1.Health/Watch", b"\x0a\x05ab", streaming=True)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "truncated or corrupt" in (
+        error.details() or ""
+    )
+    error = _call(channel, "/grpc.health.v1.Health/Watch", bad_service, streaming=True)
+    assert _violations(error) == {"service": "is not valid UTF-8 (invalid byte at offset 0)"}
+
+
+def test_reflection_refuses_corrupt_bytes_and_still_answers(channel: grpc.Channel) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    method = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+    call = channel.stream_stream(method)
+    with pytest.raises(grpc.RpcError) as caught:  # it was UNKNOWN and a traceback in the log
+        list(call(iter([b"\x0a\x05ab"]), timeout=30))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "truncated or corrupt" in (caught.value.details() or "")
+    listing = reflection_pb2.ServerReflectionRequest(list_services="").SerializeToString()
+    [answer] = call(iter([listing]), timeout=30)
+    services = reflection_pb2.ServerReflectionResponse.FromString(answer).list_services_response.service
+    assert "textgen.v1.TextGeneration" in {service.name for service in services}
 
 
 def test_refusals_are_counted(server: ServerThread, channel: grpc.Channel) -> None:

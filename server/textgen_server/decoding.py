@@ -3,10 +3,10 @@
 grpc.aio decodes a request before any handler runs; when the deserializer raises (protobuf's
 DecodeError: a truncated or corrupt message, invalid UTF-8 in a string field, nesting past the
 decoder's depth limit) the call ends UNKNOWN "Unexpected <class DecodeError>" and nothing of ours
-sees it. `UndecodableRequestInterceptor` gives every unary-request method a deserializer that
-returns an `UndecodableRequest` instead of raising, and a behaviour that answers it with
-INVALID_ARGUMENT and a google.rpc.BadRequest before the servicer is called; the servicer only ever
-sees decoded messages. Stream-request methods (server reflection) keep grpc's own handling.
+sees it. `UndecodableRequestInterceptor` gives every method a deserializer that returns an
+`UndecodableRequest` instead of raising, and a behaviour that answers it with INVALID_ARGUMENT and a
+google.rpc.BadRequest before the servicer sees it (for server reflection's request stream, when
+the servicer reads it): servicers only ever see decoded messages.
 
 upb's DecodeError says what went wrong but not where; `diagnose` finds the field by walking the
 bytes with the message's descriptor, reading each level as unknown fields of an empty message so
@@ -138,10 +138,32 @@ class UndecodableRequestInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap(self, method: str, handler: Handler) -> Handler:
         descriptor = _input_type(method)
-        if descriptor is None or handler.request_streaming or handler.request_deserializer is None:
+        if descriptor is None or handler.request_deserializer is None:
             return handler
         deserialize = tolerant_deserializer(descriptor, handler.request_deserializer)
         refuse = functools.partial(self._refuse, method)
+        if handler.request_streaming:
+            if not (handler.response_streaming and inspect.isasyncgenfunction(handler.stream_stream)):
+                return handler  # no such method here
+            bidi_behaviour = handler.stream_stream  # server reflection
+
+            async def stream_stream(
+                requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
+            ) -> AsyncIterator[Any]:
+                async def decoded() -> AsyncIterator[Any]:
+                    async for request in requests:
+                        if isinstance(request, UndecodableRequest):
+                            await refuse(request, context)
+                        yield request
+
+                async for response in bidi_behaviour(decoded(), context):
+                    yield response
+
+            return grpc.stream_stream_rpc_method_handler(
+                stream_stream,
+                request_deserializer=deserialize,
+                response_serializer=handler.response_serializer,
+            )
         if handler.response_streaming and inspect.isasyncgenfunction(handler.unary_stream):
             stream_behaviour = handler.unary_stream
 
@@ -155,6 +177,19 @@ class UndecodableRequestInterceptor(grpc.aio.ServerInterceptor):
 
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream,
+                request_deserializer=deserialize,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.response_streaming and inspect.iscoroutinefunction(handler.unary_stream):
+            writing_behaviour = handler.unary_stream  # streams with context.write (health's Watch)
+
+            async def unary_stream_writing(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+                if isinstance(request, UndecodableRequest):
+                    await refuse(request, context)
+                await writing_behaviour(request, context)
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream_writing,
                 request_deserializer=deserialize,
                 response_serializer=handler.response_serializer,
             )
