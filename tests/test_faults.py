@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -135,6 +136,32 @@ def test_clients_that_left_the_queue_free_their_places(tiny_model_dir: Path) -> 
             busy.cancel()
             chunks = list(waiting)  # admitted, not refused with RESOURCE_EXHAUSTED
             assert chunks[-1].usage.completion_tokens == 2
+    finally:
+        harness.stop(grace=0)
+
+
+def _advertised_settings(port: int) -> dict[int, int]:
+    """The HTTP/2 SETTINGS the server sends a new connection first, by identifier."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        # The client preface, then an empty SETTINGS frame.
+        connection.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))
+        stream = connection.makefile("rb")
+        header = stream.read(9)  # length (3 bytes), type, flags, stream id
+        assert header[3] == 4, "the server's first frame is not SETTINGS"
+        payload = stream.read(int.from_bytes(header[:3], "big"))
+    return {
+        int.from_bytes(payload[i : i + 2], "big"): int.from_bytes(payload[i + 2 : i + 6], "big")
+        for i in range(0, len(payload), 6)
+    }
+
+
+def test_a_connection_holds_a_bounded_number_of_streams(tiny_model_dir: Path) -> None:
+    """Streams whose request never comes start no handler: nothing counted them, and one client
+    held hundreds of thousands (17 KB each)."""
+    harness = ServerThread(tiny_model_dir, load=False, limits=SchedulerLimits(max_concurrent_requests=5))
+    try:
+        max_concurrent_streams = 3
+        assert _advertised_settings(harness.port).get(max_concurrent_streams) == 5 + 32
     finally:
         harness.stop(grace=0)
 

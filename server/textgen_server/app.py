@@ -96,6 +96,12 @@ class HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]  # the pa
         return health_pb2.HealthListResponse(statuses=statuses)
 
 
+def max_streams_per_connection(limits: SchedulerLimits) -> int:
+    """What a connection may have open at once: every request the server takes, and room beside them
+    for health checks and GetModelInfo."""
+    return limits.max_concurrent_requests + 32
+
+
 MAX_SERVICE_NAME = 200  # characters of a health request's service name (gRPC's names are far shorter)
 
 
@@ -173,6 +179,11 @@ class TextgenServer:
                 ("grpc.so_reuseport", 0),  # a second server on a busy port fails instead of sharing it
                 ("grpc.max_receive_message_length", s.max_message_bytes),
                 ("grpc.max_send_message_length", s.max_message_bytes),
+                # Streams a connection may hold open at once: without a bound, a client held
+                # hundreds of thousands whose request never came (17 KB each, no handler started, so
+                # nothing else counted them). The bound never binds a well-behaved client: more
+                # requests than max_concurrent_requests are refused anyway.
+                ("grpc.max_concurrent_streams", max_streams_per_connection(s.limits)),
             ],
         )
         textgen_pb2_grpc.add_TextGenerationServicer_to_server(self.service, self.server)
