@@ -5,6 +5,7 @@ needs a token unless made public; tokens are re-read on SIGHUP."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import raw_http2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from server_harness import ServerProcess, ServerThread
@@ -144,6 +146,30 @@ def test_health_is_open_without_a_token(tls_server: ServerThread, certs: Certs) 
         for service in ("", "textgen.v1.TextGeneration"):
             response = health.Check(health_pb2.HealthCheckRequest(service=service))
             assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_metadata_that_is_not_utf8_writes_no_error_to_the_log(
+    tiny_model_dir: Path, token_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """grpc logged a traceback at ERROR for each such header: two per Generate call, one per health
+    check, which any caller could repeat without a token."""
+    server = ServerThread(tiny_model_dir, auth_token_file=token_file)
+    try:
+        with caplog.at_level(logging.INFO):
+            check = health_pb2.HealthCheckRequest().SerializeToString()
+            trailers = raw_http2.call(
+                server.port, "/grpc.health.v1.Health/Check", check, [(b"x-foo", b"\xff\xfe")]
+            )
+            assert trailers[b"grpc-status"] == b"0"
+            generate = pb.GenerateRequest(prompt="Hi", max_tokens=1).SerializeToString()
+            wrong_token = [(b"authorization", b"Bearer \xff\xfe"), (b"x-foo", b"\xff")]
+            trailers = raw_http2.call(
+                server.port, "/textgen.v1.TextGeneration/Generate", generate, wrong_token
+            )
+            assert trailers[b"grpc-status"] == str(grpc.StatusCode.UNAUTHENTICATED.value[0]).encode()
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    finally:
+        server.stop(grace=0)
 
 
 def _list_services(channel: grpc.Channel, metadata: tuple[tuple[str, str], ...] = ()) -> list[str]:

@@ -96,6 +96,23 @@ class HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]  # the pa
         return health_pb2.HealthListResponse(statuses=statuses)
 
 
+class _MetadataNotUtf8(logging.Filter):
+    """Drops grpc's record of a metadata value that is not UTF-8: a traceback at ERROR for each such
+    header (grpc then reads it as Latin-1 and goes on), which any caller could have written into
+    the log by the thousand, with or without a token."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith("Invalid encoding on"))
+
+
+_GRPC_CYTHON_LOG = logging.getLogger("grpc._cython.cygrpc")
+
+
+def _quiet_metadata_decoding() -> None:
+    if not any(isinstance(f, _MetadataNotUtf8) for f in _GRPC_CYTHON_LOG.filters):
+        _GRPC_CYTHON_LOG.addFilter(_MetadataNotUtf8())
+
+
 def max_streams_per_connection(limits: SchedulerLimits) -> int:
     """What a connection may have open at once: every request the server takes, and room beside them
     for health checks and GetModelInfo."""
@@ -155,6 +172,7 @@ class TextgenServer:
         """Listen (health NOT_SERVING until `load_model`); returns the bound port. Raises
         StartupError for unusable TLS files or token file, or an address it cannot listen on."""
         s = self.settings
+        _quiet_metadata_decoding()
         try:
             credentials = None if s.tls is None else server_credentials(s.tls)
             self.tokens = None if s.auth_token_file is None else TokenFile(s.auth_token_file)
