@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 import pytest
+import raw_http2
 from server_harness import ServerThread
 from textgen.v1 import textgen_pb2 as pb
 from textgen.v1 import textgen_pb2_grpc as rpc
@@ -136,6 +137,41 @@ def test_clients_that_left_the_queue_free_their_places(tiny_model_dir: Path) -> 
             busy.cancel()
             chunks = list(waiting)  # admitted, not refused with RESOURCE_EXHAUSTED
             assert chunks[-1].usage.completion_tokens == 2
+    finally:
+        harness.stop(grace=0)
+
+
+def test_streams_a_client_never_reads_keep_their_places(tiny_model_dir: Path) -> None:
+    """A request counts under max_concurrent_requests until its output is read: a client that never
+    read its streams had the server generate each to the end, hold the output, and take more."""
+    harness = ServerThread(tiny_model_dir, limits=SchedulerLimits(max_concurrent_requests=3))
+    try:
+        generated = harness.server.metrics.generated_tokens
+        request = pb.GenerateRequest(prompt="Unread", max_tokens=20, temperature=0).SerializeToString()
+        unread = raw_http2.UnreadStreams(
+            harness.port, "/textgen.v1.TextGeneration/GenerateStream", request, 3
+        )
+        assert _wait_for(lambda: generated._value.get() == 3 * 20)  # all three generated to the end
+        with grpc.insecure_channel(harness.target) as channel:
+            stub = rpc.TextGenerationStub(channel)
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.Generate(pb.GenerateRequest(prompt="Next", max_tokens=2), timeout=30)
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "3 requests are open (running, queued, or still sending their output)" in (
+                caught.value.details() or ""
+            )
+            unread.close()  # the client left: its places free
+
+            def served() -> bool:
+                try:
+                    return (
+                        stub.Generate(pb.GenerateRequest(prompt="Now", max_tokens=2), timeout=30) is not None
+                    )
+                except grpc.RpcError as error:
+                    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    return False
+
+            assert _wait_for(served)
     finally:
         harness.stop(grace=0)
 
