@@ -175,8 +175,16 @@ class Metrics:
     def serve(self, host: str, port: int) -> int:
         """Serve /metrics on host:port (0 picks a free port) in a thread; returns the bound port.
         Raises OSError when it cannot listen."""
+        # As prometheus_client's start_http_server: the address family and address `host` resolves to.
+        family, _, _, _, address = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+
+        class Server(_BoundedServer):
+            address_family = family
+
         server = make_server(
-            host, port, make_wsgi_app(self.registry), _server_class(host, port), handler_class=_Handler
+            str(address[0]), port, make_wsgi_app(self.registry), Server, handler_class=_Handler
         )
         threading.Thread(target=server.serve_forever, name="textgen-metrics", daemon=True).start()
         self._http = server
@@ -221,13 +229,3 @@ class _BoundedServer(ThreadingWSGIServer):
             super().process_request_thread(request, client_address)
         finally:
             self._places.release()
-
-
-def _server_class(host: str, port: int) -> type[WSGIServer]:
-    """_BoundedServer for the address family `host` resolves to (an IPv6 address needs AF_INET6)."""
-    family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM)[0][0]
-
-    class Server(_BoundedServer):
-        address_family = family
-
-    return Server
