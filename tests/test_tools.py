@@ -100,7 +100,8 @@ def test_structs_too_big_for_any_allowed_json_are_refused_unconverted(
 ) -> None:
     """Converting a megabyte of Struct held the event loop for 100 ms before its size was checked."""
     schema = {"type": "array", "items": {"enum": list(range(95_000))}}  # 1 MiB on the wire
-    tools = [{**FLAT, "name": f"tool_{i}", "description": "d" * 200} for i in range(4000)]  # 890 KiB
+    big = {"type": "object", "properties": {"p": {"enum": list(range(30_000))}}}  # 330 KB on the wire
+    tools = [{**FLAT, "name": f"tool_{i}", "parameters": big} for i in range(2)]
 
     def unconverted(*args: object) -> None:
         raise AssertionError("converted")
@@ -114,7 +115,19 @@ def test_structs_too_big_for_any_allowed_json_are_refused_unconverted(
         assert description.startswith(f"must be at most {validation.MAX_SCHEMA_CHARS} characters")
         [(field, description)] = violations(tok, grammars, {"chat": {"messages": [QUESTION], "tools": tools}})
         limit = CONFIG.max_input_length * tok.longest_piece
-        assert field == "chat.tools" and description.startswith(f"must be at most {limit} characters")
+        assert field == "chat.tools[0].parameters" and description.endswith(
+            f"more than any within the {limit} characters of JSON the input's tokens can hold"
+        )
+    # Under the bound, parameters are converted and checked as ever, the one that crosses it named.
+    small = {**FLAT, "parameters": {"type": "string"}}
+    half = {"type": "object", "properties": {"p": {"enum": list(range(15_000))}}}  # 165 KB
+    several = [small, *({**FLAT, "name": f"tool_{i}", "parameters": half} for i in range(2))]
+    body = {"chat": {"messages": [QUESTION], "tools": several}}
+    assert [field for field, _ in violations(tok, grammars, body)] == [
+        "chat.tools[0].parameters",  # not an object
+        "chat.tools[2].parameters",  # 330 KB with the one before
+        "input",  # the one converted is too long for the prompt
+    ]
 
 
 @pytest.mark.parametrize(

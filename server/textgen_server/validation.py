@@ -144,17 +144,7 @@ def _output(message: pb.GenerateRequest, max_input_chars: int, violations: list[
     fields: tuple[str, ...] = ()
     choice = ToolChoice()
     if message.WhichOneof("input") == "chat":
-        tools_bytes = sum(tool.ByteSize() for tool in message.chat.tools)
-        if tools_bytes > STRUCT_BYTES_PER_JSON_CHAR * max_input_chars:
-            violations.append(
-                FieldViolation(
-                    "chat.tools",
-                    f"must be at most {max_input_chars} characters as JSON (what the input's tokens can "
-                    f"hold), got {tools_bytes} bytes of protobuf, more than any tools of that size take",
-                )
-            )
-            return _Output()
-        tools, fields = _tools(message.chat, violations)
+        tools, fields = _tools(message.chat, max_input_chars, violations)
         choice = _tool_choice(message.chat.tool_choice, tools, violations)
     if not message.HasField("response_format"):
         return _Output(tools, fields, choice)
@@ -176,11 +166,18 @@ def _output(message: pb.GenerateRequest, max_input_chars: int, violations: list[
     return _Output(tools, fields, choice, json_mode=True, json_schema=json_schema)
 
 
-def _tools(chat: pb.Chat, violations: list[FieldViolation]) -> tuple[tuple[ToolSpec, ...], tuple[str, ...]]:
-    """The tools, in either form, and where each one sits ("chat.tools[0].function" or "chat.tools[0]")."""
+def _tools(
+    chat: pb.Chat, max_input_chars: int, violations: list[FieldViolation]
+) -> tuple[tuple[ToolSpec, ...], tuple[str, ...]]:
+    """The tools, in either form, and where each one sits ("chat.tools[0].function" or "chat.tools[0]").
+
+    Parameters past what `max_input_chars` characters of JSON could take on the wire are refused
+    unconverted, naming the tool whose parameters cross that bound; later ones are not converted.
+    """
     specs: list[ToolSpec] = []
     fields: list[str] = []
     names: set[str] = set()
+    parameters_bytes, bytes_bound = 0, STRUCT_BYTES_PER_JSON_CHAR * max_input_chars
     for index, tool in enumerate(chat.tools):
         where = f"chat.tools[{index}]"
         flat = bool(tool.name or tool.description or tool.HasField("parameters"))
@@ -197,22 +194,25 @@ def _tools(chat: pb.Chat, violations: list[FieldViolation]) -> tuple[tuple[ToolS
             violations.append(
                 FieldViolation(f"{where}.type", f"must be 'function', got {excerpt(tool.type)}")
             )
+        spec: pb.Function | pb.Tool = tool
         if tool.HasField("function"):
             where += ".function"
-            function = tool.function
-            name, description = function.name, function.description
-            parameters = (
-                _struct(function.parameters, f"{where}.parameters", violations)
-                if function.HasField("parameters")
-                else None
-            )
-        else:
-            name, description = tool.name, tool.description
-            parameters = (
-                _struct(tool.parameters, f"{where}.parameters", violations)
-                if tool.HasField("parameters")
-                else None
-            )
+            spec = tool.function
+        name, description = spec.name, spec.description
+        parameters = None
+        if spec.HasField("parameters") and parameters_bytes <= bytes_bound:
+            parameters_bytes += spec.parameters.ByteSize()
+            if parameters_bytes > bytes_bound:
+                violations.append(
+                    FieldViolation(
+                        f"{where}.parameters",
+                        f"the tools' parameters take {parameters_bytes} bytes of protobuf up to here, more "
+                        f"than any within the {max_input_chars} characters of JSON the input's tokens "
+                        "can hold",
+                    )
+                )
+            else:
+                parameters = _struct(spec.parameters, f"{where}.parameters", violations)
         if not TOOL_NAME.fullmatch(name):
             violations.append(
                 FieldViolation(
