@@ -50,10 +50,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--llamacpp-omp-wait",
-        choices=["passive", "default"],
-        default="passive",
-        help="OpenMP wait policy of llama-bench: passive (default; robust when other processes share "
-        "the cores) or libgomp's default spin-then-sleep, which is faster only on an otherwise idle machine",
+        choices=["auto", "passive", "default"],
+        default="auto",
+        help="OpenMP wait policy of llama-bench: auto (default: the faster of the other two, measured "
+        "at the start of the run), passive (robust when other processes share the cores) or libgomp's "
+        "default spin-then-sleep (faster on an otherwise idle machine)",
     )
     parser.add_argument(
         "--only",

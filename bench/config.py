@@ -52,8 +52,9 @@ class BenchConfig:
     # "llamacpp" stands for its three GGUF variants (f32, Q8_0, Q4_0), measured by llama-bench; "before"
     # for the engine before v2 (bench/variants.py) through gRPC.
     peers: tuple[str, ...] = field(default=("engine", "transformers", "genai", "llamacpp", "before"))
-    # OMP_WAIT_POLICY for llama-bench, or "default" to leave it unset (see bench/peers/llamacpp_peer.py).
-    llamacpp_omp_wait: str = "passive"
+    # OMP_WAIT_POLICY for llama-bench: "passive", "default" (unset), or "auto": the faster of the two
+    # in a probe at the start of the run (see bench/peers/llamacpp_peer.py).
+    llamacpp_omp_wait: str = "auto"
     # LoRA (bench/lora.py): the sweep's prompt and length at this many streams, all base vs mixed.
     lora_streams: int = 16
     lora_reps: int = 5

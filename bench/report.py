@@ -18,7 +18,7 @@ from .quantized import TARGETS as QUANTIZED_TARGETS
 from .quantized import markdown_lines as quantized_lines
 from .quantized import summarize as summarize_quantized
 from .quantized import target_values as quantized_target_values
-from .roofline import roofline_applies, roofline_share, roofline_tok_s
+from .roofline import LLC_MULTIPLE, roofline_applies, roofline_share, roofline_tok_s
 from .run import LLAMACPP_PEERS, RawResults
 from .serving import TARGET_ARRIVALS_P99_OVER_P50, TARGET_MIXED_VS_SEQUENTIAL
 from .serving import markdown_lines as serving_lines
@@ -315,8 +315,10 @@ def _targets(summary: dict[str, Any]) -> dict[str, Any]:
         **serving_target_values(summary.get("serving", {})),
         **quantized_target_values(summary.get("quantized", {})),
     }
-    if not summary["bandwidth"]["roofline_applies"]:
-        values["roofline share"] = None  # no memory bound to share where the weights sit in the cache
+    if not summary["bandwidth"]["roofline_applies"] or _roofline_beaten(summary):
+        # No memory bound to share where the weights sit in the cache, or where a peer read them
+        # faster than the bandwidth measured (the measurement, not the peer, is wrong then).
+        values["roofline share"] = None
     return {
         name: {
             "target": TARGETS[name],
@@ -488,8 +490,16 @@ def _llamacpp_lines(summary: dict[str, Any]) -> list[str]:
 
 
 def _omp_wait(summary: dict[str, Any]) -> str:
-    policy = summary["config"].get("llamacpp_omp_wait", "passive")
-    return "libgomp's default" if policy == "default" else f"`OMP_WAIT_POLICY={policy}`"
+    """The wait policy llama-bench ran with, and the probe that chose it where one did."""
+    peers = summary.get("peers", {})
+    info = next((peers[p] for p in LLAMACPP_PEERS if p in peers), {})
+    policy = info.get("omp_wait_policy", summary["config"].get("llamacpp_omp_wait", "passive"))
+    shown = "libgomp's default" if policy == "default" else f"`OMP_WAIT_POLICY={policy}`"
+    probe = info.get("omp_wait_probe_tok_s")
+    if not probe:
+        return shown
+    rates = ", ".join(f"{name} {rate:.0f} tok/s" for name, rate in probe.items())
+    return f"{shown}, the faster in a probe at the start of the run ({rates})"
 
 
 def _roofline_label(summary: dict[str, Any]) -> str:
@@ -500,9 +510,19 @@ def _roofline_label(summary: dict[str, Any]) -> str:
         return "memory roofline share (decode, first case; last-level cache size unknown)"
     times = weights / llc["size_bytes"]
     if not summary["bandwidth"]["roofline_applies"]:
+        where = (
+            f"fit in the {_llc(llc)}"
+            if times <= 1
+            else f"are only {times:.1f}× the {_llc(llc)}, which serves a good part of them "
+            f"(at least {LLC_MULTIPLE}× is needed)"
+        )
+        return f"memory roofline (decode, first case): does not apply, the {weights / 1e6:.0f} MB of weights read per token {where}"
+    beaten = _roofline_beaten(summary)
+    if beaten:
         return (
-            f"memory roofline (decode, first case): does not apply, the {weights / 1e6:.0f} MB of weights "
-            f"read per token fit in the {_llc(llc)}"
+            f"memory roofline (decode, first case; weights read per token {weights / 1e6:.0f} MB = "
+            f"{times:.1f}× the {_llc(llc)}): no bound measured, {_short(beaten[0])} decoded at "
+            f"{_pct(beaten[1])} of what the measured bandwidth allows"
         )
     return (
         f"memory roofline share (decode, first case; weights read per token {weights / 1e6:.0f} MB "
@@ -513,7 +533,22 @@ def _roofline_label(summary: dict[str, Any]) -> str:
 def _roofline_cell(summary: dict[str, Any], peer: dict[str, Any]) -> str:
     if not summary["bandwidth"]["roofline_applies"]:
         return "does not apply"
+    if _roofline_beaten(summary):
+        return "n/a"
     return _pct(peer.get("roofline_share"))
+
+
+def _roofline_beaten(summary: dict[str, Any]) -> tuple[str, float] | None:
+    """The peer (and its share) that decoded faster than the measured bandwidth allows, if any: then
+    the bandwidth measurement is below what the machine delivers, and no share means anything."""
+    first: dict[str, Any] = next(iter(summary["batch1"].values()), {"peers": {}})
+    shares = {
+        name: peer["roofline_share"]
+        for name, peer in first["peers"].items()
+        if peer.get("roofline_share") is not None
+    }
+    name = max(shares, key=shares.__getitem__, default=None)
+    return (name, shares[name]) if name is not None and shares[name] > 1 else None
 
 
 def _llc(cache: dict[str, Any] | None) -> str:

@@ -134,10 +134,16 @@ def roofline_shares(
     }
 
 
+# How many times the last-level cache the weights read per token must be for memory bandwidth to
+# bound decoding: a cache holding a good part of them serves those reads faster than memory does.
+LLC_MULTIPLE = 4
+
+
 def roofline_applies(bytes_per_token: int, llc_bytes: int | None) -> bool:
-    """False where the weights a token reads fit in the last-level cache; True where they cannot, or
-    where the cache size is unknown (the report then says so beside the row)."""
-    return llc_bytes is None or bytes_per_token > llc_bytes
+    """True where the weights a token reads are at least LLC_MULTIPLE times the last-level cache, or
+    where the cache size is unknown (the report then says so beside the row); False where a good
+    part of them could sit in that cache."""
+    return llc_bytes is None or bytes_per_token >= LLC_MULTIPLE * llc_bytes
 
 
 def _product(shape: tuple[int, ...]) -> int:

@@ -346,6 +346,13 @@ class Runner:
     def _warm_up(self, raw: RawResults) -> None:
         """First runs pay for allocation and graph caches; each shape once, not counted."""
         c = self.config
+        if self.llamacpp is not None and c.llamacpp_omp_wait == "auto" and self.llamacpp_peers:
+            variant = LLAMACPP_PEERS[self.llamacpp_peers[0]]
+            log(f"choosing llama.cpp's OpenMP wait policy on {variant}")
+            try:
+                log(f"llama.cpp runs with OMP_WAIT_POLICY {self.llamacpp.choose_omp_wait(variant)}")
+            except LlamaBenchError as exc:
+                log(f"llama.cpp's wait policy probe failed, passive it is: {exc}")
         for name in list(self.llamacpp_peers):  # also reads each GGUF file into the page cache
             log(f"warming up {name}")
             try:

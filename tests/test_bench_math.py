@@ -426,14 +426,18 @@ def test_roofline_does_not_apply_when_the_weights_fit_in_the_cache() -> None:
     assert roofline_applies(bench_model, 32 << 20)  # a 32 MiB L3: five times smaller than the weights
     assert roofline_applies(bench_model, None)  # unknown: shown, with the size marked unknown
     assert not roofline_applies(1000, 1000)  # exactly full still fits
+    assert not roofline_applies(3999, 1000)  # a quarter of them in the cache: not memory-bound
+    assert roofline_applies(4000, 1000)
 
 
-def _summary_for_roofline(llc_bytes: int | None) -> dict[str, Any]:
+def _summary_for_roofline(llc_bytes: int | None, shares: dict[str, float] | None = None) -> dict[str, Any]:
     llc = None if llc_bytes is None else {"level": 3, "size_bytes": llc_bytes}
+    peers = {name: {"roofline_share": share} for name, share in (shares or {}).items()}
     return {
         "machine": {"last_level_cache": llc},
         "weights": {"bytes_per_token": 162_041_856},
         "bandwidth": {"roofline_applies": roofline_applies(162_041_856, llc_bytes)},
+        "batch1": {"128/128": {"peers": peers, "speedup": {}}},
     }
 
 
@@ -450,6 +454,21 @@ def test_roofline_row_names_the_cache_and_says_when_it_does_not_apply() -> None:
     )
     assert _roofline_cell(small, {"roofline_share": 0.74}) == "74%"
     assert "unknown" in _roofline_label(_summary_for_roofline(None))
+    assert _roofline_label(_summary_for_roofline(100 << 20)) == (
+        "memory roofline (decode, first case): does not apply, the 162 MB of weights read per token are "
+        "only 1.5× the 100 MiB L3, which serves a good part of them (at least 4× is needed)"
+    )
+
+
+def test_a_peer_past_the_roofline_means_the_bandwidth_reading_is_low() -> None:
+    """Shares of 109% and 128% were printed, and the 90% target called met."""
+    beaten = _summary_for_roofline(32 << 20, {"engine": 1.09, "genai": 1.28})
+    assert _roofline_label(beaten) == (
+        "memory roofline (decode, first case; weights read per token 162 MB = 4.8× the 32 MiB L3): no bound "
+        "measured, genai decoded at 128% of what the measured bandwidth allows"
+    )
+    assert _roofline_cell(beaten, {"roofline_share": 1.09}) == "n/a"
+    assert _roofline_cell(_summary_for_roofline(32 << 20, {"engine": 0.9}), {"roofline_share": 0.9}) == "90%"
 
 
 # -- llama.cpp: build options, build progress, llama-bench output ---------------------------------------
@@ -595,15 +614,25 @@ def test_llamacpp_rates_become_peers_with_decode_ratios_and_no_ttft() -> None:
     assert s["llamacpp-q4_0"]["ttft"] is None  # llama-bench gives no time to first token
 
     summary = {
+        **_summary_for_roofline(32 << 20),
         "batch1": {
             "128/128": {"peers": {"engine": engine, "llamacpp-f32": f32, "llamacpp-q4_0": q4}, "speedup": s}
         },
-        **_summary_for_roofline(32 << 20),
         "config": {"llamacpp_omp_wait": "passive"},
     }
     summary["bandwidth"]["roofline_bytes_s"] = bw
     table = _llamacpp_lines(summary)
     assert table[1].endswith("OpenMP wait policy: `OMP_WAIT_POLICY=passive`.")
+    summary["peers"] = {
+        "llamacpp-f32": {
+            "omp_wait_policy": "default",
+            "omp_wait_probe_tok_s": {"passive": 130.4, "default": 171.2},
+        }
+    }
+    assert _llamacpp_lines(summary)[1].endswith(
+        "OpenMP wait policy: libgomp's default, the faster in a probe at the start of the run "
+        "(passive 130 tok/s, default 171 tok/s)."
+    )
     assert table[3] == (
         "| measure | this engine (fp32) | llama.cpp f32 | llama.cpp Q8_0 | llama.cpp Q4_0 | engine ÷ f32 "
         "| engine ÷ Q8_0 | engine ÷ Q4_0 |"

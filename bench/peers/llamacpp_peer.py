@@ -7,17 +7,21 @@ reports rates, not per-token times, so this peer has a decode rate and no time t
 its own process already, so unlike the Python peers it needs no worker: the runner calls it directly,
 in the same rotation.
 
-OpenMP's wait policy is passive by default here. ggml splits each op statically between its threads
-and meets at a barrier after every op, and libgomp's default waiters spin first: when other
-processes share the two cores, a spinning thread takes the core its partner needs. Measured here at
-load average 8-13 on 2 cores, Q4_0 decoded 2-57 tok/s with libgomp's default and 63-421 with
-OMP_WAIT_POLICY=passive (ggml's own threadpool, built without OpenMP, collapsed the same way: 4-9).
-On an otherwise idle machine the default may be faster; `--llamacpp-omp-wait default` measures that.
+OpenMP's wait policy decides llama.cpp's speed here, and which one wins depends on the machine's
+load. ggml splits each op statically between its threads and meets at a barrier after every op:
+libgomp's default waiters spin first, passive ones sleep at once. When other processes share the two
+cores a spinning thread takes the core its partner needs (at load average 8-13 on 2 cores, Q4_0
+decoded 2-57 tok/s with libgomp's default and 63-421 with OMP_WAIT_POLICY=passive; ggml's own
+threadpool, built without OpenMP, collapsed the same way: 4-9); on an idle machine sleeping at
+hundreds of barriers a token costs time instead. So by default (`auto`) the run measures both at its
+start and gives llama.cpp the faster for the whole run (`choose_omp_wait`), as the other peers get
+their own best settings; `--llamacpp-omp-wait passive|default` fixes one.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -110,7 +114,7 @@ class LlamacppPeer:
         models: Mapping[str, Path],
         threads: int,
         repo: Path,
-        omp_wait: str = "passive",
+        omp_wait: str = "auto",
         batched_bench: Path | None = None,
     ) -> None:
         self.llama_bench = llama_bench
@@ -120,10 +124,27 @@ class LlamacppPeer:
         self.omp_wait = omp_wait
         self.repo = repo
         self.env = thread_env(threads, repo)
-        self.env.pop("OMP_WAIT_POLICY", None)
-        if omp_wait != "default":
-            self.env["OMP_WAIT_POLICY"] = omp_wait
+        self._set_omp_wait("passive" if omp_wait == "auto" else omp_wait)  # auto: until choose_omp_wait
+        self.omp_wait_probe: dict[str, float] = {}  # policy -> decode tok/s, when chosen by a probe
         self.last: dict[str, LlamaBenchTest] = {}  # variant -> its latest test, for info()
+
+    def _set_omp_wait(self, policy: str) -> None:
+        self.omp_wait = policy
+        self.env.pop("OMP_WAIT_POLICY", None)
+        if policy != "default":
+            self.env["OMP_WAIT_POLICY"] = policy
+
+    def choose_omp_wait(self, variant: str, rounds: int = 3) -> str:
+        """Measure `variant`'s decode under each wait policy, alternating, and keep the faster (the
+        median of `rounds` each) for every later call; returns it."""
+        rates: dict[str, list[float]] = {"passive": [], "default": []}
+        for _ in range(rounds):
+            for policy, measured in rates.items():
+                self._set_omp_wait(policy)
+                measured.append(self.decode_tok_s(variant, 128, 32))
+        self.omp_wait_probe = {policy: statistics.median(measured) for policy, measured in rates.items()}
+        self._set_omp_wait(max(self.omp_wait_probe, key=self.omp_wait_probe.__getitem__))
+        return self.omp_wait
 
     def decode_tok_s(self, variant: str, depth: int, new_tokens: int, timeout_s: float = 600) -> float:
         """Decode tokens/s of `new_tokens` steps after `depth` tokens of context, one repetition."""
@@ -206,6 +227,7 @@ class LlamacppPeer:
             "model": _shown(self.models[variant], self.repo),
             "threads": self.threads,
             "omp_wait_policy": self.omp_wait,
+            **({"omp_wait_probe_tok_s": self.omp_wait_probe} if self.omp_wait_probe else {}),
             **(
                 {
                     "model_type": test.model_type,
