@@ -60,8 +60,9 @@ PEER_NAMES = {
 RATIO_PEERS = ("transformers", "genai", *LLAMACPP_PEERS)
 # Two more estimates of the decode speed-up that resist other load on a shared machine.
 ROBUST_SPEEDUPS = {
-    "decode_paired": "Decode speed-up, median of the ratios within each repetition (peers run back to back "
-    "there, so slow load drift cancels)",
+    "decode_paired": "Decode speed-up, median of the ratios within each repetition (each repetition runs "
+    "every peer once, in a rotated order, so drift slower than a repetition cancels; `python -m bench.pair` "
+    "pairs the engine and genai back to back)",
     "decode_best": "Decode speed-up of the best repetition of each (the least disturbed by other load)",
 }
 TARGETS = {
@@ -231,7 +232,7 @@ def sweep_level(reps: list[list[dict[str, Any]]], new_tokens: int) -> dict[str, 
         "aggregate_tok_s": distribution(aggregates),  # prefill included: all tokens / whole wall time
         "aggregate_decode_tok_s": distribution(
             decodes or [0.0]
-        ),  # prefill excluded (issue 5's "decode throughput")
+        ),  # from the first first token: prefill before it excluded (issue 5's "decode throughput")
         "ttft_s": {"p50": percentile(ttfts, 50), "p99": percentile(ttfts, 99), "n": len(ttfts)},
         "inter_token_s": {"p50": percentile(gaps, 50), "p99": percentile(gaps, 99), "n": len(gaps)},
         "streams_ended_early": short,
@@ -372,7 +373,8 @@ def markdown(summary: dict[str, Any]) -> str:
         f"transformers {m['versions'].get('transformers')}, onnxruntime-genai "
         f"{summary['peers'].get('genai', {}).get('onnxruntime_genai', 'n/a')}, llama.cpp "
         f"{llama.get('build_commit', 'n/a')} from the {SDIST} sdist); bench model fp32, greedy, batch 1; "
-        f"median (min–max) of the repetitions; load average {_load(m)} during the run."
+        f"median (min–max) of the repetitions; load average {_load(m)} during the run; "
+        f"commit {m.get('commit', 'unknown')}."
     )
     lines = [
         header,

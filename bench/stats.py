@@ -97,7 +97,8 @@ def aggregate_tok_s(starts: Sequence[float], ends: Sequence[float], tokens: Sequ
 def aggregate_decode_tok_s(firsts: Sequence[float], ends: Sequence[float], tokens: Sequence[int]) -> float:
     """Tokens after each stream's first, over the window from the earliest first token to the last token.
 
-    Leaves prefill out, as the batch-1 decode rate does: n streams decoding together for the same window.
+    Leaves out the prefill before the first token; a later stream's prefill (one that waited for a KV
+    slot, or was prefilled while others decoded) falls inside the window and counts against the rate.
     """
     if not (len(firsts) == len(ends) == len(tokens)) or not firsts:
         raise ValueError("need one first-token time, end and token count per stream")

@@ -828,3 +828,12 @@ def test_exporter_digest_changes_with_the_exporter_source(tmp_path: Path) -> Non
     assert exporter_digest(tmp_path) == before
     (package / "native_graph.py").write_text("A = 2\n")
     assert exporter_digest(tmp_path) != before
+
+
+def test_the_report_names_the_commit_it_measured() -> None:
+    import subprocess
+
+    from bench.machine import machine_info
+
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+    assert machine_info(2)["commit"].removesuffix("+changes") == head.stdout.strip()

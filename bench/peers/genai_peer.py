@@ -47,13 +47,16 @@ class GenaiPeer:
         }
 
     def generate(self, prompt_ids: list[int], new_tokens: int) -> list[float]:
-        """Timestamps `[start, token_1, ..., token_n]`; min_length = max_length forces exactly n tokens."""
+        """Timestamps `[start, token_1, ..., token_n]`; min_length = max_length forces exactly n tokens.
+
+        The clock starts once the generator is set up: its KV buffer, allocated here for this run, is
+        no part of the time to first token, as this engine's, allocated at start-up, is not."""
         total = len(prompt_ids) + new_tokens
-        start = time.perf_counter()
         params = og.GeneratorParams(self.model)
         # max_length sizes the shared past/present buffer: the cache is allocated once, for this run.
         params.set_search_options(do_sample=False, max_length=total, min_length=total, batch_size=1)
         generator = og.Generator(self.model, params)
+        start = time.perf_counter()
         generator.append_tokens(np.asarray(prompt_ids, dtype=np.int32))
         times = [start]
         for _ in range(new_tokens):
