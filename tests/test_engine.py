@@ -141,6 +141,27 @@ def test_decode_bindings_reused_across_row_counts_match_passes_bound_alone(
         np.testing.assert_array_equal(got, copy)
 
 
+def test_decode_without_copy_gives_the_same_logits_read_only_until_the_next_pass(
+    tiny_model_dir: Path,
+) -> None:
+    """`copy=False` (what the scheduler asks for) is a view of the pass's output buffer: equal to the
+    copy, not writable, and overwritten by the next pass."""
+    engine = Engine(tiny_model_dir, provider="cpu", slots=2, max_len=64)
+    for slot, prompt in enumerate([[1, 5, 9], [1, 7]]):
+        engine.prefill(slot, prompt)
+    tokens, lengths = np.array([11, 12]), np.array([3, 2])
+    copied = engine.decode(tokens, lengths)  # [2, vocab]
+    for slot, prompt in enumerate([[1, 5, 9], [1, 7]]):
+        engine.prefill(slot, prompt)  # the same positions again
+    view = engine.decode(tokens, lengths, copy=False)  # [2, vocab]
+    np.testing.assert_array_equal(view, copied)
+    assert not view.flags.writeable
+    with pytest.raises(ValueError):
+        view[0, 0] = 0.0
+    engine.decode(np.array([13, 14]), lengths + 1)
+    assert not np.array_equal(view, copied)
+
+
 def test_memory_does_not_grow_over_a_thousand_joins_and_leaves(tiny_model_dir: Path) -> None:
     engine = Engine(tiny_model_dir, provider="cpu", slots=4, host_arrays=False)
     prompts = [random_prompt(n, seed=n) for n in (3, 9, 40)]

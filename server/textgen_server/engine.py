@@ -280,10 +280,14 @@ class Engine:
         tokens: npt.NDArray[np.int64],
         lengths: npt.NDArray[np.int64],
         adapters: npt.NDArray[np.int64] | None = None,
+        *,
+        copy: bool = True,
     ) -> npt.NDArray[np.float32]:
         """One token per row for rows 0..n-1 (`tokens` [n]); `lengths` [n] are the positions each row
         already holds (its new token's position); `adapters` [n] each row's adapter slot (default: all
-        the base model). Logits [n, vocab], an array of their own."""
+        the base model). Logits [n, vocab], an array of their own; with `copy=False` a read-only view
+        of the buffer the pass wrote them into, which the next decode pass overwrites (for a caller
+        done with them by then: copying 16 rows of a 32000-token vocabulary cost 0.15-0.3 ms a step)."""
         n = int(tokens.shape[0])
         if not 1 <= n <= self.slots:
             raise ValueError(f"decode takes 1 to {self.slots} rows, got {n}")
@@ -305,9 +309,12 @@ class Engine:
         self._step_seqlens[:n] = lengths
         self._step_total[...] = int(lengths.max()) + 1
         self.session.run_with_iobinding(bound.binding)
-        # A copy: the next pass overwrites the buffer, and callers may keep the array they got.
-        logits: npt.NDArray[np.float32] = self._step_logits[:n, 0, :].copy()  # [n, vocab]
-        return logits
+        logits: npt.NDArray[np.float32] = self._step_logits[:n, 0, :]  # [n, vocab]
+        if copy:  # the next pass overwrites the buffer, and callers may keep the array they got
+            return logits.copy()
+        view = logits.view()
+        view.flags.writeable = False
+        return view
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
         """Move a sequence of `length` positions from slot `src` to slot `dst`."""

@@ -317,7 +317,8 @@ class Scheduler:
             lengths = np.array([h.cached for h in rows], dtype=np.int64)  # [n] positions held
             adapters = np.array([h.adapter_slot for h in rows], dtype=np.int64)  # [n] 0: base model
             prefetch_token_masks(h.generation for h in rows)  # constrained rows, during the pass
-            logits = self.engine.decode(tokens, lengths, adapters)  # [n, vocab]
+            # A view of the engine's buffer: every row's token is picked below, before the next pass.
+            logits = self.engine.decode(tokens, lengths, adapters, copy=False)  # [n, vocab]
             self.stats.decode_seconds = time.monotonic() - started
             for row, handle in enumerate(rows):
                 handle.cached += 1
