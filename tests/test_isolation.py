@@ -111,13 +111,13 @@ async def test_gauges_are_published_after_a_failed_step(
     full_steps = 0
     failed_once = False
 
-    def decode_failing_later(tokens: Any, lengths: Any, adapters: Any = None) -> Any:
+    def decode_failing_later(tokens: Any, lengths: Any, adapters: Any = None, **options: Any) -> Any:
         nonlocal full_steps, failed_once
         full_steps += len(tokens) == 3
         if full_steps == 3 and not failed_once:  # the third step that decodes all three
             failed_once = True
             raise RuntimeError("simulated ORT failure")
-        return real_decode(tokens, lengths, adapters)
+        return real_decode(tokens, lengths, adapters, **options)
 
     monkeypatch.setattr(engine, "decode", decode_failing_later)
     try:
