@@ -121,7 +121,6 @@ class LlamacppPeer:
         self.batched_bench = batched_bench
         self.models = dict(models)
         self.threads = threads
-        self.omp_wait = omp_wait
         self.repo = repo
         self.env = thread_env(threads, repo)
         self._set_omp_wait("passive" if omp_wait == "auto" else omp_wait)  # auto: until choose_omp_wait
@@ -136,12 +135,16 @@ class LlamacppPeer:
 
     def choose_omp_wait(self, variant: str, rounds: int = 3) -> str:
         """Measure `variant`'s decode under each wait policy, alternating, and keep the faster (the
-        median of `rounds` each) for every later call; returns it."""
+        median of `rounds` each) for every later call; returns it. A failed probe leaves passive."""
         rates: dict[str, list[float]] = {"passive": [], "default": []}
-        for _ in range(rounds):
-            for policy, measured in rates.items():
-                self._set_omp_wait(policy)
-                measured.append(self.decode_tok_s(variant, 128, 32))
+        try:
+            for _ in range(rounds):
+                for policy, measured in rates.items():
+                    self._set_omp_wait(policy)
+                    measured.append(self.decode_tok_s(variant, 128, 32))
+        except LlamaBenchError:
+            self._set_omp_wait("passive")
+            raise
         self.omp_wait_probe = {policy: statistics.median(measured) for policy, measured in rates.items()}
         self._set_omp_wait(max(self.omp_wait_probe, key=self.omp_wait_probe.__getitem__))
         return self.omp_wait
