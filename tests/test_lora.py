@@ -34,9 +34,9 @@ from textgen_export.cli import main as export_main
 from textgen_export.onnx_export import export_checkpoint
 from textgen_server.adapters import Adapter, AdapterSlots
 from textgen_server.app import ServerSettings, TextgenServer
-from textgen_server.engine import Engine
+from textgen_server.engine import Engine, ModelMismatchError
 from textgen_server.lora_format import AdapterWeights, load_adapter, save_adapter
-from textgen_server.model_config import LORA_MODULES, ModelConfig
+from textgen_server.model_config import LORA_GROUPS, LORA_MODULES, ModelConfig
 from textgen_server.prompt import ChatMessage, encode_chat, encode_prompt
 from textgen_server.tokenizer import Tokenizer
 from transformers import MistralForCausalLM
@@ -640,10 +640,30 @@ def test_without_slots_the_graph_has_no_adapter_path(tiny_model_dir: Path, lora_
     plain_inputs, plain_nodes = lora_parts(tiny_model_dir)
     lora_inputs, lora_nodes = lora_parts(lora_model_dir)
     assert plain_inputs == 0 and ModelConfig.load(tiny_model_dir).lora is None
-    assert lora_inputs == 1 + 2 * 4 * 2  # lora_index, then A and B for 4 groups in 2 layers
+    assert lora_inputs == 1 + 2 * 5 * 2  # lora_index, then A and B for 5 groups in 2 layers
     assert lora_nodes > plain_nodes
     model = onnx.load(str(lora_model_dir / "model.onnx"))
     assert model.ir_version == 8 and {o.domain: o.version for o in model.opset_import}[""] == 18
+
+
+def test_lora_groups_that_are_not_the_graphs_are_refused_at_start(
+    lora_model_dir: Path, tmp_path: Path
+) -> None:
+    """textgen.json's groups say how adapters are packed into the graph's inputs; one without them
+    (written before gate and up were separate projections) describes a packed gate/up graph."""
+    edited = tmp_path / "edited"
+    shutil.copytree(lora_model_dir, edited)
+    data = json.loads((edited / "textgen.json").read_text())
+    assert data["lora"]["groups"] == {group: list(members) for group, members in LORA_GROUPS.items()}
+    del data["lora"]["groups"]
+    (edited / "textgen.json").write_text(json.dumps(data))
+    assert "gate_up" in ModelConfig.load(edited).lora.groups  # type: ignore[union-attr]
+    with pytest.raises(ModelMismatchError) as raised:
+        Engine(edited, provider="cpu", slots=1, max_len=64)
+    assert str(raised.value).endswith(
+        "does not match the graph beside it: lora groups qkv (q_proj/k_proj/v_proj), o (o_proj), "
+        "gate_up (gate_proj/up_proj), down (down_proj), the graph's are down, gate, o, qkv, up"
+    )
 
 
 def test_int4_weights_keep_the_adapters_in_the_activation_dtype(
@@ -653,10 +673,10 @@ def test_int4_weights_keep_the_adapters_in_the_activation_dtype(
     export_checkpoint(tiny_model_dir / "checkpoint", out, dtype="int4", lora_slots=SLOTS, lora_rank=RANK)
     graph = onnx.load(str(out / "model.onnx")).graph
     ops = Counter(node.op_type for node in graph.node)
-    # 2 layers x 4 projections (each with its adapter Gemms), and the LM head in int8
-    assert ops["MatMulNBits"] == 2 * 4 + 1 and ops["Gemm"] == 2 * 4
+    # 2 layers x 5 projections (each with its adapter Gemms), and the LM head in int8
+    assert ops["MatMulNBits"] == 2 * 5 + 1 and ops["Gemm"] == 2 * 5
     stacks = [i for i in graph.input if i.name.startswith("lora.")]
-    assert len(stacks) == 2 * 4 * 2 and {i.type.tensor_type.elem_type for i in stacks} == {
+    assert len(stacks) == 2 * 5 * 2 and {i.type.tensor_type.elem_type for i in stacks} == {
         onnx.TensorProto.FLOAT
     }
     engine = Engine(out, provider="cpu", slots=2, max_len=128)

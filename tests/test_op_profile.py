@@ -91,8 +91,8 @@ def test_a_real_profile_matches_the_graph_it_ran(tiny_model_dir: Path) -> None:
     by_op = {t.op_type: t for t in profile.by_op}
     layers = 2
     assert by_op["GroupQueryAttention"].nodes == layers
-    # q/k/v, o, gate/up and down per layer, and the LM head; every decode step ran each once.
-    assert by_op["MatMul"].nodes == 4 * layers + 1
+    # q/k/v, o, gate, up and down per layer, and the LM head; every decode step ran each once.
+    assert by_op["MatMul"].nodes == 5 * layers + 1
     assert sum(t.us_per_step for t in profile.by_op) <= profile.run_us_median * 1.5
     # The tiny demo's only product of a megabyte or more is the LM head: 64 x 32000 fp32 weights.
     assert [(r.node, r.weight_bytes) for r in profile.reads] == [("lm_head", 64 * 32000 * 4)]
@@ -111,4 +111,4 @@ def test_multiply_adds_of_quantized_products_come_from_their_shape(
     plain = multiply_adds_by_node(tiny_model_dir / "model.onnx")
     quantized = multiply_adds_by_node(quantized_model_dir("int4") / "model.onnx")
     renamed = {name.removesuffix("_Q4").removesuffix("_Q8"): macs for name, macs in quantized.items()}
-    assert renamed == plain and len(plain) == 4 * 2 + 1
+    assert renamed == plain and len(plain) == 5 * 2 + 1  # q/k/v, o, gate, up, down; the LM head

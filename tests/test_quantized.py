@@ -53,8 +53,8 @@ def test_export_reports_its_quality_and_quantizes_the_linear_layers(quantized_di
     graph = onnx.load(str(quantized_dir / "model.onnx")).graph
     nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
     plain = [n.name for n in graph.node if n.op_type == "MatMul"]
-    # Per layer: qkv, o, gate_up, down (2 layers), and the LM head, in 8 bits unless asked otherwise.
-    assert len(nbits) == 2 * 4 + 1 and plain == []
+    # Per layer: qkv, o, gate, up, down (2 layers), and the LM head, in 8 bits unless asked otherwise.
+    assert len(nbits) == 2 * 5 + 1 and plain == []
     bits = {n.name: a.i for n in nbits for a in n.attribute if a.name == "bits"}
     accuracy = {a.i for n in nbits for a in n.attribute if a.name == "accuracy_level"}
     assert bits.pop(f"{LM_HEAD_NODE}_Q{lm_head_bits}") == lm_head_bits == report["lm_head_bits"]

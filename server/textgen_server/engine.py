@@ -129,6 +129,19 @@ def check_graph_matches(session: ort.InferenceSession, config: ModelConfig, conf
         problems.append(
             f"lora modules {', '.join(sorted(config.lora.modules)) or '(none)'}, the graph's are {', '.join(LORA_MODULES)}"
         )
+    elif config.lora is not None:
+        # The groups say how adapters are packed into the graph's inputs (exports before the field
+        # packed gate/up together): they must name the graph's inputs and hold every module once.
+        prefix, suffix = io.lora_a.format(0, "\0").split("\0")
+        graph_groups = {
+            n[len(prefix) : -len(suffix)] for n in inputs if n.startswith(prefix) and n.endswith(suffix)
+        }
+        grouped = sorted(m for members in config.lora.groups.values() for m in members)
+        if set(config.lora.groups) != graph_groups or grouped != sorted(LORA_MODULES):
+            listed = ", ".join(
+                f"{group} ({'/'.join(members)})" for group, members in config.lora.groups.items()
+            )
+            problems.append(f"lora groups {listed}, the graph's are {', '.join(sorted(graph_groups))}")
     if io.logits in outputs and outputs[io.logits].shape[-1] != config.vocab_size:
         problems.append(
             f"vocab_size {config.vocab_size}, the graph's logits have {outputs[io.logits].shape[-1]}"

@@ -2,7 +2,7 @@
 
 Each stack holds one block per adapter slot, slot after slot: for slot i (1..slots; 0 is the base
 model and has none) rows (i - 1) * R_g .. i * R_g of A^T [slots * R_g, in] and of B [slots * R_g, out],
-where R_g is the group's rank (model_config.LORA_GROUPS: the layout's rank times its members). For each
+where R_g is the group's rank (the layout's `groups`: its rank times the group's members). For each
 layer and group the graph takes A^T [k * R_g, in] and B [k * R_g, out] (native_graph.py): the blocks of
 k consecutive slots, from the lowest to the highest a row of the pass uses, one pointer each; none
 (k = 0) when every row is the base model, so such a pass does no adapter work at all. The graph
@@ -10,7 +10,7 @@ computes every bound slot's product on every token and keeps each token's own, s
 the slots in the batch, not with the rows: one adapter's worth for a prefill.
 
 Writing an adapter into a slot packs its matrices the way the graph packs the projections: in a group of
-several members (q/k/v, gate/up), member j's A^T goes into rows j*R..j*R+r of the slot's block of A^T,
+several members (q/k/v), member j's A^T goes into rows j*R..j*R+r of the slot's block of A^T,
 and its B into the same rows of the slot's block of B, under that member's own output columns
 (block-diagonal), where R is the layout's rank and r the adapter's; the rest of the slot is zeros, so
 smaller ranks and missing modules add nothing.
@@ -32,7 +32,7 @@ import onnxruntime as ort
 
 from .kv_cache import NUMPY_DTYPES
 from .lora_format import AdapterWeights
-from .model_config import LORA_GROUPS, ModelConfig
+from .model_config import ModelConfig
 
 
 class LoraStacks:
@@ -49,7 +49,7 @@ class LoraStacks:
         # name -> host array, by slot: [slots, R_g, in] for A^T, [slots, R_g, out] for B
         self._host: dict[str, npt.NDArray[Any]] = {}
         for layer in range(config.num_layers):
-            for group in LORA_GROUPS:
+            for group in self.layout.groups:
                 fan_in, rank, fan_out = self.layout.group_shape(group)
                 self._host[io.lora_a.format(layer, group)] = np.zeros(
                     (self.slots, rank, fan_in), dtype=self.dtype
@@ -92,7 +92,7 @@ class LoraStacks:
         rank = self.layout.rank
         matrices = weights.matrices if weights is not None else {}
         for layer in range(self._layers):
-            for group, members in LORA_GROUPS.items():
+            for group, members in self.layout.groups.items():
                 a_name, b_name = self._io.lora_a.format(layer, group), self._io.lora_b.format(layer, group)
                 a_t, b_all = (
                     self._host[a_name][slot - 1],

@@ -30,9 +30,18 @@ ACTIVATION_DTYPES = ("fp32", "fp16")  # textgen.json's dtype: activations and KV
 WEIGHT_DTYPES = ("fp32", "fp16", "int4", "int8")  # its weight_dtype (int4/int8: MatMulNBits)
 
 # LoRA: the projections the graph has adapter slots for, grouped as the graph packs them (q/k/v are
-# one MatMul, so are gate/up): a group's adapters are concatenated along the rank (A) and placed
-# block-diagonally (B), each member in its own `rank`-wide block.
+# one MatMul; gate and up are two, like o and down): a group's adapters are concatenated along the rank
+# (A) and placed block-diagonally (B), each member in its own `rank`-wide block.
 LORA_GROUPS: dict[str, tuple[str, ...]] = {
+    "qkv": ("q_proj", "k_proj", "v_proj"),
+    "o": ("o_proj",),
+    "gate": ("gate_proj",),
+    "up": ("up_proj",),
+    "down": ("down_proj",),
+}
+# The groups of exports whose textgen.json does not list them: gate/up were then one MatMul too, whose
+# output a Split copied into two, and their adapters' B was block-diagonal, half of it zeros.
+PACKED_GATE_UP_GROUPS: dict[str, tuple[str, ...]] = {
     "qkv": ("q_proj", "k_proj", "v_proj"),
     "o": ("o_proj",),
     "gate_up": ("gate_proj", "up_proj"),
@@ -72,10 +81,12 @@ class LoraLayout:
     slots: int  # adapters resident at once; the stacks have slots + 1 rows, row 0 all zeros (the base model)
     rank: int  # the largest rank an adapter may have on any projection
     modules: dict[str, tuple[int, int]]  # projection (q_proj, ...) -> (in features, out features)
+    # group (the graph's lora.{layer}.{group}.A/B inputs) -> its member projections, in packing order
+    groups: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(LORA_GROUPS))
 
     def group_shape(self, group: str) -> tuple[int, int, int]:
         """(in, rank, out) of a group's stacked matrices: members side by side along rank and out."""
-        members = LORA_GROUPS[group]
+        members = self.groups[group]
         return (
             self.modules[members[0]][0],
             self.rank * len(members),
@@ -85,7 +96,13 @@ class LoraLayout:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LoraLayout:
         modules = {name: (int(dims[0]), int(dims[1])) for name, dims in data["modules"].items()}
-        return cls(slots=int(data["slots"]), rank=int(data["rank"]), modules=modules)
+        listed = data.get("groups")
+        groups = (
+            {str(group): tuple(str(m) for m in members) for group, members in listed.items()}
+            if listed is not None
+            else dict(PACKED_GATE_UP_GROUPS)
+        )
+        return cls(slots=int(data["slots"]), rank=int(data["rank"]), modules=modules, groups=groups)
 
 
 _POSITIVE_FIELDS = (
