@@ -57,10 +57,13 @@ serve: $(SERVE_INSTALLED) $(MODEL_DIR)/textgen.json
 test: $(INSTALLED) $(GPU_INSTALLED)
 	$(PY) -m pytest -q
 
-models/tiny-fp16/textgen.json: models/tiny/textgen.json | $(INSTALLED)
+# Exported again when the exporter changes: the GPU checks must run what it writes now.
+EXPORTER_SOURCES := $(wildcard export/textgen_export/*.py)
+
+models/tiny-fp16/textgen.json: models/tiny/textgen.json $(EXPORTER_SOURCES) | $(INSTALLED)
 	$(VENV)/bin/textgen-export model models/tiny/checkpoint --out models/tiny-fp16 --dtype fp16 --overwrite
 
-$(GPU_LORA_DIR)/textgen.json: models/tiny/textgen.json | $(INSTALLED)
+$(GPU_LORA_DIR)/textgen.json: models/tiny/textgen.json $(EXPORTER_SOURCES) | $(INSTALLED)
 	$(VENV)/bin/textgen-export model models/tiny/checkpoint --out $(GPU_LORA_DIR) --lora-slots 3 --lora-rank 16 --overwrite
 
 # The CUDA checks under onnxruntime-gpu: tests marked gpu are skipped, with the reason, without CUDA;
