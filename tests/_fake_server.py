@@ -40,6 +40,12 @@ MODEL_INFO = textgen_pb2.GetModelInfoResponse(
 )
 
 
+# grpc binds with SO_REUSEPORT unless told not to: port 0 can then hand out a port another server of
+# the test run still holds, and a client reach the wrong one (grpc/grpc#10755). textgen-server sets
+# the same option.
+EXCLUSIVE_PORT = [("grpc.so_reuseport", 0)]
+
+
 class FakeTextGeneration(textgen_pb2_grpc.TextGenerationServicer):
     def __init__(self) -> None:
         self.target = ""
@@ -177,7 +183,7 @@ class FakeTextGeneration(textgen_pb2_grpc.TextGenerationServicer):
 def serve() -> Iterator[FakeTextGeneration]:
     """A FakeTextGeneration on an in-process server bound to a free port; `.target` is its address."""
     fake = FakeTextGeneration()
-    server = grpc.server(ThreadPoolExecutor(max_workers=8))
+    server = grpc.server(ThreadPoolExecutor(max_workers=8), options=EXCLUSIVE_PORT)
     textgen_pb2_grpc.add_TextGenerationServicer_to_server(fake, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()

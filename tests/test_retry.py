@@ -9,6 +9,7 @@ import asyncio
 import random
 import socket
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import grpc
@@ -246,6 +247,15 @@ async def test_async_stream_is_never_replayed_after_a_chunk(
                 received.append(chunk.response)
     assert received == ["a", " b"]
     assert (fake.calls, waits) == (1, [])
+
+
+def test_the_fake_server_holds_its_port_alone(fake: FakeTextGeneration) -> None:
+    """Another server with SO_REUSEPORT (grpc's default) cannot bind the fake's port and take some of
+    its clients; a test's calls reach its own server only."""
+    intruder = grpc.server(ThreadPoolExecutor(max_workers=1))
+    with pytest.raises(RuntimeError, match="Failed to bind"):
+        intruder.add_insecure_port(fake.target)
+    intruder.stop(None)
 
 
 def test_connection_refused_is_unavailable_and_retried(waits: list[int]) -> None:

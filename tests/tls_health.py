@@ -10,6 +10,7 @@ from pathlib import Path
 
 import grpc
 import trustme
+from _fake_server import EXCLUSIVE_PORT
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 
@@ -61,7 +62,7 @@ def make_certs(directory: Path) -> Certs:
 @contextlib.contextmanager
 def mtls_health_server(server_files: dict[str, Path]) -> Iterator[str]:
     """The standard health service (SERVING) over TLS, refusing clients without a certificate from the CA."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), options=EXCLUSIVE_PORT)
     servicer = health.HealthServicer()
     for service in ("", "textgen.v1.TextGeneration"):
         servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
