@@ -29,7 +29,9 @@ class EnginePeer:
         times = [start, time.perf_counter()]
         length = len(prompt_ids)
         for _ in range(new_tokens - 1):
-            logits = self.engine.decode(np.array([token], dtype=np.int64), np.array([length]))  # [1, vocab]
+            # Without a copy, as the server's scheduler reads them.
+            step = np.array([token], dtype=np.int64)
+            logits = self.engine.decode(step, np.array([length]), copy=False)  # [1, vocab]
             token = int(logits[0].argmax())
             length += 1
             times.append(time.perf_counter())

@@ -153,6 +153,7 @@ def check_graph_matches(session: ort.InferenceSession, config: ModelConfig, conf
 @dataclass
 class _DecodeBinding:
     binding: ort.IOBinding
+    logits: npt.NDArray[np.float32]  # [rows, vocab]: read-only view of the buffer the pass writes
     adapter_range: tuple[int, int] | None = None  # the adapter slots bound now (first, count)
 
 
@@ -301,33 +302,34 @@ class Engine:
         the base model). Logits [n, vocab], an array of their own; with `copy=False` a read-only view
         of the buffer the pass wrote them into, which the next decode pass overwrites (for a caller
         done with them by then: copying 16 rows of a 32000-token vocabulary cost 0.15-0.3 ms a step)."""
+        # Every Python operation between two passes runs on caches the pass just swept (a fp32 pass
+        # reads all the weights): each costs several times its usual time, so this path does few.
         n = int(tokens.shape[0])
         if not 1 <= n <= self.slots:
             raise ValueError(f"decode takes 1 to {self.slots} rows, got {n}")
-        if lengths.shape != (n,) or int(lengths.max()) >= self.max_len:
+        longest = int(lengths.max())
+        if lengths.shape != (n,) or longest >= self.max_len:
             raise ValueError(f"lengths must be [{n}] and below {self.max_len}, got {lengths}")
-        if adapters is None:
-            adapters = np.zeros(n, dtype=np.int64)
-        elif adapters.shape != (n,):
-            raise ValueError(f"adapters must be [{n}], got {adapters.shape}")
         bound = self._decode_bindings.get(n) or self._bind_decode(n)
-        adapter_run = self._adapter_range(adapters)
-        if adapter_run is not None and self.lora is not None:
-            first, count, relative = adapter_run
-            self._step_adapters[:n] = relative
-            if bound.adapter_range != (first, count):
-                self.lora.bind(bound.binding, first, count)
-                bound.adapter_range = (first, count)
+        if adapters is not None or self.lora is not None:
+            if adapters is None:
+                adapters = np.zeros(n, dtype=np.int64)
+            elif adapters.shape != (n,):
+                raise ValueError(f"adapters must be [{n}], got {adapters.shape}")
+            adapter_run = self._adapter_range(adapters)
+            if adapter_run is not None and self.lora is not None:
+                first, count, relative = adapter_run
+                self._step_adapters[:n] = relative
+                if bound.adapter_range != (first, count):
+                    self.lora.bind(bound.binding, first, count)
+                    bound.adapter_range = (first, count)
         self._step_ids[:n, 0] = tokens
         self._step_seqlens[:n] = lengths
-        self._step_total[...] = int(lengths.max()) + 1
+        self._step_total[...] = longest + 1
         self.session.run_with_iobinding(bound.binding)
-        logits: npt.NDArray[np.float32] = self._step_logits[:n, 0, :]  # [n, vocab]
         if copy:  # the next pass overwrites the buffer, and callers may keep the array they got
-            return logits.copy()
-        view = logits.view()
-        view.flags.writeable = False
-        return view
+            return bound.logits.copy()
+        return bound.logits
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
         """Move a sequence of `length` positions from slot `src` to slot `dst`."""
@@ -349,7 +351,9 @@ class Engine:
         # Host memory on every provider: the logits are read on the host.
         logits_shape = [rows, *self._step_logits.shape[1:]]  # [rows, 1, vocab]
         binding.bind_output(io.logits, "cpu", 0, np.float32, logits_shape, self._step_logits.ctypes.data)
-        bound = self._decode_bindings[rows] = _DecodeBinding(binding)
+        logits = self._step_logits[:rows, 0, :]  # [rows, vocab], a view of the bound buffer
+        logits.flags.writeable = False
+        bound = self._decode_bindings[rows] = _DecodeBinding(binding, logits)
         return bound
 
     def _adapter_range(
