@@ -307,8 +307,8 @@ class Engine:
         n = int(tokens.shape[0])
         if not 1 <= n <= self.slots:
             raise ValueError(f"decode takes 1 to {self.slots} rows, got {n}")
-        longest = int(lengths.max())
-        if lengths.shape != (n,) or longest >= self.max_len:
+        longest = max(lengths.tolist()) if lengths.shape == (n,) else self.max_len  # no numpy reduction
+        if longest >= self.max_len:
             raise ValueError(f"lengths must be [{n}] and below {self.max_len}, got {lengths}")
         bound = self._decode_bindings.get(n) or self._bind_decode(n)
         if adapters is not None or self.lora is not None:

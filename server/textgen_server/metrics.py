@@ -54,6 +54,9 @@ class Metrics:
             buckets=_STEP_BUCKETS,
             registry=r,
         )
+        # observe_step runs after every step, between two forward passes: children looked up once.
+        self._prefill_duration = self.batch_forward_duration.labels("prefill")
+        self._decode_duration = self.batch_forward_duration.labels("decode")
         self.generated_tokens = Counter(
             "textgen_generated_tokens", "Tokens generated, all requests (cancelled ones too)", registry=r
         )
@@ -137,15 +140,18 @@ class Metrics:
         self.batch_current_size.set(stats.batch_size)
         # The step's peak; an empty batch holds nothing, whatever the step held before it emptied.
         self.kv_positions.set(stats.kv_positions if stats.batch_size else 0)
-        self.generated_tokens.inc(stats.tokens)
-        self.prefill_tokens.inc(stats.prefill_positions)
-        self.prefix_cache_tokens.inc(stats.reused_positions)
+        if stats.tokens:
+            self.generated_tokens.inc(stats.tokens)
+        if stats.prefill_positions:
+            self.prefill_tokens.inc(stats.prefill_positions)
+        if stats.reused_positions:
+            self.prefix_cache_tokens.inc(stats.reused_positions)
         for seconds in stats.first_token_seconds:
             self.time_to_first_token.observe(seconds)
         if stats.prefill_seconds:
-            self.batch_forward_duration.labels("prefill").observe(stats.prefill_seconds)
+            self._prefill_duration.observe(stats.prefill_seconds)
         if stats.decode_seconds:
-            self.batch_forward_duration.labels("decode").observe(stats.decode_seconds)
+            self._decode_duration.observe(stats.decode_seconds)
 
     def observe_request(self, record: RequestRecord) -> None:
         """Called on the event loop when a Generate or GenerateStream call ends."""

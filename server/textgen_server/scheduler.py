@@ -315,7 +315,11 @@ class Scheduler:
             rows = self._running
             tokens = np.array([h.generation.last_token for h in rows], dtype=np.int64)  # [n]
             lengths = np.array([h.cached for h in rows], dtype=np.int64)  # [n] positions held
-            adapters = np.array([h.adapter_slot for h in rows], dtype=np.int64)  # [n] 0: base model
+            adapters = (  # [n] 0: base model; None on a graph without adapter slots
+                np.array([h.adapter_slot for h in rows], dtype=np.int64)
+                if self.engine.adapter_slots
+                else None
+            )
             prefetch_token_masks(h.generation for h in rows)  # constrained rows, during the pass
             # A view of the engine's buffer: every row's token is picked below, before the next pass.
             logits = self.engine.decode(tokens, lengths, adapters, copy=False)  # [n, vocab]
