@@ -666,6 +666,21 @@ def test_lora_groups_that_are_not_the_graphs_are_refused_at_start(
     )
 
 
+@pytest.mark.parametrize("groups", [["qkv", "o"], {"qkv": "q_proj"}, {"qkv": [1, 2]}])
+def test_malformed_lora_groups_are_one_line_naming_the_field(
+    lora_model_dir: Path, tmp_path: Path, groups: object
+) -> None:
+    edited = tmp_path / "edited"
+    edited.mkdir()
+    data = json.loads((lora_model_dir / "textgen.json").read_text())
+    data["lora"]["groups"] = groups
+    (edited / "textgen.json").write_text(json.dumps(data))
+    with pytest.raises(
+        ValueError, match=r"textgen.json: TypeError: lora groups must map each group to a list"
+    ):
+        ModelConfig.load(edited)
+
+
 def test_int4_weights_keep_the_adapters_in_the_activation_dtype(
     tiny_model_dir: Path, lora_dir: Path, tmp_path: Path
 ) -> None:

@@ -97,11 +97,17 @@ class LoraLayout:
     def from_dict(cls, data: dict[str, Any]) -> LoraLayout:
         modules = {name: (int(dims[0]), int(dims[1])) for name, dims in data["modules"].items()}
         listed = data.get("groups")
-        groups = (
-            {str(group): tuple(str(m) for m in members) for group, members in listed.items()}
-            if listed is not None
-            else dict(PACKED_GATE_UP_GROUPS)
-        )
+        if listed is None:
+            groups = dict(PACKED_GATE_UP_GROUPS)
+        elif isinstance(listed, dict) and all(
+            isinstance(members, list) and all(isinstance(m, str) for m in members)
+            for members in listed.values()
+        ):
+            groups = {str(group): tuple(members) for group, members in listed.items()}
+        else:
+            raise TypeError(
+                f"lora groups must map each group to a list of projection names, got {listed!r:.80}"
+            )
         return cls(slots=int(data["slots"]), rank=int(data["rank"]), modules=modules, groups=groups)
 
 
