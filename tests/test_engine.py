@@ -195,7 +195,14 @@ def test_incomplete_or_older_model_directory_says_how_to_fix_it(tiny_model_dir: 
         Engine(tmp_path, provider="cpu")
     (tmp_path / "kv_copy.onnx").write_bytes((tiny_model_dir / "kv_copy.onnx").read_bytes())
     config = ModelConfig.load(tmp_path)
-    older = config.to_json().replace('"format_version": 2', '"format_version": 1')
+    # Format 2 differs from 3 only in how a graph with adapter slots packs gate and up: a plain graph
+    # of either is the same graph, and the engine reads both.
+    format_2 = config.to_json().replace('"format_version": 3', '"format_version": 2')
+    (tmp_path / "textgen.json").write_text(format_2, encoding="utf-8")
+    assert Engine(tmp_path, provider="cpu", slots=1, max_len=64).config.format_version == 2
+    older = config.to_json().replace('"format_version": 3', '"format_version": 1')
     (tmp_path / "textgen.json").write_text(older, encoding="utf-8")
-    with pytest.raises(FileNotFoundError, match="format 1.*export it again"):
+    with pytest.raises(
+        FileNotFoundError, match="format 1; this server reads formats 2 to 3.*export it again"
+    ):
         Engine(tmp_path, provider="cpu")

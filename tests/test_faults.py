@@ -262,7 +262,7 @@ CONFIG_EDITS: dict[str, tuple[str, Any, str]] = {
     "config-number-as-text": ("vocab_size", "32000", "vocab_size must be a positive integer, got '32000'"),
     "config-zero-positions": ("max_total_tokens", 0, "max_total_tokens must be a positive integer, got 0"),
     "config-eos-past-vocab": ("eos_token_id", 50000, "eos_token_id 50000 is past the vocabulary"),
-    "config-newer-format": ("format_version", 3, "format 3, written by a newer textgen"),
+    "config-newer-format": ("format_version", 4, "format 4, written by a newer textgen"),
     "config-lora": (
         "lora",
         {"slots": 2, "rank": 4, "modules": {}},

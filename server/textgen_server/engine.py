@@ -41,7 +41,15 @@ import onnxruntime as ort
 from .kv_cache import KVCache
 from .lora_format import AdapterWeights
 from .lora_stacks import LoraStacks
-from .model_config import CONFIG_FILE, FORMAT_VERSION, KV_COPY_FILE, LORA_MODULES, MODEL_FILE, ModelConfig
+from .model_config import (
+    CONFIG_FILE,
+    FORMAT_VERSION,
+    KV_COPY_FILE,
+    LORA_MODULES,
+    MODEL_FILE,
+    OLDEST_READ_FORMAT,
+    ModelConfig,
+)
 
 log = logging.getLogger(__name__)
 
@@ -179,11 +187,11 @@ class Engine:
                 f"{model_dir}: format {self.config.format_version}, written by a newer textgen; this server "
                 f"reads format {FORMAT_VERSION}: upgrade the server, or export the model with this version"
             )
-        if missing or self.config.format_version != FORMAT_VERSION:
+        if missing or self.config.format_version < OLDEST_READ_FORMAT:
             what = f"{', '.join(missing)} missing" if missing else f"format {self.config.format_version}"
             raise FileNotFoundError(
-                f"{model_dir}: {what}; this server reads format {FORMAT_VERSION} (a KV cache allocated "
-                "once): export it again (textgen-export ... --overwrite)"
+                f"{model_dir}: {what}; this server reads formats {OLDEST_READ_FORMAT} to {FORMAT_VERSION} "
+                "(a KV cache allocated once): export it again (textgen-export ... --overwrite)"
             )
         providers = select_providers(provider)
         self.session = ort.InferenceSession(

@@ -17,8 +17,12 @@ MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 # A small graph that copies one KV slot to another on the model's device (a row leaving the batch).
 KV_COPY_FILE = "kv_copy.onnx"
-# What the engine reads: 2 = GroupQueryAttention over a cache allocated once (1: concatenated caches).
-FORMAT_VERSION = 2
+# What the exporter writes: 3 = GroupQueryAttention over a cache allocated once, with gate and up as
+# two projections and the lora groups listed in textgen.json. The engine also reads 2, the same but
+# for gate/up packed into one (PACKED_GATE_UP_GROUPS), not 1 (concatenated caches). A server older
+# than 3 refuses a 3 as written by a newer textgen rather than bind adapter inputs its graph lacks.
+FORMAT_VERSION = 3
+OLDEST_READ_FORMAT = 2
 
 # The limits of the Workers AI card for @hf/mistral/mistral-7b-instruct-v0.2.
 CARD_MODEL_NAME = "@hf/mistral/mistral-7b-instruct-v0.2"
@@ -39,7 +43,7 @@ LORA_GROUPS: dict[str, tuple[str, ...]] = {
     "up": ("up_proj",),
     "down": ("down_proj",),
 }
-# The groups of exports whose textgen.json does not list them: gate/up were then one MatMul too, whose
+# The groups of format 2, whose textgen.json does not list them: gate/up were then one MatMul too, whose
 # output a Split copied into two, and their adapters' B was block-diagonal, half of it zeros.
 PACKED_GATE_UP_GROUPS: dict[str, tuple[str, ...]] = {
     "qkv": ("q_proj", "k_proj", "v_proj"),
