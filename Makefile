@@ -57,8 +57,9 @@ serve: $(SERVE_INSTALLED) $(MODEL_DIR)/textgen.json
 test: $(INSTALLED) $(GPU_INSTALLED)
 	$(PY) -m pytest -q
 
-# Exported again when the exporter changes: the GPU checks must run what it writes now.
-EXPORTER_SOURCES := $(wildcard export/textgen_export/*.py)
+# Exported again when the exporter or the format it writes (model_config.py) changes: the GPU
+# checks must run what it writes now.
+EXPORTER_SOURCES := $(wildcard export/textgen_export/*.py) server/textgen_server/model_config.py
 
 models/tiny-fp16/textgen.json: models/tiny/textgen.json $(EXPORTER_SOURCES) | $(INSTALLED)
 	$(VENV)/bin/textgen-export model models/tiny/checkpoint --out models/tiny-fp16 --dtype fp16 --overwrite
