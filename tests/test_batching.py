@@ -6,7 +6,7 @@ import asyncio
 import random
 import resource
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -342,6 +342,14 @@ async def test_long_prompt_is_prefilled_in_chunks_while_streams_decode(
     tiny_model_dir: Path, tokenizer: Tokenizer
 ) -> None:
     engine = Engine(tiny_model_dir, provider="cpu", slots=8, max_len=2100)
+    passes: list[int] = []  # tokens in each prefill pass
+    prefill = engine.prefill
+
+    def counted_prefill(slot: int, tokens: Sequence[int], start: int = 0, adapter: int = 0) -> Any:
+        passes.append(len(tokens))
+        return prefill(slot, tokens, start, adapter)
+
+    engine.prefill = counted_prefill  # type: ignore[method-assign]
     steps: list[tuple[int, int, int]] = []  # (prefill tokens, batch size, tokens generated)
     limits = SchedulerLimits(max_batch_prefill_tokens=1000, prefill_chunk_tokens=256)
     sched = Scheduler(
@@ -363,6 +371,7 @@ async def test_long_prompt_is_prefilled_in_chunks_while_streams_decode(
     try:
         long_alone = await _tokens(sched, long)
         prefills_alone = [p for p, _, _ in steps if p]
+        passes_alone = list(passes)
         steps.clear()
         handles = [sched.submit(r) for r in streams]
         firsts = [await h.events().__aiter__().__anext__() for h in handles]  # all four are decoding
@@ -373,13 +382,26 @@ async def test_long_prompt_is_prefilled_in_chunks_while_streams_decode(
         await asyncio.to_thread(sched.stop, 0)
     assert all(f.completion_tokens == 1 for f in firsts)
     assert long_together == long_alone
-    # Alone, nothing decodes: the prompt goes in chunks of max_batch_prefill_tokens.
+    # Alone, nothing decodes: the prompt goes in chunks of max_batch_prefill_tokens a step, and on
+    # the CPU in passes of at most prefill_chunk_tokens.
     assert prefills_alone == [1000, 1000, 8]
+    assert passes_alone == [256, 256, 256, 232] * 2 + [8]
     # With streams decoding: chunks of at most 256, and every such step also decoded the streams.
     # (The streams' own prompts, 3 tokens each, may be admitted over more than one step.)
     chunked = [(p, size, tokens) for p, size, tokens in steps if p > 3 * len(streams)]
     assert len(chunked) >= 2000 // 256
     assert all(p <= 256 and size >= 4 and tokens >= 4 for p, size, tokens in chunked), steps
+
+
+def test_largest_prefill_pass_is_the_chunk_on_the_cpu_and_the_step_budget_on_cuda() -> None:
+    limits = SchedulerLimits(max_batch_prefill_tokens=1000, prefill_chunk_tokens=256)
+    assert limits.largest_prefill_pass("cpu") == 256
+    assert limits.largest_prefill_pass("cuda") == 1000
+    # A chunk larger than the step's budget: the budget bounds the pass.
+    assert (
+        SchedulerLimits(max_batch_prefill_tokens=100, prefill_chunk_tokens=256).largest_prefill_pass("cpu")
+        == 100
+    )
 
 
 async def test_cancelled_request_leaves_within_one_step(scheduler: Scheduler) -> None:

@@ -52,7 +52,8 @@ def parse_args(argv: list[str] | None) -> ServerSettings:
         "--max-batch-prefill-tokens",
         type=int,
         default=8192,
-        help="prompt tokens prefilled per step when nothing is decoding",
+        help="prompt tokens prefilled per step when nothing is decoding (on the CPU in passes no longer "
+        "than a prefill chunk)",
     )
     parser.add_argument(
         "--max-batch-total-tokens",
@@ -71,7 +72,8 @@ def parse_args(argv: list[str] | None) -> ServerSettings:
         "--prefill-chunk-tokens",
         type=int,
         default=512,
-        help="prompt tokens prefilled per step while streams decode (a long prompt goes in chunks)",
+        help="prompt tokens prefilled per step while streams decode (a long prompt goes in chunks); on the "
+        "CPU also the most one forward pass takes",
     )
     parser.add_argument(
         "--prefix-cache",
