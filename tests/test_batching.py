@@ -338,6 +338,58 @@ async def test_failed_step_fails_its_requests_and_the_server_goes_on(
         await asyncio.to_thread(sched.stop, 0)
 
 
+async def test_failed_prefill_pass_fails_its_request_alone(
+    tiny_model_dir: Path, tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prompt's pass writes its own slot only: when it fails, the streams decoding beside it go on
+    unchanged, and no later prompt starts from what the failed one left in its slot."""
+    engine = Engine(tiny_model_dir, provider="cpu", slots=8, max_len=1100)
+    limits = SchedulerLimits(max_batch_prefill_tokens=1000, prefill_chunk_tokens=256)
+    greedy = SamplingParams(temperature=0.0)
+    long = GenerationRequest(
+        request_id="victim", prompt_ids=(1, *range(10, 1000)), max_new_tokens=4, sampling=greedy
+    )
+    streams = [
+        GenerationRequest(request_id=f"s{i}", prompt_ids=(1, 7, 8 + i), max_new_tokens=40, sampling=greedy)
+        for i in range(4)
+    ]
+    reference = Scheduler(engine, tokenizer, limits, prefix_cache=False)
+    reference.start()
+    try:
+        streams_alone = [await _tokens(reference, r) for r in streams]
+        long_alone = await _tokens(reference, long)
+    finally:
+        await asyncio.to_thread(reference.stop, 0)
+
+    real_prefill = engine.prefill
+    failing = True
+
+    def second_pass_fails(slot: int, tokens: Sequence[int], start: int = 0, adapter: int = 0) -> Any:
+        if failing and start >= 256:  # the long prompt's second pass; the streams' prompts are short
+            raise RuntimeError("simulated out of memory")
+        return real_prefill(slot, tokens, start, adapter)
+
+    monkeypatch.setattr(engine, "prefill", second_pass_fails)
+    reused: list[int] = []
+    sched = Scheduler(engine, tokenizer, limits, on_step=lambda st: reused.append(st.reused_positions))
+    sched.start()
+    try:
+        handles = [sched.submit(r) for r in streams]
+        events = [h.events().__aiter__() for h in handles]
+        firsts = [(await e.__anext__()).token_id for e in events]  # all four are decoding
+        with pytest.raises(GenerationFailedError, match="victim"):
+            await asyncio.wait_for(_tokens(sched, long), timeout=30)
+        together = [[first, *[event.token_id async for event in e]] for first, e in zip(firsts, events)]
+        failing = False
+        reused.clear()
+        long_again = await asyncio.wait_for(_tokens(sched, long), timeout=30)
+    finally:
+        await asyncio.to_thread(sched.stop, 0)
+    assert together == streams_alone
+    assert long_again == long_alone
+    assert sum(reused) == 0  # its first 256 positions were written, and are not offered again
+
+
 async def test_long_prompt_is_prefilled_in_chunks_while_streams_decode(
     tiny_model_dir: Path, tokenizer: Tokenizer
 ) -> None:

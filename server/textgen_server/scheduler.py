@@ -368,11 +368,17 @@ class Scheduler:
             self._prefilling = handle
             prompt = handle.request.prompt_ids
             chunk = prompt[handle.cached : handle.cached + min(budget, self._largest_pass)]
-            logits = self.engine.prefill(
-                handle.slot, chunk, start=handle.cached, adapter=handle.adapter_slot
-            )  # [vocab]
-            handle.cached += len(chunk)
             budget -= len(chunk)
+            try:
+                logits = self.engine.prefill(
+                    handle.slot, chunk, start=handle.cached, adapter=handle.adapter_slot
+                )  # [vocab]
+            except Exception:  # this prompt's own pass (out of memory, say): it wrote its own slot only
+                log.exception("prefill pass failed for request %s", handle.request.request_id)
+                self._prefilling = None
+                self._fail(handle)  # its slot is free again, and the prefix cache keeps nothing of it
+                continue
+            handle.cached += len(chunk)
             self.stats.prefill_positions += len(chunk)
             if handle.cached < len(prompt):
                 continue  # its next pass, if the budget has room; else it comes first next step
