@@ -379,7 +379,9 @@ async def test_failed_prefill_pass_fails_its_request_alone(
         firsts = [(await e.__anext__()).token_id for e in events]  # all four are decoding
         with pytest.raises(GenerationFailedError, match="victim"):
             await asyncio.wait_for(_tokens(sched, long), timeout=30)
-        together = [[first, *[event.token_id async for event in e]] for first, e in zip(firsts, events)]
+        together = []
+        for first, rest in zip(firsts, events, strict=True):
+            together.append([first, *[event.token_id async for event in rest]])
         failing = False
         reused.clear()
         long_again = await asyncio.wait_for(_tokens(sched, long), timeout=30)
