@@ -338,6 +338,24 @@ async def test_failed_step_fails_its_requests_and_the_server_goes_on(
         await asyncio.to_thread(sched.stop, 0)
 
 
+def _long_prompt_and_streams(
+    long_id: str, prompt_tokens: int, stream_tokens: int
+) -> tuple[GenerationRequest, list[GenerationRequest]]:
+    """A greedy request whose prompt holds `prompt_tokens` tokens (4 new ones), and four greedy
+    streams of `stream_tokens` new tokens after 3-token prompts."""
+    greedy = SamplingParams(temperature=0.0)
+    long = GenerationRequest(
+        request_id=long_id, prompt_ids=(1, *range(10, 9 + prompt_tokens)), max_new_tokens=4, sampling=greedy
+    )
+    streams = [
+        GenerationRequest(
+            request_id=f"s{i}", prompt_ids=(1, 7, 8 + i), max_new_tokens=stream_tokens, sampling=greedy
+        )
+        for i in range(4)
+    ]
+    return long, streams
+
+
 async def test_failed_prefill_pass_fails_its_request_alone(
     tiny_model_dir: Path, tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -345,14 +363,7 @@ async def test_failed_prefill_pass_fails_its_request_alone(
     unchanged, and no later prompt starts from what the failed one left in its slot."""
     engine = Engine(tiny_model_dir, provider="cpu", slots=8, max_len=1100)
     limits = SchedulerLimits(max_batch_prefill_tokens=1000, prefill_chunk_tokens=256)
-    greedy = SamplingParams(temperature=0.0)
-    long = GenerationRequest(
-        request_id="victim", prompt_ids=(1, *range(10, 1000)), max_new_tokens=4, sampling=greedy
-    )
-    streams = [
-        GenerationRequest(request_id=f"s{i}", prompt_ids=(1, 7, 8 + i), max_new_tokens=40, sampling=greedy)
-        for i in range(4)
-    ]
+    long, streams = _long_prompt_and_streams("victim", prompt_tokens=991, stream_tokens=40)
     reference = Scheduler(engine, tokenizer, limits, prefix_cache=False)
     reference.start()
     try:
@@ -414,14 +425,7 @@ async def test_long_prompt_is_prefilled_in_chunks_while_streams_decode(
         prefix_cache=False,  # the same long prompt runs twice: both times it must be prefilled
     )
     sched.start()
-    greedy = SamplingParams(temperature=0.0)
-    long = GenerationRequest(
-        request_id="long", prompt_ids=(1, *range(10, 2017)), max_new_tokens=4, sampling=greedy
-    )
-    streams = [
-        GenerationRequest(request_id=f"s{i}", prompt_ids=(1, 7, 8 + i), max_new_tokens=60, sampling=greedy)
-        for i in range(4)
-    ]
+    long, streams = _long_prompt_and_streams("long", prompt_tokens=2008, stream_tokens=60)
     try:
         long_alone = await _tokens(sched, long)
         prefills_alone = [p for p, _, _ in steps if p]
