@@ -377,7 +377,7 @@ async def test_failed_prefill_pass_fails_its_request_alone(
 
     def second_pass_fails(slot: int, tokens: Sequence[int], start: int = 0, adapter: int = 0) -> Any:
         if failing and start >= 256:  # the long prompt's second pass; the streams' prompts are short
-            raise RuntimeError("simulated out of memory")
+            raise RuntimeError("simulated failure of the pass")
         return real_prefill(slot, tokens, start, adapter)
 
     monkeypatch.setattr(engine, "prefill", second_pass_fails)

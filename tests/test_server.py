@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -145,6 +147,45 @@ def test_cancelled_stream_stops_within_a_step(server: ServerThread, stub: rpc.Te
     # Far from its 3000 tokens:
     assert scheduler.stats.steps - steps_at_cancel < 1000
     assert stub.Generate(pb.GenerateRequest(prompt="still there?", max_tokens=3)).usage.completion_tokens == 3
+
+
+# What onnxruntime's arena raises when an allocation fails (CUDA's and the CPU's alike).
+_ORT_OUT_OF_MEMORY = (
+    "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned while running "
+    "GroupQueryAttention node. Status Message: bfc_arena.cc:376 void* onnxruntime::BFCArena::"
+    "AllocateRawInternal(...) Failed to allocate memory for requested buffer of size 1610612736"
+)
+
+
+def test_prefill_out_of_memory_is_resource_exhausted_for_that_request_alone(
+    server: ServerThread, stub: rpc.TextGenerationStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scheduler = server.server.scheduler
+    assert scheduler is not None
+    real_prefill = scheduler.engine.prefill
+
+    def out_of_memory_past_200(slot: int, tokens: Sequence[int], start: int = 0, adapter: int = 0) -> Any:
+        if start + len(tokens) > 200:
+            raise RuntimeError(_ORT_OUT_OF_MEMORY)
+        return real_prefill(slot, tokens, start, adapter)
+
+    monkeypatch.setattr(scheduler.engine, "prefill", out_of_memory_past_200)
+    stream = stub.GenerateStream(
+        pb.GenerateRequest(prompt="Count to a thousand", max_tokens=100, temperature=0)
+    )
+    first = next(stream)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Generate(pb.GenerateRequest(prompt="word " * 400, max_tokens=4))
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "out of memory prefilling the prompt" in caught.value.details()
+    assert "bfc_arena" not in caught.value.details()  # the server's internals stay in its log
+    chunks = [first, *stream]
+    assert len(chunks) == 100 and chunks[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    # Any other failure of a pass is the server's fault: INTERNAL.
+    monkeypatch.setattr(scheduler.engine, "prefill", lambda *args, **kwargs: 1 / 0)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Generate(pb.GenerateRequest(prompt="Hi", max_tokens=4))
+    assert caught.value.code() == grpc.StatusCode.INTERNAL
 
 
 def test_deadline_stops_generation(server: ServerThread, stub: rpc.TextGenerationStub) -> None:

@@ -122,7 +122,8 @@ class PermissionDeniedError(APIStatusError):
 
 
 class ResourceExhaustedError(APIStatusError):
-    """RESOURCE_EXHAUSTED: the server is full, or the request exceeds a size limit."""
+    """RESOURCE_EXHAUSTED: the server is full, the request exceeds a size limit, or the server ran out
+    of memory prefilling its prompt."""
 
 
 class FailedPreconditionError(APIStatusError):

@@ -107,6 +107,17 @@ class GenerationFailedError(Exception):
     """A forward pass failed: a bug, reported as INTERNAL with the request id."""
 
 
+class PrefillOutOfMemoryError(GenerationFailedError):
+    """A prompt's prefill pass could not get the memory it needs (RESOURCE_EXHAUSTED): the streams
+    beside it went on, and the same request may succeed later, or with a shorter prompt."""
+
+
+def _out_of_memory(error: Exception) -> bool:
+    """Whether a pass failed for want of memory: onnxruntime's arena (BFCArena, the CPU's and CUDA's)
+    says "Failed to allocate memory for requested buffer of size N", unchanged since 1.9."""
+    return isinstance(error, MemoryError) or "Failed to allocate memory" in str(error)
+
+
 @dataclass
 class StepStats:
     """What the metrics exporter reads after each iteration."""
@@ -373,10 +384,21 @@ class Scheduler:
                 logits = self.engine.prefill(
                     handle.slot, chunk, start=handle.cached, adapter=handle.adapter_slot
                 )  # [vocab]
-            except Exception:  # this prompt's own pass (out of memory, say): it wrote its own slot only
+            except (
+                Exception
+            ) as exc:  # this prompt's own pass (out of memory, say): it wrote its own slot only
                 log.exception("prefill pass failed for request %s", handle.request.request_id)
                 self._prefilling = None
-                self._fail(handle)  # its slot is free again, and the prefix cache keeps nothing of it
+                # Its slot is free again, and the prefix cache keeps nothing of it.
+                self._fail(
+                    handle,
+                    PrefillOutOfMemoryError(
+                        f"out of memory prefilling the prompt (request {handle.request.request_id}, "
+                        f"{len(prompt)} tokens); retry later, or with a shorter prompt"
+                    )
+                    if _out_of_memory(exc)
+                    else None,
+                )
                 continue
             handle.cached += len(chunk)
             self.stats.prefill_positions += len(chunk)
@@ -539,10 +561,10 @@ class Scheduler:
             self.stats.finished.append(event.finish_reason.value)
             self._outbox.put(handle, END)
 
-    def _fail(self, handle: RequestHandle) -> None:
+    def _fail(self, handle: RequestHandle, error: GenerationFailedError | None = None) -> None:
         handle.failed = True
         self._outbox.put(
-            handle, GenerationFailedError(f"generation failed (request {handle.request.request_id})")
+            handle, error or GenerationFailedError(f"generation failed (request {handle.request.request_id})")
         )
 
     def _retire(self, done: Callable[[RequestHandle], bool]) -> None:
