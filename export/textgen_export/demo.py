@@ -50,7 +50,7 @@ def write_demo_checkpoint(size: str, checkpoint: Path) -> None:
 def build_demo(
     out: Path,
     *,
-    size: str = "tiny",
+    size: str | DemoSize = "tiny",
     dtype: str = "fp32",
     activations: str | None = None,
     overwrite: bool = False,
@@ -60,12 +60,16 @@ def build_demo(
     quality_check: bool = True,
 ) -> ModelConfig:
     """The demo model directory, with its checkpoint bundled in `out/checkpoint/` for parity tests.
+    `size`: one of SIZES by name, or a shape of its own (bench.prefill_passes: Mistral-7B's widths
+    with fewer layers).
 
     The graph is written from the numpy weights in memory; the checkpoint holds the same arrays.
     """
-    if size not in SIZES:
+    if isinstance(size, str) and size not in SIZES:
         raise ValueError(f"unknown demo size {size!r}; expected one of {', '.join(SIZES)}")
-    config = mistral_config(SIZES[size])
+    shape = SIZES[size] if isinstance(size, str) else size
+    label = size if isinstance(size, str) else f"{shape.num_layers}-layer-h{shape.hidden_size}"
+    config = mistral_config(shape)
     weights = random_weights(config, SEED)
     with tempfile.TemporaryDirectory(prefix="textgen-demo-") as tmp:
         checkpoint = Path(tmp) / "checkpoint"
@@ -73,8 +77,8 @@ def build_demo(
         return export_checkpoint(
             checkpoint,
             out,
-            name=f"textgen-demo-{size}",
-            source=f"random weights, seed {SEED}, size {size}",
+            name=f"textgen-demo-{label}",
+            source=f"random weights, seed {SEED}, size {label}",
             overwrite=overwrite,
             bundle_checkpoint=True,
             dtype=dtype,

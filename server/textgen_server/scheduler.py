@@ -75,11 +75,11 @@ class SchedulerLimits:
         On the CPU, prefill_chunk_tokens even when nothing decodes (a step then runs several passes
         up to max_batch_prefill_tokens): a pass there is bound by arithmetic well below that size, so
         cutting a prompt costs no time, while the memory a pass needs grows with it (onnxruntime's
-        arena keeps it). A 3072-token prompt on Mistral-7B's layer shapes (models of two and four
-        layers of its widths, int4 and fp32, 2 threads of a Xeon) took as long in passes of 512 as
-        in one, within 3%, and the process grew by 0.63-0.66 GiB instead of 1.45-1.6 GiB, whatever
-        the number of layers. On CUDA, where a larger pass uses the device better,
-        max_batch_prefill_tokens.
+        arena keeps it). A 3072-token prompt on Mistral-7B's layer shapes (`python -m
+        bench.prefill_passes`: two and four layers of its widths, int4 and fp32, 2 threads of a
+        Xeon) took 0.94-0.99x the time in passes of 512 that it took in one, and the process grew by
+        0.65-0.69 GiB instead of 1.45-1.54 GiB, whatever the number of layers. On CUDA, where a
+        larger pass uses the device better, max_batch_prefill_tokens.
         """
         if device == "cpu":
             return min(self.prefill_chunk_tokens, self.max_batch_prefill_tokens)
