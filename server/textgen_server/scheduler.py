@@ -384,21 +384,20 @@ class Scheduler:
                 logits = self.engine.prefill(
                     handle.slot, chunk, start=handle.cached, adapter=handle.adapter_slot
                 )  # [vocab]
-            except (
-                Exception
-            ) as exc:  # this prompt's own pass (out of memory, say): it wrote its own slot only
+            except Exception as exc:
+                # This prompt's own pass (out of memory, say), which wrote its own slot only: the
+                # request fails alone, its slot is free again and the prefix cache keeps nothing of it.
                 log.exception("prefill pass failed for request %s", handle.request.request_id)
                 self._prefilling = None
-                # Its slot is free again, and the prefix cache keeps nothing of it.
-                self._fail(
-                    handle,
+                error = (
                     PrefillOutOfMemoryError(
                         f"out of memory prefilling the prompt (request {handle.request.request_id}, "
                         f"{len(prompt)} tokens); retry later, or with a shorter prompt"
                     )
                     if _out_of_memory(exc)
-                    else None,
+                    else None
                 )
+                self._fail(handle, error)
                 continue
             handle.cached += len(chunk)
             self.stats.prefill_positions += len(chunk)
