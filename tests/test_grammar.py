@@ -25,6 +25,7 @@ from textgen_server.grammar import (
     GrammarState,
     OutputConstraint,
     _rebase_refs,
+    _within_struct,
     fill_token_masks,
     prefetch_token_masks,
 )
@@ -219,6 +220,86 @@ def test_call_arguments_are_numbers_a_struct_carries_exactly(
     grammar = grammars.tool_calls([above], REQUIRED, "chat.tools")
     text = f'[{{"name":"above","arguments":{{"n":{10**16 + 5}}}}}]'
     assert accepts(grammar, raw_tokens.tokenize_str(text)) == (True, True)
+
+
+# Values a schema leaves open, each where JSON Schema leaves it so: llguidance writes any JSON there.
+OPEN = ToolSpec(
+    "store",
+    "Stores anything.",
+    {
+        "$defs": {"Blob": {"description": "anything at all"}},
+        "type": "object",
+        "properties": {
+            "empty": {},
+            "true": True,
+            "described": {"description": "no type"},
+            "list": {"type": "array"},
+            "tuple": {"type": "array", "prefixItems": [{"type": "string"}]},
+            "record": {"type": "object", "properties": {"id": {"type": "integer", "maximum": 9}}},
+            "either": {"anyOf": [{"type": "string"}, {}]},
+            "blob": {"$ref": "#/$defs/Blob"},
+        },
+        "additionalProperties": True,
+    },
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "placed"),
+    [
+        ("empty", "VALUE"),
+        ("true", "VALUE"),
+        ("described", "VALUE"),
+        ("list", "[1,VALUE]"),  # items
+        ("tuple", '["a",VALUE]'),  # items after prefixItems
+        ("record", '{"id":9,"x":VALUE}'),  # a nested object's unlisted property
+        ("either", "VALUE"),
+        ("blob", "VALUE"),
+        ("unlisted", "VALUE"),  # additionalProperties: true
+    ],
+)
+def test_open_values_in_call_arguments_are_json_a_struct_carries(
+    grammars: GrammarCompiler, raw_tokens: llguidance.LLTokenizer, name: str, placed: str
+) -> None:
+    """Any JSON goes where the schema leaves a value open, but numbers only as far as a double holds
+    integers exactly: before, `{"empty":1e999}` passed the grammar and ended the request INTERNAL."""
+    grammar = grammars.tool_calls([OPEN], REQUIRED, "chat.tools")
+
+    def call(value: str) -> tuple[bool, bool]:
+        arguments = f'{{"{name}":{placed.replace("VALUE", value)}}}'
+        return accepts(grammar, raw_tokens.tokenize_str(f'[{{"name":"store","arguments":{arguments}}}]'))
+
+    safe = 2**53 - 1
+    assert call(f'{{"a":[{{"b":-{safe}}},{safe},"s",null,false,0.5,[]]}}') == (True, True)
+    assert call('"text"') == (True, True)
+    for beyond in ("1e999", "-1e309", "1e5", str(safe + 1), f'{{"a":[{{"b":{-safe - 1}}}]}}', "[[1E3]]"):
+        assert call(beyond)[0] is False, beyond
+
+
+def test_only_schemas_are_opened_or_bounded_never_data_or_settings() -> None:
+    open_value = {"$ref": "#/$defs/struct_value"}
+    safe = 2**53 - 1
+    schema = {
+        "type": "object",
+        "properties": {
+            "flags": {"type": "array", "items": False, "uniqueItems": True, "default": {}},
+            "choice": {"enum": [True, {}], "const": {}},
+            "n": {"type": ["integer", "null"], "exclusiveMinimum": 0},
+        },
+        "dependentRequired": {"flags": ["n"]},
+        "x-note": {"type": "number"},
+    }
+    assert _within_struct(schema) == {
+        "type": "object",
+        "properties": {
+            "flags": {"type": "array", "items": False, "uniqueItems": True, "default": {}},
+            "choice": {"enum": [True, {}], "const": {}},  # defined by its values: not open
+            "n": {"type": ["integer", "null"], "exclusiveMinimum": 0, "maximum": safe},
+        },
+        "dependentRequired": {"flags": ["n"]},  # names, not schemas
+        "x-note": {"type": "number"},  # not a keyword: nothing reads it
+        "additionalProperties": open_value,
+    }
 
 
 @pytest.mark.parametrize("batched", [fill_token_masks, prefetch_token_masks])

@@ -550,7 +550,7 @@ def test_calls_too_deep_for_a_response_are_an_error_not_an_undecodable_response(
 
 @pytest.mark.parametrize("number", ["5E+071597857", "-1e309", "1" + "0" * 400, "9" * 5000])
 def test_a_number_past_a_double_is_an_error_not_a_response_no_client_can_read(number: str) -> None:
-    # A value whose schema sets no numeric type ({}, additionalProperties) gets no bounds.
+    # The grammar bounds every number (test_grammar.py); should one get past it, it is still refused.
     splitter = CallSplitter(calls_only=True)
     splitter.push(f'[{{"name":"f","arguments":{{"x":{number}}}}}]', final=True)
     assert splitter.calls == ()

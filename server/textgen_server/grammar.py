@@ -29,7 +29,9 @@ The grammars (Lark, with llguidance's `%json` for schemas):
                  start: calls         (required or one function)
 
 A call's arguments travel in a google.protobuf.Struct, whose numbers are doubles: a numeric schema
-in a tool's parameters that leaves a side unbounded is bounded there at 2^53 - 1 (`_bound_numbers`).
+in a tool's parameters that leaves a side unbounded is bounded there at 2^53 - 1, and a value it
+leaves open ({}, an array without items, an object's unlisted properties) is any JSON with numbers
+so bounded (`_within_struct`).
 
 JSON is compact (no whitespace between tokens: with free whitespace a weak model can spend its
 whole budget on spaces and newlines), and may follow one space, because this tokenizer writes the
@@ -258,9 +260,13 @@ class GrammarCompiler:
         allows text (auto), text that neither starts like a call nor contains one."""
         # Each tool's arguments schema sits under the root's $defs, its own "#..." references
         # rebased there: they point into the tool's parameters (pydantic's "#/$defs/Model"), not
-        # into this array of calls.
+        # into this array of calls. The open value its open values refer to sits beside them.
         offered = choice.offered(tools)
         arguments = {f"arguments_{index}": _arguments_schema(tool) for index, tool in enumerate(offered)}
+        defs = {
+            key: _within_struct(_rebase_refs(schema, f"#/$defs/{key}")) for key, schema in arguments.items()
+        }
+        defs[_OPEN_VALUE] = _OPEN_VALUE_SCHEMA
         items = [
             {
                 "type": "object",
@@ -270,7 +276,6 @@ class GrammarCompiler:
             }
             for key, tool in zip(arguments, offered, strict=True)
         ]
-        defs = {key: _rebase_refs(schema, f"#/$defs/{key}") for key, schema in arguments.items()}
         calls = _compact_schema({"type": "array", "minItems": 1, "items": {"anyOf": items}, "$defs": defs})
         lark = f'calls: " "? %json {calls}\n'
         if choice.text_allowed:
@@ -312,8 +317,7 @@ def _arguments_schema(tool: ToolSpec) -> dict[str, Any]:
     schema.setdefault("type", "object")
     if not _COMPOSED.intersection(schema):
         schema.setdefault("additionalProperties", False)
-    bounded: dict[str, Any] = _bound_numbers(schema)
-    return bounded
+    return schema
 
 
 # A response carries a call's arguments as a google.protobuf.Struct, whose numbers are doubles: within
@@ -322,33 +326,68 @@ def _arguments_schema(tool: ToolSpec) -> dict[str, Any]:
 # exponent: 0.0000001, never 1e-7.
 SAFE_INTEGER = 2**53 - 1
 _NUMERIC_TYPES = frozenset({"integer", "number"})
+# Any JSON value a Struct carries exactly, for a value a tool's schema leaves open: left to itself,
+# llguidance writes any JSON there, 1e999 included. One definition beside the tools' arguments in the
+# grammar's $defs, referenced wherever a value is open (a recursive schema: arrays and objects of it).
+_OPEN_VALUE = "struct_value"
+_OPEN_VALUE_REF = {"$ref": f"#/$defs/{_OPEN_VALUE}"}
+_JSON_TYPES = ("null", "boolean", "string", "number", "array", "object")
+_OPEN_VALUE_SCHEMA = {
+    "type": list(_JSON_TYPES),
+    "minimum": -SAFE_INTEGER,
+    "maximum": SAFE_INTEGER,
+    "items": _OPEN_VALUE_REF,
+    "additionalProperties": _OPEN_VALUE_REF,
+}
+# Keywords whose value is a schema, or a list of them (items: either, by the draft).
+_SUBSCHEMAS = frozenset(
+    {
+        "items", "prefixItems", "additionalItems", "contains", "unevaluatedItems",
+        "additionalProperties", "unevaluatedProperties", "propertyNames",
+        "allOf", "anyOf", "oneOf", "not", "if", "then", "else",
+    }
+)  # fmt: skip
+# Keywords that say what a value may be; a schema with none of them takes any JSON.
+_DEFINING = frozenset({"type", "$ref", "const", "enum", "allOf", "anyOf", "oneOf", "not", "if"})
 
 
-def _bound_numbers(schema: Any) -> Any:
-    """`schema` with every numeric schema that leaves a side unbounded bounded at -/+SAFE_INTEGER
-    on that side (bounds it sets stay as they are)."""
-    if isinstance(schema, list):
-        return [_bound_numbers(item) for item in schema]
+def _within_struct(schema: Any) -> Any:
+    """`schema` (a tool's arguments, or a schema inside them) with every value it leaves open made
+    `_OPEN_VALUE` and every numeric schema that leaves a side unbounded bounded at -/+SAFE_INTEGER on
+    that side (bounds it sets stay as they are): what it accepts is unchanged but for numbers past
+    what a double holds exactly. Open is `true`, a schema that defines no type (`{}`, a bare
+    description), an array's items and an object's unlisted properties when not given."""
+    if schema is True:
+        return dict(_OPEN_VALUE_REF)
     if not isinstance(schema, dict):
-        return schema
-    bounded: dict[str, Any] = {}
+        return schema  # false, or not a schema: llguidance judges it
+    walked: dict[str, Any] = {}
     for key, value in schema.items():
-        if key in _DATA_KEYWORDS:
-            bounded[key] = value
-        elif key in _SCHEMA_MAPS and isinstance(value, dict):
-            bounded[key] = {name: _bound_numbers(schema_) for name, schema_ in value.items()}
+        if key in _SCHEMA_MAPS and isinstance(value, dict):
+            walked[key] = {name: _within_struct(schema_) for name, schema_ in value.items()}
+        elif key in _SUBSCHEMAS:
+            walked[key] = (
+                [_within_struct(s) for s in value] if isinstance(value, list) else _within_struct(value)
+            )
         else:
-            bounded[key] = _bound_numbers(value)
-    types = schema.get("type")
-    if _NUMERIC_TYPES.intersection(types if isinstance(types, list) else [types]):
+            walked[key] = value  # data (const, enum, default) or a keyword's setting
+    if not _DEFINING.intersection(schema):
+        walked["type"] = list(_JSON_TYPES)  # the keywords it has still apply to their own type
+    types = walked.get("type")
+    types = set(types) if isinstance(types, list) else {types}
+    if _NUMERIC_TYPES.intersection(types):
         low = _bound(schema, "minimum", "exclusiveMinimum")
         high = _bound(schema, "maximum", "exclusiveMaximum")
         # Never past the schema's own bound on the other side: that would leave no number at all.
         if low is _UNSET and not (isinstance(high, (int, float)) and high <= -SAFE_INTEGER):
-            bounded["minimum"] = -SAFE_INTEGER
+            walked["minimum"] = -SAFE_INTEGER
         if high is _UNSET and not (isinstance(low, (int, float)) and low >= SAFE_INTEGER):
-            bounded["maximum"] = SAFE_INTEGER
-    return bounded
+            walked["maximum"] = SAFE_INTEGER
+    if "array" in types:
+        walked.setdefault("items", dict(_OPEN_VALUE_REF))  # after prefixItems, if any
+    if "object" in types:
+        walked.setdefault("additionalProperties", dict(_OPEN_VALUE_REF))
+    return walked
 
 
 _UNSET = object()

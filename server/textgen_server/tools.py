@@ -254,17 +254,16 @@ class CallSplitter:
                     self.calls = tuple(_parse_generated_calls(text))
                 except _BeyondDouble as exc:
                     self.error = (
-                        f"a tool call's arguments hold the number {excerpt(exc.text)}, beyond a double "
-                        "(a value whose schema sets no numeric type, so no bounds were added)"
+                        f"a tool call's arguments hold the number {excerpt(exc.text)}, beyond a double"
                     )
         return ""
 
 
-class _BeyondDouble(
-    Exception
-):  # not a ValueError: json.loads lets it through, told apart from text cut short
+class _BeyondDouble(Exception):
     """A JSON number past a double's range (1e999, or an integer of 400 digits): no response can
-    carry it."""
+    carry it. The grammar writes none (grammar.py bounds every number in a call's arguments); this
+    is the check should one get past it. Not a ValueError, which json.loads would take for text cut
+    short."""
 
     def __init__(self, text: str) -> None:
         super().__init__(text)
