@@ -221,9 +221,9 @@ def _free_port() -> int:
 _SHARED_SYSTEM = " ".join(f"rule {i}: answer briefly and cite the river delta." for i in range(30))
 
 
-# Constrained chats: JSON mode, and tools (one with references, as pydantic writes parameters).
-# Their completed answers are checked against the schemas, which rows whose grammars or masks got
-# mixed up in a batch would fail.
+# Constrained chats: JSON mode, and tools (one with references, as pydantic writes parameters, one
+# taking any JSON). Their completed answers are checked against the schemas, which rows whose
+# grammars or masks got mixed up in a batch would fail.
 _PERSON = {
     "type": "object",
     "properties": {
@@ -253,6 +253,8 @@ _TOOL_PARAMETERS = {
         "required": ["origin", "destination"],
         "additionalProperties": False,
     },
+    # Any JSON (its numbers bounded by the grammar so that the response's Struct carries them).
+    "note": {"type": "object", "properties": {"payload": {}}, "required": ["payload"]},
 }
 
 
@@ -270,7 +272,7 @@ def _constrained(rng: random.Random, max_tokens: int) -> pb.GenerateRequest:
         body["response_format"] = {"type": "json_schema", "json_schema": _PERSON}
     else:
         chat["tools"] = [{"name": name, "parameters": schema} for name, schema in _TOOL_PARAMETERS.items()]
-        chat["tool_choice"] = rng.choice(["auto", "required", "route"])
+        chat["tool_choice"] = rng.choice(["auto", "required", "route", "note"])
     return json_format.ParseDict(body, pb.GenerateRequest())
 
 
