@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from textgen_server import scheduler as scheduler_module
 from textgen_server.engine import Engine
 from textgen_server.generation import GenerationRequest
 from textgen_server.handles import RequestHandle
 from textgen_server.sampling import SamplingParams
-from textgen_server.scheduler import GenerationFailedError, Scheduler, StepStats
+from textgen_server.scheduler import GenerationFailedError, PassOutOfMemoryError, Scheduler, StepStats
 from textgen_server.tokenizer import Tokenizer
 
 
@@ -92,6 +93,43 @@ async def test_a_row_whose_own_step_raises_fails_alone(scheduler: Scheduler) -> 
     assert scheduler.running_count == 0
 
 
+# What onnxruntime's arena raises when an allocation fails (CUDA's and the CPU's alike).
+_ORT_OUT_OF_MEMORY = (
+    "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned while running MatMul "
+    "node. Status Message: bfc_arena.cc:376 Failed to allocate memory for requested buffer of size 65536"
+)
+
+
+async def test_a_failed_decode_pass_decodes_each_row_alone(
+    scheduler: Scheduler, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When a decode pass fails (out of memory for the whole batch, say), each row is decoded in a
+    pass of its own: the others go on with the tokens they have alone, and only the row whose own
+    pass fails too ends, told it was out of memory. Before, every row in the pass failed."""
+    requests = [_request(f"r{i}", (1, 5, 6 + i), 30) for i in range(4)]
+    alone = [await _tokens(scheduler.submit(r)) for r in requests]
+    real_prefill = engine.prefill
+    victim: list[RequestHandle] = []
+
+    def batch_out_of_memory(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(_ORT_OUT_OF_MEMORY)
+
+    def victim_out_of_memory_later(slot: int, tokens: Any, start: int = 0, adapter: int = 0) -> Any:
+        if victim and not victim[0].failed and slot == victim[0].slot and len(tokens) == 1 and start >= 10:
+            raise RuntimeError(_ORT_OUT_OF_MEMORY)
+        return real_prefill(slot, tokens, start, adapter)
+
+    monkeypatch.setattr(engine, "decode", batch_out_of_memory)
+    monkeypatch.setattr(engine, "prefill", victim_out_of_memory_later)
+    handles = [scheduler.submit(r) for r in requests]
+    victim.append(handles[1])
+    results = await asyncio.gather(*(_tokens(h) for h in handles), return_exceptions=True)
+    assert isinstance(results[1], PassOutOfMemoryError), results[1]
+    assert "out of memory decoding (request r1, 11 tokens)" in str(results[1])
+    assert [results[i] for i in (0, 2, 3)] == [alone[i] for i in (0, 2, 3)]
+    assert scheduler.running_count == 0
+
+
 async def test_gauges_are_published_after_a_failed_step(
     engine: Engine, tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -107,19 +145,20 @@ async def test_gauges_are_published_after_a_failed_step(
 
     sched = Scheduler(engine, tokenizer, on_step=observe)
     sched.start()
-    real_decode = engine.decode
+    real_prefetch = scheduler_module.prefetch_token_masks
     full_steps = 0
     failed_once = False
 
-    def decode_failing_later(tokens: Any, lengths: Any, adapters: Any = None, **options: Any) -> Any:
+    def step_failing_later(rows: Any) -> None:  # a bug of the step's own, outside every pass
         nonlocal full_steps, failed_once
-        full_steps += len(tokens) == 3
+        rows = list(rows)
+        full_steps += len(rows) == 3
         if full_steps == 3 and not failed_once:  # the third step that decodes all three
             failed_once = True
-            raise RuntimeError("simulated ORT failure")
-        return real_decode(tokens, lengths, adapters, **options)
+            raise RuntimeError("simulated bug")
+        real_prefetch(rows)
 
-    monkeypatch.setattr(engine, "decode", decode_failing_later)
+    monkeypatch.setattr(scheduler_module, "prefetch_token_masks", step_failing_later)
     try:
         handles = [sched.submit(_request(f"g{i}", (1, 5, 6 + i), 50)) for i in range(3)]
         results = await asyncio.gather(*(_tokens(h) for h in handles), return_exceptions=True)

@@ -123,7 +123,7 @@ class PermissionDeniedError(APIStatusError):
 
 class ResourceExhaustedError(APIStatusError):
     """RESOURCE_EXHAUSTED: the server is full, the request exceeds a size limit, or the server ran out
-    of memory prefilling its prompt."""
+    of memory for the request's own pass (prefilling its prompt, or decoding its row alone)."""
 
 
 class FailedPreconditionError(APIStatusError):

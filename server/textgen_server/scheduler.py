@@ -17,6 +17,11 @@ sits just above them. Each iteration:
    (one slot copy per leaver; no other row's cache is touched);
 4. decode every running sequence in one forward pass, emit each new token, retire the finished.
 
+A pass that fails fails only the requests whose own work it was: a prefill pass holds one prompt,
+and when a decode pass fails, each row is decoded again in a pass of its own (a one-token prefill
+pass at its position), so that only a row whose own pass fails too ends; out of memory in a
+request's own pass is `PassOutOfMemoryError` (RESOURCE_EXHAUSTED), anything else a bug (INTERNAL).
+
 A slot a sequence leaves keeps its keys and values (prefix_cache.py): a new prompt that starts with
 the same tokens, through the same adapter (a chat's next turn, a shared system prompt), takes those
 positions from it and prefills only the rest. A leaver in a gap that the last running sequence fills
@@ -44,6 +49,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+import numpy.typing as npt
 
 from .adapters import AdapterRegistry, AdapterSlots, unknown_adapter_message
 from .engine import Engine
@@ -55,6 +61,7 @@ from .tokenizer import Tokenizer
 from .validation import UnknownAdapterError
 
 log = logging.getLogger(__name__)
+FloatArray = npt.NDArray[np.float32]
 
 
 @dataclass(frozen=True)
@@ -107,15 +114,28 @@ class GenerationFailedError(Exception):
     """A forward pass failed: a bug, reported as INTERNAL with the request id."""
 
 
-class PrefillOutOfMemoryError(GenerationFailedError):
-    """A prompt's prefill pass could not get the memory it needs (RESOURCE_EXHAUSTED): the streams
-    beside it went on, and the same request may succeed later, or with a shorter prompt."""
+class PassOutOfMemoryError(GenerationFailedError):
+    """A request's own pass (its prompt's prefill, or its row decoded alone after a batch's pass
+    failed) could not get the memory it needs (RESOURCE_EXHAUSTED): the streams beside it went on,
+    and the same request may succeed later, or with a shorter prompt."""
 
 
 def _out_of_memory(error: Exception) -> bool:
     """Whether a pass failed for want of memory: onnxruntime's arena (BFCArena, the CPU's and CUDA's)
     says "Failed to allocate memory for requested buffer of size N", unchanged since 1.9."""
     return isinstance(error, MemoryError) or "Failed to allocate memory" in str(error)
+
+
+def _pass_error(
+    error: Exception, handle: RequestHandle, doing: str, positions: int
+) -> GenerationFailedError | None:
+    """What a request whose own pass failed is told: out of memory, or (None) the generic failure."""
+    if not _out_of_memory(error):
+        return None
+    return PassOutOfMemoryError(
+        f"out of memory {doing} (request {handle.request.request_id}, {positions} tokens); "
+        "retry later, or with a shorter prompt"
+    )
 
 
 @dataclass
@@ -349,13 +369,22 @@ class Scheduler:
                 else None
             )
             prefetch_token_masks(h.generation for h in rows)  # constrained rows, during the pass
-            # A view of the engine's buffer: every row's token is picked below, before the next pass.
-            logits = self.engine.decode(tokens, lengths, adapters, copy=False)  # [n, vocab]
+            try:
+                # A view of the engine's buffer: every row's token is picked below, before the next pass.
+                logits: FloatArray | list[FloatArray | None] = self.engine.decode(
+                    tokens, lengths, adapters, copy=False
+                )  # [n, vocab]
+            except Exception:
+                log.exception("decode pass of %d rows failed; decoding each row alone", len(rows))
+                logits = self._decode_alone(rows, tokens)
             self.stats.decode_seconds = time.monotonic() - started
             for row, handle in enumerate(rows):
+                row_logits = logits[row]
+                if row_logits is None:
+                    continue  # its own pass failed too: it has failed
                 handle.cached += 1
                 handle.fed_tokens.append(int(tokens[row]))
-                self._emit(handle, logits[row])
+                self._emit(handle, row_logits)
             kv_peak = max(kv_peak, self.kv_positions)
             self._retire(_leaves)
         self.stats.steps += 1
@@ -389,15 +418,7 @@ class Scheduler:
                 # request fails alone, its slot is free again and the prefix cache keeps nothing of it.
                 log.exception("prefill pass failed for request %s", handle.request.request_id)
                 self._prefilling = None
-                error = (
-                    PrefillOutOfMemoryError(
-                        f"out of memory prefilling the prompt (request {handle.request.request_id}, "
-                        f"{len(prompt)} tokens); retry later, or with a shorter prompt"
-                    )
-                    if _out_of_memory(exc)
-                    else None
-                )
-                self._fail(handle, error)
+                self._fail(handle, _pass_error(exc, handle, "prefilling the prompt", len(prompt)))
                 continue
             handle.cached += len(chunk)
             self.stats.prefill_positions += len(chunk)
@@ -406,6 +427,27 @@ class Scheduler:
             self._prefilling = None
             self._join(handle)
             self._emit(handle, logits)
+
+    def _decode_alone(
+        self, rows: list[RequestHandle], tokens: npt.NDArray[np.int64]
+    ) -> list[FloatArray | None]:
+        """After a decode pass failed: each row's token in a pass of its own (a prefill pass of one
+        token at its position, which writes only its slot and needs a row's memory, not the batch's),
+        so that only a row whose own pass fails ends. Each row's logits [vocab], None where it failed.
+        The failed pass wrote nothing but the running rows' slots, at the positions rewritten here."""
+        logits: list[FloatArray | None] = []
+        for handle, token in zip(rows, tokens.tolist(), strict=True):
+            try:
+                logits.append(
+                    self.engine.prefill(
+                        handle.slot, [token], start=handle.cached, adapter=handle.adapter_slot
+                    )
+                )
+            except Exception as exc:
+                log.exception("decode pass failed for request %s", handle.request.request_id)
+                self._fail(handle, _pass_error(exc, handle, "decoding", handle.cached + 1))
+                logits.append(None)
+        return logits
 
     def _admit(self) -> RequestHandle | None:
         """The next queued request that can run, given the free KV slot just above the running ones

@@ -29,7 +29,7 @@ from .model_config import ModelConfig
 from .request_log import RequestRecord
 from .scheduler import (
     GenerationFailedError,
-    PrefillOutOfMemoryError,
+    PassOutOfMemoryError,
     QueueFullError,
     RequestTooLargeError,
     Scheduler,
@@ -281,7 +281,7 @@ class TextGenerationService(textgen_pb2_grpc.TextGenerationServicer):
             await _abort(context, record, grpc.StatusCode.UNAVAILABLE, str(exc))
         except UnknownAdapterError as exc:  # its adapter could not be loaded while it waited
             await _abort(context, record, grpc.StatusCode.NOT_FOUND, str(exc))
-        except PrefillOutOfMemoryError as exc:
+        except PassOutOfMemoryError as exc:
             await _abort(context, record, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except GenerationFailedError as exc:
             log.error("request %s failed: %s", handle.request.request_id, exc)
