@@ -101,7 +101,7 @@ _ORT_OUT_OF_MEMORY = (
 
 
 async def test_a_failed_decode_pass_decodes_each_row_alone(
-    scheduler: Scheduler, engine: Engine, monkeypatch: pytest.MonkeyPatch
+    scheduler: Scheduler, engine: Engine, tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """When a decode pass fails (out of memory for the whole batch, say), each row is decoded in a
     pass of its own: the others go on with the tokens they have alone, and only the row whose own
@@ -121,13 +121,21 @@ async def test_a_failed_decode_pass_decodes_each_row_alone(
 
     monkeypatch.setattr(engine, "decode", batch_out_of_memory)
     monkeypatch.setattr(engine, "prefill", victim_out_of_memory_later)
-    handles = [scheduler.submit(r) for r in requests]
-    victim.append(handles[1])
-    results = await asyncio.gather(*(_tokens(h) for h in handles), return_exceptions=True)
+    failed_passes: list[tuple[str, str]] = []
+    sched = Scheduler(engine, tokenizer, on_step=lambda stats: failed_passes.extend(stats.failed_passes))
+    sched.start()
+    try:
+        handles = [sched.submit(r) for r in requests]
+        victim.append(handles[1])
+        results = await asyncio.gather(*(_tokens(h) for h in handles), return_exceptions=True)
+    finally:
+        await asyncio.to_thread(sched.stop, 0)
     assert isinstance(results[1], PassOutOfMemoryError), results[1]
     assert "out of memory decoding (request r1, 11 tokens)" in str(results[1])
     assert [results[i] for i in (0, 2, 3)] == [alone[i] for i in (0, 2, 3)]
-    assert scheduler.running_count == 0
+    # Every step's batch pass failed, and the victim's own pass once: the metrics count each.
+    assert failed_passes.count(("decode_alone", "out_of_memory")) == 1
+    assert failed_passes.count(("decode", "out_of_memory")) == len(failed_passes) - 1 >= 29
 
 
 async def test_gauges_are_published_after_a_failed_step(

@@ -169,6 +169,17 @@ def test_prefilled_and_prefix_cached_prompt_tokens_are_counted_apart() -> None:
     assert sample("textgen_prefix_cache_tokens_total") == 120
 
 
+def test_failed_forward_passes_are_counted_by_method_and_cause() -> None:
+    metrics = Metrics()
+    metrics.observe_step(StepStats(failed_passes=[("decode", "out_of_memory"), ("decode_alone", "error")]))
+    metrics.observe_step(StepStats(failed_passes=[("decode", "out_of_memory")]))
+    sample = metrics.registry.get_sample_value
+    failures = "textgen_batch_forward_failures_total"
+    assert sample(failures, {"method": "decode", "cause": "out_of_memory"}) == 2
+    assert sample(failures, {"method": "decode_alone", "cause": "error"}) == 1
+    assert sample(failures, {"method": "prefill", "cause": "error"}) is None
+
+
 def test_idle_metrics_connections_are_closed_and_their_number_bounded(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

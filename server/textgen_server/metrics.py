@@ -54,6 +54,13 @@ class Metrics:
             buckets=_STEP_BUCKETS,
             registry=r,
         )
+        self.batch_forward_failures = Counter(
+            "textgen_batch_forward_failures",
+            "Forward passes that raised, by method (prefill, decode, or decode_alone: a row's own pass "
+            "after its batch's failed) and cause (out_of_memory or error)",
+            ["method", "cause"],
+            registry=r,
+        )
         # observe_step runs after every step, between two forward passes: children looked up once.
         self._prefill_duration = self.batch_forward_duration.labels("prefill")
         self._decode_duration = self.batch_forward_duration.labels("decode")
@@ -152,6 +159,8 @@ class Metrics:
             self._prefill_duration.observe(stats.prefill_seconds)
         if stats.decode_seconds:
             self._decode_duration.observe(stats.decode_seconds)
+        for method, cause in stats.failed_passes:
+            self.batch_forward_failures.labels(method, cause).inc()
 
     def observe_request(self, record: RequestRecord) -> None:
         """Called on the event loop when a Generate or GenerateStream call ends."""

@@ -150,6 +150,9 @@ class StepStats:
     tokens: int = 0  # tokens generated this step
     first_token_seconds: list[float] = field(default_factory=list)  # submit → first token, this step
     finished: list[str] = field(default_factory=list)  # finish reasons ("stop", "length") this step
+    # (method, cause) of each forward pass that raised this step: "prefill", "decode", or
+    # "decode_alone" (a row's own pass after its batch's failed); "out_of_memory" or "error".
+    failed_passes: list[tuple[str, str]] = field(default_factory=list)
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     steps: int = 0
@@ -343,7 +346,7 @@ class Scheduler:
         """
         self.stats.prefill_seconds = self.stats.decode_seconds = 0.0
         self.stats.prefill_positions = self.stats.reused_positions = self.stats.tokens = 0
-        self.stats.first_token_seconds, self.stats.finished = [], []
+        self.stats.first_token_seconds, self.stats.finished, self.stats.failed_passes = [], [], []
         installed = self._install_adapters()
         self._retire(lambda handle: handle.cancelled.is_set())
         with self._lock:
@@ -374,8 +377,9 @@ class Scheduler:
                 logits: FloatArray | list[FloatArray | None] = self.engine.decode(
                     tokens, lengths, adapters, copy=False
                 )  # [n, vocab]
-            except Exception:
+            except Exception as exc:
                 log.exception("decode pass of %d rows failed; decoding each row alone", len(rows))
+                self._count_failed_pass("decode", exc)
                 logits = self._decode_alone(rows, tokens)
             self.stats.decode_seconds = time.monotonic() - started
             for row, handle in enumerate(rows):
@@ -417,6 +421,7 @@ class Scheduler:
                 # This prompt's own pass (out of memory, say), which wrote its own slot only: the
                 # request fails alone, its slot is free again and the prefix cache keeps nothing of it.
                 log.exception("prefill pass failed for request %s", handle.request.request_id)
+                self._count_failed_pass("prefill", exc)
                 self._prefilling = None
                 self._fail(handle, _pass_error(exc, handle, "prefilling the prompt", len(prompt)))
                 continue
@@ -445,9 +450,13 @@ class Scheduler:
                 )
             except Exception as exc:
                 log.exception("decode pass failed for request %s", handle.request.request_id)
+                self._count_failed_pass("decode_alone", exc)
                 self._fail(handle, _pass_error(exc, handle, "decoding", handle.cached + 1))
                 logits.append(None)
         return logits
+
+    def _count_failed_pass(self, method: str, error: Exception) -> None:
+        self.stats.failed_passes.append((method, "out_of_memory" if _out_of_memory(error) else "error"))
 
     def _admit(self) -> RequestHandle | None:
         """The next queued request that can run, given the free KV slot just above the running ones
