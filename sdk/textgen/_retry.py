@@ -4,9 +4,10 @@ Retried, up to `max_retries` times, only while nothing has reached the caller:
 - UNAVAILABLE: no connection, a replica that went away, or a server loading or draining; the
   request was not served, and with several replicas the next attempt goes to another one;
 - RESOURCE_EXHAUSTED when the server says when to come back: a textgen server whose queue is full
-  sends gRPC's retry pushback (`grpc-retry-pushback-ms`), and the wait is exactly that. Without
-  that hint RESOURCE_EXHAUSTED is final: it then means a message over a size limit, which fails
-  the same way every time.
+  sends gRPC's retry pushback (`grpc-retry-pushback-ms`), and the wait is that, at most
+  MAX_PUSHBACK. Without that hint RESOURCE_EXHAUSTED is final: it then means a message over a size
+  limit, which fails the same way every time, or a server out of memory for this request's own
+  pass, which the caller may retry later or with a shorter prompt.
 A stream that has yielded a chunk is never retried: replaying it would deliver its start twice.
 A pushback that is negative or not a number means "do not retry" (gRPC's retry design, A6).
 """
