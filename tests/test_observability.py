@@ -14,6 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import textgen
 from prometheus_client.parser import text_string_to_metric_families
 from server_harness import ServerThread, listening_sockets
 from textgen.v1 import textgen_pb2 as pb
@@ -121,6 +122,18 @@ def test_metrics_after_a_known_workload(harness: ServerThread, caplog: pytest.Lo
     assert value(after, "textgen_generated_tokens_total") > sum(u.completion_tokens for u in successes)
     assert value(after, "textgen_batch_forward_duration_count", method="prefill") >= 1
     assert value(after, "textgen_batch_forward_duration_count", method="decode") >= 1
+    # What is served, as GetModelInfo says it, and the capacity the KV positions are held against.
+    with grpc.insecure_channel(harness.target) as channel:
+        info = rpc.TextGenerationStub(channel).GetModelInfo(pb.GetModelInfoRequest())
+    labels = {
+        "model": info.model,
+        "dtype": info.dtype,
+        "weight_dtype": info.weight_dtype,
+        "execution_provider": info.execution_provider,
+        "version": textgen.__version__,
+    }
+    assert value(after, "textgen_model_info", **labels) == 1
+    assert value(after, "textgen_kv_capacity_positions") == info.kv_slots * scheduler.engine.max_len > 0
     # Idle again: nothing queued, nothing in the batch, no KV positions held.
     assert value(after, "textgen_queue_size") == 0
     assert value(after, "textgen_batch_current_size") == 0

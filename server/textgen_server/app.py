@@ -320,6 +320,14 @@ class TextgenServer:
             max_batch_prefill_tokens=limits.max_batch_prefill_tokens,
             grammars=grammars,
         )
+        self.metrics.observe_model(
+            model=self.service.model_name or engine.config.name,
+            dtype=engine.config.dtype,
+            weight_dtype=engine.config.weight_dtype,
+            execution_provider=engine.execution_provider,
+            kv_slots=engine.slots,
+            slot_positions=engine.max_len,
+        )
         await self._set_serving(True)
         log.info(
             "serving %s on %s (%s weights, %s activations): %d KV slots x %d positions, %d bytes",

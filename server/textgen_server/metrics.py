@@ -5,7 +5,8 @@ so its dashboards carry over; prometheus_client adds `_total` to counters. Two s
 - the scheduler, after each step (`observe_step`): queue and batch gauges, forward-pass times,
   tokens, time to first token;
 - the servicer, when a request ends (`observe_request`): counts by outcome and the per-request
-  histograms. As in TGI, the duration and token histograms take successful requests only.
+  histograms. As in TGI, the duration and token histograms take successful requests only;
+- the server, once the model has loaded (`observe_model`): what is served, and the KV capacity.
 Every Generate/GenerateStream call is counted once when it ends, as exactly one of success,
 failure (by status code) or cancelled (the client cancelled or its deadline passed).
 """
@@ -17,8 +18,9 @@ import threading
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
+from textgen import __version__
 
 from .request_log import RequestRecord
 from .scheduler import StepStats
@@ -134,6 +136,13 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        # -- from start-up: what this replica serves, for dashboards that tell replicas apart --------
+        self.model = Info("textgen_model", "The model served and how (once it has loaded)", registry=r)
+        self.kv_capacity = Gauge(
+            "textgen_kv_capacity_positions",
+            "KV cache positions allocated at start-up, slots x positions a slot (0 until the model loads)",
+            registry=r,
+        )
         self._http: WSGIServer | None = None
 
     def _seconds(self, name: str, description: str) -> Histogram:
@@ -161,6 +170,28 @@ class Metrics:
             self._decode_duration.observe(stats.decode_seconds)
         for method, cause in stats.failed_passes:
             self.batch_forward_failures.labels(method, cause).inc()
+
+    def observe_model(
+        self,
+        *,
+        model: str,
+        dtype: str,
+        weight_dtype: str,
+        execution_provider: str,
+        kv_slots: int,
+        slot_positions: int,
+    ) -> None:
+        """Called once the model has loaded."""
+        self.model.info(
+            {
+                "model": model,
+                "dtype": dtype,
+                "weight_dtype": weight_dtype,
+                "execution_provider": execution_provider,
+                "version": __version__,
+            }
+        )
+        self.kv_capacity.set(kv_slots * slot_positions)
 
     def observe_request(self, record: RequestRecord) -> None:
         """Called on the event loop when a Generate or GenerateStream call ends."""
