@@ -180,8 +180,10 @@ def _overrides() -> dict[tuple[str, ...], Callable[[dict[str, Any]], st.SearchSt
         ("tools", "*", "function", "parameters", "type"): lambda _: st.one_of(
             st.just("object"), st.text(max_size=8)
         ),
+        # Without a type (the card allows that), or array or object, a property is open JSON.
         ("tools", "*", "function", "parameters", "properties", "*", "type"): lambda _: st.one_of(
-            st.sampled_from(["string", "number", "integer", "boolean"]), st.text(max_size=8)
+            st.sampled_from(["string", "number", "integer", "boolean", "array", "object"]),
+            st.text(max_size=8),
         ),
         # An adapter name ends a request early (NOT_FOUND): present, but not often.
         ("lora",): lambda _: st.one_of(st.just(""), st.just(""), st.just(""), st.text(max_size=16)),
