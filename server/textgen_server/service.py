@@ -220,7 +220,11 @@ class TextGenerationService(textgen_pb2_grpc.TextGenerationServicer):
             record.code = _client_left(context)
             raise
         try:
-            typed = build_request(
+            # On a worker thread: tokenizing a long chat takes milliseconds and compiling a large
+            # schema a tenth of a second (both let go of the GIL), which every running stream's
+            # tokens would otherwise wait out on this event loop.
+            typed = await asyncio.to_thread(
+                build_request,
                 request,
                 tokenizer=model.tokenizer,
                 config=model.config,
