@@ -10,6 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from greedy import engine_greedy, prefill_in_chunks, random_prompt, transformers_greedy
+from textgen_server import kv_cache
 from textgen_server.engine import Engine
 from textgen_server.model_config import ModelConfig
 from transformers import MistralForCausalLM
@@ -74,6 +75,34 @@ def test_rows_joining_and_leaving_at_different_positions_stay_exact(
     assert got["A"] == expected["A"][:19]
     assert got["B"] == expected["B"]
     assert got["C"] == expected["C"][:20]
+
+
+@pytest.mark.parametrize("copy_threads", [1, 2, 3])
+def test_a_host_slot_move_copies_the_positions_in_use_whatever_the_copy_threads(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, copy_threads: int
+) -> None:
+    """Split over threads (every move here: the threshold is 0), a move copies exactly what one thread
+    does: the first `length` positions of every buffer, and nothing of any other slot."""
+    monkeypatch.setattr(kv_cache, "PARALLEL_COPY_BYTES", 0)
+    config = ModelConfig.load(tiny_model_dir)
+    cache = kv_cache.KVCache(
+        tiny_model_dir,
+        config,
+        slots=3,
+        max_len=64,
+        device="cpu",
+        providers=["CPUExecutionProvider"],
+        copy_threads=copy_threads,
+    )
+    rng = np.random.default_rng(copy_threads)
+    for array in cache._arrays:
+        array[...] = rng.standard_normal(array.shape)
+    before = [array.copy() for array in cache._arrays]  # [slots, kv_heads, max_len, head_dim] each
+    cache.move(2, 0, 40)
+    for was, now in zip(before, cache._arrays, strict=True):
+        expected = was.copy()
+        expected[0, :, :40] = was[2, :, :40]
+        np.testing.assert_array_equal(now, expected)
 
 
 def test_kv_cache_stays_put_and_never_passes_through_numpy(

@@ -224,6 +224,7 @@ class Engine:
             device=self.device,
             providers=self.session.get_providers(),
             host_arrays=host_arrays,
+            copy_threads=self.threads,
         )
         self.lora = LoraStacks(self.config, self.device) if self.config.lora is not None else None
         # A decode pass reuses one binding per row count (_bind_decode): its inputs live in these host
