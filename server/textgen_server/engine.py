@@ -55,6 +55,9 @@ log = logging.getLogger(__name__)
 
 PROVIDERS = ("auto", "cuda", "cpu")
 _CUDA = "CUDAExecutionProvider"
+# Threads that copy the host KV cache in a slot move: a handful fill a socket's memory bandwidth, and
+# `threads` 0 (one per core) on a large host would otherwise start dozens.
+MAX_COPY_THREADS = 8
 
 
 class ProviderError(RuntimeError):
@@ -224,7 +227,7 @@ class Engine:
             device=self.device,
             providers=self.session.get_providers(),
             host_arrays=host_arrays,
-            copy_threads=self.threads,
+            copy_threads=min(self.threads, MAX_COPY_THREADS),
         )
         self.lora = LoraStacks(self.config, self.device) if self.config.lora is not None else None
         # A decode pass reuses one binding per row count (_bind_decode): its inputs live in these host
