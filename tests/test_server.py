@@ -210,6 +210,50 @@ def test_the_event_loop_serves_on_while_a_request_is_validated(
     assert loop_ran.is_set() and reply.usage.completion_tokens == 2
 
 
+def test_requests_are_validated_on_at_most_validation_workers_threads(
+    server: ServerThread, stub: rpc.TextGenerationStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from textgen_server import service as service_module
+
+    real_build = service_module.build_request
+    lock = threading.Lock()
+    running, most, threads = 0, 0, set()
+
+    def counted_build(request: pb.GenerateRequest, **kwargs: Any) -> Any:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+            threads.add(threading.current_thread().name)
+        time.sleep(0.2)  # long enough for the others to arrive meanwhile
+        with lock:
+            running -= 1
+        return real_build(request, **kwargs)
+
+    monkeypatch.setattr(service_module, "build_request", counted_build)
+    with ThreadPoolExecutor(6) as clients:
+        replies = list(
+            clients.map(stub.Generate, [pb.GenerateRequest(prompt=f"Hi {i}", max_tokens=1) for i in range(6)])
+        )
+    assert [reply.usage.completion_tokens for reply in replies] == [1] * 6
+    assert server.server.settings.validation_workers == 2
+    assert most == 2, most  # the default --validation-workers, and never more
+    assert threads and all(name.startswith("textgen-validate") for name in threads), threads
+
+
+def test_validation_workers_is_an_option_of_at_least_one(
+    tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from textgen_server.__main__ import parse_args
+
+    base = ["--model-dir", str(tiny_model_dir)]
+    assert parse_args(base).validation_workers == 2
+    assert parse_args([*base, "--validation-workers", "3"]).validation_workers == 3
+    with pytest.raises(SystemExit):
+        parse_args([*base, "--validation-workers", "0"])
+    assert "--validation-workers must be at least 1" in capsys.readouterr().err
+
+
 def test_deadline_stops_generation(server: ServerThread, stub: rpc.TextGenerationStub) -> None:
     scheduler = server.server.scheduler
     assert scheduler is not None

@@ -83,6 +83,13 @@ def parse_args(argv: list[str] | None) -> ServerSettings:
         "the same tokens (a chat's next turn, a shared system prompt) prefills only the rest",
     )
     parser.add_argument(
+        "--validation-workers",
+        type=int,
+        default=2,
+        help="threads that validate requests, tokenize them and compile their grammars, off the event "
+        "loop (text-generation-inference's option of the same name); more requests wait for one",
+    )
+    parser.add_argument(
         "--model-name", default=None, help="name reported by GetModelInfo (default: the model's own)"
     )
     parser.add_argument(
@@ -145,6 +152,7 @@ def parse_args(argv: list[str] | None) -> ServerSettings:
         "max_batch_total_tokens",
         "max_concurrent_requests",
         "prefill_chunk_tokens",
+        "validation_workers",
     ):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -180,6 +188,7 @@ def parse_args(argv: list[str] | None) -> ServerSettings:
         max_message_bytes=args.max_message_bytes,
         lora_dir=args.lora_dir,
         prefix_cache=args.prefix_cache,
+        validation_workers=args.validation_workers,
     )
 
 

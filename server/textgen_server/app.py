@@ -154,13 +154,18 @@ class ServerSettings:
     max_message_bytes: int = MAX_MESSAGE_BYTES
     lora_dir: Path | None = None  # every NAME.npz there is served as adapter NAME
     prefix_cache: bool = True  # free KV slots keep finished sequences' positions for later prompts
+    validation_workers: int = 2  # threads validating requests (tokenizing, compiling grammars)
 
 
 class TextgenServer:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.metrics = Metrics()
-        self.service = TextGenerationService(settings.model_name, on_request_end=self._request_ended)
+        self.service = TextGenerationService(
+            settings.model_name,
+            on_request_end=self._request_ended,
+            validation_workers=settings.validation_workers,
+        )
         self.scheduler: Scheduler | None = None
         self.tokens: TokenFile | None = None
         self.adapters: AdapterRegistry | None = None
@@ -371,6 +376,7 @@ class TextgenServer:
         if self.scheduler is not None:
             await asyncio.to_thread(self.scheduler.stop, grace)
         await self.server.stop(grace=1.0)
+        self.service.close()
         await asyncio.to_thread(self.metrics.stop)
 
     async def _set_serving(self, serving: bool) -> None:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import NoReturn
 
 import grpc
@@ -108,10 +110,19 @@ class TextGenerationService(textgen_pb2_grpc.TextGenerationServicer):
         self,
         model_name: str | None = None,
         on_request_end: Callable[[RequestRecord], None] | None = None,
+        validation_workers: int = 2,
     ) -> None:
+        """`validation_workers`: the threads that turn requests into generation requests (parse,
+        tokenize, compile grammars), off the event loop; more requests wait for one."""
         self.model: ModelState | None = None
         self.model_name = model_name
         self._on_request_end = on_request_end
+        self._validation = ThreadPoolExecutor(validation_workers, thread_name_prefix="textgen-validate")
+
+    def close(self) -> None:
+        """Stop the validation threads (requests still waiting for one are dropped: the server has
+        stopped serving)."""
+        self._validation.shutdown(wait=False, cancel_futures=True)
 
     async def Generate(self, request: pb.GenerateRequest, context: GenerateContext) -> pb.GenerateResponse:
         with self._recording("Generate", context) as record:
@@ -220,17 +231,21 @@ class TextGenerationService(textgen_pb2_grpc.TextGenerationServicer):
             record.code = _client_left(context)
             raise
         try:
-            # On a worker thread: tokenizing a long chat takes milliseconds and compiling a large
+            # On a validation thread: tokenizing a long chat takes milliseconds and compiling a large
             # schema a tenth of a second (both let go of the GIL), which every running stream's
-            # tokens would otherwise wait out on this event loop.
-            typed = await asyncio.to_thread(
-                build_request,
-                request,
-                tokenizer=model.tokenizer,
-                config=model.config,
-                adapters=model.adapter_names(),
-                request_id=request_id,
-                grammars=model.grammars,
+            # tokens would otherwise wait out on this event loop; and no more of them at once than
+            # there are validation threads, so that the forward passes keep their cores.
+            typed = await asyncio.get_running_loop().run_in_executor(
+                self._validation,
+                functools.partial(
+                    build_request,
+                    request,
+                    tokenizer=model.tokenizer,
+                    config=model.config,
+                    adapters=model.adapter_names(),
+                    request_id=request_id,
+                    grammars=model.grammars,
+                ),
             )
             record.adapter = typed.lora
             record.prompt_tokens = len(typed.prompt_ids)
