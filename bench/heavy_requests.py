@@ -10,9 +10,11 @@ Where that work holds the event loop, or the GIL, every running stream waits for
 runs `--streams` greedy streams twice: alone (quiet), then while such requests arrive at `--rate`
 a second, each sent without waiting for the last, until the streams end (heavy: the same load
 whatever the server under test). The report gives the streams' inter-token gaps, pooled (p50, p99,
-max and mean, in ms), for each phase, and the median over rounds of p99 heavy ÷ p99 quiet. `--other-source DIR` runs the same rounds on the `textgen_server` of another tree (a git
-worktree of another commit), alternating with this one: a before/after. Each tree's rounds run in
-a process of their own, with the in-process gRPC server of bench/grpc_load.py.
+max and mean, in ms), for each phase, and the median over rounds of p99 heavy ÷ p99 quiet.
+`--other-source DIR` runs the same rounds on the `textgen_server` of another tree (a git worktree of
+another commit), alternating with this one: a before/after. Each round runs in a process of its own
+(so no tree's worker is always the first started), with the in-process gRPC server of
+bench/grpc_load.py.
 """
 
 from __future__ import annotations
