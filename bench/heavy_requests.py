@@ -29,6 +29,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .stats import inter_token_gaps, percentile
+
 REPO = Path(__file__).resolve().parent.parent
 HEAVY_KINDS = ("chat", "schema")
 
@@ -98,15 +100,15 @@ def _run_worker(args: argparse.Namespace, tree: Path) -> dict[str, Any]:
 
 def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     def pooled(phase: str) -> dict[str, float]:
-        gaps = sorted(gap for run in runs for gap in run[phase])
+        gaps = [gap for run in runs for gap in run[phase]]
         return {
-            "p50_ms": statistics.median(gaps) * 1000,
-            "p99_ms": gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))] * 1000,
-            "max_ms": gaps[-1] * 1000,
+            "p50_ms": percentile(gaps, 50) * 1000,
+            "p99_ms": percentile(gaps, 99) * 1000,
+            "max_ms": max(gaps) * 1000,
             "mean_ms": statistics.fmean(gaps) * 1000,
         }
 
-    ratios = [_p99(run["heavy"]) / _p99(run["quiet"]) for run in runs]
+    ratios = [percentile(run["heavy"], 99) / percentile(run["quiet"], 99) for run in runs]
     return {
         "quiet": pooled("quiet"),
         "heavy": pooled("heavy"),
@@ -116,11 +118,6 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "heavy_codes": [run["heavy_codes"] for run in runs],
         "servers": sorted({run["server"] for run in runs}),
     }
-
-
-def _p99(gaps: list[float]) -> float:
-    ordered = sorted(gaps)
-    return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
 
 
 # -- the worker: one tree's server, in this process ------------------------------------------------
@@ -152,7 +149,7 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
 
 def _gaps(streams: list[dict[str, Any]]) -> list[float]:
     """Time between consecutive tokens of each stream, pooled."""
-    return [b - a for s in streams for a, b in zip(s["token_times"], s["token_times"][1:], strict=False)]
+    return [gap for stream in streams for gap in inter_token_gaps(stream["token_times"])]
 
 
 async def _heavy_phase(

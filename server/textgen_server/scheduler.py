@@ -126,18 +126,6 @@ def _out_of_memory(error: Exception) -> bool:
     return isinstance(error, MemoryError) or "Failed to allocate memory" in str(error)
 
 
-def _pass_error(
-    error: Exception, handle: RequestHandle, doing: str, positions: int
-) -> GenerationFailedError | None:
-    """What a request whose own pass failed is told: out of memory, or (None) the generic failure."""
-    if not _out_of_memory(error):
-        return None
-    return PassOutOfMemoryError(
-        f"out of memory {doing} (request {handle.request.request_id}, {positions} tokens); "
-        "retry later, or with a shorter prompt"
-    )
-
-
 @dataclass
 class StepStats:
     """What the metrics exporter reads after each iteration."""
@@ -421,9 +409,8 @@ class Scheduler:
                 # This prompt's own pass (out of memory, say), which wrote its own slot only: the
                 # request fails alone, its slot is free again and the prefix cache keeps nothing of it.
                 log.exception("prefill pass failed for request %s", handle.request.request_id)
-                self._count_failed_pass("prefill", exc)
                 self._prefilling = None
-                self._fail(handle, _pass_error(exc, handle, "prefilling the prompt", len(prompt)))
+                self._fail_own_pass(handle, "prefill", exc, "prefilling the prompt", len(prompt))
                 continue
             handle.cached += len(chunk)
             self.stats.prefill_positions += len(chunk)
@@ -450,13 +437,31 @@ class Scheduler:
                 )
             except Exception as exc:
                 log.exception("decode pass failed for request %s", handle.request.request_id)
-                self._count_failed_pass("decode_alone", exc)
-                self._fail(handle, _pass_error(exc, handle, "decoding", handle.cached + 1))
+                self._fail_own_pass(handle, "decode_alone", exc, "decoding", handle.cached + 1)
                 logits.append(None)
         return logits
 
-    def _count_failed_pass(self, method: str, error: Exception) -> None:
-        self.stats.failed_passes.append((method, "out_of_memory" if _out_of_memory(error) else "error"))
+    def _count_failed_pass(self, method: str, error: Exception) -> bool:
+        """Count a pass that raised in this step's stats; whether it ran out of memory."""
+        out_of_memory = _out_of_memory(error)
+        self.stats.failed_passes.append((method, "out_of_memory" if out_of_memory else "error"))
+        return out_of_memory
+
+    def _fail_own_pass(
+        self, handle: RequestHandle, method: str, error: Exception, doing: str, positions: int
+    ) -> None:
+        """A pass that held `handle`'s work alone raised: it fails, told so where that was for want
+        of memory (RESOURCE_EXHAUSTED), with the generic failure (INTERNAL) otherwise."""
+        if not self._count_failed_pass(method, error):
+            self._fail(handle)
+            return
+        self._fail(
+            handle,
+            PassOutOfMemoryError(
+                f"out of memory {doing} (request {handle.request.request_id}, {positions} tokens); "
+                "retry later, or with a shorter prompt"
+            ),
+        )
 
     def _admit(self) -> RequestHandle | None:
         """The next queued request that can run, given the free KV slot just above the running ones
