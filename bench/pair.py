@@ -1,14 +1,16 @@
 """Batch-1 decode, this engine against onnxruntime-genai (and optionally another tree of this engine),
 in short alternating rounds: a paired comparison that holds still on a machine whose speed moves.
 
-    python -m bench.pair [--rounds 12] [--prompt 128] [--new 128] [--other-source DIR]
+    python -m bench.pair [--rounds 12] [--prompt 128] [--new 128] [--other-source DIR] [--model DIR]
 
 This machine's decode speed changes by up to 40% from one few-second spell to the next, so peers
 measured a minute apart (as `make bench`'s rotation does) can differ by the machine alone. Here each
 round sends the same prompt to every worker back to back (rotating who goes first), so the peers of
 a round ran within about a second of each other, and the report is the median of each round's ratio.
 `--other-source DIR` adds a worker running the `textgen_server` package found in DIR/server (a git
-worktree of another commit, say) on the same model: a before/after of an engine change.
+worktree of another commit, say) on the same model: a before/after of an engine change. `--model`
+runs the two engines on another exported model (one of models/bench-*, say) and leaves genai out,
+whose model is the bench model's.
 Uses what `make bench` built: models/bench, bench/.venv-genai and bench/models/genai-bench-fp32.
 """
 
@@ -40,19 +42,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new", type=int, default=128, help="new tokens a round (default 128)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--other-source", type=Path, help="a tree of this repository whose engine to add")
+    parser.add_argument("--model", type=Path, help="another model for both engines (needs --other-source)")
     args = parser.parse_args(argv)
     if min(args.rounds, args.prompt, args.threads) < 1 or args.new < 3:
         parser.error("--rounds, --prompt and --threads must be at least 1, --new at least 3")
+    if args.model is not None and args.other_source is None:
+        parser.error("--model compares two engines: give --other-source too")
     genai_python = REPO / GENAI_VENV / "bin" / "python"
     genai_model = REPO / GENAI_MODELS["fp32"]
-    model = REPO / BENCH_MODEL
-    if not (genai_python.is_file() and genai_model.is_dir() and model.is_dir()):
+    model = args.model.resolve() if args.model is not None else REPO / BENCH_MODEL
+    with_genai = args.model is None
+    if with_genai and not (genai_python.is_file() and genai_model.is_dir() and model.is_dir()):
         parser.error("run `make bench` once first: it builds models/bench and the genai virtualenv and model")
+    if not (model / "textgen.json").is_file():
+        parser.error(f"--model {args.model}: no textgen.json there")
     here = Path(sys.executable)
-    workers = [
-        Worker("engine", here, model, args.threads, REPO, LOGS / "engine.log"),
-        Worker("genai", genai_python, genai_model, args.threads, REPO, LOGS / "genai.log"),
-    ]
+    workers = [Worker("engine", here, model, args.threads, REPO, LOGS / "engine.log")]
+    if with_genai:
+        workers.append(Worker("genai", genai_python, genai_model, args.threads, REPO, LOGS / "genai.log"))
     if args.other_source is not None:
         workers.append(
             Worker(
@@ -87,9 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for worker in workers:
             worker.close()
-    comparisons = [("engine", "genai")] + (
-        [("engine", "other"), ("other", "genai")] if args.other_source else []
-    )
+    comparisons = [("engine", "genai")] if with_genai else []
+    if args.other_source is not None:
+        comparisons += [("engine", "other")] + ([("other", "genai")] if with_genai else [])
     for numerator, denominator in comparisons:
         ratios = paired_ratios([r[numerator] for r in rates], [r[denominator] for r in rates])
         print(

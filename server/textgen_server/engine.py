@@ -38,6 +38,7 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
+from .huge_pages import HUGE_PAGE, Collapsed, collapse, resident_blocks
 from .kv_cache import KVCache
 from .lora_format import AdapterWeights
 from .lora_stacks import LoraStacks
@@ -209,6 +210,13 @@ class Engine:
                 "check the CUDA 13 / cuDNN 9 libraries and the driver (onnxruntime's log says why)"
             )
         self.device = "cuda" if self.execution_provider == _CUDA else "cpu"
+        # On the CPU every step reads the weights the session just loaded: into huge pages with them.
+        self.huge_pages: Collapsed | None = None  # None: not tried (weights on the GPU)
+        if self.device == "cpu":
+            resident = resident_blocks()
+            log.info("host memory: moving %.0f MiB into 2 MiB pages", len(resident) * HUGE_PAGE / 2**20)
+            self.huge_pages = collapse(resident)
+            log.info("host memory: %s", self.huge_pages.describe())
         if self.device == "cuda" and self.config.dtype == "fp32":
             # onnxruntime-gpu registers GroupQueryAttention for fp16 and bf16 only (onnxruntime-genai's
             # builder writes MultiHeadAttention for fp32 on CUDA instead): ORT runs it on the CPU.
