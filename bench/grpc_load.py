@@ -9,13 +9,16 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from textgen.v1 import textgen_pb2 as pb
 from textgen.v1 import textgen_pb2_grpc as rpc
 from textgen_server.app import ServerSettings, TextgenServer, create_server
+
+T = TypeVar("T")
 
 
 class GrpcPeer:
@@ -104,21 +107,39 @@ class GrpcPeer:
             )
         )
 
-    async def _arrivals(
-        self, prompts: list[str], new_tokens: int, long_prompt: str, long_new_tokens: int
-    ) -> dict[str, Any]:
+    async def while_streaming(
+        self,
+        prompts: list[str],
+        new_tokens: int,
+        meanwhile: Callable[[rpc.TextGenerationStub, asyncio.Future[list[dict[str, Any]]]], Awaitable[T]],
+    ) -> tuple[list[dict[str, Any]], T]:
+        """`prompts` as concurrent streams (as `streams`); once every one has its first token,
+        `meanwhile(stub, streams)` runs other requests on the same channel until `streams` is done.
+        Returns the streams and what `meanwhile` returned."""
         stub = rpc.TextGenerationStub(self.channel)
         started = [asyncio.Event() for _ in prompts]
         streams = asyncio.gather(
             *(self._one(stub, p, new_tokens, first_token=e) for p, e in zip(prompts, started, strict=True))
         )
         await asyncio.wait([asyncio.ensure_future(e.wait()) for e in started])
-        long: list[dict[str, float]] = []
-        while not streams.done():
-            sent = time.perf_counter()
-            await self._one(stub, long_prompt, long_new_tokens)
-            long.append({"sent": sent, "ended": time.perf_counter()})
-        return {"streams": list(await streams), "long": long}
+        other = await meanwhile(stub, streams)
+        return list(await streams), other
+
+    async def _arrivals(
+        self, prompts: list[str], new_tokens: int, long_prompt: str, long_new_tokens: int
+    ) -> dict[str, Any]:
+        async def long_prompts(
+            stub: rpc.TextGenerationStub, streams: asyncio.Future[list[dict[str, Any]]]
+        ) -> list[dict[str, float]]:
+            long: list[dict[str, float]] = []
+            while not streams.done():
+                sent = time.perf_counter()
+                await self._one(stub, long_prompt, long_new_tokens)
+                long.append({"sent": sent, "ended": time.perf_counter()})
+            return long
+
+        streams, long = await self.while_streaming(prompts, new_tokens, long_prompts)
+        return {"streams": streams, "long": long}
 
     async def _one(
         self,

@@ -156,33 +156,34 @@ async def _heavy_phase(
     peer: Any, prompts: list[str], new_tokens: int, rate: float
 ) -> tuple[list[dict[str, Any]], dict[str, int]]:
     import grpc
-    from textgen.v1 import textgen_pb2_grpc as rpc
-
-    stub = rpc.TextGenerationStub(peer.channel)
-    started = [asyncio.Event() for _ in prompts]
-    streams = asyncio.gather(
-        *(peer._one(stub, p, new_tokens, first_token=e) for p, e in zip(prompts, started, strict=True))
-    )
-    await asyncio.wait([asyncio.ensure_future(e.wait()) for e in started])
-    codes: dict[str, int] = {}
-
-    async def send(request: Any) -> None:
-        try:
-            await stub.Generate(request)
-            code = "OK"
-        except grpc.aio.AioRpcError as exc:
-            code = exc.code().name
-        codes[code] = codes.get(code, 0) + 1
 
     rng = random.Random(0)
     # Built before they are due, so that building them costs the streams nothing.
     requests = [_heavy_request(kind, rng) for kind in HEAVY_KINDS]
-    sent: list[asyncio.Task[None]] = []
-    while not streams.done():
-        sent.append(asyncio.ensure_future(send(requests[len(sent) % len(requests)])))
-        await asyncio.wait([streams], timeout=1 / rate)
-    await asyncio.gather(*sent)
-    return list(await streams), codes
+
+    async def heavy_requests(stub: Any, streams: asyncio.Future[Any]) -> dict[str, int]:
+        """Sends at `rate` a second, each without waiting for the last, until the streams end."""
+        codes: dict[str, int] = {}
+
+        async def send(request: Any) -> None:
+            try:
+                await stub.Generate(request)
+                code = "OK"
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code().name
+            codes[code] = codes.get(code, 0) + 1
+
+        sent: list[asyncio.Task[None]] = []
+        while not streams.done():
+            sent.append(asyncio.ensure_future(send(requests[len(sent) % len(requests)])))
+            await asyncio.wait([streams], timeout=1 / rate)
+        await asyncio.gather(*sent)
+        return codes
+
+    result: tuple[list[dict[str, Any]], dict[str, int]] = await peer.while_streaming(
+        prompts, new_tokens, heavy_requests
+    )
+    return result
 
 
 def _heavy_request(kind: str, rng: random.Random) -> Any:
