@@ -34,6 +34,7 @@ HUGE_PAGE = 2 * 1024 * 1024  # x86-64 and arm64 (4 KiB base pages) PMD size
 MADV_HUGEPAGE = 14  # <linux/mman.h>
 MADV_COLLAPSE = 25  # Linux 6.1; Python's mmap module names it from 3.13 only
 PROC_SELF_MAPS = Path("/proc/self/maps")
+_RESIDENT_BIT = bytes(byte & 1 for byte in range(256))
 
 
 @dataclass(frozen=True)
@@ -91,9 +92,9 @@ class _Kernel:
         resident = ctypes.create_string_buffer(len(blocks) * pages_per_block)  # a byte per page
         if self._mincore(blocks[0], len(blocks) * HUGE_PAGE, resident) != 0:
             return  # unmapped meanwhile
-        pages = resident.raw
+        pages = resident.raw.translate(_RESIDENT_BIT)  # mincore reserves the other bits
         for i, block in enumerate(blocks):
-            if all(byte & 1 for byte in pages[i * pages_per_block : (i + 1) * pages_per_block]):
+            if 0 not in pages[i * pages_per_block : (i + 1) * pages_per_block]:
                 yield block
 
     def advise(self, block: int, advice: int) -> int:
