@@ -112,3 +112,13 @@ def test_the_engine_moves_its_weights_into_huge_pages(tiny_model_dir: Path) -> N
     # numpy asks for huge pages for the KV cache by itself; the weights are there only if collapsed.
     weights = (tiny_model_dir / "model.onnx").stat().st_size
     assert int(huge_kib) * 1024 >= int(cache_bytes) + weights
+
+
+def test_huge_pages_can_be_turned_off(tiny_model_dir: Path) -> None:
+    from textgen_server.__main__ import parse_args
+    from textgen_server.engine import Engine
+
+    base = ["--model-dir", str(tiny_model_dir)]
+    assert parse_args(base).huge_pages is True
+    assert parse_args([*base, "--no-huge-pages"]).huge_pages is False
+    assert Engine(tiny_model_dir, provider="cpu", slots=1, huge_pages=False).huge_pages is None

@@ -154,6 +154,7 @@ class ServerSettings:
     max_message_bytes: int = MAX_MESSAGE_BYTES
     lora_dir: Path | None = None  # every NAME.npz there is served as adapter NAME
     prefix_cache: bool = True  # free KV slots keep finished sequences' positions for later prompts
+    huge_pages: bool = True  # on the CPU the weights move into 2 MiB pages once loaded (huge_pages.py)
     validation_workers: int = 2  # threads validating requests (tokenizing, compiling grammars)
 
 
@@ -285,7 +286,13 @@ class TextgenServer:
                 f"{max_len} positions (the model's max_total_tokens)"
             )
         engine = await asyncio.to_thread(
-            Engine, s.model_dir, provider=s.provider, threads=s.threads, slots=slots, max_len=max_len
+            Engine,
+            s.model_dir,
+            provider=s.provider,
+            threads=s.threads,
+            slots=slots,
+            max_len=max_len,
+            huge_pages=s.huge_pages,
         )
         tokenizer = Tokenizer.from_file(s.model_dir / TOKENIZER_FILE)
         if tokenizer.vocab_size > engine.config.vocab_size:

@@ -181,9 +181,11 @@ class Engine:
         slots: int = 32,
         max_len: int | None = None,
         host_arrays: bool | None = None,
+        huge_pages: bool = True,
     ) -> None:
         """`slots` rows of `max_len` positions each (default: the model's max_total_tokens);
-        `host_arrays` picks the KV store (kv_cache.KVCache; by default numpy on the CPU)."""
+        `host_arrays` picks the KV store (kv_cache.KVCache; by default numpy on the CPU);
+        `huge_pages`: on the CPU, move the loaded weights into 2 MiB pages (huge_pages.py)."""
         self.config = ModelConfig.load(model_dir)
         missing = [name for name in (MODEL_FILE, KV_COPY_FILE) if not (model_dir / name).is_file()]
         if self.config.format_version > FORMAT_VERSION:
@@ -211,8 +213,8 @@ class Engine:
             )
         self.device = "cuda" if self.execution_provider == _CUDA else "cpu"
         # On the CPU every step reads the weights the session just loaded: into huge pages with them.
-        self.huge_pages: Collapsed | None = None  # None: not tried (weights on the GPU)
-        if self.device == "cpu":
+        self.huge_pages: Collapsed | None = None  # None: not tried (turned off, or weights on the GPU)
+        if self.device == "cpu" and huge_pages:
             resident = resident_blocks()
             log.info("host memory: moving %.0f MiB into 2 MiB pages", len(resident) * HUGE_PAGE / 2**20)
             self.huge_pages = collapse(resident)
