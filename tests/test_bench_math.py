@@ -837,3 +837,49 @@ def test_the_report_names_the_commit_it_measured() -> None:
 
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
     assert machine_info(2)["commit"].removesuffix("+changes") == head.stdout.strip()
+
+
+def test_bytes_per_token_count_position_tables_as_one_row(tmp_path: Path) -> None:
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from bench.beyond_llc import graph_bytes_per_token
+
+    def weight(name: str, shape: tuple[int, ...], dtype: type = np.float32) -> onnx.TensorProto:
+        return numpy_helper.from_array(np.zeros(shape, dtype=dtype), name)
+
+    initializers = [
+        weight("embed", (100, 8)),  # a Gather's table: one row, 32 bytes
+        weight("w", (8, 8)),  # a MatMul's: all of it, 256 bytes
+        weight("cos", (64, 4)),  # GroupQueryAttention's rotary caches: a row each, 16 bytes
+        weight("sin", (64, 4)),
+        weight("packed", (8, 1, 16), np.uint8),  # int4 blocks: all, 128 bytes
+    ]
+    nodes = [
+        helper.make_node("Gather", ["embed", "ids"], ["h"]),
+        helper.make_node("MatMul", ["h", "w"], ["q"]),
+        helper.make_node(
+            "GroupQueryAttention",
+            ["q", "q", "q", "pk", "pv", "seqlens", "total", "cos", "sin"],
+            ["o", "k", "v"],
+            domain="com.microsoft",
+        ),
+        helper.make_node("Identity", ["packed"], ["p"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1])], [], initializers
+    )
+    path = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    assert graph_bytes_per_token(path) == 32 + 256 + 16 + 16 + 128
+
+
+def test_the_wide_model_has_the_fewest_layers_that_pass_the_llc_multiple() -> None:
+    from bench.beyond_llc import layers_for
+
+    mib = 2**20
+    # A Mistral-7B layer is 218 M weights (872 MB in fp32), its LM head 131 M (524 MB).
+    assert layers_for(480 * mib, "fp32") == 2  # 4 x 503 MB = 2.01 GB: 1 layer + head is 1.40 GB
+    assert layers_for(32 * mib, "fp32") == 1
+    assert layers_for(480 * mib, "int4") > layers_for(480 * mib, "int8") > layers_for(480 * mib, "fp32")
