@@ -4,18 +4,18 @@ Every decode step reads all the weights. ONNX Runtime allocates them with malloc
 whose transparent huge pages are `madvise` (Debian's and Ubuntu's default) maps them in 4 KiB pages:
 a TLB miss every 4 KiB, and where the weights fit the last-level cache, a physical layout that
 depends on which pages the kernel had free (of two identical processes, the one started first ran
-3-5% slower). Once its session has loaded, the engine collapses every fully resident 2 MiB block
-of the process's anonymous memory (`resident_blocks`, the weights among them) into a huge page
+3-5% slower). Once its session has loaded, the engine collapses every fully resident 2 MiB block of
+the process's anonymous memory (`resident_blocks`, the weights among them) into a huge page
 (`collapse`: `MADV_COLLAPSE`, Linux 6.1+, whatever the sysfs THP mode) and marks it `MADV_HUGEPAGE`
-so that it stays one; a block already huge costs nothing. (Only the blocks the load filled would be
-tidier, but a load reuses memory freed before it, which a before-and-after diff would miss.)
-Blocks with pages never touched are left alone: collapsing
-them would fill the holes and grow the process. Batch-1 decode on the build machine (Xeon, 480 MiB
-L3): +9 to 12% on the bench model (228 MB of fp32 weights, inside the L3), +5% on a 2.2 GB one
-(outside), +3% in int4.
+so that it stays one; a block already huge costs nothing. Only the blocks the load filled would be
+tidier, but a load reuses memory freed before it, which a before-and-after diff would miss. Blocks
+with pages never touched are left alone: collapsing them would fill the holes and grow the process.
+The KV cache is allocated afterwards and left as it is (in huge pages it decoded no faster).
 
-Nothing here is needed for correctness: where the kernel refuses (an older one, no THP, memory too
-fragmented for a huge page) the engine runs on 4 KiB pages as before, and the log says why.
+Batch-1 decode on the build machine (Xeon, 480 MiB L3): +9 to 12% on the bench model (228 MB of
+fp32 weights, inside the L3), +5% on a 2.2 GB one (outside), +4% in int4. Nothing here is needed for
+correctness: where the kernel refuses (an older one, no THP, memory too fragmented for a huge page)
+the engine runs on 4 KiB pages as before, and the log says why.
 """
 
 from __future__ import annotations
