@@ -4,6 +4,7 @@ kernel collapses really backed by a huge page, holes never filled, and the engin
 from __future__ import annotations
 
 import ctypes
+import logging
 import mmap
 import re
 import subprocess
@@ -122,3 +123,15 @@ def test_huge_pages_can_be_turned_off(tiny_model_dir: Path) -> None:
     assert parse_args(base).huge_pages is True
     assert parse_args([*base, "--no-huge-pages"]).huge_pages is False
     assert Engine(tiny_model_dir, provider="cpu", slots=1, huge_pages=False).huge_pages is None
+
+
+def test_where_huge_pages_do_not_exist_the_log_says_so(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from textgen_server import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "huge_pages_available", False)  # as on macOS, or 64 KiB pages
+    with caplog.at_level(logging.INFO, logger="textgen_server.engine"):
+        engine = engine_module.Engine(tiny_model_dir, provider="cpu", slots=1)
+    assert engine.huge_pages is None
+    assert "2 MiB pages need Linux and 4 KiB base pages" in caplog.text

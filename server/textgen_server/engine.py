@@ -38,6 +38,7 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
+from .huge_pages import AVAILABLE as huge_pages_available
 from .huge_pages import HUGE_PAGE, Collapsed, collapse, resident_blocks
 from .kv_cache import KVCache
 from .lora_format import AdapterWeights
@@ -214,7 +215,9 @@ class Engine:
         self.device = "cuda" if self.execution_provider == _CUDA else "cpu"
         # On the CPU every step reads the weights the session just loaded: into huge pages with them.
         self.huge_pages: Collapsed | None = None  # None: not tried (turned off, or weights on the GPU)
-        if self.device == "cpu" and huge_pages:
+        if self.device == "cpu" and huge_pages and not huge_pages_available:
+            log.info("host memory: left in the kernel's pages (2 MiB pages need Linux and 4 KiB base pages)")
+        elif self.device == "cpu" and huge_pages:
             resident = resident_blocks()
             log.info("host memory: moving %.0f MiB into 2 MiB pages", len(resident) * HUGE_PAGE / 2**20)
             self.huge_pages = collapse(resident)

@@ -34,6 +34,8 @@ HUGE_PAGE = 2 * 1024 * 1024  # x86-64 and arm64 (4 KiB base pages) PMD size
 MADV_HUGEPAGE = 14  # <linux/mman.h>
 MADV_COLLAPSE = 25  # Linux 6.1; Python's mmap module names it from 3.13 only
 PROC_SELF_MAPS = Path("/proc/self/maps")
+# The 2 MiB pages this module makes: Linux's, where base pages are 4 KiB (x86-64, most arm64 kernels).
+AVAILABLE = sys.platform.startswith("linux") and mmap.PAGESIZE == 4096 and PROC_SELF_MAPS.exists()
 _RESIDENT_BIT = bytes(byte & 1 for byte in range(256))
 
 
@@ -105,7 +107,7 @@ class _Kernel:
 def resident_blocks() -> frozenset[int]:
     """The fully resident 2 MiB blocks of this process's anonymous memory; empty where that cannot be
     known (not Linux, no /proc, pages other than 4 KiB)."""
-    if not sys.platform.startswith("linux") or mmap.PAGESIZE != 4096 or not PROC_SELF_MAPS.exists():
+    if not AVAILABLE:
         return frozenset()
     kernel = _Kernel()
     regions = anonymous_regions(PROC_SELF_MAPS.read_text())
