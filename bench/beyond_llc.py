@@ -53,10 +53,10 @@ def graph_bytes_per_token(model_onnx: Path) -> int:
     }
     total = 0
     for tensor in graph.initializer:
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-        dims = list(tensor.dims)
-        rows = 1 if tensor.name in gathered and dims else (dims[0] if dims else 1)
-        total += rows * math.prod(dims[1:]) * itemsize if dims else itemsize
+        elements = math.prod(tensor.dims)  # 1 for a scalar
+        if tensor.name in gathered and tensor.dims:
+            elements //= tensor.dims[0]  # one row
+        total += elements * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
     return total
 
 
