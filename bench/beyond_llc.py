@@ -31,7 +31,7 @@ from .membw import read_bandwidth
 from .peers.client import Worker
 from .prefill_passes import HEADS, HIDDEN, KV_HEADS, MLP, ensure_model
 from .prompts import prompt_ids
-from .roofline import LLC_MULTIPLE
+from .roofline import LLC_MULTIPLE, roofline_share
 from .stats import run_timing
 
 REPO = Path(__file__).resolve().parent.parent
@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             # In this process, which waits while the engine's runs: the two never overlap.
             read = statistics.median(read_bandwidth(args.threads, BANDWIDTH_BYTES, reps=3))  # bytes/s
             tok_s = run_timing(engine.call("generate", prompt_ids=prompt, new_tokens=args.new)).decode_tok_s
-            rounds.append({"bandwidth": read, "tok_s": tok_s, "share": bytes_per_token * tok_s / read})
+            share = roofline_share(bytes_per_token, tok_s, read)
+            rounds.append({"bandwidth": read, "tok_s": tok_s, "share": share})
             print(
                 f"round {round_ + 1}/{args.rounds}: read {read / 1e9:.1f} GB/s, decode {tok_s:.2f} tok/s, "
                 f"share {rounds[-1]['share']:.0%}",
