@@ -214,14 +214,17 @@ class Engine:
             )
         self.device = "cuda" if self.execution_provider == _CUDA else "cpu"
         # On the CPU every step reads the weights the session just loaded: into huge pages with them.
-        self.huge_pages: Collapsed | None = None  # None: not tried (turned off, or weights on the GPU)
-        if self.device == "cpu" and huge_pages and not huge_pages_available:
-            log.info("host memory: left in the kernel's pages (2 MiB pages need Linux and 4 KiB base pages)")
-        elif self.device == "cpu" and huge_pages:
-            resident = resident_blocks()
-            log.info("host memory: moving %.0f MiB into 2 MiB pages", len(resident) * HUGE_PAGE / 2**20)
-            self.huge_pages = collapse(resident)
-            log.info("host memory: %s", self.huge_pages.describe())
+        self.huge_pages: Collapsed | None = None  # None: not tried (off, weights on the GPU, no 2 MiB pages)
+        if self.device == "cpu" and huge_pages:
+            if not huge_pages_available:
+                log.info(
+                    "host memory: left in the kernel's pages (2 MiB pages need Linux and 4 KiB base pages)"
+                )
+            else:
+                resident = resident_blocks()
+                log.info("host memory: moving %.0f MiB into 2 MiB pages", len(resident) * HUGE_PAGE / 2**20)
+                self.huge_pages = collapse(resident)
+                log.info("host memory: %s", self.huge_pages.describe())
         if self.device == "cuda" and self.config.dtype == "fp32":
             # onnxruntime-gpu registers GroupQueryAttention for fp16 and bf16 only (onnxruntime-genai's
             # builder writes MultiHeadAttention for fp32 on CUDA instead): ORT runs it on the CPU.
