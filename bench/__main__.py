@@ -49,6 +49,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="skip the engine before v2 (no old source tree taken from git, no export in its format)",
     )
     parser.add_argument(
+        "--no-beyond-llc",
+        action="store_true",
+        help="skip the memory roofline on a model several times the last-level cache (made on first "
+        "use: about 2 GB on disk where the LLC is 480 MiB)",
+    )
+    parser.add_argument(
         "--llamacpp-omp-wait",
         choices=["auto", "passive", "default"],
         default="auto",
@@ -99,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         sweep_reps=args.reps or config.sweep_reps,
         llamacpp_omp_wait=args.llamacpp_omp_wait,
         lora_reps=args.reps or config.lora_reps,
+        beyond_llc_rounds=0 if args.no_beyond_llc else config.beyond_llc_rounds,
         only=args.only,
     )
     folder = "quick" if args.quick else args.only or ""

@@ -70,6 +70,34 @@ def layers_for(llc_bytes: int, dtype: str) -> int:
     return max(1, math.ceil((LLC_MULTIPLE * llc_bytes / weight - lm_head) / per_layer))
 
 
+def one_round(
+    engine: Worker, round_: int, prompt: int, new: int, threads: int, bytes_per_token: int
+) -> dict[str, float]:
+    """The read bandwidth (a numpy sum on `threads` threads, in this process, which waits while the
+    engine runs: the two never overlap), then one batch-1 decode of the engine worker's model."""
+    prompt_tokens = prompt_ids(prompt, random.Random(round_))
+    read = statistics.median(read_bandwidth(threads, BANDWIDTH_BYTES, reps=3))  # bytes/s
+    tok_s = run_timing(engine.call("generate", prompt_ids=prompt_tokens, new_tokens=new)).decode_tok_s
+    return {"bandwidth": read, "tok_s": tok_s, "share": roofline_share(bytes_per_token, tok_s, read)}
+
+
+def summarize(
+    model: str, bytes_per_token: int, llc_bytes: int | None, rounds: list[dict[str, float]]
+) -> dict[str, Any]:
+    """The rounds with the model, its bytes per token against the LLC, and the median share."""
+    shares = [r["share"] for r in rounds]
+    return {
+        "model": model,
+        "bytes_per_token": bytes_per_token,
+        "llc_bytes": llc_bytes,
+        "times_llc": bytes_per_token / llc_bytes if llc_bytes else None,
+        "rounds": rounds,
+        "median_share": statistics.median(shares),
+        "min_share": min(shares),
+        "max_share": max(shares),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.beyond_llc",
@@ -96,27 +124,15 @@ def main(argv: list[str] | None = None) -> int:
     rounds: list[dict[str, float]] = []
     try:
         for round_ in range(args.rounds):
-            prompt = prompt_ids(args.prompt, random.Random(round_))
-            # In this process, which waits while the engine's runs: the two never overlap.
-            read = statistics.median(read_bandwidth(args.threads, BANDWIDTH_BYTES, reps=3))  # bytes/s
-            tok_s = run_timing(engine.call("generate", prompt_ids=prompt, new_tokens=args.new)).decode_tok_s
-            share = roofline_share(bytes_per_token, tok_s, read)
-            rounds.append({"bandwidth": read, "tok_s": tok_s, "share": share})
+            rounds.append(one_round(engine, round_, args.prompt, args.new, args.threads, bytes_per_token))
             print(
-                f"round {round_ + 1}/{args.rounds}: read {read / 1e9:.1f} GB/s, decode {tok_s:.2f} tok/s, "
-                f"share {rounds[-1]['share']:.0%}",
+                f"round {round_ + 1}/{args.rounds}: read {rounds[-1]['bandwidth'] / 1e9:.1f} GB/s, decode "
+                f"{rounds[-1]['tok_s']:.2f} tok/s, share {rounds[-1]['share']:.0%}",
                 flush=True,
             )
     finally:
         engine.close()
-    report: dict[str, Any] = {
-        "model": str(model.relative_to(REPO)),
-        "bytes_per_token": bytes_per_token,
-        "llc_bytes": llc.size_bytes if llc else None,
-        "times_llc": bytes_per_token / llc.size_bytes if llc else None,
-        "rounds": rounds,
-        "median_share": statistics.median(r["share"] for r in rounds),
-    }
+    report = summarize(str(model.relative_to(REPO)), bytes_per_token, llc.size_bytes if llc else None, rounds)
     print(json.dumps(report, indent=2))
     llc_text = (
         f"{report['times_llc']:.1f}x the {llc.size_bytes / 2**20:.0f} MiB LLC" if llc else "LLC unknown"

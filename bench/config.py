@@ -58,6 +58,10 @@ class BenchConfig:
     # LoRA (bench/lora.py): the sweep's prompt and length at this many streams, all base vs mixed.
     lora_streams: int = 16
     lora_reps: int = 5
+    # The memory roofline beyond the LLC (bench/beyond_llc.py), where the bench model's weights sit in
+    # it: batch-1 decode of a model with Mistral-7B's widths, LLC_MULTIPLE times the LLC, this many rounds.
+    beyond_llc_rounds: int = 8
+    beyond_llc_new_tokens: int = 32
     only: str | None = None  # python -m bench --only lora|constrained: that section alone
 
     def to_dict(self) -> dict[str, Any]:
@@ -82,4 +86,5 @@ QUICK = BenchConfig(
     bandwidth_bytes=GIB // 4,
     bandwidth_reps=2,
     lora_reps=1,
+    beyond_llc_rounds=0,  # its model is gigabytes: not for a smoke run
 )

@@ -125,6 +125,8 @@ class RawResults:
     # LoRA configuration (bench/lora.py) -> one list of stream records per repetition
     lora: dict[str, list[list[dict[str, Any]]]] = field(default_factory=dict)
     gpu: dict[str, Any] = field(default_factory=dict)
+    # bench.beyond_llc's summary of its rounds, or {"skipped": why}
+    beyond_llc: dict[str, Any] = field(default_factory=dict)
     cut_short: dict[str, str] = field(default_factory=dict)  # what ran fewer repetitions, and why
     load: dict[str, float] = field(default_factory=dict)  # 1-minute load average as each phase began
     setup_s: float = 0.0
@@ -260,6 +262,8 @@ class Runner:
         finally:
             for worker in self.workers.values():
                 worker.close()
+        if c.only is None:
+            self._beyond_llc(raw)  # alone on the machine: the other workers have ended
         from .gpu import gpu_section
 
         raw.gpu = {"skipped": f"--only {c.only}"} if c.only else gpu_section(self.repo, c.threads)
@@ -528,6 +532,56 @@ class Runner:
                 if result is not None:
                     raw.arrivals.setdefault(name, []).append(result)
                 time.sleep(SETTLE_S)
+
+    def _beyond_llc(self, raw: RawResults) -> None:
+        """Batch-1 decode against the memory roofline on a model several times the LLC, where the
+        bench model's weights sit in the LLC (bench/beyond_llc.py); otherwise the roofline row of the
+        bench model itself is the measurement."""
+        from .beyond_llc import graph_bytes_per_token, layers_for, one_round, summarize
+        from .prefill_passes import ensure_model
+        from .roofline import roofline_applies
+
+        c = self.config
+        llc = raw.machine.get("last_level_cache")
+        if c.beyond_llc_rounds < 1:
+            raw.beyond_llc = {"skipped": "left out (--no-beyond-llc, or a quick run)"}
+            return
+        if not llc or roofline_applies(int(raw.weights["bytes_per_token"]), int(llc["size_bytes"])):
+            raw.beyond_llc = {"skipped": "the bench model's own roofline row applies"}
+            return
+        llc_bytes = int(llc["size_bytes"])
+        raw.load["beyond the LLC"] = os.getloadavg()[0]
+        try:
+            model = ensure_model(layers_for(llc_bytes, "fp32"), "fp32")
+            bytes_per_token = graph_bytes_per_token(model / "model.onnx")
+            log(f"memory roofline beyond the LLC: {model.name}, {bytes_per_token / 1e9:.2f} GB a token")
+            engine = Worker(
+                "engine",
+                Path(sys.executable),
+                model,
+                c.threads,
+                self.repo,
+                self.logs / "engine-beyond-llc.log",
+            )
+        except (OSError, WorkerError) as exc:  # the disk is full, the engine cannot start: the rest stands
+            raw.beyond_llc = {"unavailable": _first_lines(str(exc))}
+            log(f"memory roofline beyond the LLC unavailable: {raw.beyond_llc['unavailable']}")
+            return
+        rounds: list[dict[str, float]] = []
+        try:
+            for rep in self._repetitions(raw, "beyond the LLC", c.beyond_llc_rounds, 0.0):
+                new = c.beyond_llc_new_tokens
+                rounds.append(one_round(engine, rep, c.sweep_prompt_tokens, new, c.threads, bytes_per_token))
+                log(f"beyond the LLC round {rep + 1}/{c.beyond_llc_rounds}: {rounds[-1]['share']:.0%}")
+        except WorkerError as exc:  # the rounds before it stand
+            raw.cut_short["beyond the LLC"] = _first_lines(str(exc))
+            log(f"memory roofline beyond the LLC: {raw.cut_short['beyond the LLC']}")
+        finally:
+            engine.close()
+        if not rounds:
+            raw.beyond_llc = {"unavailable": raw.cut_short["beyond the LLC"]}
+            return
+        raw.beyond_llc = summarize(str(model.relative_to(self.repo)), bytes_per_token, llc_bytes, rounds)
 
     def _grammar(self, raw: RawResults) -> None:
         """Each level's streams with no constraint and with each of GRAMMAR_SCHEMAS on every row, back

@@ -883,3 +883,52 @@ def test_the_wide_model_has_the_fewest_layers_that_pass_the_llc_multiple() -> No
     assert layers_for(480 * mib, "fp32") == 2  # 4 x 503 MB = 2.01 GB: 1 layer + head is 1.40 GB
     assert layers_for(32 * mib, "fp32") == 1
     assert layers_for(480 * mib, "int4") > layers_for(480 * mib, "int8") > layers_for(480 * mib, "fp32")
+
+
+def _beyond_llc_rounds() -> list[dict[str, float]]:
+    from bench.roofline import roofline_share
+
+    per_token = 2_270_000_000
+    rounds = [(30e9, 12.0), (32e9, 13.0), (31e9, 11.0)]
+    return [
+        {"bandwidth": bw, "tok_s": rate, "share": roofline_share(per_token, rate, bw)} for bw, rate in rounds
+    ]
+
+
+def test_the_rounds_beyond_the_llc_give_the_median_share_and_its_range() -> None:
+    from bench.beyond_llc import summarize
+
+    out = summarize("models/bench-wide-L2-fp32", 2_270_000_000, 480 << 20, _beyond_llc_rounds())
+    shares = sorted([2.27 * 12 / 30, 2.27 * 13 / 32, 2.27 * 11 / 31])
+    assert out["median_share"] == pytest.approx(shares[1])
+    assert (out["min_share"], out["max_share"]) == pytest.approx((shares[0], shares[2]))
+    assert out["times_llc"] == pytest.approx(2.27e9 / (480 << 20))
+    assert summarize("m", 100, None, _beyond_llc_rounds())["times_llc"] is None
+
+
+def test_the_report_gives_the_roofline_beyond_the_llc_where_the_bench_model_fits_in_it() -> None:
+    from bench.beyond_llc import summarize
+    from bench.report import _beyond_llc_line
+
+    beyond = summarize("models/bench-wide-L2-fp32", 2_270_000_000, 480 << 20, _beyond_llc_rounds())
+    line = _beyond_llc_line(beyond)
+    assert line is not None
+    assert "models/bench-wide-L2-fp32" in line and "2.27 GB" in line and "4.5× the 480 MiB LLC" in line
+    assert "11.0–13.0 tok/s against 30.0–32.0 GB/s" in line
+    assert f"median **{beyond['median_share'] * 100:.0f}%**" in line and "over 3 rounds" in line
+    assert _beyond_llc_line({"skipped": "the bench model's own roofline row applies"}) is None
+    assert "not measured (disk full)" in (_beyond_llc_line({"unavailable": "disk full"}) or "")
+    # The 90% target reads the share beyond the LLC where the bench model's own row does not apply...
+    summary: dict[str, Any] = {
+        **_summary_for_roofline(480 << 20, {"engine": 1.06}),
+        "grpc": {},
+        "concurrency": {},
+        "constrained": {},
+        "serving": {},
+        "beyond_llc": beyond,
+    }
+    assert _targets(summary)["roofline share"]["value"] == pytest.approx(beyond["median_share"])
+    assert _targets({**summary, "beyond_llc": {"skipped": "quick"}})["roofline share"]["value"] is None
+    # ... and the bench model's own share where it does.
+    applies = {**summary, **_summary_for_roofline(32 << 20, {"engine": 0.8})}
+    assert _targets(applies)["roofline share"]["value"] == pytest.approx(0.8)
