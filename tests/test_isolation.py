@@ -101,11 +101,16 @@ _ORT_OUT_OF_MEMORY = (
 
 
 async def test_a_failed_decode_pass_decodes_each_row_alone(
-    scheduler: Scheduler, engine: Engine, tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch
+    scheduler: Scheduler,
+    engine: Engine,
+    tokenizer: Tokenizer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """When a decode pass fails (out of memory for the whole batch, say), each row is decoded in a
     pass of its own: the others go on with the tokens they have alone, and only the row whose own
-    pass fails too ends, told it was out of memory. Before, every row in the pass failed."""
+    pass fails too ends, told it was out of memory. Before, every row in the pass failed. The batch
+    pass failing at every step logs its traceback once (it logged one a step)."""
     requests = [_request(f"r{i}", (1, 5, 6 + i), 30) for i in range(4)]
     alone = [await _tokens(scheduler.submit(r)) for r in requests]
     real_prefill = engine.prefill
@@ -136,6 +141,10 @@ async def test_a_failed_decode_pass_decodes_each_row_alone(
     # Every step's batch pass failed, and the victim's own pass once: the metrics count each.
     assert failed_passes.count(("decode_alone", "out_of_memory")) == 1
     assert failed_passes.count(("decode", "out_of_memory")) == len(failed_passes) - 1 >= 29
+    batch_failures = [r for r in caplog.records if "rows failed; decoding each row alone" in r.getMessage()]
+    assert len(batch_failures) == 1 and batch_failures[0].exc_info is not None
+    # The victim's own pass is its request's failure: logged with it.
+    assert sum("decode pass failed for request r1" in r.getMessage() for r in caplog.records) == 1
 
 
 async def test_gauges_are_published_after_a_failed_step(

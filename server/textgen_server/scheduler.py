@@ -57,6 +57,7 @@ from .generation import Generation, GenerationRequest
 from .grammar import prefetch_token_masks
 from .handles import END, Outbox, RequestHandle
 from .prefix_cache import PrefixCache
+from .repeated_failure import RepeatedFailureLog
 from .tokenizer import Tokenizer
 from .validation import UnknownAdapterError
 
@@ -185,6 +186,8 @@ class Scheduler:
         self._open: set[RequestHandle] = set()
         self.prefix_cache = PrefixCache() if prefix_cache else None
         self._outbox = Outbox()
+        # A batch's decode pass out of memory fails again every step it stays that large.
+        self._batch_decode_failures = RepeatedFailureLog(log)
         self._accepting = True
         self._stopped = False
         self._drain_ended = threading.Event()  # `stop` stops waiting for what runs (a second signal)
@@ -365,10 +368,14 @@ class Scheduler:
                 logits: FloatArray | list[FloatArray | None] = self.engine.decode(
                     tokens, lengths, adapters, copy=False
                 )  # [n, vocab]
-            except Exception as exc:
-                log.exception("decode pass of %d rows failed; decoding each row alone", len(rows))
+            except Exception as exc:  # noqa: BLE001 - logged with its traceback, repeats summed up
+                self._batch_decode_failures.failed(
+                    f"decode pass of {len(rows)} rows failed; decoding each row alone", exc
+                )
                 self._count_failed_pass("decode", exc)
                 logits = self._decode_alone(rows, tokens)
+            else:
+                self._batch_decode_failures.passed("the batch's decode pass")
             self.stats.decode_seconds = time.monotonic() - started
             for row, handle in enumerate(rows):
                 row_logits = logits[row]
