@@ -1,7 +1,8 @@
 """Batch-1 decode, this engine against onnxruntime-genai (and optionally another tree of this engine),
 in short alternating rounds: a paired comparison that holds still on a machine whose speed moves.
 
-    python -m bench.pair [--rounds 12] [--prompt 128] [--new 128] [--other-source DIR] [--model DIR]
+    python -m bench.pair [--rounds 12] [--prompt 128] [--new 128] [--other-source DIR]
+                         [--model DIR [--genai-model DIR]]
 
 This machine's decode speed changes by up to 40% from one few-second spell to the next, so peers
 measured a minute apart (as `make bench`'s rotation does) can differ by the machine alone. Here each
@@ -9,8 +10,8 @@ round sends the same prompt to every worker back to back (rotating who goes firs
 a round ran within about a second of each other, and the report is the median of each round's ratio.
 `--other-source DIR` adds a worker running the `textgen_server` package found in DIR/server (a git
 worktree of another commit, say) on the same model: a before/after of an engine change. `--model`
-runs the two engines on another exported model (one of models/bench-*, say) and leaves genai out,
-whose model is the bench model's.
+runs this engine on another exported model (one of models/bench-*, say), with `--other-source`'s
+engine, or with genai on `--genai-model`, the genai builder's export of the same checkpoint.
 Uses what `make bench` built: models/bench, bench/.venv-genai and bench/models/genai-bench-fp32.
 """
 
@@ -42,16 +43,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new", type=int, default=128, help="new tokens a round (default 128)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--other-source", type=Path, help="a tree of this repository whose engine to add")
-    parser.add_argument("--model", type=Path, help="another model for both engines (needs --other-source)")
+    parser.add_argument("--model", type=Path, help="another model (with --other-source or --genai-model)")
+    parser.add_argument(
+        "--genai-model", type=Path, help="with --model: the genai builder's export of its checkpoint"
+    )
     args = parser.parse_args(argv)
     if min(args.rounds, args.prompt, args.threads) < 1 or args.new < 3:
         parser.error("--rounds, --prompt and --threads must be at least 1, --new at least 3")
-    if args.model is not None and args.other_source is None:
-        parser.error("--model compares two engines: give --other-source too")
+    if args.genai_model is not None and args.model is None:
+        parser.error("--genai-model goes with --model (the bench model's genai export is the default)")
+    if args.model is not None and args.other_source is None and args.genai_model is None:
+        parser.error("--model needs a peer on the same checkpoint: --other-source or --genai-model")
+    if args.genai_model is not None and not (args.genai_model / "genai_config.json").is_file():
+        parser.error(f"--genai-model {args.genai_model}: no genai_config.json there")
     genai_python = REPO / GENAI_VENV / "bin" / "python"
-    genai_model = REPO / GENAI_MODELS["fp32"]
+    genai_model = args.genai_model.resolve() if args.genai_model is not None else REPO / GENAI_MODELS["fp32"]
     model = args.model.resolve() if args.model is not None else REPO / BENCH_MODEL
-    with_genai = args.model is None
+    with_genai = args.model is None or args.genai_model is not None
     if with_genai and not (genai_python.is_file() and genai_model.is_dir() and model.is_dir()):
         parser.error("run `make bench` once first: it builds models/bench and the genai virtualenv and model")
     if not (model / "textgen.json").is_file():
@@ -88,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(
                 f"round {round_ + 1}/{args.rounds}: "
-                + ", ".join(f"{name} {rate:.0f} tok/s" for name, rate in rates[-1].items()),
+                + ", ".join(
+                    f"{name} {rate:.{0 if rate >= 100 else 1}f} tok/s" for name, rate in rates[-1].items()
+                ),
                 flush=True,
             )
     finally:

@@ -932,3 +932,22 @@ def test_the_report_gives_the_roofline_beyond_the_llc_where_the_bench_model_fits
     # ... and the bench model's own share where it does.
     applies = {**summary, **_summary_for_roofline(32 << 20, {"engine": 0.8})}
     assert _targets(applies)["roofline share"]["value"] == pytest.approx(0.8)
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--genai-model", "somewhere"], "--genai-model goes with --model"),
+        (["--model", "models/bench-wide"], "--model needs a peer on the same checkpoint"),
+        (["--model", "models/bench-wide", "--genai-model", "{tmp}"], "no genai_config.json there"),
+    ],
+)
+def test_pair_refuses_a_model_without_a_peer_on_its_checkpoint(
+    argv: list[str], says: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bench.pair import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([arg.format(tmp=tmp_path) for arg in argv])
+    assert exit_info.value.code == 2
+    assert says in capsys.readouterr().err
