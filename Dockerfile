@@ -28,6 +28,9 @@ RUN groupadd --system --gid 10001 textgen \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin textgen
 COPY --from=cpu-build /opt/textgen /opt/textgen
 ENV PATH=/opt/textgen/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+# malloc maps the weights in 2 MiB pages as they load: the engine's move into them has nothing left
+# to copy (server/textgen_server/huge_pages.py).
+ENV GLIBC_TUNABLES=glibc.malloc.hugetlb=1
 USER 10001:10001
 # gRPC, then Prometheus metrics.
 EXPOSE 50051 9464

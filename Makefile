@@ -51,8 +51,10 @@ $(MODEL_DIR)/textgen.json: | $(SERVE_INSTALLED)
 
 demo: $(MODEL_DIR)/textgen.json
 
+# glibc's malloc maps the weights in 2 MiB pages as they load (server/textgen_server/huge_pages.py).
 serve: $(SERVE_INSTALLED) $(MODEL_DIR)/textgen.json
-	$(VENV)/bin/textgen-server --model-dir $(MODEL_DIR) --port $(PORT)
+	GLIBC_TUNABLES=$${GLIBC_TUNABLES:-glibc.malloc.hugetlb=1} \
+		$(VENV)/bin/textgen-server --model-dir $(MODEL_DIR) --port $(PORT)
 
 test: $(INSTALLED) $(GPU_INSTALLED)
 	$(PY) -m pytest -q

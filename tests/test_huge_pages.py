@@ -6,13 +6,23 @@ from __future__ import annotations
 import ctypes
 import logging
 import mmap
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from textgen_server.huge_pages import HUGE_PAGE, anonymous_regions, collapse, huge_blocks, resident_blocks
+from textgen_server.huge_pages import (
+    HUGE_PAGE,
+    MALLOC_TUNABLE,
+    Collapsed,
+    anonymous_regions,
+    collapse,
+    huge_blocks,
+    malloc_hint,
+    resident_blocks,
+)
 
 MiB = 2**20
 
@@ -65,14 +75,22 @@ def smaps_between(start: int, end: int) -> dict[str, int]:
 
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux's /proc")
 def test_filled_blocks_become_huge_pages_and_holes_stay_holes() -> None:
-    region = mmap.mmap(-1, 12 * MiB, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    address = ctypes.addressof(ctypes.c_char.from_buffer(region))
+    region = mmap.mmap(-1, 14 * MiB, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(region))
+    # A megabyte of no access at each end: the kernel then never merges the 12 MiB between with a
+    # mapping made next to it later (the allocator's, while this test reads smaps), which would take
+    # part of it out of the mappings counted below.
+    mprotect = ctypes.CDLL(None, use_errno=True).mprotect
+    mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    prot_none = 0  # <sys/mman.h>; Python's mmap module names only PROT_READ and PROT_WRITE
+    assert mprotect(base, MiB, prot_none) == 0 and mprotect(base + 13 * MiB, MiB, prot_none) == 0
+    address = base + MiB
     blocks = list(huge_blocks(address, address + 12 * MiB))  # at least 5 whole blocks
     before = resident_blocks()
     for block in blocks[:2]:  # filled: every page written
-        region[block - address : block - address + HUGE_PAGE] = b"\x01" * HUGE_PAGE
+        region[block - base : block - base + HUGE_PAGE] = b"\x01" * HUGE_PAGE
     for page in range(0, HUGE_PAGE, 2 * mmap.PAGESIZE):  # every other page of the third block
-        region[blocks[2] - address + page] = 1
+        region[blocks[2] - base + page] = 1
     filled = (resident_blocks() - before) & set(blocks)  # other memory of this process fills too
     assert filled == set(blocks[:2])
     rss_before = smaps_between(address, address + 12 * MiB)["Rss"]
@@ -83,7 +101,7 @@ def test_filled_blocks_become_huge_pages_and_holes_stay_holes() -> None:
     after = smaps_between(address, address + 12 * MiB)
     assert after["AnonHugePages"] == 2 * HUGE_PAGE // 1024
     assert after["Rss"] == rss_before  # the half-written block was left as it was
-    assert region[blocks[1] - address + HUGE_PAGE - 1] == 1  # contents kept
+    assert region[blocks[1] - base + HUGE_PAGE - 1] == 1  # contents kept
     region.close()
 
 
@@ -135,3 +153,50 @@ def test_where_huge_pages_do_not_exist_the_log_says_so(
         engine = engine_module.Engine(tiny_model_dir, provider="cpu", slots=1)
     assert engine.huge_pages is None
     assert "2 MiB pages need Linux and 4 KiB base pages" in caplog.text
+
+
+def test_a_long_move_says_how_to_skip_it_unless_malloc_was_told() -> None:
+    slow, quick = Collapsed(2 << 30, 0, "", seconds=3.7), Collapsed(240 << 20, 0, "", seconds=0.3)
+    hint = malloc_hint(slow, "")
+    assert hint is not None and f"GLIBC_TUNABLES={MALLOC_TUNABLE}" in hint and "(3.7 s)" in hint
+    assert malloc_hint(slow, "glibc.malloc.arena_max=2") is not None  # other tunables: still worth it
+    assert malloc_hint(quick, "") is None
+    assert malloc_hint(slow, MALLOC_TUNABLE) is None
+    assert malloc_hint(slow, "glibc.malloc.hugetlb=0") is None  # asked for no huge pages: not our call
+
+
+ENGINE_WITHOUT_THE_MOVE = """
+import sys
+from pathlib import Path
+from textgen_server.engine import Engine
+engine = Engine(Path(sys.argv[1]), provider="cpu", slots=1, huge_pages=False)
+rollup = dict(line.split()[:2] for line in Path("/proc/self/smaps_rollup").read_text().splitlines()[1:])
+print(rollup["AnonHugePages:"])
+"""
+
+
+def _glibc_version() -> tuple[int, ...]:
+    name, _, version = (os.confstr("CS_GNU_LIBC_VERSION") or "").partition(" ")
+    return tuple(int(part) for part in version.split(".")) if name == "glibc" else ()
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists(), reason="needs Linux's /proc")
+@pytest.mark.skipif(_glibc_version() < (2, 35), reason="glibc.malloc.hugetlb needs glibc 2.35+")
+@pytest.mark.skipif(
+    "[never]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text(encoding="utf-8")
+    if Path("/sys/kernel/mm/transparent_hugepage/enabled").exists()
+    else True,
+    reason="transparent huge pages are off",
+)
+def test_with_the_malloc_tunable_the_weights_load_into_huge_pages(tiny_model_dir: Path) -> None:
+    """What the Docker image and `make serve` set: the weights are in 2 MiB pages with no move at all
+    (without it, in the kernel's default `madvise` mode, such a process had none)."""
+    result = subprocess.run(
+        [sys.executable, "-c", ENGINE_WITHOUT_THE_MOVE, str(tiny_model_dir)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "GLIBC_TUNABLES": MALLOC_TUNABLE},
+    )
+    weights = (tiny_model_dir / "model.onnx").stat().st_size
+    assert int(result.stdout) * 1024 >= weights

@@ -39,7 +39,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from .huge_pages import AVAILABLE as huge_pages_available
-from .huge_pages import HUGE_PAGE, Collapsed, collapse, resident_blocks
+from .huge_pages import HUGE_PAGE, Collapsed, collapse, malloc_hint, resident_blocks
 from .kv_cache import KVCache
 from .lora_format import AdapterWeights
 from .lora_stacks import LoraStacks
@@ -225,6 +225,9 @@ class Engine:
                 log.info("host memory: moving %.0f MiB into 2 MiB pages", len(resident) * HUGE_PAGE / 2**20)
                 self.huge_pages = collapse(resident)
                 log.info("host memory: %s", self.huge_pages.describe())
+                hint = malloc_hint(self.huge_pages, os.environ.get("GLIBC_TUNABLES", ""))
+                if hint is not None:
+                    log.info("host memory: %s", hint)
         if self.device == "cuda" and self.config.dtype == "fp32":
             # onnxruntime-gpu registers GroupQueryAttention for fp16 and bf16 only (onnxruntime-genai's
             # builder writes MultiHeadAttention for fp32 on CUDA instead): ORT runs it on the CPU.
