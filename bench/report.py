@@ -684,13 +684,14 @@ def _beyond_llc_line(beyond: dict[str, Any]) -> str | None:
     rounds = beyond["rounds"]
     rates = [r["tok_s"] for r in rounds]
     reads = [r["bandwidth"] for r in rounds]
+    weights = f"{beyond['bytes_per_token'] / 1e9:.2f} GB of weights read per token"
+    llc = f"{beyond['times_llc']:.1f}× the {beyond['llc_bytes'] >> 20} MiB LLC"
     return (
         f"Memory roofline beyond the last-level cache, same run (`python -m bench.beyond_llc`'s rounds): "
-        f"{beyond['model']}, Mistral-7B's widths, {beyond['bytes_per_token'] / 1e9:.2f} GB of weights read "
-        f"per token = {beyond['times_llc']:.1f}× the {beyond['llc_bytes'] >> 20} MiB LLC; each round a numpy read bandwidth, then this "
-        f"engine's batch-1 decode: {min(rates):.1f}–{max(rates):.1f} tok/s against "
-        f"{min(reads) / 1e9:.1f}–{max(reads) / 1e9:.1f} GB/s, a median **{_pct(beyond['median_share'])}** of "
-        f"the memory roofline over {len(rounds)} rounds ({_pct(beyond['min_share'])}–"
+        f"{beyond['model']}, Mistral-7B's widths, {weights} = {llc}; each round a numpy read "
+        f"bandwidth, then this engine's batch-1 decode: {min(rates):.1f}–{max(rates):.1f} tok/s against "
+        f"{min(reads) / 1e9:.1f}–{max(reads) / 1e9:.1f} GB/s, a median **{_pct(beyond['median_share'])}** "
+        f"of the memory roofline over {len(rounds)} rounds ({_pct(beyond['min_share'])}–"
         f"{_pct(beyond['max_share'])}; issue 9 target at least {_pct(TARGETS['roofline share'])})."
     )
 

@@ -951,3 +951,28 @@ def test_pair_refuses_a_model_without_a_peer_on_its_checkpoint(
         main([arg.format(tmp=tmp_path) for arg in argv])
     assert exit_info.value.code == 2
     assert says in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("rounds", "llc_bytes", "why"),
+    [
+        (0, 480 << 20, "left out"),  # --no-beyond-llc, or a quick run
+        (8, 32 << 20, "the bench model's own roofline row applies"),  # 162 MB is 4.8x a 32 MiB L3
+        (8, None, "the bench model's own roofline row applies"),  # unknown: the row says so itself
+    ],
+)
+def test_make_bench_runs_the_rounds_beyond_the_llc_only_where_the_bench_model_fits_in_it(
+    rounds: int, llc_bytes: int | None, why: str, tmp_path: Path
+) -> None:
+    import dataclasses
+
+    from bench.config import FULL
+    from bench.run import RawResults, Runner
+
+    config = dataclasses.replace(FULL, beyond_llc_rounds=rounds)
+    llc = None if llc_bytes is None else {"level": 3, "size_bytes": llc_bytes}
+    raw = RawResults(
+        config=config, machine={"last_level_cache": llc}, weights={"bytes_per_token": 162_041_856}
+    )
+    Runner(config, tmp_path, tmp_path / "logs", 60)._beyond_llc(raw)  # would build a 2 GB model otherwise
+    assert why in raw.beyond_llc["skipped"]
