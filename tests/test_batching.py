@@ -142,48 +142,6 @@ async def test_short_request_is_answered_within_a_few_steps(engine: Engine, toke
         await asyncio.to_thread(scheduler.stop, 0)
 
 
-async def test_a_first_token_goes_out_before_the_prompts_after_it_are_prefilled(
-    engine: Engine, tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Four prompts sent together are prefilled in one step, one pass each: the first one's first
-    token must reach its client before the last pass runs (it waited for all four: a TTFT p50 of 16
-    streams as long as their p99). The last prompt's pass waits here until that token has arrived."""
-    first_token_arrived = threading.Event()
-    real_prefill = engine.prefill
-
-    def last_prompt_waits(slot: int, tokens: Sequence[int], start: int = 0, adapter: int = 0) -> Any:
-        if tokens and tokens[-1] == 403:  # the last prompt's pass
-            assert first_token_arrived.wait(timeout=10), "the first prompt's token was held back"
-        return real_prefill(slot, tokens, start, adapter)
-
-    monkeypatch.setattr(engine, "prefill", last_prompt_waits)
-    scheduler = Scheduler(
-        engine, tokenizer, SchedulerLimits(max_batch_size=4, max_batch_total_tokens=4 * 512)
-    )
-    scheduler.start()
-    try:
-        handles = [
-            scheduler.submit(
-                GenerationRequest(
-                    request_id=f"r{i}",
-                    prompt_ids=(1, 7, 400 + i),
-                    max_new_tokens=3,
-                    sampling=SamplingParams(temperature=0.0),
-                )
-            )
-            for i in range(4)
-        ]
-        first = handles[0].events().__aiter__()
-        await asyncio.wait_for(first.__anext__(), timeout=10)
-        first_token_arrived.set()
-        assert len([event async for event in first]) == 2
-        for handle in handles[1:]:
-            assert len([event async for event in handle.events()]) == 3
-    finally:
-        first_token_arrived.set()
-        await asyncio.to_thread(scheduler.stop, 0)
-
-
 async def test_random_cancellations_free_every_slot(scheduler: Scheduler) -> None:
     rng = random.Random(7)
 

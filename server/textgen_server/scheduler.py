@@ -347,7 +347,7 @@ class Scheduler:
         self.stats.prefill_seconds = time.monotonic() - started
         kv_peak = self.kv_positions
         if self.stats.prefill_positions:
-            self._outbox.flush()  # a failed prompt's error goes out now, not after this step's decode
+            self._outbox.flush()  # first tokens go out now, not after this step's decode
         # Finished on their first token, or cancelled during the prefill (no first token was chosen):
         # either way they must not be decoded.
         self._retire(_leaves)
@@ -426,9 +426,6 @@ class Scheduler:
             self._prefilling = None
             self._join(handle)
             self._emit(handle, logits)
-            # Its first token goes out now, not once this step's other prompts are in: of 16 prompts
-            # sent together, the first would otherwise wait for all 16.
-            self._outbox.flush()
 
     def _decode_alone(
         self, rows: list[RequestHandle], tokens: npt.NDArray[np.int64]
