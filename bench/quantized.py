@@ -102,7 +102,7 @@ def markdown_lines(quantized: dict[str, Any], batch1: dict[str, Any]) -> list[st
             f"At {quantized['streams']} streams: this engine through its gRPC server (prompt 128, 128 new "
             "tokens each), genai as one static batch of as many prompts, llama.cpp's "
             "`llama-batched-bench -npp 128 -ntg 128 -npl N` (its `speed_tg`); all aggregate decode rates, "
-            "prefill excluded (for this engine, the prefill before the first stream's first token):"
+            "prefill excluded (for this engine, the prefill before any stream was decoded):"
         ),
         "",
         f"| measure | {' | '.join(COLUMNS.values())} | {' | '.join(labels)} |",

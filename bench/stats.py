@@ -94,15 +94,25 @@ def aggregate_tok_s(starts: Sequence[float], ends: Sequence[float], tokens: Sequ
     return _rate(sum(tokens), max(ends) - min(starts))
 
 
-def aggregate_decode_tok_s(firsts: Sequence[float], ends: Sequence[float], tokens: Sequence[int]) -> float:
-    """Tokens after each stream's first, over the window from the earliest first token to the last token.
+def aggregate_decode_tok_s(token_times: Sequence[Sequence[float]]) -> float:
+    """Tokens after each stream's first, over the window from the end of the prefill that came before
+    any decoding to the last token.
 
-    Leaves out the prefill before the first token; a later stream's prefill (one that waited for a KV
-    slot, or was prefilled while others decoded) falls inside the window and counts against the rate.
+    The window opens at the last first token that arrived before any stream's second: whether a server
+    sends the first tokens of the prompts it prefilled up front together or each as its prefill ends,
+    that prefill is left out. A later stream's prefill (one that waited for a KV slot, or was
+    prefilled while others decoded) falls inside the window and counts against the rate.
     """
-    if not (len(firsts) == len(ends) == len(tokens)) or not firsts:
-        raise ValueError("need one first-token time, end and token count per stream")
-    return _rate(sum(n - 1 for n in tokens), max(ends) - min(firsts))
+    if not token_times or not all(token_times):
+        raise ValueError("need at least one token time per stream")
+    seconds = [times[1] for times in token_times if len(times) > 1]
+    if not seconds:
+        raise ValueError("no stream has a token after its first: nothing was decoded")
+    first_decoded = min(seconds)
+    opened = max(times[0] for times in token_times if times[0] < first_decoded)
+    return _rate(
+        sum(len(times) - 1 for times in token_times), max(times[-1] for times in token_times) - opened
+    )
 
 
 def ratio(numerator: float | None, denominator: float | None) -> float | None:

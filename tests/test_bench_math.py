@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from bench.llamacpp_env import build_percent, cmake_options, cpu_flags, vendored_commit
@@ -137,10 +138,30 @@ def test_aggregate_counts_every_stream_over_the_whole_window() -> None:
 
 
 def test_aggregate_decode_leaves_each_streams_first_token_out() -> None:
-    # first tokens at 1 s and 1.5 s, last at 3 s and 5 s; 11 and 21 tokens: 10 + 20 decoded in 4 s.
-    assert aggregate_decode_tok_s([1.0, 1.5], [3.0, 5.0], [11, 21]) == pytest.approx(7.5)
+    # first tokens at 1 s and 1.5 s, both before any second token (1.6 s); last at 3 s and 5 s;
+    # 11 and 21 tokens: 10 + 20 decoded in the 3.5 s after the last first token.
+    streams = [[1.0, *np.linspace(1.6, 3.0, 10)], [1.5, *np.linspace(1.6, 5.0, 20)]]
+    assert aggregate_decode_tok_s(streams) == pytest.approx(30 / 3.5)
     with pytest.raises(ValueError):
-        aggregate_decode_tok_s([], [], [])
+        aggregate_decode_tok_s([])
+    with pytest.raises(ValueError):
+        aggregate_decode_tok_s([[1.0], [1.2]])  # no stream decoded
+
+
+def test_aggregate_decode_counts_a_prefill_after_decoding_began() -> None:
+    # The second stream's first token comes after the first stream's second: it waited, or was
+    # prefilled while the first decoded. Its wait is inside the window, which opens at 1 s.
+    streams = [[1.0, *np.linspace(1.1, 3.0, 10)], [2.0, *np.linspace(2.1, 5.0, 20)]]
+    assert aggregate_decode_tok_s(streams) == pytest.approx(30 / 4.0)
+
+
+def test_aggregate_decode_is_the_same_whether_first_tokens_go_out_together_or_one_by_one() -> None:
+    # Four prompts prefilled before any decoding, 0.1 s each: their first tokens at 0.4 s together,
+    # or at 0.1, 0.2, 0.3 and 0.4 s; decoding from 0.4 s, 10 tokens each at 0.5..1.4 s.
+    decoded = list(np.linspace(0.5, 1.4, 10))
+    together = [[0.4, *decoded] for _ in range(4)]
+    one_by_one = [[0.1 * (i + 1), *decoded] for i in range(4)]
+    assert aggregate_decode_tok_s(one_by_one) == aggregate_decode_tok_s(together) == pytest.approx(40 / 1.0)
 
 
 def test_paired_ratios_divide_within_each_repetition() -> None:
