@@ -142,6 +142,102 @@ async def test_short_request_is_answered_within_a_few_steps(engine: Engine, toke
         await asyncio.to_thread(scheduler.stop, 0)
 
 
+async def test_a_first_token_goes_out_before_the_prompts_after_it_are_prefilled(
+    engine: Engine, tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four prompts sent together are prefilled in one step, one pass each: the first one's first
+    token must reach its client before the last pass runs (it waited for all four: a TTFT p50 of 16
+    streams as long as their p99). The last prompt's pass waits here until that token has arrived."""
+    first_token_arrived = threading.Event()
+    real_prefill = engine.prefill
+
+    def last_prompt_waits(slot: int, tokens: Sequence[int], start: int = 0, adapter: int = 0) -> Any:
+        if tokens and tokens[-1] == 403:  # the last prompt's pass
+            assert first_token_arrived.wait(timeout=10), "the first prompt's token was held back"
+        return real_prefill(slot, tokens, start, adapter)
+
+    monkeypatch.setattr(engine, "prefill", last_prompt_waits)
+    scheduler = Scheduler(
+        engine, tokenizer, SchedulerLimits(max_batch_size=4, max_batch_total_tokens=4 * 512)
+    )
+    try:
+        handles = [
+            scheduler.submit(
+                GenerationRequest(
+                    request_id=f"r{i}",
+                    prompt_ids=(1, 7, 400 + i),
+                    max_new_tokens=3,
+                    sampling=SamplingParams(temperature=0.0),
+                )
+            )
+            for i in range(4)
+        ]
+        scheduler.start()  # all four queued: the first step finds them together
+        first = handles[0].events().__aiter__()
+        await asyncio.wait_for(first.__anext__(), timeout=10)
+        first_token_arrived.set()
+        assert len([event async for event in first]) == 2
+        for handle in handles[1:]:
+            assert len([event async for event in handle.events()]) == 3
+    finally:
+        first_token_arrived.set()
+        await asyncio.to_thread(scheduler.stop, 0)
+
+
+async def test_a_prompt_sent_after_a_first_token_gets_only_the_chunk_of_that_step(
+    engine: Engine, tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step that began idle may prefill `max_batch_prefill_tokens`, but once a first token of it has
+    gone out a stream has begun, and a prompt sent then (here by the client that got it) shares only
+    what is left of `prefill_chunk_tokens` with the step's earlier prompts. The last of the first four
+    prompts' passes waits until the long prompt is queued, so it is admitted within the same step."""
+    long_queued = threading.Event()
+    real_prefill = engine.prefill
+
+    def last_prompt_waits(slot: int, tokens: Sequence[int], start: int = 0, adapter: int = 0) -> Any:
+        if tokens and tokens[-1] == 403:  # the last of the first four prompts
+            assert long_queued.wait(timeout=10), "the long prompt was never sent"
+        return real_prefill(slot, tokens, start, adapter)
+
+    monkeypatch.setattr(engine, "prefill", last_prompt_waits)
+    steps: list[tuple[int, int]] = []  # (prefill tokens, batch size)
+    scheduler = Scheduler(
+        engine,
+        tokenizer,
+        SchedulerLimits(max_batch_prefill_tokens=1000, prefill_chunk_tokens=64),
+        on_step=lambda st: steps.append((st.prefill_positions, st.batch_size)),
+        prefix_cache=False,
+    )
+    greedy = SamplingParams(temperature=0.0)
+    try:
+        handles = [
+            scheduler.submit(
+                GenerationRequest(
+                    request_id=f"r{i}", prompt_ids=(1, 7, 400 + i), max_new_tokens=3, sampling=greedy
+                )
+            )
+            for i in range(4)
+        ]
+        scheduler.start()  # all four queued: the first step finds them together
+        await asyncio.wait_for(handles[0].events().__aiter__().__anext__(), timeout=10)
+        long = scheduler.submit(
+            GenerationRequest(
+                request_id="long", prompt_ids=(1, *range(10, 410)), max_new_tokens=1, sampling=greedy
+            )
+        )
+        long_queued.set()
+        assert len([event async for event in long.events()]) == 1
+        for handle in handles[1:]:
+            assert len([event async for event in handle.events()]) == 3
+    finally:
+        long_queued.set()
+        await asyncio.to_thread(scheduler.stop, 0)
+    # The first step: four 3-token prompts, then the long one's first 52 tokens (64 in all), and the
+    # four streams' second tokens. With the idle budget the long prompt took 400 tokens there.
+    assert steps[0] == (64, 4), steps
+    assert all(prefill <= 64 for prefill, size in steps if size), steps
+
+
 async def test_random_cancellations_free_every_slot(scheduler: Scheduler) -> None:
     rng = random.Random(7)
 

@@ -28,8 +28,11 @@ positions from it and prefills only the rest. A leaver in a gap that the last ru
 is first copied into a free slot (one holding nothing, else the least recently used), if any is free.
 
 The prefill budget is `prefill_chunk_tokens` while sequences are decoding (it bounds the stall
-every stream sees) and `max_batch_prefill_tokens` when none is. At most one prompt is ever part-way
-through its prefill: later requests wait for it (first come, first served).
+every stream sees) and `max_batch_prefill_tokens` when none is. A prompt's first token goes out as
+its prefill ends, not after the step's other prompts; so a request that arrives during a step that
+began idle after a first token of it went out gets only what is left of `prefill_chunk_tokens` in
+that step (its client may be the one that got that token). At most one prompt is ever
+part-way through its prefill: later requests wait for it (first come, first served).
 
 LoRA adapters (adapters.py): a request that names one is admitted once its adapter sits in one of
 the graph's adapter slots; until then it stays queued while the adapter is read on the loader thread,
@@ -347,7 +350,7 @@ class Scheduler:
         self.stats.prefill_seconds = time.monotonic() - started
         kv_peak = self.kv_positions
         if self.stats.prefill_positions:
-            self._outbox.flush()  # first tokens go out now, not after this step's decode
+            self._outbox.flush()  # a failed prompt's error goes out now, not after this step's decode
         # Finished on their first token, or cancelled during the prefill (no first token was chosen):
         # either way they must not be decoded.
         self._retire(_leaves)
@@ -397,17 +400,26 @@ class Scheduler:
         part-way through first, then new requests."""
         limits = self.limits
         budget = limits.prefill_chunk_tokens if self._running else limits.max_batch_prefill_tokens
+        spent = 0
+        first_token_sent: float | None = None  # in a step begun idle: when a stream began
         while budget > 0:
             handle = self._prefilling
             if handle is None:
                 handle = self._admit()
                 if handle is None:
                     return
+                if first_token_sent is not None and handle.submitted > first_token_sent:
+                    # Sent after a first token of this step went out, maybe by the client that got it:
+                    # the streams begun wait on its prefill as on any other, so the chunk bounds it.
+                    budget = min(budget, limits.prefill_chunk_tokens - spent)
                 self._reuse_prefix(handle)
             self._prefilling = handle
+            if budget <= 0:
+                return  # it comes first next step
             prompt = handle.request.prompt_ids
             chunk = prompt[handle.cached : handle.cached + min(budget, self._largest_pass)]
             budget -= len(chunk)
+            spent += len(chunk)
             try:
                 logits = self.engine.prefill(
                     handle.slot, chunk, start=handle.cached, adapter=handle.adapter_slot
@@ -426,6 +438,12 @@ class Scheduler:
             self._prefilling = None
             self._join(handle)
             self._emit(handle, logits)
+            # Its first token goes out now, not once this step's other prompts are in: of 16 prompts
+            # sent together, the first would otherwise wait for all 16. (Timed before: its client
+            # may answer before this thread runs again.)
+            if first_token_sent is None:
+                first_token_sent = time.monotonic()
+            self._outbox.flush()
 
     def _decode_alone(
         self, rows: list[RequestHandle], tokens: npt.NDArray[np.int64]
