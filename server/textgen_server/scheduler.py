@@ -29,10 +29,11 @@ is first copied into a free slot (one holding nothing, else the least recently u
 
 The prefill budget is `prefill_chunk_tokens` while sequences are decoding (it bounds the stall
 every stream sees) and `max_batch_prefill_tokens` when none is. A prompt's first token goes out as
-its prefill ends, not after the step's other prompts; so a request that arrives during a step that
-began idle after a first token of it went out gets only what is left of `prefill_chunk_tokens` in
-that step (its client may be the one that got that token). At most one prompt is ever
-part-way through its prefill: later requests wait for it (first come, first served).
+its prefill ends, not after the step's other prompts; so in a step that began idle, a request that
+arrives once a first token has gone out gets only what is left of `prefill_chunk_tokens` (its
+client may be the one that got that token, and that stream waits on the prefill like any other).
+At most one prompt is ever part-way through its prefill: later requests wait for it (first come,
+first served).
 
 LoRA adapters (adapters.py): a request that names one is admitted once its adapter sits in one of
 the graph's adapter slots; until then it stays queued while the adapter is read on the loader thread,
@@ -401,7 +402,7 @@ class Scheduler:
         limits = self.limits
         budget = limits.prefill_chunk_tokens if self._running else limits.max_batch_prefill_tokens
         spent = 0
-        first_token_sent: float | None = None  # in a step begun idle: when a stream began
+        first_token_sent: float | None = None  # when this step's first first token went out
         while budget > 0:
             handle = self._prefilling
             if handle is None:
