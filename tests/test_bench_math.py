@@ -961,6 +961,8 @@ def test_the_report_gives_the_roofline_beyond_the_llc_where_the_bench_model_fits
         (["--genai-model", "somewhere"], "--genai-model goes with --model"),
         (["--model", "models/bench-wide"], "--model needs a peer on the same checkpoint"),
         (["--model", "models/bench-wide", "--genai-model", "{tmp}"], "no genai_config.json there"),
+        (["--streams", "16"], "--streams compares this engine with --other-source's"),
+        (["--streams", "16", "--other-source", "{tmp}", "--model", "{tmp}"], "no textgen.json there"),
     ],
 )
 def test_pair_refuses_a_model_without_a_peer_on_its_checkpoint(
