@@ -60,8 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         help="with --other-source: N concurrent streams through each engine's gRPC server a round",
     )
     args = parser.parse_args(argv)
-    if min(args.rounds, args.prompt, args.threads) < 1 or args.new < 3 or args.streams < 0:
+    if min(args.rounds, args.prompt, args.threads) < 1 or args.new < 3:
         parser.error("--rounds, --prompt and --threads must be at least 1, --new at least 3")
+    if args.streams < 0:
+        parser.error(f"--streams {args.streams}: must be at least 1 (or left out for batch-1 decode)")
     if args.streams:
         if args.other_source is None or args.genai_model is not None:
             parser.error("--streams compares this engine with --other-source's (and no genai)")

@@ -962,6 +962,7 @@ def test_the_report_gives_the_roofline_beyond_the_llc_where_the_bench_model_fits
         (["--model", "models/bench-wide"], "--model needs a peer on the same checkpoint"),
         (["--model", "models/bench-wide", "--genai-model", "{tmp}"], "no genai_config.json there"),
         (["--streams", "16"], "--streams compares this engine with --other-source's"),
+        (["--streams", "-1"], "--streams -1: must be at least 1"),
         (["--streams", "16", "--other-source", "{tmp}", "--model", "{tmp}"], "no textgen.json there"),
     ],
 )
