@@ -191,6 +191,32 @@ def test_decode_without_copy_gives_the_same_logits_read_only_until_the_next_pass
     assert not np.array_equal(view, copied)
 
 
+def test_decode_slots_decodes_part_of_the_batch_like_the_batch_pass(tiny_model_dir: Path) -> None:
+    """After a batch's pass failed, the scheduler decodes its rows in parts over their own slots: each
+    part's logits are the batch pass's rows', and the part writes only its slots (the other rows'
+    next pass is unchanged)."""
+    engines = [Engine(tiny_model_dir, provider="cpu", slots=4, max_len=64) for _ in range(2)]
+    batched, parted = engines
+    prompts = [[1, 5, 9], [1, 7], [1, 3, 3, 8], [1, 4]]
+    for engine in engines:
+        for slot, prompt in enumerate(prompts):
+            engine.prefill(slot, prompt)
+    lengths = np.array([len(p) for p in prompts], dtype=np.int64)  # [4]
+    for step in range(3):
+        tokens = np.array([20 + step, 30 + step, 40 + step, 50 + step], dtype=np.int64)  # [4]
+        expected = batched.decode(tokens, lengths)  # [4, vocab]
+        halves = [
+            parted.decode_slots(
+                first, tokens[first : first + 2], lengths[first : first + 2], np.zeros(2, np.int64)
+            )
+            for first in (2, 0)  # the second half first: neither may touch the other's slots
+        ]
+        np.testing.assert_allclose(np.concatenate(halves[::-1]), expected, rtol=1e-4, atol=1e-4)
+        lengths += 1
+    with pytest.raises(ValueError, match="outside this cache"):
+        parted.decode_slots(3, tokens[:2], lengths[:2], np.zeros(2, np.int64))
+
+
 def test_memory_does_not_grow_over_a_thousand_joins_and_leaves(tiny_model_dir: Path) -> None:
     engine = Engine(tiny_model_dir, provider="cpu", slots=4, host_arrays=False)
     prompts = [random_prompt(n, seed=n) for n in (3, 9, 40)]

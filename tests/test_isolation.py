@@ -100,49 +100,113 @@ _ORT_OUT_OF_MEMORY = (
 )
 
 
-async def test_a_failed_decode_pass_decodes_each_row_alone(
+def _batch_out_of_memory(*args: Any, **kwargs: Any) -> Any:
+    raise RuntimeError(_ORT_OUT_OF_MEMORY)
+
+
+async def test_a_batch_out_of_memory_at_every_step_is_decoded_in_two_halves(
     scheduler: Scheduler,
     engine: Engine,
     tokenizer: Tokenizer,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """When a decode pass fails (out of memory for the whole batch, say), each row is decoded in a
-    pass of its own: the others go on with the tokens they have alone, and only the row whose own
-    pass fails too ends, told it was out of memory. Before, every row in the pass failed. The batch
-    pass failing at every step logs its traceback once (it logged one a step)."""
+    """When the batch's decode pass fails (out of memory for the whole batch, say), its rows are
+    decoded in two halves, a pass each, and every row gets the tokens it gets alone (it was a pass a
+    row, before that every row of the pass failed). The batch pass failing at every step logs its
+    traceback once (it logged one a step)."""
     requests = [_request(f"r{i}", (1, 5, 6 + i), 30) for i in range(4)]
     alone = [await _tokens(scheduler.submit(r)) for r in requests]
-    real_prefill = engine.prefill
-    victim: list[RequestHandle] = []
+    real_decode_slots = engine.decode_slots
+    parts: list[tuple[int, int]] = []  # (first slot, rows) of each part's pass
 
-    def batch_out_of_memory(*args: Any, **kwargs: Any) -> Any:
-        raise RuntimeError(_ORT_OUT_OF_MEMORY)
+    def counted_decode_slots(first_slot: int, tokens: Any, lengths: Any, adapters: Any) -> Any:
+        parts.append((first_slot, len(tokens)))
+        return real_decode_slots(first_slot, tokens, lengths, adapters)
 
-    def victim_out_of_memory_later(slot: int, tokens: Any, start: int = 0, adapter: int = 0) -> Any:
-        if victim and not victim[0].failed and slot == victim[0].slot and len(tokens) == 1 and start >= 10:
-            raise RuntimeError(_ORT_OUT_OF_MEMORY)
-        return real_prefill(slot, tokens, start, adapter)
-
-    monkeypatch.setattr(engine, "decode", batch_out_of_memory)
-    monkeypatch.setattr(engine, "prefill", victim_out_of_memory_later)
+    monkeypatch.setattr(engine, "decode", _batch_out_of_memory)
+    monkeypatch.setattr(engine, "decode_slots", counted_decode_slots)
     failed_passes: list[tuple[str, str]] = []
     sched = Scheduler(engine, tokenizer, on_step=lambda stats: failed_passes.extend(stats.failed_passes))
+    handles = [sched.submit(r) for r in requests]
+    sched.start()  # all four queued: they join in the first step and decode together
+    try:
+        results = await asyncio.gather(*(_tokens(h) for h in handles))
+    finally:
+        await asyncio.to_thread(sched.stop, 0)
+    assert results == alone
+    steps = len(failed_passes)
+    assert failed_passes == [("decode", "out_of_memory")] * steps and steps >= 29
+    assert parts.count((0, 2)) + parts.count((0, 1)) == steps  # the first half of each step...
+    assert len(parts) == 2 * steps  # ...and the second: two passes a step, whatever the batch's size
+    batch_failures = [
+        r for r in caplog.records if "rows failed; decoding its rows in parts" in r.getMessage()
+    ]
+    assert len(batch_failures) == 1 and batch_failures[0].exc_info is not None
+
+
+async def test_a_batch_of_one_whose_pass_fails_runs_its_row_once_more_alone(
+    scheduler: Scheduler, engine: Engine, tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    request = _request("one", (1, 5, 6), 20)
+    alone = await _tokens(scheduler.submit(request))
+    real_decode_slots = engine.decode_slots
+    parts: list[tuple[int, int]] = []
+
+    def counted_decode_slots(first_slot: int, tokens: Any, lengths: Any, adapters: Any) -> Any:
+        parts.append((first_slot, len(tokens)))
+        return real_decode_slots(first_slot, tokens, lengths, adapters)
+
+    monkeypatch.setattr(engine, "decode", _batch_out_of_memory)
+    monkeypatch.setattr(engine, "decode_slots", counted_decode_slots)
+    sched = Scheduler(engine, tokenizer)
     sched.start()
     try:
-        handles = [sched.submit(r) for r in requests]
-        victim.append(handles[1])
+        assert await _tokens(sched.submit(request)) == alone
+    finally:
+        await asyncio.to_thread(sched.stop, 0)
+    assert parts == [(0, 1)] * 19  # every token after the first: its batch's pass failed, its own did not
+
+
+async def test_a_row_whose_own_pass_fails_too_ends_alone_and_told_so(
+    scheduler: Scheduler,
+    engine: Engine,
+    tokenizer: Tokenizer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A pass that holds one row's work fails (out of memory for it, at its 11th position): the half
+    it is in fails, then its row alone, and only that request ends, told it was out of memory; the
+    rest of its half and the other half go on with the tokens they get alone."""
+    requests = [_request(f"r{i}", (1, 5, 6 + i), 30) for i in range(4)]
+    alone = [await _tokens(scheduler.submit(r)) for r in requests]
+    real_decode_slots = engine.decode_slots
+    victim: list[RequestHandle] = []
+
+    def victim_out_of_memory_later(first_slot: int, tokens: Any, lengths: Any, adapters: Any) -> Any:
+        handle = victim[0]
+        if not handle.failed and first_slot <= handle.slot < first_slot + len(tokens) and handle.cached >= 10:
+            raise RuntimeError(_ORT_OUT_OF_MEMORY)
+        return real_decode_slots(first_slot, tokens, lengths, adapters)
+
+    monkeypatch.setattr(engine, "decode", _batch_out_of_memory)
+    monkeypatch.setattr(engine, "decode_slots", victim_out_of_memory_later)
+    failed_passes: list[tuple[str, str]] = []
+    sched = Scheduler(engine, tokenizer, on_step=lambda stats: failed_passes.extend(stats.failed_passes))
+    handles = [sched.submit(r) for r in requests]
+    victim.append(handles[1])
+    sched.start()  # all four queued: they join in the first step and decode together
+    try:
         results = await asyncio.gather(*(_tokens(h) for h in handles), return_exceptions=True)
     finally:
         await asyncio.to_thread(sched.stop, 0)
     assert isinstance(results[1], PassOutOfMemoryError), results[1]
     assert "out of memory decoding (request r1, 11 tokens)" in str(results[1])
     assert [results[i] for i in (0, 2, 3)] == [alone[i] for i in (0, 2, 3)]
-    # Every step's batch pass failed, and the victim's own pass once: the metrics count each.
+    # Every step's batch pass failed, the victim's half once, then its own pass: the metrics count each.
+    assert failed_passes.count(("decode_part", "out_of_memory")) == 1
     assert failed_passes.count(("decode_alone", "out_of_memory")) == 1
-    assert failed_passes.count(("decode", "out_of_memory")) == len(failed_passes) - 1 >= 29
-    batch_failures = [r for r in caplog.records if "rows failed; decoding each row alone" in r.getMessage()]
-    assert len(batch_failures) == 1 and batch_failures[0].exc_info is not None
+    assert failed_passes.count(("decode", "out_of_memory")) == len(failed_passes) - 2 >= 29
     # The victim's own pass is its request's failure: logged with it.
     assert sum("decode pass failed for request r1" in r.getMessage() for r in caplog.records) == 1
 

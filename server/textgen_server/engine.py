@@ -362,6 +362,24 @@ class Engine:
             return bound.logits.copy()
         return bound.logits
 
+    def decode_slots(
+        self,
+        first_slot: int,
+        tokens: npt.NDArray[np.int64],
+        lengths: npt.NDArray[np.int64],
+        adapters: npt.NDArray[np.int64],
+    ) -> npt.NDArray[np.float32]:
+        """One token per row for the k rows in slots `first_slot`..`first_slot + k - 1` (`tokens`,
+        `lengths`, `adapters` [k], as for `decode`), in a pass bound for itself that writes only those
+        slots: part of a batch whose `decode` pass failed. Logits [k, vocab], an array of their own."""
+        k = int(tokens.shape[0])
+        if k < 1 or first_slot < 0 or first_slot + k > self.slots:
+            raise ValueError(f"slots {first_slot}..{first_slot + k - 1} outside this cache's {self.slots}")
+        if lengths.shape != (k,) or adapters.shape != (k,) or int(lengths.max()) >= self.max_len:
+            raise ValueError(f"lengths and adapters must be [{k}], lengths below {self.max_len}")
+        input_ids = tokens.astype(np.int64, copy=False).reshape(k, 1)  # [k, 1]
+        return self._run(input_ids, lengths.astype(np.int32), adapters, first_slot=first_slot)
+
     def move_slot(self, src: int, dst: int, length: int) -> None:
         """Move a sequence of `length` positions from slot `src` to slot `dst`."""
         self.cache.move(src, dst, length)

@@ -58,8 +58,9 @@ class Metrics:
         )
         self.batch_forward_failures = Counter(
             "textgen_batch_forward_failures",
-            "Forward passes that raised, by method (prefill, decode, or decode_alone: a row's own pass "
-            "after its batch's failed) and cause (out_of_memory or error)",
+            "Forward passes that raised, by method (prefill; decode; decode_part: part of a batch whose "
+            "pass failed; decode_alone: a row's own pass after the parts it was in failed) and cause "
+            "(out_of_memory or error)",
             ["method", "cause"],
             registry=r,
         )

@@ -1,7 +1,7 @@
 """A failure that can repeat at every step, logged so that it cannot flood the log.
 
 A decode pass of the whole batch that runs out of memory fails again at the next step, and the next,
-for as long as the batch stays that large (the scheduler then decodes each row alone): a traceback
+for as long as the batch stays that large (the scheduler then decodes it in parts): a traceback
 per step would be dozens a second on a GPU. The first failure of a run is logged with its traceback,
 the repeats as one line at most every `interval_s`, and the first pass after them says how long the
 run lasted. The metrics count every failure (`textgen_batch_forward_failures`).

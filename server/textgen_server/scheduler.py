@@ -18,8 +18,10 @@ sits just above them. Each iteration:
 4. decode every running sequence in one forward pass, emit each new token, retire the finished.
 
 A pass that fails fails only the requests whose own work it was: a prefill pass holds one prompt,
-and when a decode pass fails, each row is decoded again in a pass of its own (a one-token prefill
-pass at its position), so that only a row whose own pass fails too ends; out of memory in a
+and when a decode pass fails, its rows are decoded again in two halves, each in a pass of its own
+over its slots, and a half that fails again in halves, down to a row alone, so that only a row
+whose own pass fails too ends (out of memory for the whole batch costs two passes, not one a row;
+a row whose own work fails, about log2(n) more); out of memory in a
 request's own pass is `PassOutOfMemoryError` (RESOURCE_EXHAUSTED), anything else a bug (INTERNAL).
 
 A slot a sequence leaves keeps its keys and values (prefix_cache.py): a new prompt that starts with
@@ -143,8 +145,9 @@ class StepStats:
     tokens: int = 0  # tokens generated this step
     first_token_seconds: list[float] = field(default_factory=list)  # submit → first token, this step
     finished: list[str] = field(default_factory=list)  # finish reasons ("stop", "length") this step
-    # (method, cause) of each forward pass that raised this step: "prefill", "decode", or
-    # "decode_alone" (a row's own pass after its batch's failed); "out_of_memory" or "error".
+    # (method, cause) of each forward pass that raised this step: "prefill", "decode", "decode_part"
+    # (part of a batch whose pass failed), or "decode_alone" (a row's own pass after the parts it was
+    # in failed); "out_of_memory" or "error".
     failed_passes: list[tuple[str, str]] = field(default_factory=list)
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
@@ -374,10 +377,10 @@ class Scheduler:
                 )  # [n, vocab]
             except Exception as exc:  # noqa: BLE001 - logged with its traceback, repeats summed up
                 self._batch_decode_failures.failed(
-                    f"decode pass of {len(rows)} rows failed; decoding each row alone", exc
+                    f"decode pass of {len(rows)} rows failed; decoding its rows in parts", exc
                 )
                 self._count_failed_pass("decode", exc)
-                logits = self._decode_alone(rows, tokens)
+                logits = self._decode_in_parts(rows, tokens, split=True)
             else:
                 self._batch_decode_failures.passed("the batch's decode pass")
             self.stats.decode_seconds = time.monotonic() - started
@@ -446,26 +449,34 @@ class Scheduler:
                 first_token_sent = time.monotonic()
             self._outbox.flush()
 
-    def _decode_alone(
-        self, rows: list[RequestHandle], tokens: npt.NDArray[np.int64]
+    def _decode_in_parts(
+        self, rows: list[RequestHandle], tokens: npt.NDArray[np.int64], split: bool = False
     ) -> list[FloatArray | None]:
-        """After a decode pass failed: each row's token in a pass of its own (a prefill pass of one
-        token at its position, which writes only its slot and needs a row's memory, not the batch's),
-        so that only a row whose own pass fails ends. Each row's logits [vocab], None where it failed.
-        The failed pass wrote nothing but the running rows' slots, at the positions rewritten here."""
-        logits: list[FloatArray | None] = []
-        for handle, token in zip(rows, tokens.tolist(), strict=True):
+        """After a decode pass of `rows` (consecutive slots, as every running row sits) failed: the rows
+        in a pass of their own (unless `split`: the caller's pass was this one), and where that fails,
+        each half so, down to a row alone, whose failure is its request's. Each row's logits [vocab],
+        None where it failed. A failed pass wrote only its rows' slots, at the positions rewritten here."""
+        if not split or len(rows) == 1:  # a batch of one: its row's pass once more, alone
             try:
-                logits.append(
-                    self.engine.prefill(
-                        handle.slot, [token], start=handle.cached, adapter=handle.adapter_slot
-                    )
-                )
+                logits = self.engine.decode_slots(
+                    rows[0].slot,
+                    tokens,
+                    np.array([h.cached for h in rows], dtype=np.int64),  # [k]
+                    np.array([h.adapter_slot for h in rows], dtype=np.int64),  # [k]
+                )  # [k, vocab]
+                return list(logits)
             except Exception as exc:
-                log.exception("decode pass failed for request %s", handle.request.request_id)
-                self._fail_own_pass(handle, "decode_alone", exc, "decoding", handle.cached + 1)
-                logits.append(None)
-        return logits
+                if len(rows) == 1:
+                    handle = rows[0]
+                    log.exception("decode pass failed for request %s", handle.request.request_id)
+                    self._fail_own_pass(handle, "decode_alone", exc, "decoding", handle.cached + 1)
+                    return [None]
+                self._count_failed_pass("decode_part", exc)
+        half = len(rows) // 2
+        return [
+            *self._decode_in_parts(rows[:half], tokens[:half]),
+            *self._decode_in_parts(rows[half:], tokens[half:]),
+        ]
 
     def _count_failed_pass(self, method: str, error: Exception) -> bool:
         """Count a pass that raised in this step's stats; whether it ran out of memory."""
