@@ -7,7 +7,7 @@ reproductions are in tests/test_server.py).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -100,8 +100,42 @@ _ORT_OUT_OF_MEMORY = (
 )
 
 
-def _batch_out_of_memory(*args: Any, **kwargs: Any) -> Any:
-    raise RuntimeError(_ORT_OUT_OF_MEMORY)
+def _batch_passes_fail(
+    engine: Engine,
+    monkeypatch: pytest.MonkeyPatch,
+    part_fails: Callable[[int, int], bool] = lambda first_slot, rows: False,
+) -> list[tuple[int, int]]:
+    """Every batch decode pass runs out of memory (the whole batch's, say), and so does a part's pass
+    where `part_fails(first slot, rows)`; the (first slot, rows) of each part's pass, as they run."""
+    real_decode_slots = engine.decode_slots
+    parts: list[tuple[int, int]] = []
+
+    def batch_out_of_memory(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(_ORT_OUT_OF_MEMORY)
+
+    def decode_slots(first_slot: int, tokens: Any, lengths: Any, adapters: Any) -> Any:
+        parts.append((first_slot, len(tokens)))
+        if part_fails(first_slot, len(tokens)):
+            raise RuntimeError(_ORT_OUT_OF_MEMORY)
+        return real_decode_slots(first_slot, tokens, lengths, adapters)
+
+    monkeypatch.setattr(engine, "decode", batch_out_of_memory)
+    monkeypatch.setattr(engine, "decode_slots", decode_slots)
+    return parts
+
+
+async def _run_together(
+    sched: Scheduler, requests: list[GenerationRequest]
+) -> list[list[int] | BaseException]:
+    """`requests` queued before `sched` starts, so that they join in its first step and decode
+    together; each one's tokens, or the error it ended with."""
+    handles = [sched.submit(r) for r in requests]
+    sched.start()
+    try:
+        results = await asyncio.gather(*(_tokens(h) for h in handles), return_exceptions=True)
+    finally:
+        await asyncio.to_thread(sched.stop, 0)
+    return results
 
 
 async def test_a_batch_out_of_memory_at_every_step_is_decoded_in_two_halves(
@@ -117,28 +151,14 @@ async def test_a_batch_out_of_memory_at_every_step_is_decoded_in_two_halves(
     traceback once (it logged one a step)."""
     requests = [_request(f"r{i}", (1, 5, 6 + i), 30) for i in range(4)]
     alone = [await _tokens(scheduler.submit(r)) for r in requests]
-    real_decode_slots = engine.decode_slots
-    parts: list[tuple[int, int]] = []  # (first slot, rows) of each part's pass
-
-    def counted_decode_slots(first_slot: int, tokens: Any, lengths: Any, adapters: Any) -> Any:
-        parts.append((first_slot, len(tokens)))
-        return real_decode_slots(first_slot, tokens, lengths, adapters)
-
-    monkeypatch.setattr(engine, "decode", _batch_out_of_memory)
-    monkeypatch.setattr(engine, "decode_slots", counted_decode_slots)
+    parts = _batch_passes_fail(engine, monkeypatch)
     failed_passes: list[tuple[str, str]] = []
     sched = Scheduler(engine, tokenizer, on_step=lambda stats: failed_passes.extend(stats.failed_passes))
-    handles = [sched.submit(r) for r in requests]
-    sched.start()  # all four queued: they join in the first step and decode together
-    try:
-        results = await asyncio.gather(*(_tokens(h) for h in handles))
-    finally:
-        await asyncio.to_thread(sched.stop, 0)
+    results = await _run_together(sched, requests)
     assert results == alone
     steps = len(failed_passes)
     assert failed_passes == [("decode", "out_of_memory")] * steps and steps >= 29
-    assert parts.count((0, 2)) + parts.count((0, 1)) == steps  # the first half of each step...
-    assert len(parts) == 2 * steps  # ...and the second: two passes a step, whatever the batch's size
+    assert parts == [(0, 2), (2, 2)] * steps  # two passes a step, whatever the batch's size
     batch_failures = [
         r for r in caplog.records if "rows failed; decoding its rows in parts" in r.getMessage()
     ]
@@ -150,21 +170,9 @@ async def test_a_batch_of_one_whose_pass_fails_runs_its_row_once_more_alone(
 ) -> None:
     request = _request("one", (1, 5, 6), 20)
     alone = await _tokens(scheduler.submit(request))
-    real_decode_slots = engine.decode_slots
-    parts: list[tuple[int, int]] = []
-
-    def counted_decode_slots(first_slot: int, tokens: Any, lengths: Any, adapters: Any) -> Any:
-        parts.append((first_slot, len(tokens)))
-        return real_decode_slots(first_slot, tokens, lengths, adapters)
-
-    monkeypatch.setattr(engine, "decode", _batch_out_of_memory)
-    monkeypatch.setattr(engine, "decode_slots", counted_decode_slots)
-    sched = Scheduler(engine, tokenizer)
-    sched.start()
-    try:
-        assert await _tokens(sched.submit(request)) == alone
-    finally:
-        await asyncio.to_thread(sched.stop, 0)
+    parts = _batch_passes_fail(engine, monkeypatch)
+    results = await _run_together(Scheduler(engine, tokenizer), [request])
+    assert results == [alone]
     assert parts == [(0, 1)] * 19  # every token after the first: its batch's pass failed, its own did not
 
 
@@ -180,29 +188,21 @@ async def test_a_row_whose_own_pass_fails_too_ends_alone_and_told_so(
     rest of its half and the other half go on with the tokens they get alone."""
     requests = [_request(f"r{i}", (1, 5, 6 + i), 30) for i in range(4)]
     alone = [await _tokens(scheduler.submit(r)) for r in requests]
-    real_decode_slots = engine.decode_slots
     victim: list[RequestHandle] = []
 
-    def victim_out_of_memory_later(first_slot: int, tokens: Any, lengths: Any, adapters: Any) -> Any:
+    def holds_the_victim_late(first_slot: int, rows: int) -> bool:
         handle = victim[0]
-        if not handle.failed and first_slot <= handle.slot < first_slot + len(tokens) and handle.cached >= 10:
-            raise RuntimeError(_ORT_OUT_OF_MEMORY)
-        return real_decode_slots(first_slot, tokens, lengths, adapters)
+        return not handle.failed and first_slot <= handle.slot < first_slot + rows and handle.cached >= 10
 
-    monkeypatch.setattr(engine, "decode", _batch_out_of_memory)
-    monkeypatch.setattr(engine, "decode_slots", victim_out_of_memory_later)
+    _batch_passes_fail(engine, monkeypatch, holds_the_victim_late)
     failed_passes: list[tuple[str, str]] = []
     sched = Scheduler(engine, tokenizer, on_step=lambda stats: failed_passes.extend(stats.failed_passes))
-    handles = [sched.submit(r) for r in requests]
-    victim.append(handles[1])
-    sched.start()  # all four queued: they join in the first step and decode together
-    try:
-        results = await asyncio.gather(*(_tokens(h) for h in handles), return_exceptions=True)
-    finally:
-        await asyncio.to_thread(sched.stop, 0)
-    assert isinstance(results[1], PassOutOfMemoryError), results[1]
-    assert "out of memory decoding (request r1, 11 tokens)" in str(results[1])
-    assert [results[i] for i in (0, 2, 3)] == [alone[i] for i in (0, 2, 3)]
+    victim.append(sched.submit(requests[1]))
+    # r1 is queued first here, so it sits in slot 0; the others after it.
+    others = await _run_together(sched, [requests[i] for i in (0, 2, 3)])
+    assert others == [alone[i] for i in (0, 2, 3)]
+    with pytest.raises(PassOutOfMemoryError, match=r"out of memory decoding \(request r1, 11 tokens\)"):
+        await _tokens(victim[0])
     # Every step's batch pass failed, the victim's half once, then its own pass: the metrics count each.
     assert failed_passes.count(("decode_part", "out_of_memory")) == 1
     assert failed_passes.count(("decode_alone", "out_of_memory")) == 1
