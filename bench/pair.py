@@ -64,10 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rounds, --prompt and --threads must be at least 1, --new at least 3")
     if args.streams < 0:
         parser.error(f"--streams {args.streams}: must be at least 1 (or left out for batch-1 decode)")
+    model = args.model.resolve() if args.model is not None else REPO / BENCH_MODEL
     if args.streams:
         if args.other_source is None or args.genai_model is not None:
             parser.error("--streams compares this engine with --other-source's (and no genai)")
-        model = args.model.resolve() if args.model is not None else REPO / BENCH_MODEL
         if not (model / "textgen.json").is_file():
             parser.error(f"{model}: no textgen.json there (run `make bench` once first for models/bench)")
         return _compare_streams(args, model)
@@ -79,7 +79,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--genai-model {args.genai_model}: no genai_config.json there")
     genai_python = REPO / GENAI_VENV / "bin" / "python"
     genai_model = args.genai_model.resolve() if args.genai_model is not None else REPO / GENAI_MODELS["fp32"]
-    model = args.model.resolve() if args.model is not None else REPO / BENCH_MODEL
     with_genai = args.model is None or args.genai_model is not None
     if with_genai and not (genai_python.is_file() and genai_model.is_dir() and model.is_dir()):
         parser.error("run `make bench` once first: it builds models/bench and the genai virtualenv and model")

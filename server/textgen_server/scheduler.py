@@ -380,7 +380,7 @@ class Scheduler:
                     f"decode pass of {len(rows)} rows failed; decoding its rows in parts", exc
                 )
                 self._count_failed_pass("decode", exc)
-                logits = self._decode_in_parts(rows, tokens, split=True)
+                logits = self._decode_in_halves(rows, tokens)
             else:
                 self._batch_decode_failures.passed("the batch's decode pass")
             self.stats.decode_seconds = time.monotonic() - started
@@ -449,34 +449,42 @@ class Scheduler:
                 first_token_sent = time.monotonic()
             self._outbox.flush()
 
-    def _decode_in_parts(
-        self, rows: list[RequestHandle], tokens: npt.NDArray[np.int64], split: bool = False
+    def _decode_in_halves(
+        self, rows: list[RequestHandle], tokens: npt.NDArray[np.int64]
     ) -> list[FloatArray | None]:
-        """After a decode pass of `rows` (consecutive slots, as every running row sits) failed: the rows
-        in a pass of their own (unless `split`: the caller's pass was this one), and where that fails,
-        each half so, down to a row alone, whose failure is its request's. Each row's logits [vocab],
-        None where it failed. A failed pass wrote only its rows' slots, at the positions rewritten here."""
-        if not split or len(rows) == 1:  # a batch of one: its row's pass once more, alone
-            try:
-                logits = self.engine.decode_slots(
-                    rows[0].slot,
-                    tokens,
-                    np.array([h.cached for h in rows], dtype=np.int64),  # [k]
-                    np.array([h.adapter_slot for h in rows], dtype=np.int64),  # [k]
-                )  # [k, vocab]
-                return list(logits)
-            except Exception as exc:
-                if len(rows) == 1:
-                    handle = rows[0]
-                    log.exception("decode pass failed for request %s", handle.request.request_id)
-                    self._fail_own_pass(handle, "decode_alone", exc, "decoding", handle.cached + 1)
-                    return [None]
-                self._count_failed_pass("decode_part", exc)
+        """After a decode pass of `rows` (consecutive slots, as every running row sits) failed: each
+        half in a pass of its own (a batch of one: its row's pass once more, alone). Each row's logits
+        [vocab], None where it failed. A failed pass wrote only its rows' slots, at the positions
+        rewritten here."""
+        if len(rows) == 1:
+            return self._decode_part(rows, tokens)
         half = len(rows) // 2
         return [
-            *self._decode_in_parts(rows[:half], tokens[:half]),
-            *self._decode_in_parts(rows[half:], tokens[half:]),
+            *self._decode_part(rows[:half], tokens[:half]),
+            *self._decode_part(rows[half:], tokens[half:]),
         ]
+
+    def _decode_part(
+        self, rows: list[RequestHandle], tokens: npt.NDArray[np.int64]
+    ) -> list[FloatArray | None]:
+        """Part of a failed batch in a pass of its own over its slots; where that fails, its halves,
+        down to a row alone, whose failure is its request's. As `_decode_in_halves` returns."""
+        try:
+            logits = self.engine.decode_slots(
+                rows[0].slot,
+                tokens,
+                np.array([h.cached for h in rows], dtype=np.int64),  # [k]
+                np.array([h.adapter_slot for h in rows], dtype=np.int64),  # [k]
+            )  # [k, vocab]
+        except Exception as exc:
+            if len(rows) > 1:
+                self._count_failed_pass("decode_part", exc)
+                return self._decode_in_halves(rows, tokens)
+            handle = rows[0]
+            log.exception("decode pass failed for request %s", handle.request.request_id)
+            self._fail_own_pass(handle, "decode_alone", exc, "decoding", handle.cached + 1)
+            return [None]
+        return list(logits)
 
     def _count_failed_pass(self, method: str, error: Exception) -> bool:
         """Count a pass that raised in this step's stats; whether it ran out of memory."""
