@@ -6,7 +6,7 @@ writes new columns in place. A row's position is its own: `seqlens_k` says how l
 rows of any lengths decode together with no padding, and joining or leaving the batch moves no other
 row's cache.
 
-Two passes, as in gpt-fast:
+Three passes, the first two as in gpt-fast:
 - `prefill(slot, tokens, start)`: one sequence, `tokens` appended at positions start.. of its slot
   (a whole prompt, or one chunk of a long one). One row per call: onnxruntime-gpu 1.31.1's
   GroupQueryAttention has no per-row query lengths, so several new tokens over an existing cache
@@ -16,6 +16,9 @@ Two passes, as in gpt-fast:
   A decode pass of n rows reuses the binding of the last one of n rows: the KV buffers never move,
   and the token, length and adapter inputs live in host arrays each pass overwrites. Binding every
   buffer anew cost 0.1-0.2 ms a step, a tenth of an int4 step on the bench model.
+- `decode_slots(first_slot, tokens, lengths, adapters)`: one new token for each of k rows in the
+  consecutive slots first_slot.., in a pass bound for it that writes only those slots: part of a
+  batch whose `decode` failed (the scheduler retries such a batch in halves, down to a row alone).
 
 With adapter slots in the graph (exported with --lora-slots), each row also names its adapter slot
 (`adapter`, `adapters`; 0 is the base model) and `load_adapter` writes an adapter into a slot of the
