@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -100,28 +101,41 @@ _ORT_OUT_OF_MEMORY = (
 )
 
 
+@dataclass
+class _Passes:
+    """The decode passes a scheduler ran, in order: each batch pass's rows, each part's pass's
+    (first slot, rows)."""
+
+    batch: list[int] = field(default_factory=list)
+    parts: list[tuple[int, int]] = field(default_factory=list)
+
+
 def _batch_passes_fail(
     engine: Engine,
     monkeypatch: pytest.MonkeyPatch,
     part_fails: Callable[[int, int], bool] = lambda first_slot, rows: False,
-) -> list[tuple[int, int]]:
-    """Every batch decode pass runs out of memory (the whole batch's, say), and so does a part's pass
-    where `part_fails(first slot, rows)`; the (first slot, rows) of each part's pass, as they run."""
-    real_decode_slots = engine.decode_slots
-    parts: list[tuple[int, int]] = []
+    batch_fails: Callable[[int], bool] = lambda rows: True,
+) -> _Passes:
+    """A batch decode pass runs out of memory where `batch_fails(rows)` (every one, by default: the
+    whole batch's, say), and so does a part's pass where `part_fails(first slot, rows)`."""
+    real_decode, real_decode_slots = engine.decode, engine.decode_slots
+    passes = _Passes()
 
-    def batch_out_of_memory(*args: Any, **kwargs: Any) -> Any:
-        raise RuntimeError(_ORT_OUT_OF_MEMORY)
+    def decode(tokens: Any, *args: Any, **kwargs: Any) -> Any:
+        passes.batch.append(len(tokens))
+        if batch_fails(len(tokens)):
+            raise RuntimeError(_ORT_OUT_OF_MEMORY)
+        return real_decode(tokens, *args, **kwargs)
 
     def decode_slots(first_slot: int, tokens: Any, lengths: Any, adapters: Any) -> Any:
-        parts.append((first_slot, len(tokens)))
+        passes.parts.append((first_slot, len(tokens)))
         if part_fails(first_slot, len(tokens)):
             raise RuntimeError(_ORT_OUT_OF_MEMORY)
         return real_decode_slots(first_slot, tokens, lengths, adapters)
 
-    monkeypatch.setattr(engine, "decode", batch_out_of_memory)
+    monkeypatch.setattr(engine, "decode", decode)
     monkeypatch.setattr(engine, "decode_slots", decode_slots)
-    return parts
+    return passes
 
 
 async def _run_together(
@@ -147,18 +161,19 @@ async def test_a_batch_out_of_memory_at_every_step_is_decoded_in_two_halves(
 ) -> None:
     """When the batch's decode pass fails (out of memory for the whole batch, say), its rows are
     decoded in two halves, a pass each, and every row gets the tokens it gets alone (it was a pass a
-    row, before that every row of the pass failed). The batch pass failing at every step logs its
-    traceback once (it logged one a step)."""
+    row, before that every row of the pass failed). Tried at every step, the batch pass fails at
+    every step, and logs its traceback once (it logged one a step)."""
+    monkeypatch.setattr(scheduler_module, "BATCH_PASS_RETRY_SECONDS", 0.0)  # tried again every step
     requests = [_request(f"r{i}", (1, 5, 6 + i), 30) for i in range(4)]
     alone = [await _tokens(scheduler.submit(r)) for r in requests]
-    parts = _batch_passes_fail(engine, monkeypatch)
+    passes = _batch_passes_fail(engine, monkeypatch)
     failed_passes: list[tuple[str, str]] = []
     sched = Scheduler(engine, tokenizer, on_step=lambda stats: failed_passes.extend(stats.failed_passes))
     results = await _run_together(sched, requests)
     assert results == alone
-    steps = len(failed_passes)
-    assert failed_passes == [("decode", "out_of_memory")] * steps and steps >= 29
-    assert parts == [(0, 2), (2, 2)] * steps  # two passes a step, whatever the batch's size
+    assert passes.batch == [4] * 29  # every token after the first
+    assert failed_passes == [("decode", "out_of_memory")] * 29
+    assert passes.parts == [(0, 2), (2, 2)] * 29  # two passes a step, whatever the batch's size
     batch_failures = [
         r for r in caplog.records if "rows failed; decoding its rows in parts" in r.getMessage()
     ]
@@ -170,10 +185,30 @@ async def test_a_batch_of_one_whose_pass_fails_runs_its_row_once_more_alone(
 ) -> None:
     request = _request("one", (1, 5, 6), 20)
     alone = await _tokens(scheduler.submit(request))
-    parts = _batch_passes_fail(engine, monkeypatch)
+    passes = _batch_passes_fail(engine, monkeypatch)
     results = await _run_together(Scheduler(engine, tokenizer), [request])
     assert results == [alone]
-    assert parts == [(0, 1)] * 19  # every token after the first: its batch's pass failed, its own did not
+    assert passes.parts == [(0, 1)] * 19  # every token after the first: its own pass, which did not fail
+
+
+async def test_a_batch_whose_pass_failed_goes_straight_to_its_halves_until_it_shrinks(
+    scheduler: Scheduler, engine: Engine, tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out of memory at 4 rows, not at 3: the 4-row batch's pass is tried once, its later steps go
+    straight to the halves (no failed pass a step), and once a row has left, the batch pass runs
+    again. Every row gets the tokens it gets alone."""
+    monkeypatch.setattr(scheduler_module, "BATCH_PASS_RETRY_SECONDS", 3600.0)  # not within this test
+    requests = [_request(f"r{i}", (1, 5, 6 + i), 10 if i == 3 else 30) for i in range(4)]
+    alone = [await _tokens(scheduler.submit(r)) for r in requests]
+    passes = _batch_passes_fail(engine, monkeypatch, batch_fails=lambda rows: rows >= 4)
+    failed_passes: list[tuple[str, str]] = []
+    sched = Scheduler(engine, tokenizer, on_step=lambda stats: failed_passes.extend(stats.failed_passes))
+    results = await _run_together(sched, requests)
+    assert results == alone
+    # r3's 9 decode steps with all four rows: one failed try, then halves; then 20 steps of three.
+    assert passes.batch == [4] + [3] * 20
+    assert passes.parts == [(0, 2), (2, 2)] * 9
+    assert failed_passes == [("decode", "out_of_memory")]
 
 
 async def test_a_row_whose_own_pass_fails_too_ends_alone_and_told_so(
@@ -194,6 +229,7 @@ async def test_a_row_whose_own_pass_fails_too_ends_alone_and_told_so(
         handle = victim[0]
         return not handle.failed and first_slot <= handle.slot < first_slot + rows and handle.cached >= 10
 
+    monkeypatch.setattr(scheduler_module, "BATCH_PASS_RETRY_SECONDS", 0.0)  # tried again every step
     _batch_passes_fail(engine, monkeypatch, holds_the_victim_late)
     failed_passes: list[tuple[str, str]] = []
     sched = Scheduler(engine, tokenizer, on_step=lambda stats: failed_passes.extend(stats.failed_passes))

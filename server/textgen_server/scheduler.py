@@ -23,6 +23,9 @@ over its slots, and a half that fails again in halves, down to a row alone, so t
 whose own pass fails too ends (out of memory for the whole batch costs two passes, not one a row;
 a row whose own work fails, about log2(n) more); out of memory in a
 request's own pass is `PassOutOfMemoryError` (RESOURCE_EXHAUSTED), anything else a bug (INTERNAL).
+A batch whose pass failed is not tried whole again for `BATCH_PASS_RETRY_SECONDS` while it keeps at
+least as many rows (out of memory at a batch size fails again at every step): its steps go straight
+to the halves, and the whole batch is tried again once that time is up or it has fewer rows.
 
 A slot a sequence leaves keeps its keys and values (prefix_cache.py): a new prompt that starts with
 the same tokens, through the same adapter (a chat's next turn, a shared system prompt), takes those
@@ -69,6 +72,11 @@ from .validation import UnknownAdapterError
 
 log = logging.getLogger(__name__)
 FloatArray = npt.NDArray[np.float32]
+
+# After a batch's decode pass failed, batches at least as large go straight to their halves for this
+# long: a pass out of memory at a batch size, which fails at every step, is tried once a second,
+# not once a step (memory other work held may free again).
+BATCH_PASS_RETRY_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -195,6 +203,9 @@ class Scheduler:
         self._outbox = Outbox()
         # A batch's decode pass out of memory fails again every step it stays that large.
         self._batch_decode_failures = RepeatedFailureLog(log)
+        # The fewest rows whose batch pass failed, and until when batches that large skip it.
+        self._failed_batch_rows: int | None = None
+        self._batch_retry_at = 0.0
         self._accepting = True
         self._stopped = False
         self._drain_ended = threading.Event()  # `stop` stops waiting for what runs (a second signal)
@@ -370,19 +381,7 @@ class Scheduler:
                 else None
             )
             prefetch_token_masks(h.generation for h in rows)  # constrained rows, during the pass
-            try:
-                # A view of the engine's buffer: every row's token is picked below, before the next pass.
-                logits: FloatArray | list[FloatArray | None] = self.engine.decode(
-                    tokens, lengths, adapters, copy=False
-                )  # [n, vocab]
-            except Exception as exc:  # noqa: BLE001 - logged with its traceback, repeats summed up
-                self._batch_decode_failures.failed(
-                    f"decode pass of {len(rows)} rows failed; decoding its rows in parts", exc
-                )
-                self._count_failed_pass("decode", exc)
-                logits = self._decode_in_halves(rows, tokens)
-            else:
-                self._batch_decode_failures.passed("the batch's decode pass")
+            logits = self._decode_batch(rows, tokens, lengths, adapters)
             self.stats.decode_seconds = time.monotonic() - started
             for row, handle in enumerate(rows):
                 row_logits = logits[row]
@@ -448,6 +447,34 @@ class Scheduler:
             if first_token_sent is None:
                 first_token_sent = time.monotonic()
             self._outbox.flush()
+
+    def _decode_batch(
+        self,
+        rows: list[RequestHandle],
+        tokens: npt.NDArray[np.int64],
+        lengths: npt.NDArray[np.int64],
+        adapters: npt.NDArray[np.int64] | None,
+    ) -> FloatArray | list[FloatArray | None]:
+        """Every running row's next logits [n, vocab], in one pass, or in parts where that pass fails
+        or failed not long ago at this many rows or fewer (`_decode_in_halves`)."""
+        failed = self._failed_batch_rows
+        if failed is not None and len(rows) >= failed and time.monotonic() < self._batch_retry_at:
+            return self._decode_in_halves(rows, tokens)
+        try:
+            # A view of the engine's buffer: every row's token is picked before the next pass.
+            logits: FloatArray = self.engine.decode(tokens, lengths, adapters, copy=False)  # [n, vocab]
+        except Exception as exc:  # noqa: BLE001 - logged with its traceback, repeats summed up
+            self._batch_decode_failures.failed(
+                f"decode pass of {len(rows)} rows failed; decoding its rows in parts", exc
+            )
+            self._count_failed_pass("decode", exc)
+            self._failed_batch_rows = min(len(rows), failed or len(rows))
+            self._batch_retry_at = time.monotonic() + BATCH_PASS_RETRY_SECONDS
+            return self._decode_in_halves(rows, tokens)
+        self._batch_decode_failures.passed("the batch's decode pass")
+        if failed is not None and len(rows) >= failed:
+            self._failed_batch_rows = None  # as large a batch passes again
+        return logits
 
     def _decode_in_halves(
         self, rows: list[RequestHandle], tokens: npt.NDArray[np.int64]
