@@ -65,6 +65,7 @@ MAX_DETAILS_CHARS = 2048  # no status message may be longer: it quotes excerpts 
 DEFAULT_MAX_TOKENS = 256
 ROLES = ("system", "user", "assistant")
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # the README's rule for function names (OpenAI's)
+LONGEST_TOKEN_CHARS = 16  # the most characters one token of the tokenizer covers (the README's)
 INT32 = (-(2**31), 2**31 - 1)
 INT64 = (-(2**63), 2**63 - 1)
 SAMPLING_NUMBERS = ("temperature", "top_p", "repetition_penalty", "frequency_penalty", "presence_penalty")
@@ -437,6 +438,20 @@ def expect_for_body(body: dict[str, Any], encoded_size: int, limits: Limits) -> 
     messages = body.get("messages", [])
     if "messages" in body and body.get("raw"):
         certain.add("raw")
+    for index, m in enumerate(messages):
+        if m["role"] == "tool" and m.get("name") and not TOOL_NAME.fullmatch(m["name"]):
+            certain.add(f"chat.messages[{index}].name")
+    # Text that no max_input_length tokens can hold is refused before the conversation's shape is
+    # looked at (unless a message's own content or name was refused): counted without the text the
+    # server adds, it is certain; with offered tools, whose prompt only the server writes, possible.
+    if "messages" in body and not any(f.startswith("chat.messages[") for f in certain):
+        chars = sum(
+            len(m["content"]) + (len(m.get("name", "")) if m["role"] == "tool" else 0) for m in messages
+        )
+        if chars > limits.max_input_length * LONGEST_TOKEN_CHARS:
+            certain.add("input")
+        elif body.get("tools"):
+            possible.add("input")
     roles = {m["role"] for m in messages}
     # Tool results and assistant messages holding calls follow rules of their own (the README's
     # Tools section): with those, the shape can be right or wrong; without, the plain rule decides.

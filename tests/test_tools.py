@@ -13,7 +13,11 @@ from typing import Any
 import pytest
 from google.protobuf import json_format, struct_pb2
 from google.protobuf.message import DecodeError
+from hypothesis import given
+from hypothesis import strategies as st
 from textgen.v1 import textgen_pb2 as pb
+from textgen_server import prompt as prompt_module
+from textgen_server import tools as tools_module
 from textgen_server import validation
 from textgen_server.grammar import GrammarCompiler
 from textgen_server.model_config import ModelConfig
@@ -256,6 +260,77 @@ def test_several_calls_their_results_and_a_user_message(tok: Tokenizer, grammars
     assert list(request.prompt_ids) == expected
 
 
+def test_merged_calls_and_results_are_rendered_once_a_turn(
+    tok: Tokenizer, grammars: GrammarCompiler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each call message and each result rendered its whole turn again: 2000 of each took 18 s of a
+    validation worker, holding the GIL."""
+    rendered: list[str] = []
+    for name in ("render_calls", "render_results"):
+        real = getattr(prompt_module, name)
+
+        def counted(items: Any, real: Any = real, name: str = name) -> str:
+            rendered.append(name)
+            return str(real(items))
+
+        monkeypatch.setattr(prompt_module, name, counted)
+    call = '{"name":"get_weather","arguments":{"city":"Paris"}}'
+    messages = [
+        QUESTION,
+        *[{"role": "assistant", "content": call}] * 50,
+        *[{"role": "tool", "content": "sunny"}] * 50,
+    ]
+    request = typed(tok, grammars, {"chat": {"messages": messages}})
+    assert rendered == ["render_calls", "render_results"]
+    results = ",".join(['{"name":"get_weather","result":"sunny"}'] * 50)
+    assert list(request.prompt_ids) == [
+        tok.bos_id,
+        *tok.encode("[INST] What is the weather in Paris? [/INST]"),
+        *tok.encode(f"[{','.join([call] * 50)}]"),
+        tok.eos_id,
+        *tok.encode(f"[INST] Function results:\n[{results}] [/INST]"),
+    ]
+
+
+def test_text_no_prompt_can_hold_is_refused_before_the_conversation_is_read(
+    tok: Tokenizer, grammars: GrammarCompiler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The conversation's checks parse every call and result: a chat too long for any prompt is
+    refused on its characters first, whatever its shape (tool messages' names count)."""
+
+    def unread(*args: object, **kwargs: object) -> list[int]:
+        raise AssertionError("the conversation was read")
+
+    monkeypatch.setattr(validation, "encode_chat", unread)
+    call = {"role": "assistant", "content": '{"name":"f","arguments":{}}'}
+    results = [{"role": "tool", "name": "f" * 64, "content": "1"}] * 1000
+    body = {"chat": {"messages": [QUESTION, *[call] * 1000, *results]}}
+    chars = len(QUESTION["content"]) + 1000 * (len(call["content"]) + 65)
+    assert chars > CONFIG.max_input_length * tok.longest_piece > chars - 1000 * 64
+    [(field, description)] = violations(tok, grammars, body)
+    assert field == "input" and description.startswith(f"{chars} characters of messages and tools exceed")
+
+
+@pytest.mark.parametrize("name", ["", "get_weather"])
+def test_a_tool_message_may_name_its_function(tok: Tokenizer, grammars: GrammarCompiler, name: str) -> None:
+    call = {"role": "assistant", "content": '{"name":"get_weather","arguments":{}}'}
+    request = typed(tok, grammars, {"chat": {"messages": [QUESTION, call, {"role": "tool", "name": name}]}})
+    assert tok.decode(list(request.prompt_ids)).endswith('[{"name":"get_weather","result":""}] [/INST]')
+
+
+@pytest.mark.parametrize("name", ["get weather", "x" * 65, "ab " * 330_000])
+def test_a_tool_message_naming_no_possible_function_is_refused(
+    tok: Tokenizer, grammars: GrammarCompiler, name: str
+) -> None:
+    call = {"role": "assistant", "content": '{"name":"get_weather","arguments":{}}'}
+    body = {"chat": {"messages": [QUESTION, call, {"role": "tool", "name": name, "content": "1"}]}}
+    [(field, description)] = violations(tok, grammars, body)
+    assert field == "chat.messages[2].name" and description.startswith(
+        "a function's name: 1 to 64 letters, digits, '_' or '-', got "
+    )
+    assert len(description) < 200
+
+
 @pytest.mark.parametrize(
     ("messages", "field", "description"),
     [
@@ -478,6 +553,30 @@ def test_json_depth_matches_the_parser(text: str, depth: int) -> None:
     assert json_depth(text) == depth
     if depth <= 40:  # json parses these: the nesting of what it returns agrees
         assert _parsed_depth(json.loads(text)) == depth
+
+
+@pytest.mark.parametrize(
+    ("text", "depth"),
+    [
+        ('["' + "[" * 100, 1),  # an unterminated string holds the rest, as the parser reads it
+        ('[{"a": "' + '\\"' * 3000, 2),  # an escaped quote after another never closes it
+        ('[["a\\', 2),  # nor does a backslash at the very end
+    ],
+)
+def test_json_depth_of_an_unterminated_string(text: str, depth: int) -> None:
+    assert json_depth(text) == depth
+
+
+@given(st.text(alphabet='"\\[x', max_size=40))
+def test_every_quote_outside_a_string_starts_a_string_match(text: str) -> None:
+    """What keeps json_depth's scan linear: each match attempt at a quote succeeds, so the scan never
+    retries from a quote inside it. The pattern that needed a closing quote failed at every quote of
+    an unterminated string after scanning to its end: 6 KB took 0.1 s, holding the GIL."""
+    position = 0
+    while (position := text.find('"', position)) != -1:
+        found = tools_module._JSON_STRING.match(text, position)
+        assert found is not None, (text, position)
+        position = found.end()
 
 
 def _parsed_depth(value: Any) -> int:

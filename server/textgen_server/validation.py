@@ -22,7 +22,7 @@ from .excerpt import excerpt, excerpt_list, number
 from .generation import GenerationRequest
 from .grammar import GrammarCompiler, GrammarError, OutputConstraint
 from .model_config import ModelConfig
-from .prompt import ChatMessage, PromptError, check_conversation, encode_chat, encode_prompt
+from .prompt import ChatMessage, PromptError, encode_chat, encode_prompt
 from .sampling import PENALTY_MAX, SEED_MAX, SEED_MIN, TEMPERATURE_MAX, TOP_K_MAX, TOP_P_MAX, SamplingParams
 from .stopping import MAX_STOP_SEQUENCES
 from .tokenizer import Tokenizer
@@ -444,26 +444,33 @@ def _prompt_ids(
                     f"must be at most {MAX_CONTENT_CHARS} characters, got {len(m.content)}",
                 )
             )
+        if m.name and m.role == "tool" and not TOOL_NAME.fullmatch(m.name):
+            violations.append(
+                FieldViolation(
+                    f"chat.messages[{index}].name",
+                    f"a function's name: 1 to 64 letters, digits, '_' or '-', got {excerpt(m.name)}",
+                )
+            )
     if len(violations) > before:
         return None
     messages = [ChatMessage(m.role, m.content, m.name) for m in chat.messages]
     tools = tools_prompt(output.tools, output.choice)
-    try:
-        check_conversation(messages)  # a well-formed one ends in a user turn, which the tools close
-        # Text that cannot fit in max_input_length tokens whatever its tokens is refused before it
-        # is tokenized: 4000 tools (890 KiB) took 600 ms of the event loop, every other call waiting.
-        chars = len(tools) + sum(len(m.content) for m in messages)
-        if chars > max_input_length * tokenizer.longest_piece:
-            violations.append(
-                FieldViolation(
-                    "input",
-                    f"{chars} characters of messages and tools exceed what max_input_length="
-                    f"{max_input_length} tokens can hold (a token is at most {tokenizer.longest_piece} "
-                    "characters)",
-                )
+    # Text that cannot fit in max_input_length tokens whatever its tokens is refused before it is
+    # looked at: 4000 tools (890 KiB) took 600 ms of the event loop to tokenize, every other call
+    # waiting, and the conversation's checks parse every tool call and result.
+    chars = len(tools) + sum(len(m.content) + (len(m.name) if m.role == "tool" else 0) for m in messages)
+    if chars > max_input_length * tokenizer.longest_piece:
+        violations.append(
+            FieldViolation(
+                "input",
+                f"{chars} characters of messages and tools exceed what max_input_length="
+                f"{max_input_length} tokens can hold (a token is at most {tokenizer.longest_piece} "
+                "characters)",
             )
-            return None
-        return encode_chat(tokenizer, messages, tools)
+        )
+        return None
+    try:
+        return encode_chat(tokenizer, messages, tools)  # checks the conversation before tokenizing it
     except PromptError as exc:
         field, _, description = str(exc).partition(": ")
         violations.append(FieldViolation(f"chat.{field}", description))
