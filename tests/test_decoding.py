@@ -7,7 +7,10 @@ channel call, since a stub cannot send a corrupt message.
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import pytest
@@ -20,6 +23,7 @@ from grpc_health.v1 import health_pb2
 from grpc_status import rpc_status
 from server_harness import ServerThread
 from textgen.v1 import textgen_pb2 as pb
+from textgen_server import decoding
 from textgen_server.decoding import MAX_DEPTH, diagnose
 
 MARK = "\u00e9@"  # two characters, three bytes: replaced in the encoding by three bytes of invalid UTF-8
@@ -146,6 +150,29 @@ def test_server_names_the_field_with_invalid_utf8(channel: grpc.Channel, path: s
     error = _call(channel, method, _corrupt(_with_mark(path)), streaming)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
     assert "not valid UTF-8" in _violations(error)[path]
+
+
+def test_the_field_is_found_off_the_event_loop(
+    channel: grpc.Channel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Walking a request's fields took 0.35 s for 260,000 strings (1 MB): on the event loop, every
+    stream's tokens waited for it."""
+    threads: list[str] = []
+    real_diagnose = decoding.diagnose
+
+    def diagnose_recording_thread(*args: Any) -> Any:
+        try:
+            asyncio.get_running_loop()
+            threads.append("an event loop's")
+        except RuntimeError:
+            threads.append(threading.current_thread().name)
+        return real_diagnose(*args)
+
+    monkeypatch.setattr(decoding, "diagnose", diagnose_recording_thread)
+    error = _call(channel, "/textgen.v1.TextGeneration/Generate", _corrupt(_with_mark("prompt")))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not valid UTF-8" in _violations(error)["prompt"]
+    assert len(threads) == 1 and threads[0].startswith("textgen-diagnose"), threads
 
 
 def test_server_refuses_truncated_and_deep_requests(channel: grpc.Channel) -> None:

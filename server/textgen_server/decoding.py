@@ -10,15 +10,20 @@ the servicer reads it): servicers only ever see decoded messages.
 
 upb's DecodeError says what went wrong but not where; `diagnose` finds the field by walking the
 bytes with the message's descriptor, reading each level as unknown fields of an empty message so
-that nothing but the wire framing is checked there.
+that nothing but the wire framing is checked there. That walk is Python, a field at a time (0.35 s
+for a 1 MB request of 260,000 strings), so it runs on a thread of the interceptor's, not on the
+event loop that every stream's tokens go out through; one thread, so that a flood of undecodable
+requests waits its turn there instead of taking every core.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import functools
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
@@ -40,9 +45,14 @@ _LENGTH_DELIMITED = 2  # wire type of strings, bytes and submessages
 
 @dataclass(frozen=True)
 class UndecodableRequest:
-    """What the tolerant deserializer hands on instead of raising."""
+    """What the tolerant deserializer hands on instead of raising: the bytes, not yet diagnosed."""
 
-    violation: FieldViolation
+    descriptor: Descriptor
+    data: bytes
+    error: DecodeError
+
+    def violation(self) -> FieldViolation:
+        return diagnose(self.descriptor, self.data, self.error)
 
 
 def diagnose(descriptor: Descriptor, data: bytes, error: DecodeError) -> FieldViolation:
@@ -106,7 +116,7 @@ def tolerant_deserializer(
         try:
             return deserialize(data)
         except DecodeError as error:
-            return UndecodableRequest(diagnose(descriptor, data, error))
+            return UndecodableRequest(descriptor, data, error)  # diagnosed off the event loop
 
     return tolerant
 
@@ -121,6 +131,7 @@ class UndecodableRequestInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, on_refused: Refusal | None = None) -> None:
         self._on_refused = on_refused
         self._wrapped: dict[str, Handler] = {}
+        self._diagnosis = ThreadPoolExecutor(1, thread_name_prefix="textgen-diagnose")
 
     async def intercept_service(
         self,
@@ -211,7 +222,8 @@ class UndecodableRequestInterceptor(grpc.aio.ServerInterceptor):
     ) -> None:
         if self._on_refused is not None:
             self._on_refused(method)
-        await abort_bad_request(context, None, [request.violation])
+        violation = await asyncio.get_running_loop().run_in_executor(self._diagnosis, request.violation)
+        await abort_bad_request(context, None, [violation])
 
 
 def _input_type(method: str) -> Descriptor | None:
