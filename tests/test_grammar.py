@@ -99,6 +99,68 @@ def accepts(grammar: Grammar, ids: list[int]) -> tuple[bool, bool]:
     return True, state.finished
 
 
+SAFE_INTEGER = 2**53 - 1
+
+
+@pytest.mark.parametrize("schema", [{"const": SAFE_INTEGER}, {"enum": ["a", -SAFE_INTEGER]}, {"const": 0.5}])
+def test_json_mode_writes_a_const_or_enum_number_up_to_2_53_exactly(
+    grammars: GrammarCompiler, raw_tokens: llguidance.LLTokenizer, schema: dict[str, Any]
+) -> None:
+    grammar = grammars.json_schema(schema, "response_format.json_schema")
+    number = schema.get("const", schema.get("enum", [None, None])[-1])
+    assert accepts(grammar, raw_tokens.tokenize_str(json.dumps(number))) == (True, True)
+
+
+def test_llguidance_writes_a_const_past_2_53_as_the_nearest_double(
+    grammars: GrammarCompiler, raw_tokens: llguidance.LLTokenizer
+) -> None:
+    """Why JSON mode refuses such a number: compiled, it would make the model write another one
+    (when llguidance writes them exactly, this fails and the check can go)."""
+    lark = f'start: " "? value\nvalue: %json {json.dumps({"const": 2**53 + 1})}\n'
+    grammar = grammars._compile(lark, "response_format.json_schema")
+    assert accepts(grammar, raw_tokens.tokenize_str(str(2**53 + 1))) == (False, False)
+    assert accepts(grammar, raw_tokens.tokenize_str(str(2**53))) == (True, True)
+
+
+@pytest.mark.parametrize(
+    ("schema", "where"),
+    [
+        ({"type": "integer", "const": 2**64}, "/const: 18446744073709551616 is past +/-(2^53 - 1)"),
+        (
+            {"properties": {"a": {"enum": [1, {"b": [-(2**53)]}]}}},
+            "/properties/a/enum: -9007199254740992 is past",
+        ),
+        (
+            {"anyOf": [{"type": "integer", "minimum": 1e19, "maximum": 1e19}]},
+            "/anyOf/0/minimum: 1e+19 is past",
+        ),
+        (
+            {"items": {"type": "integer", "exclusiveMaximum": -(2**64)}},
+            "/items/exclusiveMaximum: -1844674407",
+        ),
+        ({"const": 10**100}, "/const: a number of 101 digits is past"),
+    ],
+)
+def test_json_mode_refuses_numbers_it_would_write_as_others(
+    grammars: GrammarCompiler, schema: dict[str, Any], where: str
+) -> None:
+    with pytest.raises(GrammarError) as caught:
+        grammars.json_schema(schema, "response_format.json_schema")
+    assert caught.value.field == "response_format.json_schema"
+    assert caught.value.description.startswith(where), caught.value.description
+
+
+def test_json_mode_takes_bounds_up_to_2_63_and_properties_named_like_keywords(
+    grammars: GrammarCompiler, raw_tokens: llguidance.LLTokenizer
+) -> None:
+    bounded = grammars.json_schema(
+        {"type": "integer", "minimum": 2**62, "maximum": 2**63 - 1}, "response_format.json_schema"
+    )
+    assert accepts(bounded, raw_tokens.tokenize_str(str(2**63 - 1))) == (True, True)
+    named = {"type": "object", "properties": {"const": {"type": "integer", "maximum": 2**60}}}
+    grammars.json_schema(named, "response_format.json_schema")
+
+
 def test_json_mode_is_compact_json_after_an_optional_space(
     grammars: GrammarCompiler, raw_tokens: llguidance.LLTokenizer
 ) -> None:

@@ -252,6 +252,8 @@ class GrammarCompiler:
 
     def json_schema(self, schema: Mapping[str, Any] | None, field: str) -> Grammar:
         """JSON mode: an object matching `schema` (None: any JSON object)."""
+        if schema is not None:
+            _check_exact_numbers(schema, field)
         body = _compact_schema(schema if schema is not None else {"type": "object"})
         return self._compile(f'start: " "? value\nvalue: %json {body}\n', field)
 
@@ -391,6 +393,58 @@ def _within_struct(schema: Any) -> Any:
 
 
 _UNSET = object()
+# llguidance holds a schema's const and enum values as doubles and its bounds as 64-bit integers: a
+# const of 2^53 + 1 made it write 2^53, a minimum of 2^64 or 1e19 for an integer 2^63 - 1, an
+# answer the schema does not accept.
+_BOUNDS = frozenset({"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"})
+_INT64_MAX = 2**63 - 1
+
+
+def _check_exact_numbers(schema: Any, field: str, pointer: str = "") -> None:
+    """GrammarError naming the first const or enum number past +/-SAFE_INTEGER, or bound past
+    +/-(2^63 - 1), in `schema` (a JSON mode schema), which llguidance would constrain to another
+    number (tools need no such check: their schemas are bounded at SAFE_INTEGER, `_within_struct`)."""
+    if not isinstance(schema, dict):
+        return
+    for key, value in schema.items():
+        where = f"{pointer}/{key}"
+        if key in _SCHEMA_MAPS and isinstance(value, dict):
+            for name, inner in value.items():
+                _check_exact_numbers(inner, field, f"{where}/{name}")
+        elif key in _SUBSCHEMAS and isinstance(value, list):
+            for index, inner in enumerate(value):
+                _check_exact_numbers(inner, field, f"{where}/{index}")
+        elif key in _SUBSCHEMAS:
+            _check_exact_numbers(value, field, where)
+        elif key in ("const", "enum"):
+            number = _first_number_past(value, SAFE_INTEGER)
+            if number is not None:
+                raise GrammarError(
+                    field,
+                    f"{where}: {_shown(number)} is past +/-(2^53 - 1), the largest numbers JSON mode writes "
+                    "exactly in a const or enum",
+                )
+        elif key in _BOUNDS and _first_number_past(value, _INT64_MAX) is not None:
+            raise GrammarError(
+                field, f"{where}: {_shown(value)} is past +/-(2^63 - 1), the largest bound JSON mode can hold"
+            )
+
+
+def _shown(number: float) -> str:
+    text = repr(number)
+    return text if len(text) <= 32 else f"a number of {len(text)} digits"
+
+
+def _first_number_past(value: Any, limit: int) -> int | float | None:
+    """The first number in JSON data `value` whose magnitude is past `limit` (booleans are not numbers)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value if abs(value) > limit else None
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    for item in items:
+        found = _first_number_past(item, limit)
+        if found is not None:
+            return found
+    return None
 
 
 def _bound(schema: Mapping[str, Any], inclusive: str, exclusive: str) -> Any:
