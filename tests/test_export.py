@@ -239,13 +239,14 @@ def test_hub_download_takes_the_transformers_shards_only() -> None:
     ]
 
 
-def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+def _run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "textgen_export", *args],
         capture_output=True,
         text=True,
         check=False,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        cwd=cwd,
     )
 
 
@@ -305,6 +306,22 @@ def test_overwrite_never_deletes_the_checkpoint_being_exported(tiny_model_dir: P
         )
         assert (checkpoint / "config.json").is_file()
     _no_model_left(tmp_path)
+
+
+@pytest.mark.parametrize("out", ["", ".", "..", "sub/.."])
+def test_an_out_that_holds_the_working_directory_is_refused_and_left_alone(tmp_path: Path, out: str) -> None:
+    """`--out "$DIR" --overwrite` with DIR unset emptied the folder the export ran in (and `..` its
+    parent), then failed: the staging folder was made inside what --overwrite deletes."""
+    work = tmp_path / "a" / "b"
+    (work / "sub").mkdir(parents=True)
+    (work / "keep.txt").write_text("mine")
+    (tmp_path / "a" / "also.txt").write_text("mine")
+    _assert_one_line_error(
+        _run_cli("demo", "--out", out, "--overwrite", cwd=work),
+        "the working directory or a folder holding it; choose a folder of its own",
+    )
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["also.txt", "b"]  # nothing staged
+    assert sorted(p.name for p in work.iterdir()) == ["keep.txt", "sub"]
 
 
 def test_sigterm_mid_export_leaves_nothing_behind(tmp_path: Path) -> None:

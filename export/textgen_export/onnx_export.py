@@ -222,6 +222,13 @@ def _check_served_tokenizer(path: Path, arch: Architecture) -> None:
 
 
 def _make_staging_dir(out: Path, overwrite: bool, checkpoint: Path) -> Path:
+    target = out.resolve()
+    if Path.cwd().resolve().is_relative_to(target):
+        # "", "." or ".." (an unset $DIR, say): replacing it would delete the folder this runs in.
+        raise ExportError(
+            f"--out {str(out) or repr('')}: is {target}, the working directory or a folder holding it; "
+            "choose a folder of its own"
+        )
     if out.exists():
         if not out.is_dir():
             raise ExportError(f"--out {out}: exists and is not a directory")
@@ -229,10 +236,10 @@ def _make_staging_dir(out: Path, overwrite: bool, checkpoint: Path) -> Path:
             raise ExportError(f"--out {out}: directory is not empty (use --overwrite to replace it)")
         if checkpoint.resolve().is_relative_to(out.resolve()):  # --overwrite would delete it
             raise ExportError(f"--out {out}: holds the checkpoint being exported; choose another --out")
-    parent = out.parent
+    parent = target.parent  # beside what it replaces: "a/.." has no name of its own to stage under
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
+        return Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=parent))
     except OSError as exc:
         raise ExportError(f"--out {out}: cannot write there ({exc.strerror or exc})") from exc
 
