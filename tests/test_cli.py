@@ -257,10 +257,39 @@ def test_an_error_mid_stream_ends_the_text_line_first(
     )
 
 
-def test_a_bad_timeout_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--timeout", "0", "info"],
+        ["--timeout", "1e10", "info"],  # grpc ends a call with a deadline that far off at once
+        ["--target", "", "info"],
+        ["--token", "a b", "info"],
+    ],
+)
+def test_bad_connection_options_are_a_usage_error(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An empty target and a token with a space were tracebacks (exit 1)."""
     with pytest.raises(SystemExit) as exit_info:
-        main(["--timeout", "0", "info"])
+        main(argv)
     assert exit_info.value.code == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_an_infinite_timeout_is_no_deadline(
+    fake: FakeTextGeneration, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(fake, "--timeout", "inf", "generate", "Hi") == 0
+    assert capsys.readouterr().out == "Hi\n"
+
+
+def test_a_file_that_is_not_utf8_is_a_usage_error(
+    fake: FakeTextGeneration, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    schema = tmp_path / "schema.json"
+    schema.write_bytes(b'{"type": "\xff"}')
+    assert run(fake, "generate", "Hi", "--json-schema", str(schema)) == 2
+    assert capsys.readouterr().err == f"error: --json-schema: {schema} is not UTF-8 text (byte 10)\n"
 
 
 def test_a_reader_that_stops_reading_ends_the_cli_quietly(fake: FakeTextGeneration) -> None:

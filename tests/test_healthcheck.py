@@ -68,6 +68,20 @@ def test_unreadable_certificate(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert "missing.crt" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--timeout", "inf"],  # no probe: grpc failed it at once, DEADLINE_EXCEEDED
+        ["--timeout", "0"],
+        ["--tls-server-name", "textgen"],  # it was ignored and the check went over plaintext
+    ],
+)
+def test_options_a_probe_cannot_use_are_usage_errors(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        healthcheck(argv)
+    assert exit_info.value.code == 2
+
+
 def test_client_certificate_needs_its_key() -> None:
     with pytest.raises(SystemExit) as exit_info:
         healthcheck(["--tls-ca", "ca.crt", "--tls-cert", "client.crt"])

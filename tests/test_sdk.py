@@ -4,10 +4,12 @@ errors converted, streams, Workers AI bodies, the exception mapping and strict t
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -256,6 +258,70 @@ async def test_closing_an_async_stream_cancels_the_call_on_the_server(fake: Fake
             assert (await stream.__anext__()).response == " x"
         # Wait off the event loop: grpc.aio needs the loop to send the cancellation.
         assert await asyncio.to_thread(fake.client_left.wait, 3)
+
+
+def test_closing_a_stream_from_another_thread_cancels_it(client: Client, fake: FakeTextGeneration) -> None:
+    """A cancel button or watchdog calls close() while another thread iterates: it raised
+    "generator already executing" there, and the server generated on."""
+    stream = client.generate("endless", stream=True)
+    with ThreadPoolExecutor(1) as pool:
+        reading = pool.submit(lambda: [chunk.response for chunk in stream])
+        assert fake.client_left.wait(0.5) is False  # the stream runs
+        stream.close()
+        with pytest.raises(textgen.RequestCancelledError):
+            reading.result(timeout=3)
+    assert fake.client_left.wait(3)
+
+
+async def test_closing_an_async_stream_from_another_task_cancels_it(fake: FakeTextGeneration) -> None:
+    async with AsyncClient(fake.target, timeout=10) as client:
+        stream = await client.generate("endless", stream=True)
+
+        async def read() -> list[str]:
+            return [chunk.response async for chunk in stream]
+
+        reading = asyncio.ensure_future(read())
+        await asyncio.sleep(0.3)
+        await stream.close()
+        with pytest.raises(textgen.RequestCancelledError, match="the stream was closed during the call"):
+            await reading
+        assert not reading.cancelled()
+        assert await asyncio.to_thread(fake.client_left.wait, 3)
+
+
+def test_closing_the_client_while_a_call_waits_to_retry_raises_request_cancelled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """It raised RuntimeError("the client is closed") from the retry after the wait."""
+    monkeypatch.setattr(_retry, "backoff", lambda retries_done, **_: 0.5)
+    client = Client("127.0.0.1:1", timeout=5, max_retries=3)  # nothing listens: UNAVAILABLE, retried
+    with ThreadPoolExecutor(2) as pool:
+        unary = pool.submit(client.generate, "Hi")
+        stream = pool.submit(lambda: list(client.generate("Hi", stream=True)))
+        time.sleep(0.2)  # both wait for their first retry
+        client.close()
+        for call in (unary, stream):
+            with pytest.raises(
+                textgen.RequestCancelledError, match="client was closed while the call waited"
+            ):
+                call.result(timeout=3)
+
+
+async def test_closing_the_async_client_while_a_call_waits_to_retry_raises_request_cancelled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_retry, "backoff", lambda retries_done, **_: 0.5)
+    client = AsyncClient("127.0.0.1:1", timeout=5, max_retries=3)
+
+    async def stream() -> list[Chunk]:
+        return [chunk async for chunk in await client.generate("Hi", stream=True)]
+
+    tasks = [asyncio.ensure_future(client.generate("Hi")), asyncio.ensure_future(stream())]
+    await asyncio.sleep(0.2)
+    await client.close()
+    for task in tasks:
+        with pytest.raises(textgen.RequestCancelledError, match="client was closed while the call waited"):
+            await task
 
 
 async def test_closing_the_async_client_mid_call_raises_what_the_sync_client_raises(
@@ -551,10 +617,25 @@ def test_one_client_serves_many_threads(client: Client) -> None:
     assert responses == [f"n {i}" for i in range(32)]
 
 
-@pytest.mark.parametrize("settings", [{"timeout": 0}, {"timeout": -1.0}, {"max_retries": -1}])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"timeout": 0},
+        {"timeout": -1.0},
+        {"timeout": float("nan")},
+        {"timeout": -math.inf},
+        {"timeout": 1e10},  # grpc ended such a call at once, DEADLINE_EXCEEDED
+        {"max_retries": -1},
+    ],
+)
 def test_bad_client_settings_are_refused(settings: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         Client(**settings)
+
+
+def test_an_infinite_timeout_is_no_deadline(fake: FakeTextGeneration) -> None:
+    with Client(fake.target, timeout=math.inf) as client:
+        assert client.timeout is None and client.generate("Hi").response
 
 
 def test_the_sdk_imports_only_grpc_and_protobuf() -> None:

@@ -56,8 +56,16 @@ class AsyncStream(AsyncIterator[Chunk]):
         return self
 
     async def close(self) -> None:
-        """Stop the stream; the server stops generating."""
-        await self._chunks.aclose()
+        """Stop the stream; the server stops generating. From another task than the one iterating
+        (a cancel button, a watchdog), that task's iteration raises RequestCancelledError."""
+        self._slot.closed = True
+        call = self._slot.call
+        if call is not None:
+            call.cancel()
+        try:
+            await self._chunks.aclose()
+        except RuntimeError:  # "aclose(): asynchronous generator is already running": the cancel ends it
+            pass
 
     async def __aenter__(self) -> Self:
         return self
@@ -354,16 +362,18 @@ class AsyncClient(BaseClient):
         )
         return completion_from_proto(response, request_id)
 
-    def _raise_if_closed(self, attempts: Attempts) -> None:
-        """On a CancelledError: raise what the sync client raises when `close()` cancelled the call
-        (grpc.aio cancels a closed channel's calls by cancelling them locally), unless this task
-        itself is being cancelled, which must stay a CancelledError."""
+    def _raise_if_closed(self, attempts: Attempts, slot: CallSlot | None = None) -> None:
+        """On a CancelledError: raise what the sync client raises when `close()` (the client's, or
+        the stream's from another task) cancelled the call (grpc.aio cancels a call locally), unless
+        this task itself is being cancelled, which must stay a CancelledError."""
         task = asyncio.current_task()
         cancelling = getattr(task, "cancelling", None)  # Python 3.11+
-        if self._closed and not (cancelling is not None and cancelling()):
+        closed = self._closed or (slot is not None and slot.closed)
+        if closed and not (cancelling is not None and cancelling()):
+            what = "client" if self._closed else "stream"
             raise RequestCancelledError(
                 grpc.StatusCode.CANCELLED,
-                "the client was closed during the call",
+                f"the {what} was closed during the call",
                 request_id=attempts.request_id,
             ) from None
 
@@ -379,6 +389,7 @@ class AsyncClient(BaseClient):
                 self._raise_if_closed(attempts)
                 raise
             await asyncio.sleep(delay)
+            self._check_not_closed_while_waiting(attempts)
 
     async def _stream_chunks(
         self, request: textgen_pb2.GenerateRequest, attempts: Attempts, slot: CallSlot
@@ -390,6 +401,7 @@ class AsyncClient(BaseClient):
             except grpc.RpcError as exc:  # a list target whose names do not resolve (yet)
                 delay = attempts.delay_after(exc)
                 await asyncio.sleep(delay)
+                self._check_not_closed_while_waiting(attempts, slot)
                 continue
             call = stub.GenerateStream(request, timeout=self.timeout, metadata=attempts.metadata)
             slot.call = call
@@ -401,8 +413,9 @@ class AsyncClient(BaseClient):
             except grpc.RpcError as exc:
                 delay = attempts.delay_after(exc, chunks_yielded=chunks)
             except asyncio.CancelledError:
-                self._raise_if_closed(attempts)
+                self._raise_if_closed(attempts, slot)
                 raise
             finally:
                 call.cancel()  # no-op once the call has ended; stops the server when we stop early
             await asyncio.sleep(delay)
+            self._check_not_closed_while_waiting(attempts, slot)

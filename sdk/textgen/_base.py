@@ -4,6 +4,7 @@ grpc.aio, sleeping or awaiting, is each client's own."""
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from typing import Any, Final
@@ -11,12 +12,16 @@ from typing import Any, Final
 import grpc
 
 from ._channel import CHANNEL_OPTIONS, channel_target, check_target
+from ._exceptions import RequestCancelledError
 from ._retry import Attempts
 
 __all__ = ["TOKEN_ENV", "BaseClient", "CallSlot"]
 
 TOKEN_ENV: Final = "TEXTGEN_TOKEN"
 """The bearer token of clients made without `token`."""
+MAX_TIMEOUT: Final = 1e9
+"""The longest finite `timeout` in seconds (about 31 years): grpc ends a call whose deadline is
+much further off at once, DEADLINE_EXCEEDED. `inf`, like None, sets no deadline."""
 
 
 class BaseClient:
@@ -29,12 +34,15 @@ class BaseClient:
         credentials: grpc.ChannelCredentials | None,
         token: str | None,
     ) -> None:
-        if timeout is not None and not timeout > 0:
-            raise ValueError(f"timeout must be positive or None, not {timeout!r}")
+        if timeout is not None and not 0 < timeout <= MAX_TIMEOUT and timeout != math.inf:
+            raise ValueError(
+                f"timeout must be positive and at most {MAX_TIMEOUT:g} seconds, or inf or None for no "
+                f"deadline, not {timeout!r}"
+            )
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, not {max_retries!r}")
         self.target = check_target(target)
-        self.timeout = timeout
+        self.timeout = None if timeout == math.inf else timeout
         self.max_retries = max_retries
         self._credentials = credentials
         token = os.environ.get(TOKEN_ENV) if token is None else token
@@ -53,16 +61,28 @@ class BaseClient:
         if self._closed:
             raise RuntimeError("the client is closed")
 
+    def _check_not_closed_while_waiting(self, attempts: Attempts, slot: CallSlot | None = None) -> None:
+        """After the wait before a retry: if the client (or the stream) was closed meanwhile, the
+        RequestCancelledError a call in flight gets when that happens, not a closed client's error."""
+        if self._closed or (slot is not None and slot.closed):
+            what = "client" if self._closed else "stream"
+            raise RequestCancelledError(
+                grpc.StatusCode.CANCELLED,
+                f"the {what} was closed while the call waited to retry",
+                request_id=attempts.request_id,
+            )
+
 
 class CallSlot:
     """The gRPC call of a stream's current attempt, shared by the stream and the generator that
     runs its attempts, so that the stream can cancel it without referring to the generator's frame
     (a reference cycle would leave an abandoned stream to the cyclic garbage collector)."""
 
-    __slots__ = ("call",)
+    __slots__ = ("call", "closed")
 
     def __init__(self) -> None:
         self.call: Any = None
+        self.closed = False  # the stream's close(): no attempt starts after it
 
 
 def _auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:

@@ -52,8 +52,16 @@ class Stream(Iterator[Chunk]):
         return self
 
     def close(self) -> None:
-        """Stop the stream; the server stops generating."""
-        self._chunks.close()
+        """Stop the stream; the server stops generating. From another thread than the one iterating
+        (a cancel button, a watchdog), that thread's iteration raises RequestCancelledError."""
+        self._slot.closed = True
+        call = self._slot.call
+        if call is not None:
+            call.cancel()  # grpc's calls may be cancelled from any thread
+        try:
+            self._chunks.close()
+        except ValueError:  # "generator already executing": in another thread, which the cancel ends
+            pass
 
     def __enter__(self) -> Self:
         return self
@@ -78,9 +86,9 @@ class Client(BaseClient):
     `target` is `host:port`, any gRPC target (`dns:///name:port` for the replicas behind a
     headless Service), or a list of `host:port` replicas (names resolved once, at the first call);
     calls are spread over the replicas round-robin. `timeout` is the deadline in seconds of each
-    attempt of a call (None: no deadline). UNAVAILABLE, and RESOURCE_EXHAUSTED with the server's
-    retry pushback, are retried up to `max_retries` times (see `_retry`); other errors are raised
-    at once, and a stream is never retried once it has yielded a chunk. `credentials` (e.g.
+    attempt of a call (None or inf: no deadline; at most 1e9 otherwise). UNAVAILABLE, and
+    RESOURCE_EXHAUSTED with the server's retry pushback, are retried up to `max_retries` times (see
+    `_retry`); other errors are raised at once, and a stream is never retried once it has yielded a chunk. `credentials` (e.g.
     `textgen.tls_credentials(ca=...)`) selects a TLS channel; `token` (default: $TEXTGEN_TOKEN) is
     sent as `authorization: Bearer <token>`. Use it as a context manager, or call close(), to
     close the channel.
@@ -367,6 +375,7 @@ class Client(BaseClient):
             except grpc.RpcError as exc:
                 delay = attempts.delay_after(exc)
             time.sleep(delay)
+            self._check_not_closed_while_waiting(attempts)
 
     def _stream_chunks(
         self, request: textgen_pb2.GenerateRequest, attempts: Attempts, slot: CallSlot
@@ -378,6 +387,7 @@ class Client(BaseClient):
             except grpc.RpcError as exc:  # a list target whose names do not resolve (yet)
                 delay = attempts.delay_after(exc)
                 time.sleep(delay)
+                self._check_not_closed_while_waiting(attempts, slot)
                 continue
             call = stub.GenerateStream(request, timeout=self.timeout, metadata=attempts.metadata)
             slot.call = call
@@ -391,3 +401,4 @@ class Client(BaseClient):
             finally:
                 call.cancel()  # no-op once the call has ended; stops the server when we stop early
             time.sleep(delay)
+            self._check_not_closed_while_waiting(attempts, slot)

@@ -54,17 +54,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handler: _Handler = args.handler
     try:
-        credentials = _credentials(args)
-    except (OSError, ValueError) as exc:
-        parser.error(str(exc))
-    try:
-        with Client(
+        client = Client(
             args.target,
             timeout=args.timeout,
             max_retries=args.max_retries,
-            credentials=credentials,
+            credentials=_credentials(args),
             token=args.token,
-        ) as client:
+        )
+    except (OSError, ValueError) as exc:  # unreadable TLS files, an empty target, a token with spaces
+        parser.error(str(exc))
+    try:
+        with client:
             return handler(client, args)
     except APIStatusError as exc:
         print(f"error: {describe_error(exc)}", file=sys.stderr)
@@ -259,6 +259,8 @@ def _file_or_json(value: str, name: str) -> str:
             return file.read()
     except OSError as exc:
         raise InvalidRequestError(f"{name}: cannot read {value}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise InvalidRequestError(f"{name}: {value} is not UTF-8 text (byte {exc.start})") from exc
 
 
 def _json_arg(text: str, name: str, kind: type[Any]) -> Any:
@@ -313,7 +315,7 @@ def _connection_options(parser: argparse.ArgumentParser, *, suppress: bool) -> N
         type=_positive,
         default=default(60.0),
         metavar="S",
-        help="deadline of each call in seconds (default: 60)",
+        help="deadline of each call in seconds, inf for none (default: 60)",
     )
     parser.add_argument(
         "--max-retries",

@@ -14,6 +14,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+MAX_TIMEOUT = 3600.0  # seconds: a probe is meant to answer, and grpc fails a deadline far off at once
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -23,7 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--target", default="127.0.0.1:50051", help="server address, HOST:PORT")
     parser.add_argument("--service", default="", help="service to check; empty for the server as a whole")
-    parser.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
+    parser.add_argument(
+        "--timeout", type=_seconds, default=3.0, help="seconds to wait for the answer (at most 3600)"
+    )
     parser.add_argument("--tls-ca", type=Path, help="CA bundle that signed the server's certificate (TLS)")
     parser.add_argument("--tls-cert", type=Path, help="client certificate, for a server that asks for one")
     parser.add_argument("--tls-key", type=Path, help="the client certificate's private key")
@@ -32,6 +36,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="name to verify the server's certificate against (it names the Service, not 127.0.0.1)",
     )
     return parser
+
+
+def _seconds(text: str) -> float:
+    """A probe's wait: a probe that never gives up (inf, or a deadline grpc cannot hold: it failed
+    those at once, DEADLINE_EXCEEDED) is no probe."""
+    value = float(text)
+    if not 0 < value <= MAX_TIMEOUT:
+        raise argparse.ArgumentTypeError(f"must be positive and at most {MAX_TIMEOUT:g}, got {text}")
+    return value
 
 
 def channel_for(args: argparse.Namespace) -> grpc.Channel:
@@ -52,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--tls-cert and --tls-key go together")
     if args.tls_cert is not None and args.tls_ca is None:
         parser.error("--tls-cert needs --tls-ca (a client certificate is only sent over TLS)")
+    if args.tls_server_name is not None and args.tls_ca is None:
+        parser.error("--tls-server-name needs --tls-ca (the name is checked against a TLS certificate)")
     try:
         with channel_for(args) as channel:
             response = health_pb2_grpc.HealthStub(channel).Check(
