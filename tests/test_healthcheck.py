@@ -29,7 +29,10 @@ def test_server_still_loading_its_model(tiny_model_dir: Path, capsys: pytest.Cap
 
 def test_unknown_service(server: ServerThread, capsys: pytest.CaptureFixture[str]) -> None:
     assert healthcheck(["--target", server.target, "--service", "no.such.Service"]) == 1
-    assert "NOT_FOUND" in capsys.readouterr().err
+    assert (
+        capsys.readouterr().err
+        == f"textgen-healthcheck: {server.target}: NOT_FOUND: no service 'no.such.Service'\n"
+    )
 
 
 def test_nothing_listening(capsys: pytest.CaptureFixture[str]) -> None:

@@ -518,6 +518,13 @@ def test_run_without_stream_or_with_null_options(client: Client) -> None:
     assert isinstance(result, Completion) and result.response == "Hi"
 
 
+def _nested_objects(depth: int) -> dict[str, Any]:
+    value: dict[str, Any] = {}
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
 @pytest.mark.parametrize(
     ("body", "message"),
     [
@@ -575,6 +582,15 @@ def test_run_without_stream_or_with_null_options(client: Client) -> None:
         (
             {"messages": [], "tools": [{"function": {"name": "f", "parameters": []}}]},
             "parameters: expected an object",
+        ),
+        # protobuf's own errors said neither what nor where ("bad argument type", a RecursionError).
+        (
+            {"prompt": "a", "response_format": {"type": "json_schema", "json_schema": {"enum": [{1: "x"}]}}},
+            "response_format.json_schema: object keys must be strings, got 1",
+        ),
+        (
+            {"messages": [], "tools": [{"name": "f", "parameters": _nested_objects(3000)}]},
+            "tools[0].parameters: nests too deep to send",
         ),
     ],
 )

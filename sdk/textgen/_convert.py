@@ -223,10 +223,38 @@ def model_info_from_proto(response: textgen_pb2.GetModelInfoResponse) -> ModelIn
 
 
 def dict_to_struct(value: Mapping[str, Any]) -> struct_pb2.Struct:
-    """A JSON object as a google.protobuf.Struct."""
+    """A JSON object as a google.protobuf.Struct; ValueError saying why where it cannot be one
+    (protobuf's own errors, a bare RecursionError or "bad argument type", say nothing of where)."""
     struct = struct_pb2.Struct()
-    struct.update(value)
+    try:
+        struct.update(value)
+    except RecursionError:
+        raise ValueError(
+            "nests too deep to send (the server decodes 100 levels of protobuf, 3 a JSON object)"
+        ) from None
+    except TypeError as exc:
+        key = _key_not_a_string(value)
+        if key is None:
+            raise
+        raise ValueError(f"object keys must be strings, got {key!r}") from exc
     return struct
+
+
+def _key_not_a_string(value: Any) -> object | None:
+    """The first key of an object within `value` that is not a string (walked without recursion:
+    `value` may nest deeper than Python's stack)."""
+    pending: list[Any] = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, Mapping):
+            for key, inner in item.items():
+                if not isinstance(key, str):
+                    found: object = key
+                    return found
+                pending.append(inner)
+        elif isinstance(item, (list, tuple)):
+            pending.extend(item)
+    return None
 
 
 def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:

@@ -76,7 +76,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"textgen-healthcheck: {exc}", file=sys.stderr)
         return 1
     except grpc.RpcError as exc:
-        print(f"textgen-healthcheck: {args.target}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        # grpc's health service answers an unknown service NOT_FOUND with no message.
+        details = exc.details() or (
+            f"no service {args.service!r}" if exc.code() == grpc.StatusCode.NOT_FOUND else ""
+        )
+        print(f"textgen-healthcheck: {args.target}: {exc.code().name}: {details}", file=sys.stderr)
         return 1
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
     print(f"{args.target}: {status}")
