@@ -69,6 +69,32 @@ async def _tokens(scheduler: Scheduler, request: GenerationRequest) -> list[int]
     return [event.token_id async for event in scheduler.submit(request).events()]
 
 
+async def test_prefill_time_is_a_step_stat_only_where_a_prefill_pass_ran(
+    engine: Engine, tokenizer: Tokenizer
+) -> None:
+    """Every step reported the time of its prefill phase, passes or none: the prefill histogram
+    counted as many samples as decode steps, nearly all of them of nothing."""
+    steps: list[tuple[int, float]] = []
+    sched = Scheduler(
+        engine,
+        tokenizer,
+        on_step=lambda stats: steps.append((stats.prefill_positions, stats.prefill_seconds)),
+    )
+    handles = [sched.submit(r) for r in _requests(3, seed=5)]
+    sched.start()
+    try:
+        await asyncio.gather(*(_drain(h) for h in handles))
+    finally:
+        await asyncio.to_thread(sched.stop, 0)
+    assert any(positions for positions, _ in steps) and any(not positions for positions, _ in steps)
+    assert all((seconds > 0) == (positions > 0) for positions, seconds in steps), steps
+
+
+async def _drain(handle: RequestHandle) -> None:
+    async for _ in handle.events():
+        pass
+
+
 async def test_tokens_identical_alone_and_among_31_others(scheduler: Scheduler) -> None:
     requests = _requests(32)
     alone = [await _tokens(scheduler, r) for r in requests]

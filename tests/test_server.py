@@ -251,7 +251,35 @@ def test_validation_workers_is_an_option_of_at_least_one(
     assert parse_args([*base, "--validation-workers", "3"]).validation_workers == 3
     with pytest.raises(SystemExit):
         parse_args([*base, "--validation-workers", "0"])
-    assert "--validation-workers must be at least 1" in capsys.readouterr().err
+    assert "--validation-workers must be 1 to " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--port", "70000"], "--port must be 0 to 65535, got 70000"),  # grpc served on 70000 % 65536
+        (["--port", "-1"], "--port must be 0 to 65535, got -1"),
+        (["--metrics-port", "70000"], "--metrics-port must be 0 to 65535"),  # an OverflowError traceback
+        (["--max-message-bytes", "99999999999"], "--max-message-bytes must be 1024 to 2147483647"),
+        (["--max-concurrent-requests", "2147483640"], "--max-concurrent-requests must be 1 to 2147483615"),
+        (["--threads", "-1"], "--threads must be 0 (one per physical core) to 1024, got -1"),
+        (["--threads", "1000000"], "--threads must be 0"),  # started threads until the kernel killed it
+        (["--grace", "-5"], "--grace must be 0 or more seconds, got -5"),
+        (
+            ["--prefill-chunk-tokens", "9000", "--max-batch-prefill-tokens", "512"],
+            "--prefill-chunk-tokens 9000 must not exceed --max-batch-prefill-tokens 512",
+        ),
+    ],
+)
+def test_flags_out_of_range_are_usage_errors_naming_the_range(
+    tiny_model_dir: Path, capsys: pytest.CaptureFixture[str], flags: list[str], message: str
+) -> None:
+    from textgen_server.__main__ import parse_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--model-dir", str(tiny_model_dir), *flags])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_deadline_stops_generation(server: ServerThread, stub: rpc.TextGenerationStub) -> None:

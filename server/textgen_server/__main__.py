@@ -9,12 +9,15 @@ import signal
 import sys
 from pathlib import Path
 
-from .app import MAX_MESSAGE_BYTES, ServerSettings, StartupError, TextgenServer
+from .app import MAX_MESSAGE_BYTES, STREAMS_BESIDE_REQUESTS, ServerSettings, StartupError, TextgenServer
 from .model_config import CONFIG_FILE
 from .scheduler import SchedulerLimits
 from .tls import TlsFiles
 
 log = logging.getLogger("textgen_server")
+
+INT32_MAX = 2**31 - 1  # grpc's channel options are C ints: larger values raised OverflowError
+MAX_THREADS = 1024  # --threads 1,000,000 started threads until the kernel killed the process
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -162,16 +165,33 @@ def parse_args(argv: list[str] | None) -> ServerSettings:
         "prefill_chunk_tokens",
         "validation_workers",
     ):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+        if not 1 <= getattr(args, name) <= INT32_MAX - STREAMS_BESIDE_REQUESTS:
+            parser.error(
+                f"--{name.replace('_', '-')} must be 1 to {INT32_MAX - STREAMS_BESIDE_REQUESTS}, "
+                f"got {getattr(args, name)}"
+            )
+    for name in ("port", "metrics_port"):  # grpc took 70000 for 70000 % 65536 and served there
+        port = getattr(args, name)
+        if port is not None and not 0 <= port <= 65535:
+            parser.error(f"--{name.replace('_', '-')} must be 0 to 65535, got {port}")
+    if args.threads is not None and not 0 <= args.threads <= MAX_THREADS:
+        parser.error(f"--threads must be 0 (one per physical core) to {MAX_THREADS}, got {args.threads}")
+    if args.prefill_chunk_tokens > args.max_batch_prefill_tokens:
+        parser.error(
+            f"--prefill-chunk-tokens {args.prefill_chunk_tokens} must not exceed --max-batch-prefill-tokens "
+            f"{args.max_batch_prefill_tokens}: a step beside running streams would prefill more than an "
+            "idle one"
+        )
+    if args.grace < 0:
+        parser.error(f"--grace must be 0 or more seconds, got {args.grace:g}")
     if (args.tls_cert is None) != (args.tls_key is None):
         parser.error("--tls-cert and --tls-key go together")
     if args.tls_client_ca is not None and args.tls_cert is None:
         parser.error("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
     if args.reflection_public and args.auth_token_file is None:
         parser.error("--reflection-public only matters with --auth-token-file")
-    if args.max_message_bytes < 1024:
-        parser.error("--max-message-bytes must be at least 1024")
+    if not 1024 <= args.max_message_bytes <= INT32_MAX:
+        parser.error(f"--max-message-bytes must be 1024 to {INT32_MAX}, got {args.max_message_bytes}")
     tls = None if args.tls_cert is None else TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca)
     return ServerSettings(
         model_dir=args.model_dir,

@@ -113,10 +113,14 @@ def _quiet_metadata_decoding() -> None:
         _GRPC_CYTHON_LOG.addFilter(_MetadataNotUtf8())
 
 
+# Streams a connection may open beside the requests the server takes: health checks, GetModelInfo.
+STREAMS_BESIDE_REQUESTS = 32
+
+
 def max_streams_per_connection(limits: SchedulerLimits) -> int:
     """What a connection may have open at once: every request the server takes, and room beside them
     for health checks and GetModelInfo."""
-    return limits.max_concurrent_requests + 32
+    return limits.max_concurrent_requests + STREAMS_BESIDE_REQUESTS
 
 
 MAX_SERVICE_NAME = 200  # characters of a health request's service name (gRPC's names are far shorter)

@@ -362,7 +362,8 @@ class Scheduler:
             self._forget_cancelled_waiting()
         started = time.monotonic()
         self._prefill()
-        self.stats.prefill_seconds = time.monotonic() - started
+        if self.stats.prefill_positions or self.stats.failed_passes:  # only a step that ran a prefill
+            self.stats.prefill_seconds = time.monotonic() - started  # pass is a sample of one
         kv_peak = self.kv_positions
         if self.stats.prefill_positions:
             self._outbox.flush()  # a failed prompt's error goes out now, not after this step's decode
