@@ -14,7 +14,7 @@ from mistral_common.exceptions import MistralCommonException
 from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
-from textgen_server.prompt import ChatMessage, PromptError, check_conversation, encode_chat, encode_prompt
+from textgen_server.prompt import ChatMessage, PromptError, encode_chat, encode_prompt
 from textgen_server.tokenizer import Tokenizer
 from tokenizer_fixtures import spm_model_path, tok, tokenizer_json  # noqa: F401  (fixtures)
 
@@ -189,8 +189,9 @@ def _refuses(mistral: Mistral, conversation: Conversation) -> bool:
     return False
 
 
-def test_check_conversation_accepts_what_encode_chat_renders() -> None:
-    check_conversation([ChatMessage(S, "a"), ChatMessage(S, "b"), ChatMessage(U, "c")])
+def test_several_leading_system_messages_are_accepted(tok: Tokenizer) -> None:
+    ids = encode_chat(tok, [ChatMessage(S, "a"), ChatMessage(S, "b"), ChatMessage(U, "c")])
+    assert ids[0] == tok.bos_id and tok.decode(ids[1:]) == "[INST] a\n\nb\n\nc [/INST]"
 
 
 def test_server_package_does_not_import_the_export_stack() -> None:

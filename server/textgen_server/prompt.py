@@ -57,7 +57,16 @@ def encode_prompt(tok: Tokenizer, prompt: str, raw: bool, tools_prompt: str = ""
 
 def encode_chat(tok: Tokenizer, messages: Sequence[ChatMessage], tools_prompt: str = "") -> list[int]:
     """The card's `messages` input rendered as `MistralTokenizer.v1().encode_chat_completion` does, with
-    tool turns and `tools_prompt` (the tools offered, tools.tools_prompt) as the module docstring says."""
+    tool turns and `tools_prompt` (the tools offered, tools.tools_prompt) as the module docstring says.
+
+    Raises PromptError, before tokenizing anything, unless `messages` is: system*, then a user turn,
+    then (assistant, user turn)*, where a user turn is a user message, or the `tool` results of the
+    assistant's calls just before (optionally followed by a user message). mistral-common is laxer in
+    ways that silently rewrite the conversation (it merges consecutive user messages and moves a
+    system message from anywhere to the first turn); those shapes are rejected here so that what the
+    model sees is what the caller sent. Leading system messages, several of them included, are
+    accepted and rendered as mistral-common renders them.
+    """
     system, turns = _turns(messages)
     ids = [tok.bos_id]
     first_user = True
@@ -74,19 +83,6 @@ def encode_chat(tok: Tokenizer, messages: Sequence[ChatMessage], tools_prompt: s
             ids += tok.encode(turn.content)
             ids.append(tok.eos_id)
     return ids
-
-
-def check_conversation(messages: Sequence[ChatMessage]) -> None:
-    """Raise PromptError unless `messages` is: system*, then a user turn, then (assistant, user turn)*,
-    where a user turn is a user message, or the `tool` results of the assistant's calls just before
-    (optionally followed by a user message).
-
-    mistral-common is laxer in ways that silently rewrite the conversation (it merges consecutive user
-    messages and moves a system message from anywhere to the first turn); those shapes are rejected here
-    so that what the model sees is what the caller sent. Leading system messages, several of them
-    included, are accepted and rendered as mistral-common renders them.
-    """
-    _turns(messages)
 
 
 @dataclass
@@ -170,7 +166,7 @@ def _turns(messages: Sequence[ChatMessage]) -> tuple[str, list[_Turn]]:
             f"message, got {excerpt(last_message.role)}"
         )
     # Merged turns are rendered once they are whole: rendered at each merge, a chat of n tool
-    # results cost n^2 / 2 renders (4000 of them took 18 s of a validation worker).
+    # results cost n^2 / 2 renders (2000 calls and 2000 results took 18 s of a validation worker).
     for turn in turns:
         if turn.calls is not None:
             turn.content = render_calls(turn.calls)
