@@ -19,7 +19,6 @@ from ._convert import (
     model_info_from_proto,
     request_from_body,
 )
-from ._exceptions import RequestCancelledError
 from ._retry import Attempts
 from ._types import Chunk, Completion, FlatTool, Message, ModelInfo, ResponseFormat, Tool, ToolChoice
 from .v1 import textgen_pb2, textgen_pb2_grpc
@@ -368,14 +367,9 @@ class AsyncClient(BaseClient):
         this task itself is being cancelled, which must stay a CancelledError."""
         task = asyncio.current_task()
         cancelling = getattr(task, "cancelling", None)  # Python 3.11+
-        closed = self._closed or (slot is not None and slot.closed)
-        if closed and not (cancelling is not None and cancelling()):
-            what = "client" if self._closed else "stream"
-            raise RequestCancelledError(
-                grpc.StatusCode.CANCELLED,
-                f"the {what} was closed during the call",
-                request_id=attempts.request_id,
-            ) from None
+        error = self._closed_error(attempts, slot, "during the call")
+        if error is not None and not (cancelling is not None and cancelling()):
+            raise error from None
 
     async def _with_retries(self, call: Callable[[_Metadata], Awaitable[_T]]) -> tuple[_T, str]:
         """The result of `call(metadata)`, retried as the policy says, and the call's request id."""

@@ -61,16 +61,24 @@ class BaseClient:
         if self._closed:
             raise RuntimeError("the client is closed")
 
+    def _closed_error(
+        self, attempts: Attempts, slot: CallSlot | None, when: str
+    ) -> RequestCancelledError | None:
+        """The RequestCancelledError of a call whose client (or stream) was closed `when`; None while
+        both are open."""
+        if not (self._closed or (slot is not None and slot.closed)):
+            return None
+        what = "client" if self._closed else "stream"
+        return RequestCancelledError(
+            grpc.StatusCode.CANCELLED, f"the {what} was closed {when}", request_id=attempts.request_id
+        )
+
     def _check_not_closed_while_waiting(self, attempts: Attempts, slot: CallSlot | None = None) -> None:
         """After the wait before a retry: if the client (or the stream) was closed meanwhile, the
         RequestCancelledError a call in flight gets when that happens, not a closed client's error."""
-        if self._closed or (slot is not None and slot.closed):
-            what = "client" if self._closed else "stream"
-            raise RequestCancelledError(
-                grpc.StatusCode.CANCELLED,
-                f"the {what} was closed while the call waited to retry",
-                request_id=attempts.request_id,
-            )
+        error = self._closed_error(attempts, slot, "while the call waited to retry")
+        if error is not None:
+            raise error
 
 
 class CallSlot:
